@@ -1,0 +1,7 @@
+"""`python -m medfm ...` is the same as `medfm ...`."""
+
+import sys
+
+from medfm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,258 @@
+"""MedMNIST 2D datasets: the registry of the 12 flags, and loading their npz files offline.
+
+    from medfm.data import load_split, DATASETS
+    images, labels = load_split("breastmnist", 28, "train", data_root="../shared/data/medmnist")
+    # images: (N, H, W) or (N, H, W, 3) uint8; labels: (N, 1) or (N, 14) uint8
+
+Files are the official `{flag}.npz` (28 px) and `{flag}_{64,128,224}.npz`. A file that is present
+is used as it is, with no network. 128/224 px images are memory-mapped straight out of the
+(uncompressed) npz, so PathMNIST-224 (16 GB) never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medfm.errors import DataFileMissingError, InvalidArgumentError, UnknownDatasetError
+from medfm.paths import resolve_data_root
+
+SIZES = (28, 64, 128, 224)  # the sizes MedMNIST+ publishes for every 2D dataset
+SPLITS = ("train", "val", "test")  # official splits, in the order stores hold them
+MMAP_MIN_SIZE = 128  # sizes at or above this are memory-mapped instead of read into memory
+NPY_CACHE_ENV = "MEDFM_NPY_CACHE"  # where decompressed copies of compressed npz members go
+STREAM_BYTES = 1 << 26  # decompress 64 MB at a time
+
+
+class Task(str, enum.Enum):
+    """MedMNIST task types; `.value` is medmnist's own task string (what its Evaluator takes)."""
+
+    BINARY = "binary-class"
+    MULTI_CLASS = "multi-class"
+    MULTI_LABEL = "multi-label, binary-class"
+    ORDINAL = "ordinal-regression"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One MedMNIST 2D dataset, as medmnist's INFO describes it."""
+
+    flag: str  # medmnist flag, e.g. "breastmnist"
+    python_class: str  # medmnist class name, e.g. "BreastMNIST"
+    task: Task  # scoring rule (see metrics.py)
+    label_names: tuple[str, ...]  # class names (or the 14 ChestMNIST labels), index order
+    n_channels: int  # 1 (grayscale) or 3 (RGB)
+    n_samples: dict  # {"train": n, "val": n, "test": n}
+    license: str  # "CC BY 4.0" (DermaMNIST: "CC BY-NC 4.0")
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes (multi-label: number of labels)."""
+        return len(self.label_names)
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric that selects models: AUC for ChestMNIST (ACC ~94.7 for all-negative), else ACC."""
+        return "auc" if self.task is Task.MULTI_LABEL else "acc"
+
+    def filename(self, size: int) -> str:
+        """npz file name for `size`: "breastmnist.npz" at 28, "breastmnist_64.npz" otherwise."""
+        check_size(size)
+        return f"{self.flag}.npz" if size == 28 else f"{self.flag}_{size}.npz"
+
+    def url(self, size: int) -> str:
+        """Official download URL (Zenodo) of the file for `size`."""
+        return _medmnist_info()[self.flag]["url" + _size_suffix(size)]
+
+    def md5(self, size: int) -> str:
+        """Official MD5 of the file for `size`."""
+        return _medmnist_info()[self.flag]["MD5" + _size_suffix(size)]
+
+
+def _size_suffix(size: int) -> str:
+    return "" if size == 28 else f"_{size}"
+
+
+def _medmnist_info() -> dict:
+    from medmnist.info import INFO
+
+    return INFO
+
+
+def _build_registry() -> dict[str, DatasetInfo]:
+    registry = {}
+    for flag, info in _medmnist_info().items():
+        if flag.endswith("3d"):
+            continue  # medfm covers the 12 2D datasets
+        labels = tuple(info["label"][str(i)] for i in range(len(info["label"])))
+        registry[flag] = DatasetInfo(
+            flag=flag,
+            python_class=info["python_class"],
+            task=Task(info["task"]),
+            label_names=labels,
+            n_channels=int(info["n_channels"]),
+            n_samples=dict(info["n_samples"]),
+            license=info["license"],
+        )
+    return registry
+
+
+DATASETS: dict[str, DatasetInfo] = _build_registry()
+
+
+def get_dataset(flag: str) -> DatasetInfo:
+    """The registry entry for `flag` (case-insensitive); a clear error with close matches if unknown."""
+    key = flag.strip().lower()
+    if key in DATASETS:
+        return DATASETS[key]
+    close = difflib.get_close_matches(key, DATASETS, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UnknownDatasetError(
+        f"unknown dataset {flag!r}.{hint} Known: {', '.join(DATASETS)}."
+    )
+
+
+def check_size(size: int) -> int:
+    """`size` as an int if MedMNIST publishes it, else a clear error."""
+    try:
+        size = int(size)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"image size {size!r} is not a number; use one of {SIZES}.") from None
+    if size not in SIZES:
+        raise InvalidArgumentError(f"image size {size} is not published; use one of {SIZES}.")
+    return size
+
+
+def data_file(flag: str, size: int, data_root: str | os.PathLike | None = None) -> Path:
+    """Path of the npz for (flag, size), downloading it through medmnist only if it is absent.
+
+    With no network, the error names the file, its URL and MD5, and where to put it.
+    """
+    info = get_dataset(flag)
+    root = resolve_data_root(data_root)
+    path = root / info.filename(size)
+    if path.exists():
+        return path
+    try:
+        import medmnist
+
+        root.mkdir(parents=True, exist_ok=True)
+        cls = getattr(medmnist, info.python_class)
+        cls(split="train", root=str(root), size=size, download=True)
+    except Exception:  # noqa: BLE001,S110 - medmnist wraps any failure in a generic RuntimeError
+        pass  # the one-line error below says what to do
+    if path.exists():
+        return path
+    raise DataFileMissingError(
+        f"{info.filename(size)} is not in {root} and could not be downloaded: fetch it from "
+        f"{info.url(size)} (MD5 {info.md5(size)}) and put it there, or point --data-root / "
+        f"$MEDFM_DATA_ROOT at the folder that holds it."
+    )
+
+
+def _cache_dir(path: Path) -> Path:
+    """Where decompressed .npy copies of `path` live: $MEDFM_NPY_CACHE, else ~/.cache/medfm/npy.
+
+    Keyed by file name, size and mtime, so a replaced npz is decompressed afresh.
+    """
+    stat = path.stat()
+    xdg = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    root = Path(os.environ.get(NPY_CACHE_ENV) or f"{xdg}/medfm/npy").expanduser()
+    return root / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from an open .npy stream positioned at its magic string."""
+    major, _ = np.lib.format.read_magic(fh)
+    if major == 1:
+        return np.lib.format.read_array_header_1_0(fh)
+    return np.lib.format.read_array_header_2_0(fh)
+
+
+def _mmap_npz_member(path: Path, key: str) -> np.ndarray:
+    """Memory-map array `key` of an npz, decompressing it once into a cached .npy if needed.
+
+    The official files are deflate-compressed zips, which cannot be mapped; the member is streamed
+    (64 MB at a time, never whole in memory) into an uncompressed .npy that is then mapped.
+    """
+    with zipfile.ZipFile(path) as zf:
+        member = zf.getinfo(f"{key}.npy")
+        if member.compress_type == zipfile.ZIP_STORED:
+            with open(path, "rb") as fh:
+                fh.seek(member.header_offset)
+                local = fh.read(30)  # zip local file header; name and extra lengths at 26..30
+                name_len = int.from_bytes(local[26:28], "little")
+                extra_len = int.from_bytes(local[28:30], "little")
+                fh.seek(member.header_offset + 30 + name_len + extra_len)
+                shape, fortran, dtype = _read_npy_header(fh)
+                offset = fh.tell()
+            order = "F" if fortran else "C"
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+        target = _cache_dir(path) / f"{key}.npy"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".tmp{os.getpid()}")
+            with zf.open(member) as stream:
+                shape, fortran, dtype = _read_npy_header(stream)
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape,
+                                                fortran_order=fortran)
+                flat = out.reshape(-1, order="A").view(np.uint8)
+                for start in range(0, flat.size, STREAM_BYTES):
+                    view = memoryview(flat[start:start + STREAM_BYTES])
+                    got = 0
+                    while got < len(view):
+                        n = stream.readinto(view[got:])
+                        if not n:
+                            raise zipfile.BadZipFile(f"{key}.npy ends early")
+                        got += n
+                out.flush()
+                del out, flat
+            os.replace(tmp, target)
+    return np.load(target, mmap_mode="r")
+
+
+def load_split(
+    flag: str,
+    size: int,
+    split: str,
+    data_root: str | os.PathLike | None = None,
+    mmap: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one split: images (N, H, W[, 3]) uint8, labels (N, L) as in the npz.
+
+    `mmap=None` memory-maps sizes >= 128 and reads smaller ones into memory.
+    """
+    if split not in SPLITS:
+        raise InvalidArgumentError(f"split {split!r} is not one of {SPLITS}.")
+    size = check_size(size)
+    path = data_file(flag, size, data_root)
+    use_mmap = size >= MMAP_MIN_SIZE if mmap is None else mmap
+    try:
+        with np.load(path) as npz:
+            labels = npz[f"{split}_labels"]
+            images = None if use_mmap else npz[f"{split}_images"]
+        if use_mmap:
+            images = _mmap_npz_member(path, f"{split}_images")
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        raise DataFileMissingError(
+            f"{path} is not a readable MedMNIST npz ({exc}); delete it and fetch it again "
+            f"(MD5 {get_dataset(flag).md5(size)})."
+        ) from None
+    return images, labels
+
+
+def file_md5(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
+    """MD5 of a file, read in 16 MB chunks (compare with DatasetInfo.md5)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,36 @@
+"""Errors a user can cause. The CLI prints each on one line and exits with code 2.
+
+Every message says what to do next. Tracebacks are reserved for bugs.
+"""
+
+
+class MedfmError(Exception):
+    """Base class of user-facing errors: bad input, missing files, corrupt stores."""
+
+
+class UnknownDatasetError(MedfmError):
+    """A dataset flag or size that MedMNIST does not have."""
+
+
+class DataFileMissingError(MedfmError):
+    """An npz file that is not on disk and could not be downloaded."""
+
+
+class UnknownBackboneError(MedfmError):
+    """A backbone name that neither timm nor medfm's aliases know."""
+
+
+class WeightsError(MedfmError):
+    """A weights file or offline weight source that cannot be loaded."""
+
+
+class StoreError(MedfmError):
+    """A feature store that is missing, incomplete or corrupt."""
+
+
+class InvalidArgumentError(MedfmError):
+    """A bad value: fraction, shots, seed, resize policy, device, dtype..."""
+
+
+class RegistryError(MedfmError):
+    """A results registry that cannot be opened or queried."""

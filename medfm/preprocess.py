@@ -1,0 +1,126 @@
+"""Device-side preprocessing shared by extract and finetune: uint8 batches in, model input out.
+
+    cfg = resolve_preprocess(backbone.data_config, resize_policy="pad", source_size=28)
+    prep = DevicePreprocessor(cfg, device="cuda")
+    x = prep(torch.from_numpy(images[i:j]))  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float
+
+Images travel to the device as uint8 (4x less to copy than float), and every per-pixel step runs
+there on whole batches: convert, resize by policy, grayscale -> 3 channels, normalize with the
+backbone's mean/std. The resolved config is part of every store's and result's identity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from medfm.errors import InvalidArgumentError
+
+RESIZE_POLICIES = ("bilinear", "bicubic", "nearest", "pad", "native")
+DEFAULT_RESIZE_POLICY = "bilinear"  # the seed paper's choice: upsample to the backbone's input size
+DEFAULT_MEAN = (0.485, 0.456, 0.406)  # ImageNet, when the backbone's config has none
+DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How uint8 MedMNIST images become model input; stored verbatim with every feature store."""
+
+    input_size: int  # side of the square model input, pixels
+    resize_policy: str  # one of RESIZE_POLICIES
+    mean: tuple[float, float, float]  # per-channel mean, on [0, 1] pixels
+    std: tuple[float, float, float]  # per-channel std, on [0, 1] pixels
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def check_resize_policy(policy: str) -> str:
+    if policy not in RESIZE_POLICIES:
+        raise InvalidArgumentError(
+            f"resize policy {policy!r} is not one of {', '.join(RESIZE_POLICIES)}."
+        )
+    return policy
+
+
+def resolve_preprocess(
+    data_config: dict,
+    *,
+    input_size: int | None = None,
+    resize_policy: str | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    source_size: int | None = None,
+) -> PreprocessConfig:
+    """Resolve the preprocessing config: user arguments > backbone data config > medfm defaults.
+
+    `data_config` is timm's resolved data config (keys `input_size` (C, H, W), `mean`, `std`),
+    possibly overridden by a medfm alias (e.g. DINOv2 at 518 px). `native` feeds `source_size`.
+    """
+    policy = check_resize_policy(resize_policy or data_config.get("resize_policy") or DEFAULT_RESIZE_POLICY)
+    if policy == "native":
+        if source_size is None:
+            raise InvalidArgumentError("resize policy 'native' needs the source image size.")
+        size = int(source_size)
+    else:
+        size = int(input_size or data_config.get("input_size", (3, 224, 224))[-1])
+    if size <= 0:
+        raise InvalidArgumentError(f"input size {size} must be positive.")
+    if policy == "pad" and source_size is not None and source_size > size:
+        raise InvalidArgumentError(
+            f"cannot zero-pad {source_size} px images into a {size} px canvas; "
+            f"use a larger --input-size or another --resize-policy."
+        )
+    mean = tuple(float(m) for m in (mean or data_config.get("mean") or DEFAULT_MEAN))
+    std = tuple(float(s) for s in (std or data_config.get("std") or DEFAULT_STD))
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return PreprocessConfig(input_size=size, resize_policy=policy, mean=mean, std=std)
+
+
+class DevicePreprocessor:
+    """Callable turning (B, H, W) or (B, H, W, 3) uint8 batches into normalized (B, 3, S, S) input."""
+
+    def __init__(self, cfg: PreprocessConfig, device: str | torch.device = "cpu",
+                 channels_last: bool = True):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self._mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 images, got {x.dtype}")
+        # (B, H, W) -> (B, 1, H, W); (B, H, W, 3) -> (B, 3, H, W)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        x = x.float().div_(255.0)  # uint8 -> [0, 1] on device, before resize
+        x = resize(x, self.cfg.input_size, self.cfg.resize_policy)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 channels after resizing (3x less work)
+        x = (x - self._mean) / self._std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def resize(x: torch.Tensor, size: int, policy: str) -> torch.Tensor:
+    """Resize (B, C, H, W) float images to (B, C, size, size) by policy."""
+    h, w = x.shape[-2:]
+    if policy == "native" or (h == size and w == size):
+        return x
+    if policy == "pad":
+        if h > size or w > size:
+            raise InvalidArgumentError(f"cannot zero-pad {h}x{w} images into a {size} px canvas.")
+        top, left = (size - h) // 2, (size - w) // 2
+        # zero (black) pixels around the centred image, as MedMNIST+ pads before normalizing
+        return F.pad(x, (left, size - w - left, top, size - h - top), value=0.0)
+    if policy == "nearest":
+        return F.interpolate(x, size=(size, size), mode="nearest")
+    downsampling = h > size or w > size
+    return F.interpolate(x, size=(size, size), mode=policy, align_corners=False,
+                         antialias=downsampling).clamp_(0.0, 1.0)

@@ -1,0 +1,49 @@
+"""Shared fixtures: isolated work folders, synthetic MedMNIST files, the real data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medfm.synthetic import write_synthetic_npz
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("MEDFM_DATA_ROOT") or REPO.parent / "shared/data/medmnist")
+
+# one dataset per task type and channel count
+SYNTHETIC_FLAGS = {
+    "breastmnist": "binary, grayscale",
+    "bloodmnist": "multi-class, RGB",
+    "chestmnist": "multi-label, grayscale",
+    "retinamnist": "ordinal, RGB",
+    "organamnist": "multi-class, grayscale",
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """Every test gets its own workdir and npy cache; none reads the user's environment."""
+    monkeypatch.setenv("MEDFM_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("MEDFM_NPY_CACHE", str(tmp_path / "npy-cache"))
+    monkeypatch.delenv("MEDFM_DATA_ROOT", raising=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A data root with small synthetic npz files for every task type, at 28 and 64 px."""
+    root = tmp_path_factory.mktemp("medmnist-synthetic")
+    for flag in SYNTHETIC_FLAGS:
+        write_synthetic_npz(root, flag, size=28, n=(48, 16, 24))
+    write_synthetic_npz(root, "bloodmnist", size=64, n=(24, 8, 12))
+    write_synthetic_npz(root, "breastmnist", size=128, n=(12, 4, 6))
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The official MedMNIST files shipped in ../shared (BreastMNIST 28/64, PneumoniaMNIST 28)."""
+    if not (REAL_DATA / "breastmnist.npz").exists():
+        pytest.skip(f"real MedMNIST files not found in {REAL_DATA} (set MEDFM_DATA_ROOT)")
+    return REAL_DATA
