@@ -1,0 +1,1 @@
+"""Where medfm keeps its work: HDF5 feature stores and the SQLite results registry."""

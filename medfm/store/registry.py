@@ -1,0 +1,487 @@
+"""The results registry: one SQLite file, `<workdir>/registry.sqlite`, holding every finished run.
+
+    from medfm.store.registry import Registry, ResultKey, ResultRow
+    reg = Registry.in_workdir()                  # $MEDFM_WORKDIR or ./medfm-work
+    if not reg.has(key):
+        reg.add(ResultRow(key=key, ...), scores=y_score, y_true=y_true)
+    df = reg.to_dataframe(dataset="breastmnist", method="logreg")
+
+Identity. A run is identified by a `ResultKey`: exactly the fields that change its result
+(`RESULT_KEY_FIELDS`). `ResultKey.digest()` is the sha256 of the key's canonical JSON (sorted keys,
+no whitespace, Python's shortest round-trip float repr, `params` re-serialized the same way), so
+the same run gets the same digest in every process, on every machine, whatever the key order of
+its method settings. Adding a key that is already there is a no-op that returns False.
+
+Storage. Table `results` holds one row per digest: the key fields as columns (so they can be
+filtered), metrics with their CIs, and JSON columns `extra` and `versions`. Table `scores` holds
+the per-sample test scores beside the row, keyed by the same digest: two `.npy`-serialized BLOBs,
+`y_true` (labels, dtype and shape as given) and `y_score` (float32). Row and scores are written in
+one transaction, so a reader never sees one without the other.
+
+Concurrency. WAL journal (readers never block the writer), 30 s busy timeout, and every write in a
+`BEGIN IMMEDIATE` transaction with `INSERT ... ON CONFLICT DO NOTHING`: several processes adding at
+once neither lose nor duplicate rows, and exactly one of them wins each key. A `Registry` opened
+before a fork reconnects in the child. The schema version lives in `PRAGMA user_version`;
+`_MIGRATIONS` upgrades older files in place on open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medfm.errors import InvalidArgumentError, RegistryError
+from medfm.paths import resolve_workdir
+
+if TYPE_CHECKING:
+    import pandas
+
+REGISTRY_FILENAME = "registry.sqlite"  # inside the work directory
+BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
+WAL_RETRY_S = 0.05  # pause between attempts to switch a fresh file to WAL
+METHODS = ("logreg", "knn", "finetune")  # values of ResultKey.method
+METRIC_FIELDS = (  # ResultRow floats that may be NaN (e.g. AUC with one class in the test set)
+    "acc", "auc", "balanced_acc", "acc_ci_low", "acc_ci_high", "auc_ci_low", "auc_ci_high",
+)
+
+
+def canonical_json(value: Any) -> str:
+    """`value` as canonical JSON: sorted keys, no whitespace, shortest float repr, no NaN."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"cannot store {value!r} as JSON ({exc}); "
+            "pass plain str/int/float/bool/list/dict values"
+        ) from exc
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultKey:
+    """Exactly the fields that change a result; two runs with equal keys are the same run."""
+
+    dataset: str  # MedMNIST flag, e.g. "breastmnist"
+    size: int  # source image size: 28, 64, 128 or 224
+    backbone: str  # timm architecture, e.g. "convnext_base"
+    tag: str = ""  # timm pretrained tag, e.g. "fb_in22k" ("" = timm's default)
+    weights_digest: str = ""  # sha256 of the weights actually loaded ("" = timm hub default)
+    resize_policy: str  # bilinear | bicubic | pad | nearest | native
+    input_size: int  # side length fed to the backbone
+    feature_kind: str  # what the probe read, e.g. "pre_logits" ("" for finetune)
+    method: str  # one of METHODS
+    backend: str  # sklearn | cuml | torch (finetune: the device type)
+    fraction: float | None = None  # share of the training set (None: shots-based)
+    shots: int | None = None  # labelled images per class (None: fraction-based)
+    seed: int  # sampling and training seed
+    selection: str  # how hyper-parameters were chosen: "val" or "holdout"
+    params: str = "{}"  # method settings as JSON (C grid, k, metric, recipe...); canonicalized
+    store_fingerprint: str = ""  # the feature store's identity ("" for finetune)
+
+    def __post_init__(self) -> None:
+        """Validate the method and normalize types so equal runs compare and hash equal."""
+        if self.method not in METHODS:
+            raise InvalidArgumentError(
+                f"unknown method {self.method!r}; use one of {', '.join(METHODS)}"
+            )
+        try:
+            params = json.loads(self.params)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(
+                f"ResultKey.params must be a JSON string, got {self.params!r}; "
+                "build it with medfm.store.registry.canonical_json(settings)"
+            ) from exc
+        normalized = {
+            "size": int(self.size),
+            "input_size": int(self.input_size),
+            "seed": int(self.seed),
+            "fraction": None if self.fraction is None else float(self.fraction),
+            "shots": None if self.shots is None else int(self.shots),
+            "params": canonical_json(params),
+        }
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The key fields by name, in RESULT_KEY_FIELDS order."""
+        return {name: getattr(self, name) for name in RESULT_KEY_FIELDS}
+
+    def digest(self) -> str:
+        """sha256 hex of the canonical JSON of all key fields (the registry's primary key)."""
+        return hashlib.sha256(canonical_json(self.as_dict()).encode("utf-8")).hexdigest()
+
+
+RESULT_KEY_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ResultKey))
+
+
+@dataclass(kw_only=True)
+class ResultRow:
+    """One finished run: its key, what it trained on, its test metrics and its provenance."""
+
+    key: ResultKey
+    n_train: int  # training images actually used
+    subset_digest: str  # digest of the training indices (same sampler => same digest)
+    chosen_C: float | None = None  # logistic-regression C picked on the selection split
+    acc: float  # MedMNIST ACC on the test split, in [0, 1]
+    auc: float  # MedMNIST AUC on the test split, in [0, 1]
+    balanced_acc: float  # mean per-class recall on the test split
+    acc_ci_low: float  # bootstrap 95% CI of acc
+    acc_ci_high: float
+    auc_ci_low: float  # bootstrap 95% CI of auc
+    auc_ci_high: float
+    extra: dict = field(default_factory=dict)  # grid, iterations, converged, curves, ...
+    versions: dict = field(default_factory=dict)  # medfm, torch, timm, sklearn, ... versions
+    wall_s: float  # seconds the run took
+    created_at: str = ""  # ISO-8601 UTC; filled on insert when empty
+
+
+_ROW_COLUMNS = (
+    "n_train", "subset_digest", "chosen_C", *METRIC_FIELDS, "extra", "versions", "wall_s",
+    "created_at",
+)
+_ALL_COLUMNS = ("digest", *RESULT_KEY_FIELDS, *_ROW_COLUMNS)
+DATAFRAME_COLUMNS = (  # to_dataframe's columns, in order
+    *RESULT_KEY_FIELDS, *METRIC_FIELDS, "n_train", "subset_digest", "chosen_C", "wall_s",
+    "created_at", "digest",
+)
+
+# _MIGRATIONS[v] takes a file from schema version v to v + 1 (PRAGMA user_version; 0 = empty).
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE results (
+        digest TEXT PRIMARY KEY,
+        dataset TEXT NOT NULL, size INTEGER NOT NULL, backbone TEXT NOT NULL,
+        tag TEXT NOT NULL, weights_digest TEXT NOT NULL, resize_policy TEXT NOT NULL,
+        input_size INTEGER NOT NULL, feature_kind TEXT NOT NULL, method TEXT NOT NULL,
+        backend TEXT NOT NULL, fraction REAL, shots INTEGER, seed INTEGER NOT NULL,
+        selection TEXT NOT NULL, params TEXT NOT NULL, store_fingerprint TEXT NOT NULL,
+        n_train INTEGER NOT NULL, subset_digest TEXT NOT NULL, chosen_C REAL,
+        acc REAL, auc REAL, balanced_acc REAL,
+        acc_ci_low REAL, acc_ci_high REAL, auc_ci_low REAL, auc_ci_high REAL,
+        extra TEXT NOT NULL, versions TEXT NOT NULL, wall_s REAL NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX results_by_run ON results (dataset, size, backbone, method);
+    CREATE TABLE scores (
+        digest TEXT PRIMARY KEY REFERENCES results (digest),
+        y_true BLOB NOT NULL,
+        y_score BLOB NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _to_npy(array: np.ndarray) -> bytes:
+    """`array` serialized as a .npy file (no pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _from_npy(blob: bytes) -> np.ndarray:
+    """Inverse of `_to_npy`."""
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL (persistent), retrying while another process holds it.
+
+    The switch needs an exclusive lock and SQLite answers "database is locked" at once, without
+    calling the busy handler, when several processes open a fresh file together.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
+
+
+def _digest_of(key: ResultKey | str) -> str:
+    """The registry digest of a key, or the digest itself."""
+    return key if isinstance(key, str) else key.digest()
+
+
+class Registry:
+    """The SQLite results registry (see the module docstring for identity, storage, concurrency)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        """Open `path`, creating the file and its schema if needed (WAL, 30 s busy timeout)."""
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn_obj: sqlite3.Connection | None = None
+        self._conn_pid = -1
+        self._migrate()
+
+    @classmethod
+    def in_workdir(cls, workdir: str | os.PathLike | None = None) -> Registry:
+        """The registry of a work directory (argument, then $MEDFM_WORKDIR, then ./medfm-work)."""
+        return cls(resolve_workdir(workdir) / REGISTRY_FILENAME)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.path)!r})"
+
+    # -- connection and schema ------------------------------------------------------------
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """This process's connection (a connection inherited through fork is never reused)."""
+        if self._conn_obj is None or self._conn_pid != os.getpid():
+            # isolation_level=None: autocommit; writes open their own BEGIN IMMEDIATE.
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            _enable_wal(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable, never corrupt
+            self._conn_obj, self._conn_pid = conn, os.getpid()
+        return self._conn_obj
+
+    def close(self) -> None:
+        """Close this process's connection (the registry reopens on next use)."""
+        if self._conn_obj is not None and self._conn_pid == os.getpid():
+            self._conn_obj.close()
+        self._conn_obj = None
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        """Turn SQLite failures into a RegistryError that says what to do."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise RegistryError(
+                    f"results registry {self.path} stayed locked for {BUSY_TIMEOUT_S:.0f} s "
+                    f"({exc}); check that no medfm process is stuck writing to it, then retry"
+                ) from exc
+            raise RegistryError(
+                f"cannot use results registry {self.path} ({exc}); check that the file and its "
+                "folder are readable and writable"
+            ) from exc
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:  # subclasses (bad SQL, bindings) are bugs
+                raise
+            raise RegistryError(
+                f"results registry {self.path} is corrupt or not a SQLite file ({exc}); move it "
+                "aside (medfm starts a new one and reruns what it needs) or restore a backup"
+            ) from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A BEGIN IMMEDIATE transaction: takes the write lock up front, so no upgrade deadlock."""
+        with self._translate_errors():
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        """Bring the file's schema to SCHEMA_VERSION (one transaction; safe when racing)."""
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"results registry {self.path} has schema version {version}, newer than this "
+                    f"medfm understands ({SCHEMA_VERSION}); upgrade medfm"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            # PRAGMA cannot take a bound parameter; SCHEMA_VERSION is an int constant.
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def add(
+        self,
+        row: ResultRow,
+        scores: np.ndarray | None = None,
+        y_true: np.ndarray | None = None,
+        *,
+        replace: bool = False,
+    ) -> bool:
+        """Insert `row` and its per-sample test scores in one transaction.
+
+        Returns False, writing nothing, when the key is already there and `replace` is False.
+        With `replace=True` the old row and its scores are dropped first. `scores` (N, C) are
+        stored as float32; `y_true` (N, ...) as given.
+        """
+        if (scores is None) != (y_true is None):
+            raise InvalidArgumentError("pass both scores and y_true, or neither")
+        blobs = None
+        if scores is not None:
+            y_score = np.asarray(scores, dtype=np.float32)
+            labels = np.asarray(y_true)
+            if len(y_score) != len(labels):
+                raise InvalidArgumentError(
+                    f"scores has {len(y_score)} samples but y_true has {len(labels)}; pass the "
+                    "test-set scores and labels of the same samples"
+                )
+            blobs = (_to_npy(labels), _to_npy(y_score))
+        digest = row.key.digest()
+        values = self._row_values(row, digest)
+        placeholders = ", ".join("?" * len(_ALL_COLUMNS))
+        with self._write() as conn:
+            if replace:
+                conn.execute("DELETE FROM scores WHERE digest = ?", (digest,))
+                conn.execute("DELETE FROM results WHERE digest = ?", (digest,))
+            inserted = conn.execute(
+                f"INSERT INTO results ({', '.join(_ALL_COLUMNS)}) VALUES ({placeholders}) "
+                "ON CONFLICT (digest) DO NOTHING",
+                values,
+            ).rowcount
+            if inserted and blobs is not None:
+                conn.execute(
+                    "INSERT INTO scores (digest, y_true, y_score) VALUES (?, ?, ?)",
+                    (digest, *blobs),
+                )
+        return bool(inserted)
+
+    @staticmethod
+    def _row_values(row: ResultRow, digest: str) -> tuple:
+        """`row` as a tuple in _ALL_COLUMNS order."""
+        created_at = row.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        by_name = {
+            "digest": digest,
+            **row.key.as_dict(),
+            "n_train": int(row.n_train),
+            "subset_digest": row.subset_digest,
+            "chosen_C": None if row.chosen_C is None else float(row.chosen_C),
+            **{name: float(getattr(row, name)) for name in METRIC_FIELDS},
+            "extra": canonical_json(row.extra),
+            "versions": canonical_json(row.versions),
+            "wall_s": float(row.wall_s),
+            "created_at": created_at,
+        }
+        return tuple(by_name[name] for name in _ALL_COLUMNS)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        with self._translate_errors():
+            return self._conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def has(self, key: ResultKey | str) -> bool:
+        """Whether a run with this key (or digest) is in the registry."""
+        with self._translate_errors():
+            found = self._conn.execute(
+                "SELECT 1 FROM results WHERE digest = ?", (_digest_of(key),)
+            ).fetchone()
+        return found is not None
+
+    def done_keys(self, keys: Iterable[ResultKey | str]) -> set[str]:
+        """Digests of those `keys` already in the registry, in one query (any number of keys)."""
+        digests = [_digest_of(key) for key in keys]
+        with self._translate_errors():
+            rows = self._conn.execute(
+                "SELECT digest FROM results WHERE digest IN (SELECT value FROM json_each(?))",
+                (json.dumps(digests),),
+            ).fetchall()
+        return {row["digest"] for row in rows}
+
+    def get(self, key: ResultKey | str) -> ResultRow | None:
+        """The stored row of a key (or digest), or None."""
+        with self._translate_errors():
+            found = self._conn.execute(
+                "SELECT * FROM results WHERE digest = ?", (_digest_of(key),)
+            ).fetchone()
+        return None if found is None else self._to_row(found)
+
+    @staticmethod
+    def _to_row(record: sqlite3.Row) -> ResultRow:
+        """A `results` record as a ResultRow (NULL metrics, stored for NaN, back to NaN)."""
+        metrics = {
+            name: math.nan if record[name] is None else record[name] for name in METRIC_FIELDS
+        }
+        return ResultRow(
+            key=ResultKey(**{name: record[name] for name in RESULT_KEY_FIELDS}),
+            n_train=record["n_train"],
+            subset_digest=record["subset_digest"],
+            chosen_C=record["chosen_C"],
+            **metrics,
+            extra=json.loads(record["extra"]),
+            versions=json.loads(record["versions"]),
+            wall_s=record["wall_s"],
+            created_at=record["created_at"],
+        )
+
+    def scores(self, key: ResultKey | str) -> tuple[np.ndarray, np.ndarray]:
+        """(y_true, y_score) saved with a run: labels as given, scores float32 (N, C)."""
+        digest = _digest_of(key)
+        with self._translate_errors():
+            found = self._conn.execute(
+                "SELECT y_true, y_score FROM scores WHERE digest = ?", (digest,)
+            ).fetchone()
+        if found is None:
+            state = "was saved without per-sample scores" if self.has(digest) else "is not there"
+            raise RegistryError(
+                f"run {digest[:12]} {state} in {self.path}; rerun it and add it with "
+                "replace=True to record its test scores"
+            )
+        return _from_npy(found["y_true"]), _from_npy(found["y_score"])
+
+    def _select(self, columns: Iterable[str], filters: dict[str, Any]) -> list[sqlite3.Row]:
+        """Records matching `filters` (field=value, field=[values], field=None), oldest first."""
+        allowed = (*RESULT_KEY_FIELDS, "digest")
+        clauses, params = [], []
+        for name, value in filters.items():
+            if name not in allowed:
+                raise InvalidArgumentError(
+                    f"cannot filter results on {name!r}; use one of {', '.join(allowed)}"
+                )
+            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            tests = []
+            # numpy scalars (e.g. from a DataFrame) bind as their Python value
+            present = [
+                v.item() if isinstance(v, np.generic) else v for v in values if v is not None
+            ]
+            if present:
+                tests.append(f"{name} IN ({', '.join('?' * len(present))})")
+                params.extend(present)
+            if len(present) < len(values):
+                tests.append(f"{name} IS NULL")
+            clauses.append("(" + (" OR ".join(tests) or "0") + ")")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._translate_errors():
+            return self._conn.execute(
+                f"SELECT {', '.join(columns)} FROM results {where} ORDER BY rowid", params
+            ).fetchall()
+
+    def query(self, **filters: Any) -> list[ResultRow]:
+        """Rows whose key fields match every filter; a list value matches any of its items.
+
+        `reg.query(dataset="breastmnist", method=["logreg", "knn"], fraction=None)`
+        """
+        return [self._to_row(record) for record in self._select(_ALL_COLUMNS, filters)]
+
+    def to_dataframe(self, **filters: Any) -> pandas.DataFrame:
+        """Matching rows as one flat table with columns DATAFRAME_COLUMNS (filters as `query`)."""
+        import pandas  # deferred: workers that only add rows never pay for it
+
+        records = self._select(DATAFRAME_COLUMNS, filters)
+        frame = pandas.DataFrame.from_records(
+            [tuple(record) for record in records], columns=list(DATAFRAME_COLUMNS)
+        )
+        floats = [*METRIC_FIELDS, "fraction", "chosen_C", "wall_s"]
+        frame[floats] = frame[floats].astype(float)  # NULL -> NaN, even in an all-NULL column
+        return frame
