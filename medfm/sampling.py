@@ -1,0 +1,225 @@
+"""Training subsets by fraction or by shots per class: stratified, seeded, nested, >= 1 per class.
+
+    from medfm.sampling import SubsetSpec, sample
+    subset = sample(train_labels, Task.MULTI_CLASS, SubsetSpec(fraction=0.1, seed=1))
+    subset.indices  # sorted int64 rows of the train split; subset.digest names them
+
+Probe and finetune both draw their training images here, so "10% seed 1" is the same images in
+both. The method:
+
+1. Strata. Binary, multi-class and ordinal: the class. Multi-label (ChestMNIST): the row's rarest
+   positive label, rarity being the label's number of positives in the split (ties go to the
+   lower label index), or a "no finding" stratum for rows with no positive label. Every row of
+   a rare label's stratum carries that label, and every stratum keeps >= 1 row, so each label
+   that is the rarest positive of some row keeps positives at any fraction (the rarest label
+   always is); a label that is never the rarest in its rows relies on rows shared with rarer
+   labels, which in practice (ChestMNIST-like prevalences) carry it at every fraction.
+2. Order. Each stratum's rows (ascending) are shuffled by one permutation drawn from
+   `numpy.random.default_rng([seed, stratum])`, so a stratum's order depends only on the seed,
+   the stratum and its rows.
+3. Prefixes. A fraction f takes the first round(f * n_c) rows of each stratum (half rounds up),
+   clipped to at least 1 and at most n_c; k shots take the first min(k, n_c). Prefixes of one
+   order make subsets NESTED: for one seed, 1% is inside 10% is inside 100%, and 5 shots inside
+   10. Fraction 1.0 is the whole split.
+
+A subset is identified by its spec and by `digest`, the first 16 hex digits of the SHA-256 of its
+indices as little-endian int64, which results record so a run can prove which images it used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medfm.data import Task
+from medfm.errors import InvalidArgumentError
+
+DIGEST_CHARS = 16  # hex digits of the SHA-256 kept as a subset's digest
+# what each parser accepts, quoted in its error messages
+_EXAMPLES = {"fractions": "0.01,0.1,1.0", "shots": "1,5,10", "seeds": "0,1,2 or 0-4"}
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    """Which training subset: a fraction of each class or k shots per class, under one seed."""
+
+    fraction: float | None = None  # in (0, 1]; 1.0 is the whole split
+    shots: int | None = None  # images per class (stratum), >= 1
+    seed: int = 0  # >= 0; the same seed gives nested subsets across fractions and shots
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.shots is None):
+            raise InvalidArgumentError(
+                f"a subset needs exactly one of fraction and shots; got fraction="
+                f"{self.fraction}, shots={self.shots}."
+            )
+        if self.fraction is not None:
+            object.__setattr__(self, "fraction", _check_fraction(self.fraction))
+        if self.shots is not None:
+            object.__setattr__(self, "shots", _check_int(self.shots, "shots", minimum=1))
+        object.__setattr__(self, "seed", _check_int(self.seed, "seed", minimum=0))
+
+
+@dataclass(frozen=True)
+class Subset:
+    """The rows of the train split that a SubsetSpec selects; equal subsets have equal digests."""
+
+    spec: SubsetSpec  # what was asked for
+    indices: np.ndarray = field(compare=False, repr=False)  # sorted int64 rows, read-only
+    n: int  # len(indices)
+    digest: str  # sha256 of indices as little-endian int64, first DIGEST_CHARS hex digits
+
+
+def _check_fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(f"fraction {value!r} is not a number in (0, 1].")
+    fraction = float(value)
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        hint = f"; for {fraction:g}% write {fraction / 100:g}" if 1.0 < fraction <= 100.0 else ""
+        raise InvalidArgumentError(
+            f"fraction {value!r} is not in (0, 1]: fractions are proportions of the training "
+            f"split{hint}."
+        )
+    return fraction
+
+
+def _check_int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InvalidArgumentError(f"{what} must be an integer >= {minimum}; got {value!r}.")
+    return int(value)
+
+
+def _items(text: str, what: str) -> list[str]:
+    """Comma-separated items, stripped; a clear error for an empty list or an empty item."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not any(items) or not all(items):
+        raise InvalidArgumentError(
+            f"{what} {text!r} has an empty item; give a comma-separated list such as "
+            f"{_EXAMPLES[what]}."
+        )
+    return items
+
+
+def _unique(values: list, what: str, text: str) -> list:
+    if len(set(values)) != len(values):
+        raise InvalidArgumentError(f"{what} {text!r} lists a value twice; give each once.")
+    return values
+
+
+def parse_fractions(text: str) -> list[float]:
+    """"0.01,0.1,1.0" -> [0.01, 0.1, 1.0]; each in (0, 1] ("1%" and "10" are rejected)."""
+    fractions = []
+    for item in _items(text, "fractions"):
+        if item.endswith("%"):
+            raise InvalidArgumentError(
+                f"fraction {item!r}: write fractions as proportions in (0, 1], e.g. "
+                f"{_percent_as_fraction(item[:-1])} for {item}."
+            )
+        try:
+            value = float(item)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"fraction {item!r} is not a number; give proportions in (0, 1] such as "
+                f"{_EXAMPLES['fractions']}."
+            ) from None
+        fractions.append(_check_fraction(value))
+    return _unique(fractions, "fractions", text)
+
+
+def _percent_as_fraction(percent: str) -> str:
+    try:
+        return f"{float(percent) / 100:g}"
+    except ValueError:
+        return "0.01"
+
+
+def parse_shots(text: str) -> list[int]:
+    """"1,5,10" -> [1, 5, 10]; positive integers (images per class)."""
+    shots = []
+    for item in _items(text, "shots"):
+        if not item.isdigit() or int(item) < 1:
+            raise InvalidArgumentError(
+                f"shots {item!r} is not a positive integer; give images per class such as "
+                f"{_EXAMPLES['shots']}."
+            )
+        shots.append(int(item))
+    return _unique(shots, "shots", text)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0,1,2" -> [0, 1, 2]; "0-4" -> [0, 1, 2, 3, 4]; items may mix ("0-2,7")."""
+    seeds = []
+    for item in _items(text, "seeds"):
+        low, sep, high = item.partition("-")
+        low, high = low.strip(), (high.strip() if sep else low.strip())
+        if not (low.isdigit() and high.isdigit()) or int(low) > int(high):
+            raise InvalidArgumentError(
+                f"seed {item!r} is not a non-negative integer or an ascending range; give "
+                f"{_EXAMPLES['seeds']}."
+            )
+        seeds.extend(range(int(low), int(high) + 1))
+    return _unique(seeds, "seeds", text)
+
+
+def _strata(labels: np.ndarray, task: Task) -> np.ndarray:
+    """(N,) stratum of each row: the class, or for multi-label the rarest positive label
+    (L = "no finding")."""
+    labels = np.asarray(labels)
+    if labels.ndim == 0 or labels.shape[0] == 0:
+        raise InvalidArgumentError("cannot sample from an empty label array.")
+    if Task(task) is not Task.MULTI_LABEL:
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1 or labels.min() < 0:
+            raise InvalidArgumentError(
+                f"{Task(task).value} labels must be non-negative class ids shaped (N,) or "
+                f"(N, 1); got {labels.shape}."
+            )
+        return labels.astype(np.int64)
+    if labels.ndim != 2 or not np.isin(labels, (0, 1)).all():
+        raise InvalidArgumentError(
+            f"multi-label labels must be a (N, L) array of 0/1; got {labels.shape}."
+        )
+    n_labels = labels.shape[1]
+    by_rarity = np.lexsort((np.arange(n_labels), labels.sum(axis=0)))  # rarest label first
+    rarity = np.empty(n_labels, dtype=np.int64)
+    rarity[by_rarity] = np.arange(n_labels)
+    # (N, L) rarity rank of each positive label, L where negative; row min = rarest positive
+    rank = np.where(labels == 1, rarity[None, :], n_labels).min(axis=1)
+    return np.append(by_rarity, n_labels)[rank]
+
+
+def _take_prefixes(strata: np.ndarray, spec: SubsetSpec) -> np.ndarray:
+    """Sorted int64 rows: a prefix of each stratum's seeded permutation, sized by the spec."""
+    chosen = []
+    for stratum in np.unique(strata):
+        rows = np.flatnonzero(strata == stratum)
+        order = np.random.default_rng([spec.seed, int(stratum)]).permutation(rows)
+        if spec.fraction is not None:
+            count = min(max(math.floor(spec.fraction * rows.size + 0.5), 1), rows.size)
+        else:
+            count = min(spec.shots, rows.size)
+        chosen.append(order[:count])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def sample(labels: np.ndarray, task: Task, spec: SubsetSpec) -> Subset:
+    """The training subset `spec` selects from a split with these labels (see module docstring)."""
+    indices = _take_prefixes(_strata(labels, task), spec)
+    indices.setflags(write=False)
+    digest = hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest()[:DIGEST_CHARS]
+    return Subset(spec=spec, indices=indices, n=int(indices.size), digest=digest)
+
+
+def sample_fraction(labels: np.ndarray, task: Task, fraction: float, seed: int) -> Subset:
+    """round(fraction * n_c) rows of each class (>= 1), nested across fractions for one seed."""
+    return sample(labels, task, SubsetSpec(fraction=fraction, seed=seed))
+
+
+def sample_shots(labels: np.ndarray, task: Task, shots: int, seed: int) -> Subset:
+    """`shots` rows of each class (all of a smaller class), nested across shots for one seed."""
+    return sample(labels, task, SubsetSpec(shots=shots, seed=seed))
