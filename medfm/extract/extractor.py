@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from medfm import __version__
 from medfm.backbones import Backbone, create_backbone
 from medfm.data import SPLITS, data_file, file_md5, get_dataset, load_split
-from medfm.errors import InvalidArgumentError
+from medfm.errors import InvalidArgumentError, StoreError
 from medfm.preprocess import DevicePreprocessor, check_resize_policy, resolve_preprocess
 from medfm.store.features import (
     FEATURE_KIND,
@@ -86,7 +86,10 @@ def _request_json(dataset: str, size: int, backbone: str, weights: str | None,
 
 def _find_requested(workdir, request: str) -> FeatureStore | None:
     for path in sorted(stores_dir(workdir).glob("*.h5")):
-        store = FeatureStore(path)
+        try:
+            store = FeatureStore(path)
+        except StoreError:
+            continue  # a corrupt store is reported when its own key is asked for
         if store.attrs.get("request_json") == request:
             return store
     return None

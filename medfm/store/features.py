@@ -329,6 +329,12 @@ def find_stores(workdir: str | os.PathLike | None = None, *, dataset: str | None
     name the user extracted with)."""
     found = []
     for path in sorted(stores_dir(workdir).glob("*.h5")):
+        # file names start "<dataset>_<size>__": skip other datasets without opening them, so a
+        # corrupt store only stops work that asks for it
+        if dataset and not path.name.startswith(f"{dataset}_"):
+            continue
+        if size and f"_{int(size)}__" not in path.name:
+            continue
         store = FeatureStore(path)
         key = store.key
         if dataset and key.dataset != dataset:

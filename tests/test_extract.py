@@ -1,0 +1,219 @@
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from medfm.cli import main
+from medfm.data import SPLITS, load_split
+from medfm.errors import StoreError
+from medfm.extract import extract
+from medfm.store.features import FeatureStore, find_stores, list_stores
+
+from .conftest import SYNTHETIC_FLAGS
+
+TINY = dict(backbone="test_resnet", weights="random", input_size=32)
+
+
+@pytest.mark.parametrize("flag", sorted(SYNTHETIC_FLAGS))
+def test_extract_every_task_type_into_a_verified_store(flag, synthetic_root, tmp_path):
+    result = extract(dataset=flag, size=28, data_root=synthetic_root, workdir=tmp_path,
+                     progress=False, **TINY)
+    assert result.status == "built"
+    store = FeatureStore(result.path)
+    store.verify()
+    for split in SPLITS:
+        images, labels = load_split(flag, 28, split, synthetic_root)
+        feats = store.features(split)
+        assert feats.shape == (len(images), store.dim) and feats.dtype == np.float32
+        assert np.isfinite(feats).all() and feats.std() > 0
+        np.testing.assert_array_equal(store.labels(split), labels)
+        np.testing.assert_array_equal(store.index(split), np.arange(len(images)))
+    attrs = store.attrs
+    assert attrs["dataset"] == flag and attrs["arch"] == "test_resnet"
+    assert attrs["weights"] == "random" and len(attrs["weights_digest"]) >= 16
+    assert '"input_size": 32' in attrs["preprocess_json"]
+    assert attrs["data_md5"] and attrs["fingerprint"] == store.fingerprint
+
+
+def test_features_are_the_backbone_prelogits_of_the_preprocessed_images(synthetic_root, tmp_path):
+    import torch
+
+    from medfm.backbones import create_backbone
+    from medfm.preprocess import DevicePreprocessor, resolve_preprocess
+
+    result = extract(dataset="bloodmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+                     dtype="float32", progress=False, **TINY)
+    bb = create_backbone("test_resnet", weights="random")
+    prep = DevicePreprocessor(resolve_preprocess(bb.data_config, input_size=32), "cpu")
+    images, _ = load_split("bloodmnist", 28, "test", synthetic_root)
+    with torch.inference_mode():
+        x = prep(torch.from_numpy(images[:5]))
+        ref = bb.model.eval().forward_head(bb.model.forward_features(x), pre_logits=True)
+    np.testing.assert_allclose(FeatureStore(result.path).features("test")[:5], ref.numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_is_a_noop_that_loads_no_model(synthetic_root, tmp_path, monkeypatch):
+    first = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+                    progress=False, **TINY)
+    mtime = first.path.stat().st_mtime_ns
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished store must not load the backbone")
+
+    monkeypatch.setattr("medfm.extract.extractor.create_backbone", no_model)
+    again = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+                    progress=False, **TINY)
+    assert again.status == "exists" and again.path == first.path
+    assert first.path.stat().st_mtime_ns == mtime
+
+
+def test_force_recomputes(synthetic_root, tmp_path):
+    first = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+                    progress=False, **TINY)
+    again = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+                    progress=False, force=True, **TINY)
+    assert again.status == "built"
+    assert FeatureStore(again.path).fingerprint == FeatureStore(first.path).fingerprint
+
+
+def test_identity_separates_policy_dtype_and_input_size(synthetic_root, tmp_path):
+    kw = dict(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+              progress=False, backbone="test_resnet", weights="random")
+    paths = {
+        extract(**kw, input_size=32).path,
+        extract(**kw, input_size=32, resize_policy="pad").path,
+        extract(**kw, input_size=32, dtype="float32").path,
+        extract(**kw, input_size=40).path,
+    }
+    assert len(paths) == 4
+    assert len(find_stores(tmp_path, dataset="breastmnist")) == 4
+    assert len(find_stores(tmp_path, dataset="breastmnist", resize_policy="pad")) == 1
+
+
+def _partial_rows(path):
+    try:
+        with h5py.File(path, "r", locking=False) as fh:
+            return sum(int(fh[s].attrs["rows_done"]) for s in SPLITS)
+    except (OSError, KeyError):
+        return 0
+
+
+def test_sigkill_then_rerun_resumes_and_equals_uninterrupted(tmp_path):
+    """A real process killed with SIGKILL mid-extraction; the rerun continues from its last chunk."""
+    from medfm.synthetic import write_synthetic_npz
+
+    root = tmp_path / "data"
+    write_synthetic_npz(root, "pneumoniamnist", 28, n=(256, 64, 64))
+    args = dict(dataset="pneumoniamnist", size=28, backbone="tf_efficientnet_lite0",
+                weights="random", input_size=96, batch_size=8, data_root=root, progress=False)
+    cmd = [sys.executable, "-m", "medfm", "extract", "--dataset", "pneumoniamnist", "--size",
+           "28", "--backbone", "tf_efficientnet_lite0", "--weights", "random", "--input-size",
+           "96", "--batch-size", "8", "--data-root", str(root), "--workdir",
+           str(tmp_path / "killed"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stores = tmp_path / "killed" / "stores"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        partials = list(stores.glob("*.h5.partial")) if stores.exists() else []
+        if partials and _partial_rows(partials[0]) >= 64:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = list(stores.glob("*.h5.partial"))[0]
+    done_before = _partial_rows(partial)
+    assert 64 <= done_before < 384
+    assert list_stores(tmp_path / "killed")[0]["status"] == "partial"
+
+    resumed = extract(workdir=tmp_path / "killed", **args)
+    assert resumed.status == "resumed"
+    assert not partial.exists()
+    whole = extract(workdir=tmp_path / "whole", **args)
+    a, b = FeatureStore(resumed.path), FeatureStore(whole.path)
+    for split in SPLITS:
+        np.testing.assert_array_equal(a.features(split), b.features(split))
+    assert a.fingerprint == b.fingerprint
+    a.verify()
+
+
+def test_truncated_store_is_a_clear_error_and_force_rebuilds(synthetic_root, tmp_path, capsys):
+    result = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+                     progress=False, **TINY)
+    data = result.path.read_bytes()
+    result.path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match="medfm extract") as err:
+        FeatureStore(result.path)
+    assert str(result.path) in str(err.value)
+    assert [r["status"] for r in list_stores(tmp_path)] == ["corrupt"]
+    argv = ["extract", "--dataset", "breastmnist", "--size", "28", "--backbone", "test_resnet",
+            "--weights", "random", "--input-size", "32", "--data-root", str(synthetic_root),
+            "--workdir", str(tmp_path), "--quiet"]
+    assert main(argv) == 2
+    err_text = capsys.readouterr().err
+    assert len(err_text.strip().splitlines()) == 1 and "--force" in err_text
+    assert main(argv + ["--force"]) == 0
+    FeatureStore(result.path).verify()
+
+
+def test_flipped_feature_bytes_fail_the_fingerprint(synthetic_root, tmp_path):
+    result = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+                     progress=False, **TINY)
+    with h5py.File(result.path, "r+") as fh:
+        fh["test"]["features"][0, 0] += 1
+    with pytest.raises(StoreError, match="fingerprint"):
+        FeatureStore(result.path).verify()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--dataset", "breastmnst", "--size", "28", "--backbone", "test_resnet"], "breastmnist"),
+        (["--dataset", "breastmnist", "--size", "32", "--backbone", "test_resnet"], "28, 64"),
+        (["--dataset", "breastmnist", "--size", "28", "--backbone", "test_resnett"], "test_resnet"),
+        (["--dataset", "dermamnist", "--size", "28", "--backbone", "test_resnet"], "MD5"),
+        (["--dataset", "breastmnist", "--size", "28", "--backbone", "test_resnet",
+          "--batch-size", "0"], "batch size"),
+        (["--dataset", "breastmnist", "--size", "28", "--backbone", "test_resnet",
+          "--weights", "/nonexistent/w.pth"], "w.pth"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, needle, synthetic_root, tmp_path, capsys):
+    code = main(["extract", *argv, "--data-root", str(synthetic_root), "--workdir",
+                 str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err and "Traceback" not in err
+
+
+def test_stores_verb_lists_complete_stores(synthetic_root, tmp_path, capsys):
+    extract(dataset="retinamnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+            progress=False, **TINY)
+    assert main(["stores", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "retinamnist" in out and "complete" in out and "48/16/24" in out
+
+
+@pytest.mark.slow
+def test_real_breastmnist_with_pretrained_lite0(real_root, tmp_path):
+    result = extract(dataset="breastmnist", size=28, backbone="tf_efficientnet_lite0.in1k",
+                     input_size=64, data_root=real_root, workdir=tmp_path, progress=False)
+    store = FeatureStore(result.path)
+    assert store.attrs["weights"].startswith("offline:")
+    assert store.attrs["data_md5"] == store.attrs["data_md5_official"]
+    assert store.rows == {"train": 546, "val": 78, "test": 156} and store.dim == 1280
+    # ImageNet features separate malignant from benign far above chance with a plain probe
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    clf = LogisticRegression(max_iter=2000, C=0.1).fit(store.features("train"),
+                                                       store.labels("train").ravel())
+    auc = roc_auc_score(store.labels("test").ravel(),
+                        clf.predict_proba(store.features("test"))[:, 1])
+    assert auc > 0.75
