@@ -11,7 +11,7 @@ DEMO_WORKDIR ?= medfm-work/demo
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,dist]'
 	touch $(STAMP)
 
 install: $(STAMP)

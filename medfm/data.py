@@ -59,7 +59,7 @@ class DatasetInfo:
 
     @property
     def primary_metric(self) -> str:
-        """The metric that selects models: AUC for ChestMNIST (ACC ~94.7 for all-negative), else ACC."""
+        """Model-selection metric: AUC for ChestMNIST (all-negative scores ACC ~94.7), else ACC."""
         return "auc" if self.task is Task.MULTI_LABEL else "acc"
 
     def filename(self, size: int) -> str:
@@ -108,7 +108,7 @@ DATASETS: dict[str, DatasetInfo] = _build_registry()
 
 
 def get_dataset(flag: str) -> DatasetInfo:
-    """The registry entry for `flag` (case-insensitive); a clear error with close matches if unknown."""
+    """The entry for `flag` (case-insensitive); unknown flags get an error with close matches."""
     key = flag.strip().lower()
     if key in DATASETS:
         return DATASETS[key]

@@ -60,7 +60,8 @@ def resolve_preprocess(
     `data_config` is timm's resolved data config (keys `input_size` (C, H, W), `mean`, `std`),
     possibly overridden by a medfm alias (e.g. DINOv2 at 518 px). `native` feeds `source_size`.
     """
-    policy = check_resize_policy(resize_policy or data_config.get("resize_policy") or DEFAULT_RESIZE_POLICY)
+    policy = check_resize_policy(
+        resize_policy or data_config.get("resize_policy") or DEFAULT_RESIZE_POLICY)
     if policy == "native":
         if source_size is None:
             raise InvalidArgumentError("resize policy 'native' needs the source image size.")
@@ -82,7 +83,7 @@ def resolve_preprocess(
 
 
 class DevicePreprocessor:
-    """Callable turning (B, H, W) or (B, H, W, 3) uint8 batches into normalized (B, 3, S, S) input."""
+    """Turns (B, H, W) or (B, H, W, 3) uint8 batches into normalized (B, 3, S, S) input."""
 
     def __init__(self, cfg: PreprocessConfig, device: str | torch.device = "cpu",
                  channels_last: bool = True):

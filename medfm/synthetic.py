@@ -49,13 +49,13 @@ def write_synthetic_npz(
     n: tuple[int, int, int] = (64, 16, 32),
     seed: int = 0,
 ) -> Path:
-    """Write `{flag}[_{size}].npz` under `root` with n = (train, val, test) rows; returns its path."""
+    """Write `{flag}[_{size}].npz` under `root`, n = (train, val, test) rows; returns the path."""
     info = get_dataset(flag)
     size = check_size(size)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for i, (split, rows) in enumerate(zip(SPLITS, n)):
+    for i, (split, rows) in enumerate(zip(SPLITS, n, strict=True)):
         images, labels = synthetic_arrays(flag, size, rows, seed=seed * 3 + i)
         arrays[f"{split}_images"] = images
         arrays[f"{split}_labels"] = labels

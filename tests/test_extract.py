@@ -104,7 +104,7 @@ def _partial_rows(path):
 
 
 def test_sigkill_then_rerun_resumes_and_equals_uninterrupted(tmp_path):
-    """A real process killed with SIGKILL mid-extraction; the rerun continues from its last chunk."""
+    """A real process SIGKILLed mid-extraction; the rerun continues from its last chunk."""
     from medfm.synthetic import write_synthetic_npz
 
     root = tmp_path / "data"

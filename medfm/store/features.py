@@ -93,7 +93,8 @@ class FeatureStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            raise StoreError(f"feature store {self.path} does not exist; run `medfm extract` first.")
+            raise StoreError(
+                f"feature store {self.path} does not exist; run `medfm extract` first.")
         try:
             with h5py.File(self.path, "r") as fh:
                 self.attrs = {k: _decode(v) for k, v in fh.attrs.items()}
@@ -109,11 +110,13 @@ class FeatureStore:
             raise StoreError(f"feature store {self.path} is corrupt ({exc}); "
                              f"{_rebuild_hint(self.path)}.") from None
         except (OSError, KeyError, ValueError) as exc:
-            raise StoreError(f"feature store {self.path} is unreadable or truncated "
-                             f"({type(exc).__name__}: {exc}); {_rebuild_hint(self.path)}.") from None
+            raise StoreError(
+                f"feature store {self.path} is unreadable or truncated "
+                f"({type(exc).__name__}: {exc}); {_rebuild_hint(self.path)}.") from None
         problems = []
         if self.attrs.get("format_version") != FORMAT_VERSION:
-            problems.append(f"format version {self.attrs.get('format_version')} != {FORMAT_VERSION}")
+            problems.append(
+                f"format version {self.attrs.get('format_version')} != {FORMAT_VERSION}")
         if not self.attrs.get("complete"):
             problems.append("not marked complete")
         if self.dim != self.attrs.get("dim"):
