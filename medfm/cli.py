@@ -98,9 +98,70 @@ def _run_stores(args) -> int:
     return 0
 
 
+# --- results ----------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ["dataset", "size", "backbone", "method", "backend", "fraction", "shots", "seed",
+                  "n_train", "acc", "auc", "balanced_acc"]  # what `medfm results` shows
+
+
+def _add_filters(p) -> None:
+    """Registry filters shared by `results` and `report`."""
+    p.add_argument("--dataset", help="flag(s), comma-separated")
+    p.add_argument("--backbone", help="timm architecture(s), comma-separated")
+    p.add_argument("--size", help="source size(s), comma-separated")
+    p.add_argument("--method", help="logreg, knn and/or finetune, comma-separated")
+    p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
+
+
+def _filters(args) -> dict:
+    filters = {}
+    for name in ("dataset", "backbone", "method"):
+        if getattr(args, name):
+            filters[name] = _csv(getattr(args, name))
+    if args.size:
+        filters["size"] = _sizes(args.size)
+    return filters
+
+
+def _add_results(sub) -> None:
+    p = sub.add_parser("results", help="query the results registry")
+    _add_filters(p)
+    p.add_argument("--format", choices=["table", "csv", "json", "md"], default="table")
+    p.set_defaults(run=_run_results)
+
+
+def results_frame(workdir=None, **filters):
+    """The registry as a pandas DataFrame (the API behind `medfm results`)."""
+    from medfm.store.registry import Registry
+
+    return Registry.in_workdir(workdir).to_dataframe(**filters)
+
+
+def _run_results(args) -> int:
+    frame = results_frame(args.workdir, **_filters(args))
+    if args.format == "json":
+        print(frame.to_json(orient="records", indent=1))
+        return 0
+    if args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+        return 0
+    shown = frame[RESULT_COLUMNS].copy()
+    for col in ("acc", "auc", "balanced_acc"):
+        shown[col] = (100 * shown[col]).round(2)
+    shown = shown.astype(object).where(shown.notna(), "")
+    if args.format == "md":
+        print("| " + " | ".join(RESULT_COLUMNS) + " |")
+        print("|" + "---|" * len(RESULT_COLUMNS))
+        for row in shown.itertuples(index=False):
+            print("| " + " | ".join(str(v) for v in row) + " |")
+        return 0
+    _print_table(shown.to_dict("records"), RESULT_COLUMNS)
+    return 0
+
+
 # --- entry point ------------------------------------------------------------------------------
 
-VERBS: list[Callable] = [_add_extract, _add_stores]
+VERBS: list[Callable] = [_add_extract, _add_stores, _add_results]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,7 +72,7 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def _request_json(dataset: str, size: int, backbone: str, weights: str | None,
+def request_json(dataset: str, size: int, backbone: str, weights: str | None,
                   resize_policy: str | None, input_size: int | None, dtype: str) -> str:
     """What the user asked for, before loading anything: finds a finished store with no model."""
     weights_id = weights
@@ -84,7 +84,8 @@ def _request_json(dataset: str, size: int, backbone: str, weights: str | None,
                        "input_size": input_size, "dtype": dtype}, sort_keys=True)
 
 
-def _find_requested(workdir, request: str) -> FeatureStore | None:
+def find_extracted(workdir: str | os.PathLike | None, request: str) -> FeatureStore | None:
+    """The finished store built for `request` (see `request_json`), without loading a model."""
     for path in sorted(stores_dir(workdir).glob("*.h5")):
         try:
             store = FeatureStore(path)
@@ -201,9 +202,9 @@ def extract(
         raise InvalidArgumentError(f"batch size {batch_size} must be at least 1.")
     dev = resolve_device(device)
     npz_path = data_file(info.flag, size, data_root)  # clear error before any model loads
-    request = _request_json(info.flag, int(size), backbone, weights, resize_policy, input_size,
+    request = request_json(info.flag, int(size), backbone, weights, resize_policy, input_size,
                             dtype)
-    if not force and (done := _find_requested(workdir, request)) is not None:
+    if not force and (done := find_extracted(workdir, request)) is not None:
         return ExtractResult(done.path, "exists", done.summary(), 0.0)
 
     bb = create_backbone(backbone, weights=weights)
