@@ -15,6 +15,8 @@ import numpy as np
 
 from medfm.data import SPLITS, Task, check_size, get_dataset
 
+CODE_SEED = 20250101  # seeds the class -> pattern codes shared by every split
+
 
 def synthetic_arrays(
     flag: str, size: int, n: int, seed: int = 0
@@ -23,14 +25,15 @@ def synthetic_arrays(
     info = get_dataset(flag)
     rng = np.random.default_rng(seed)
     k = info.n_classes
+    # class -> 8-dim code: fixed per dataset (not per seed or split), so train, val and test share
+    # the class patterns and a probe trained on one split transfers to the others
+    codes = np.random.default_rng(CODE_SEED).normal(size=(k, 8)).astype(np.float32)
     if info.task is Task.MULTI_LABEL:
         labels = (rng.random((n, k)) < 0.3).astype(np.uint8)
-        signal = labels.astype(np.float32) @ rng.normal(size=(k, 8)).astype(np.float32)
+        signal = labels.astype(np.float32) @ codes
     else:
         labels = (np.arange(n) % k)[rng.permutation(n)].astype(np.uint8)[:, None]
-        signal = np.eye(k, dtype=np.float32)[labels[:, 0]] @ rng.normal(size=(k, 8)).astype(
-            np.float32
-        )
+        signal = codes[labels[:, 0]]
     # (N, 8) class code -> smooth spatial pattern: each code entry scales one sinusoid
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     bases = np.stack([np.sin((i + 1) * np.pi * (xx if i % 2 else yy)) for i in range(8)])

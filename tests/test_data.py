@@ -102,3 +102,13 @@ def test_synthetic_layout_matches_official(real_root, tmp_path):
 
 def test_sizes_constant():
     assert SIZES == (28, 64, 128, 224)
+
+
+def test_synthetic_classes_transfer_from_train_to_test(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    write_synthetic_npz(tmp_path, "bloodmnist", 28, n=(160, 16, 80))
+    x_tr, y_tr = load_split("bloodmnist", 28, "train", tmp_path)
+    x_te, y_te = load_split("bloodmnist", 28, "test", tmp_path)
+    clf = LogisticRegression(max_iter=1000).fit(x_tr.reshape(160, -1) / 255.0, y_tr.ravel())
+    assert clf.score(x_te.reshape(80, -1) / 255.0, y_te.ravel()) > 0.9
