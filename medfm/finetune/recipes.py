@@ -1,0 +1,226 @@
+"""Fine-tuning recipes: one frozen dataclass of training settings, and the published presets.
+
+    from medfm.finetune.recipes import resolve_recipe
+    recipe = resolve_recipe("medmnist-v2", epochs="10")       # CLI strings are parsed per field
+    recipe = resolve_recipe("medfm", freeze_backbone=True)     # a head trained through a frozen net
+
+Presets (numbers from docs/ANCHORS.md):
+
+- `medfm`: our default for pretrained backbones: AdamW, head lr 1e-3 and backbone lr 1e-4,
+  cosine schedule with 5% linear warm-up, label smoothing 0.1, flips and small affine
+  augmentation, gradient clipping at 1.0, 30 epochs, best checkpoint by the dataset's primary
+  metric, early stop after 10 epochs without improvement.
+- `seed-paper` (Wu & Papiez 2025): 15,000 iterations of batch 64, AdamW head lr 1e-3, weight
+  decay 1e-2, lr x0.9 every 200 iterations, no augmentation, bilinear upsampling to the backbone's
+  input size, binary tasks as 1 logit + BCE, best checkpoint by validation ACC.
+- `medmnist-plus` (Doerrich et al. 2025): AdamW lr 1e-4, cosine, <= 100 epochs of batch 64,
+  early stop at patience 5 on validation loss, images zero-padded into a 224 canvas.
+- `medmnist-v2` (Yang et al. 2023): from scratch, Adam lr 1e-3, batch 128, 100 epochs, lr x0.1 at
+  epochs 50 and 75, mean = std = 0.5, no augmentation, best checkpoint by validation AUC, images at
+  their own size with the CIFAR-style ResNet stem (3x3 conv, stride 1, no max-pool).
+
+Overriding `epochs` on an iteration-based recipe (seed-paper) switches it to epochs, validated
+once per epoch, so `--epochs N` means N passes over the data for every preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+from medfm.errors import InvalidArgumentError
+from medfm.preprocess import RESIZE_POLICIES
+
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "step", "exp", "constant")
+SELECT_METRICS = ("primary", "acc", "auc", "loss")  # primary: the dataset's (AUC for ChestMNIST)
+BINARY_HEADS = ("ce2", "bce1")  # binary tasks: 2 logits + cross-entropy, or 1 logit + BCE
+NORMALIZATIONS = ("backbone", "half")  # the backbone's mean/std, or mean = std = 0.5 (MedMNIST v2)
+STEMS = ("default", "cifar")  # cifar: ResNet conv1 -> 3x3 stride 1, max-pool removed
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+NONE_WORDS = ("", "none", "null", "default")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of a fine-tuning run; the resolved recipe is stored with each result."""
+
+    name: str  # preset this recipe started from
+    epochs: int  # passes over the training subset (used when iterations == 0)
+    iterations: int  # optimizer steps in total; 0 = run `epochs` epochs instead
+    batch_size: int  # training images per step (capped at the subset size)
+    optimizer: str  # one of OPTIMIZERS
+    lr_head: float  # peak learning rate of the classifier head
+    lr_backbone: float  # peak learning rate of everything but the head
+    weight_decay: float  # AdamW decoupled decay; Adam: L2 penalty
+    schedule: str  # one of SCHEDULES: cosine (+ warmup), step (milestones), exp (every N steps)
+    warmup: float  # cosine: share of all steps spent warming up linearly from 0
+    milestones: tuple[float, ...]  # step: lr *= gamma at these shares of all steps
+    gamma: float  # step and exp: multiplicative lr decay
+    decay_every: int  # exp: steps between two decays
+    label_smoothing: float  # CE label smoothing; BCE targets pulled towards 0.5 by as much
+    augment: bool  # random horizontal flips and small affine warps, on the device
+    grad_clip: float  # max global gradient norm; 0 = no clipping
+    eval_every: int  # steps between validations (and checkpoints); 0 = once per epoch
+    select_metric: str  # one of SELECT_METRICS: picks the checkpoint that is tested
+    patience: int  # stop after this many validations without improvement; 0 = never
+    monitor: str  # one of SELECT_METRICS: what early stopping watches
+    binary_head: str  # one of BINARY_HEADS
+    freeze_backbone: bool  # train the head only; backbone frozen in eval mode (BN stats fixed)
+    pretrained: bool  # False: random init (weights="random"), as the from-scratch baselines
+    resize_policy: str | None  # one of preprocess.RESIZE_POLICIES; None = the backbone's default
+    input_size: int | None  # model input side; None = the backbone's (or the source size, native)
+    normalize: str  # one of NORMALIZATIONS
+    stem: str  # one of STEMS
+
+    def __post_init__(self) -> None:
+        """Check every choice and range, so a bad recipe fails before any data or model loads."""
+        for name, choices in (
+            ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("select_metric", SELECT_METRICS),
+            ("monitor", SELECT_METRICS), ("binary_head", BINARY_HEADS),
+            ("normalize", NORMALIZATIONS), ("stem", STEMS),
+        ):
+            if getattr(self, name) not in choices:
+                raise InvalidArgumentError(
+                    f"recipe field {name}={getattr(self, name)!r} is not one of "
+                    f"{', '.join(choices)}."
+                )
+        if self.resize_policy is not None and self.resize_policy not in RESIZE_POLICIES:
+            raise InvalidArgumentError(
+                f"recipe field resize_policy={self.resize_policy!r} is not one of "
+                f"{', '.join(RESIZE_POLICIES)} (or none for the backbone's default)."
+            )
+        positive = {"batch_size": self.batch_size, "lr_head": self.lr_head,
+                    "decay_every": self.decay_every}
+        if self.iterations == 0:
+            positive["epochs"] = self.epochs
+        if self.input_size is not None:
+            positive["input_size"] = self.input_size
+        non_negative = {"iterations": self.iterations, "lr_backbone": self.lr_backbone,
+                        "weight_decay": self.weight_decay, "grad_clip": self.grad_clip,
+                        "eval_every": self.eval_every, "patience": self.patience,
+                        "epochs": self.epochs}
+        for name, value in positive.items():
+            if value <= 0:
+                raise InvalidArgumentError(f"recipe field {name} must be > 0; got {value}.")
+        for name, value in non_negative.items():
+            if value < 0:
+                raise InvalidArgumentError(f"recipe field {name} must be >= 0; got {value}.")
+        for name in ("warmup", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise InvalidArgumentError(
+                    f"recipe field {name} must be in [0, 1); got {getattr(self, name)}.")
+        if not 0.0 < self.gamma <= 1.0:
+            raise InvalidArgumentError(f"recipe field gamma must be in (0, 1]; got {self.gamma}.")
+        if any(not 0.0 < m < 1.0 for m in self.milestones):
+            raise InvalidArgumentError(
+                f"recipe field milestones are shares of training in (0, 1), e.g. 0.5,0.75; "
+                f"got {self.milestones}.")
+
+    def to_params(self) -> dict:
+        """The recipe as a plain dict (JSON-ready): what a result's `params` records."""
+        params = dataclasses.asdict(self)
+        params["milestones"] = list(self.milestones)
+        return params
+
+
+_MEDFM = Recipe(
+    name="medfm", epochs=30, iterations=0, batch_size=64, optimizer="adamw", lr_head=1e-3,
+    lr_backbone=1e-4, weight_decay=0.05, schedule="cosine", warmup=0.05, milestones=(),
+    gamma=1.0, decay_every=1, label_smoothing=0.1, augment=True, grad_clip=1.0, eval_every=0,
+    select_metric="primary", patience=10, monitor="primary", binary_head="ce2",
+    freeze_backbone=False, pretrained=True, resize_policy=None, input_size=None,
+    normalize="backbone", stem="default",
+)
+
+RECIPES: dict[str, Recipe] = {
+    "medfm": _MEDFM,
+    "seed-paper": dataclasses.replace(
+        _MEDFM, name="seed-paper", epochs=0, iterations=15_000, lr_backbone=1e-5,
+        weight_decay=1e-2, schedule="exp", warmup=0.0, gamma=0.9, decay_every=200,
+        label_smoothing=0.0, augment=False, grad_clip=0.0, eval_every=500, select_metric="acc",
+        patience=0, monitor="acc", binary_head="bce1", resize_policy="bilinear",
+    ),
+    "medmnist-plus": dataclasses.replace(
+        _MEDFM, name="medmnist-plus", epochs=100, lr_head=1e-4, lr_backbone=1e-4,
+        weight_decay=1e-2, warmup=0.0, label_smoothing=0.0, augment=False, grad_clip=0.0,
+        select_metric="loss", patience=5, monitor="loss", resize_policy="pad", input_size=224,
+    ),
+    "medmnist-v2": dataclasses.replace(
+        _MEDFM, name="medmnist-v2", epochs=100, batch_size=128, optimizer="adam",
+        lr_head=1e-3, lr_backbone=1e-3, weight_decay=0.0, schedule="step", warmup=0.0,
+        milestones=(0.5, 0.75), gamma=0.1, label_smoothing=0.0, augment=False, grad_clip=0.0,
+        select_metric="auc", patience=0, monitor="auc", pretrained=False,
+        resize_policy="native", normalize="half", stem="cifar",
+    ),
+}
+
+_FIELDS = {f.name: f.type for f in dataclasses.fields(Recipe)}
+
+
+def _parse(name: str, value: object, kind: str) -> object:
+    """`value` (a Python value, or a string from the command line) as field `name`'s type."""
+    optional = kind.endswith("| None")
+    base = kind.removesuffix(" | None")
+    if optional and (value is None or (isinstance(value, str) and value.lower() in NONE_WORDS)):
+        return None
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+                return value.lower() in TRUE_WORDS
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value.strip().lower()
+        if base == "tuple[float, ...]":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(float(v) for v in items if str(v).strip())
+    except (TypeError, ValueError):
+        pass
+    raise InvalidArgumentError(f"recipe field {name}={value!r} is not a valid {kind}.")
+
+
+def resolve_recipe(name: str | Recipe, **overrides: object) -> Recipe:
+    """The preset `name` (or a Recipe) with `overrides` applied, each parsed and validated.
+
+    Unknown presets or fields raise InvalidArgumentError with the closest names. Overriding
+    `epochs` (and not `iterations`) on an iteration-based recipe switches it to epochs, validated
+    once per epoch (unless `eval_every` is overridden too).
+    """
+    if isinstance(name, Recipe):
+        base = name
+    else:
+        key = str(name).strip().lower()
+        if key not in RECIPES:
+            close = difflib.get_close_matches(key, RECIPES, n=2, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise InvalidArgumentError(
+                f"unknown recipe {name!r}.{hint} Known: {', '.join(RECIPES)}.")
+        base = RECIPES[key]
+    changes = {}
+    for field, value in overrides.items():
+        if field not in _FIELDS or field == "name":
+            close = difflib.get_close_matches(field, _FIELDS, n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise InvalidArgumentError(
+                f"unknown recipe field {field!r}.{hint} Fields: "
+                f"{', '.join(f for f in _FIELDS if f != 'name')}.")
+        changes[field] = _parse(field, value, _FIELDS[field])
+    if "epochs" in changes and "iterations" not in changes and base.iterations:
+        changes["iterations"] = 0
+        changes.setdefault("eval_every", 0)
+    return dataclasses.replace(base, **changes)
+

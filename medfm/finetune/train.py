@@ -1,0 +1,470 @@
+"""The fine-tuning loop: uint8 batches to the device, preprocessing and augmentation there, AdamW
+with separate head and backbone learning rates, validation rounds, best checkpoint, early
+stopping, and atomic checkpoints that let a killed run resume to the same result.
+
+    outcome = train(model, recipe=recipe, task=Task.BINARY, train=Split(x, y, rows),
+                    val=Split(vx, vy), preprocess=cfg, device=torch.device("cpu"), seed=0,
+                    checkpoint_dir=path)
+    outcome.model  # best checkpoint loaded, eval mode; outcome.curves: one dict per validation
+
+Method. The training subset is visited in epochs; epoch e is the permutation
+`numpy.random.default_rng([seed, e])` of its rows, cut into batches of `recipe.batch_size` (a
+trailing batch of one image is dropped: BatchNorm cannot train on it). A step uploads the batch as
+uint8, preprocesses it on the device (preprocess.py), augments it there when the recipe says so
+(flip and small affine, drawn from a generator seeded by (seed, step), so a step's augmentation
+never depends on what ran before), then runs forward/backward under bf16 autocast on CUDA with
+channels_last, clips gradients and steps the optimizer and the per-step lr schedule. Every round
+(one epoch, or `eval_every` steps) the model is validated, the best state by `select_metric` is
+kept, early stopping watches `monitor`, and a checkpoint (model, optimizer, scheduler, best state,
+curves, RNG states of torch, CUDA, numpy and Python) replaces the previous one atomically. A rerun
+finds the checkpoint and continues from the next round; with the same seed and device it ends with
+the same weights as an uninterrupted run (CPU bit for bit; on CUDA as deterministic as its kernels).
+
+Losses per task: multi-class and ordinal: cross-entropy; multi-label: BCE with logits per label;
+binary: 2 logits + cross-entropy (`ce2`) or 1 logit + BCE (`bce1`). Scores are probabilities:
+softmax, or sigmoid (bce1 scores are written as (1 - p, p), like every other binary row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from medfm.data import Task
+from medfm.errors import InvalidArgumentError
+from medfm.finetune.recipes import Recipe
+from medfm.metrics import acc as acc_metric
+from medfm.metrics import auc as auc_metric
+from medfm.preprocess import DevicePreprocessor, PreprocessConfig
+
+CHECKPOINT_NAME = "last.pt"  # the resumable state, replaced atomically after every round
+CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes; other formats start afresh
+DEVICE_CACHE_BYTES = 1 << 31  # training subsets up to 2 GiB are uploaded to the device once
+EVAL_BATCH_FACTOR = 2  # evaluation batches are this many training batches (no gradients kept)
+AUG_FLIP_P = 0.5  # probability of a horizontal flip
+AUG_MAX_DEGREES = 10.0  # rotation drawn uniformly in +-this
+AUG_MAX_SHIFT = 0.1  # translation drawn uniformly in +-this share of the image side
+AUG_SCALE = (0.9, 1.1)  # zoom drawn uniformly in this range
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images and labels of one split; `rows` (sorted) restricts it to a subset without a copy."""
+
+    images: np.ndarray  # (N, H, W) or (N, H, W, 3) uint8, possibly memory-mapped
+    labels: np.ndarray  # (N, L) integer labels as in the npz
+    rows: np.ndarray | None = None  # rows of this split to use; None = all
+
+    def __len__(self) -> int:
+        return len(self.images) if self.rows is None else len(self.rows)
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) at `positions` (0..len-1), read in ascending row order."""
+        rows = np.sort(positions if self.rows is None else self.rows[positions])
+        return np.ascontiguousarray(self.images[rows]), np.asarray(self.labels[rows])
+
+
+@dataclass
+class TrainOutcome:
+    """What `train` produced: the best model and the record of how it got there."""
+
+    model: torch.nn.Module  # best-checkpoint weights, eval mode, on the device
+    best_round: int  # 1-based validation round whose weights were kept
+    best_value: float  # its value of the selection metric
+    selection: str  # "val_<metric>" the checkpoint was chosen by
+    curves: list[dict] = field(default_factory=list)  # one entry per validation round
+    steps: int = 0  # optimizer steps taken in all
+    stopped_early: bool = False  # early stopping ended training before the last step
+    resumed: bool = False  # this call continued a checkpoint
+    train_seconds: float = 0.0  # training + validation time summed over all calls
+    images_per_s: float = 0.0  # training throughput (forward + backward), all rounds
+
+
+def output_dim(task: Task, n_classes: int, recipe: Recipe) -> int:
+    """Width of the classifier head: 1 for a bce1 binary head, else one logit per class/label."""
+    return 1 if task is Task.BINARY and recipe.binary_head == "bce1" else n_classes
+
+
+def apply_cifar_stem(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Replace a timm ResNet's stem by the CIFAR one: 3x3 conv, stride 1, and no max-pool.
+
+    The new conv keeps the stem's output width (`bn1`) and is initialized under `seed` as timm
+    initializes convs (Kaiming normal, fan-out), so the same seed gives the same model.
+    """
+    if not all(hasattr(model, name) for name in ("conv1", "bn1", "maxpool")):
+        raise InvalidArgumentError(
+            f"stem 'cifar' needs a ResNet-style backbone (conv1, bn1, maxpool); "
+            f"{type(model).__name__} has none. Override stem=default.")
+    first = model.conv1[0] if isinstance(model.conv1, torch.nn.Sequential) else model.conv1
+    in_chans = first.in_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        conv = torch.nn.Conv2d(in_chans, model.bn1.num_features, 3, stride=1, padding=1,
+                               bias=False)
+        torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    model.conv1 = conv
+    model.maxpool = torch.nn.Identity()
+    return model
+
+
+class TaskLoss:
+    """Training loss for a task (see module docstring); targets arrive as uint8 (B, L) labels."""
+
+    def __init__(self, task: Task, recipe: Recipe, smoothing: float):
+        self.task = Task(task)
+        self.bce = task is Task.MULTI_LABEL or (task is Task.BINARY
+                                                and recipe.binary_head == "bce1")
+        self.smoothing = smoothing
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.bce:
+            target = labels.float().reshape(logits.shape)  # (B, L) multi-label or (B, 1) binary
+            target = target * (1.0 - self.smoothing) + 0.5 * self.smoothing
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.cross_entropy(logits, labels[:, 0].long(), label_smoothing=self.smoothing)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C) probabilities; a bce1 binary head gives (1 - p, p)."""
+        logits = logits.float()
+        if self.task is Task.MULTI_LABEL:
+            return torch.sigmoid(logits)
+        if self.bce:
+            p = torch.sigmoid(logits)  # (B, 1)
+            return torch.cat([1.0 - p, p], dim=1)
+        return torch.softmax(logits, dim=1)
+
+
+def augment(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """Random flip, rotation, shift and zoom of (B, 3, S, S) float images, on their device.
+
+    The draws come from a generator seeded by (seed, step): the same step of the same seed is
+    augmented the same way on every run, resumed or not.
+    """
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    b = x.shape[0]
+    u = torch.rand(b, 5, generator=gen, device=x.device)  # (B, 5) uniform draws
+    flip = torch.where(u[:, 0] < AUG_FLIP_P, -1.0, 1.0)
+    angle = (2 * u[:, 1] - 1) * math.radians(AUG_MAX_DEGREES)
+    scale = AUG_SCALE[0] + (AUG_SCALE[1] - AUG_SCALE[0]) * u[:, 2]
+    shift = (2 * u[:, 3:5] - 1) * (2 * AUG_MAX_SHIFT)  # grid coordinates span [-1, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # (B, 2, 3) maps output to input coordinates; the flip negates the input x axis
+    theta = torch.stack([torch.stack([cos * flip, -sin * flip, shift[:, 0]], dim=1),
+                         torch.stack([sin, cos, shift[:, 1]], dim=1)], dim=1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def lr_factor(step: int, total_steps: int, recipe: Recipe) -> float:
+    """Multiplier of the peak learning rates at optimizer step `step` (0-based) of `total_steps`."""
+    if recipe.schedule == "cosine":
+        warm = round(recipe.warmup * total_steps)
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+    if recipe.schedule == "step":
+        passed = sum(step >= round(m * total_steps) for m in recipe.milestones)
+        return recipe.gamma ** passed
+    if recipe.schedule == "exp":
+        return recipe.gamma ** (step // recipe.decay_every)
+    return 1.0
+
+
+def _head_parameter_ids(model: torch.nn.Module) -> set[int]:
+    return {id(p) for p in model.get_classifier().parameters()}
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW (or Adam) over two groups, backbone and head, each with its own peak lr."""
+    head_ids = _head_parameter_ids(model)
+    head = [p for p in model.parameters() if id(p) in head_ids]
+    groups = [{"params": head, "lr": recipe.lr_head, "name": "head"}]
+    if not recipe.freeze_backbone:
+        body = [p for p in model.parameters() if id(p) not in head_ids]
+        groups.insert(0, {"params": body, "lr": recipe.lr_backbone, "name": "backbone"})
+    cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=recipe.lr_head, weight_decay=recipe.weight_decay)
+
+
+def _set_train_mode(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Train mode; a frozen backbone stays in eval mode (its BatchNorm statistics do not move)."""
+    if recipe.freeze_backbone:
+        model.eval()
+        model.get_classifier().train()
+    else:
+        model.train()
+
+
+class _Batches:
+    """Seeded epoch permutations of the training split, served as uint8 batches on the device."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device):
+        self.split, self.seed, self.device = split, seed, device
+        n = len(split)
+        self.batch_size = min(batch_size, n)
+        # a trailing batch of one image would break BatchNorm: drop it
+        self.per_epoch = n // self.batch_size + (1 if n % self.batch_size > 1 else 0)
+        self._epoch, self._order = -1, None
+        nbytes = split.images[:1].nbytes * n
+        self._resident = None
+        if nbytes <= DEVICE_CACHE_BYTES:  # whole subset on the device, uint8, once
+            images, labels = split.take(np.arange(n))
+            self._resident = (torch.from_numpy(images).to(device),
+                              torch.from_numpy(labels.astype(np.int64)).to(device))
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images uint8, labels int64) of global step `step`, on the device."""
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+        positions = np.sort(self._order[j * self.batch_size:(j + 1) * self.batch_size])
+        if self._resident is not None:
+            index = torch.from_numpy(positions).to(self.device)
+            return self._resident[0][index], self._resident[1][index]
+        images, labels = self.split.take(positions)
+        pin = self.device.type == "cuda"
+        images_t = torch.from_numpy(images)
+        images_t = images_t.pin_memory() if pin else images_t
+        return (images_t.to(self.device, non_blocking=pin),
+                torch.from_numpy(labels.astype(np.int64)).to(self.device))
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, split: Split, *, prep: DevicePreprocessor, loss: TaskLoss,
+            batch_size: int) -> tuple[np.ndarray, float]:
+    """(scores (N, C) float32, mean unsmoothed loss) of `model` on a whole split, in eval mode."""
+    model.eval()
+    unsmoothed = copy.copy(loss)
+    unsmoothed.smoothing = 0.0
+    scores, total = [], 0.0
+    device = prep.device
+    for lo in range(0, len(split), batch_size):
+        images, labels = split.take(np.arange(lo, min(lo + batch_size, len(split))))
+        with _autocast(device):
+            logits = model(prep(torch.from_numpy(images)))
+        y = torch.from_numpy(labels.astype(np.int64)).to(device)
+        total += float(unsmoothed(logits, y)) * len(images)
+        scores.append(loss.scores(logits).cpu().numpy())
+    return np.concatenate(scores).astype(np.float32), total / len(split)
+
+
+def _rng_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+              "python": random.getstate()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then os.replace: never half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _is_better(value: float, best: float | None, metric: str) -> bool:
+    """Whether `value` improves on `best` (lower is better for loss; NaN never improves)."""
+    if best is None:
+        return True
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def _finite(value: float) -> float | None:
+    """JSON-safe: NaN (e.g. AUC with a class missing from val) becomes None."""
+    return None if math.isnan(value) else value
+
+
+def train(
+    model: torch.nn.Module,
+    *,
+    recipe: Recipe,
+    task: Task,
+    train: Split,
+    val: Split,
+    preprocess: PreprocessConfig,
+    device: torch.device,
+    seed: int,
+    primary_metric: str = "acc",
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    desc: str = "finetune",
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> TrainOutcome:
+    """Train `model` (a timm classifier with its head built) by `recipe`; see module docstring.
+
+    `primary_metric` resolves the recipe's "primary" metric. With `checkpoint_dir` the run
+    checkpoints after every round and resumes from `checkpoint_dir/last.pt` if one is there.
+    `on_checkpoint(round)` is called after each checkpoint is written (1-based round).
+    """
+    task = Task(task)
+    select = primary_metric if recipe.select_metric == "primary" else recipe.select_metric
+    monitor = primary_metric if recipe.monitor == "primary" else recipe.monitor
+    loss_fn = TaskLoss(task, recipe, recipe.label_smoothing)
+    channels_last = device.type in ("cuda", "cpu")
+    prep = DevicePreprocessor(preprocess, device, channels_last=channels_last)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if recipe.freeze_backbone:
+        head_ids = _head_parameter_ids(model)
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head_ids)
+    batches = _Batches(train, recipe.batch_size, seed, device)
+    total_steps = recipe.iterations or recipe.epochs * batches.per_epoch
+    round_steps = recipe.eval_every or batches.per_epoch
+    plan = {"n_train": len(train), "batch_size": batches.batch_size, "total_steps": total_steps,
+            "round_steps": round_steps, "format": CHECKPOINT_FORMAT}
+    optimizer = _optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, recipe))
+
+    state = {"round": 0, "step": 0, "best_round": 0, "best_value": None, "best_state": None,
+             "monitor_best": None, "bad_rounds": 0, "curves": [], "done": False,
+             "stopped_early": False, "train_seconds": 0.0, "train_images": 0,
+             "train_compute_s": 0.0}
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    resumed = False
+    saved = torch.load(path, map_location="cpu", weights_only=False) if (
+        path is not None and path.exists()) else None
+    if saved is not None and saved["plan"] == plan:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        _restore_rng(saved["rng"])
+        resumed = True
+    else:
+        if saved is not None:
+            tqdm.write(f"{path}: checkpoint of another plan; starting afresh")
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+    bar = tqdm(total=total_steps * batches.batch_size, initial=state["step"] * batches.batch_size,
+               unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
+    eval_batch = batches.batch_size * EVAL_BATCH_FACTOR
+    try:
+        while not state["done"]:
+            t_round = time.perf_counter()
+            _set_train_mode(model, recipe)
+            first, last = state["step"], min(state["step"] + round_steps, total_steps)
+            loss_sum = torch.zeros((), device=device)
+            seen = 0
+            for step in range(first, last):
+                images, labels = batches(step)
+                with _autocast(device):
+                    x = prep(images)  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float on device
+                    if recipe.augment:
+                        x = augment(x, seed, step)
+                    logits = model(x)  # (B, C) or (B, 1)
+                    loss = loss_fn(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], recipe.grad_clip)
+                optimizer.step()
+                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+                scheduler.step()
+                loss_sum += loss.detach() * len(images)
+                seen += len(images)
+                bar.update(len(images))
+            train_loss = float(loss_sum) / max(seen, 1)  # one device sync per round
+            compute_s = time.perf_counter() - t_round
+            val_scores, val_loss = predict(model, val, prep=prep, loss=loss_fn,
+                                           batch_size=eval_batch)
+            values = {"loss": val_loss,
+                      "acc": acc_metric(_labels(val), val_scores, task),
+                      "auc": auc_metric(_labels(val), val_scores, task)}
+            state["step"] = last
+            state["round"] += 1
+            state["train_images"] += seen
+            state["train_compute_s"] += compute_s
+            if _is_better(values[select], state["best_value"], select):
+                state["best_value"], state["best_round"] = values[select], state["round"]
+                state["best_state"] = {k: v.detach().to("cpu", copy=True)
+                                       for k, v in model.state_dict().items()}
+            if _is_better(values[monitor], state["monitor_best"], monitor):
+                state["monitor_best"], state["bad_rounds"] = values[monitor], 0
+            else:
+                state["bad_rounds"] += 1
+            state["train_seconds"] += time.perf_counter() - t_round
+            state["curves"].append({
+                "round": state["round"], "step": last,
+                "epoch": round(last / batches.per_epoch, 4),
+                "train_loss": _finite(train_loss),
+                **{f"val_{k}": _finite(float(v)) for k, v in values.items()},
+                **{f"lr_{k}": v for k, v in lrs.items()},
+                "img_s": round(seen / compute_s, 2) if compute_s > 0 else None,
+                "seconds": round(time.perf_counter() - t_round, 3),
+            })
+            stop = bool(recipe.patience) and state["bad_rounds"] >= recipe.patience
+            state["stopped_early"] = stop and last < total_steps
+            state["done"] = stop or last >= total_steps
+            bar.set_postfix_str(f"ep {last / batches.per_epoch:.1f} loss {train_loss:.3f} "
+                                f"val_{select} {values[select]:.3f}")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _save_atomic({"plan": plan, "model": model.state_dict(),
+                              "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "state": state,
+                              "rng": _rng_states(device)}, path)
+            if on_checkpoint is not None:
+                on_checkpoint(state["round"])
+    finally:
+        bar.close()
+
+    model.load_state_dict(state["best_state"])
+    model.eval()
+    return TrainOutcome(
+        model=model, best_round=state["best_round"], best_value=float(state["best_value"]),
+        selection=f"val_{select}", curves=state["curves"], steps=state["step"],
+        stopped_early=state["stopped_early"], resumed=resumed,
+        train_seconds=state["train_seconds"],
+        images_per_s=(state["train_images"] / state["train_compute_s"]
+                      if state["train_compute_s"] > 0 else 0.0),
+    )
+
+
+def _labels(split: Split) -> np.ndarray:
+    """The labels of the rows a split uses, (N, L)."""
+    return np.asarray(split.labels if split.rows is None else split.labels[split.rows])

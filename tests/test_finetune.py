@@ -1,0 +1,266 @@
+"""Fine-tune stage: recipes, schedules, losses, augmentation, stems, the loop, resume, registry.
+
+Real tiny timm models (`test_resnet`, `test_efficientnet`) with seeded random weights, trained for
+1-3 epochs on small synthetic MedMNIST files at 28 px, on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from medfm.backbones import create_backbone
+from medfm.data import SPLITS, Task, get_dataset
+from medfm.errors import InvalidArgumentError, MedfmError
+from medfm.finetune import RECIPES, finetune, finetune_job, resolve_recipe
+from medfm.finetune.run import BEST_WEIGHTS_NAME, CHECKPOINTS_DIR
+from medfm.finetune.train import TaskLoss, apply_cifar_stem, augment, lr_factor, output_dim
+from medfm.sampling import SubsetSpec
+from medfm.store.registry import Registry
+from medfm.synthetic import synthetic_arrays
+
+N_SPLITS = (48, 16, 24)  # train, val, test rows of the synthetic files
+FAST = dict(epochs=2, batch_size=16, resize_policy="native", augment=False)  # seconds per job
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Synthetic npz files whose three splits share one class pattern, so training can learn."""
+    root = tmp_path_factory.mktemp("finetune-data")
+    for flag in ("breastmnist", "chestmnist", "bloodmnist", "retinamnist"):
+        images, labels = synthetic_arrays(flag, 28, sum(N_SPLITS), seed=1)
+        bounds = np.cumsum((0, *N_SPLITS))
+        arrays = {}
+        for split, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[lo:hi], labels[lo:hi]
+        np.savez(root / get_dataset(flag).filename(28), **arrays)
+    return root
+
+
+def _job(data_root, workdir, *, dataset="breastmnist", backbone="test_resnet", seed=0,
+         recipe="medfm", on_checkpoint=None, **overrides):
+    return finetune_job(
+        dataset=dataset, backbone=backbone, size=28, spec=SubsetSpec(fraction=1.0, seed=seed),
+        recipe=resolve_recipe(recipe, **{**FAST, **overrides}), weights="random", device="cpu",
+        workdir=workdir, data_root=data_root, progress=False, on_checkpoint=on_checkpoint)
+
+
+# -- recipes --------------------------------------------------------------------------------
+
+def test_presets_carry_the_published_protocols():
+    v2 = RECIPES["medmnist-v2"]
+    assert (v2.optimizer, v2.lr_head, v2.batch_size, v2.epochs) == ("adam", 1e-3, 128, 100)
+    assert (v2.schedule, v2.milestones, v2.gamma) == ("step", (0.5, 0.75), 0.1)
+    assert (v2.pretrained, v2.stem, v2.select_metric, v2.normalize) == (
+        False, "cifar", "auc", "half")
+    seed = RECIPES["seed-paper"]
+    assert (seed.iterations, seed.batch_size, seed.binary_head, seed.gamma, seed.decay_every) == (
+        15_000, 64, "bce1", 0.9, 200)
+    plus = RECIPES["medmnist-plus"]
+    assert (plus.resize_policy, plus.input_size, plus.patience, plus.monitor) == (
+        "pad", 224, 5, "loss")
+
+
+def test_overrides_parse_command_line_strings():
+    r = resolve_recipe("medfm", epochs="3", lr_head="2e-3", augment="false",
+                       milestones="0.3,0.6", input_size="none", freeze_backbone="yes")
+    assert (r.epochs, r.lr_head, r.augment, r.milestones, r.input_size, r.freeze_backbone) == (
+        3, 2e-3, False, (0.3, 0.6), None, True)
+    assert r.name == "medfm" and RECIPES["medfm"].epochs == 30  # presets stay untouched
+    switched = resolve_recipe("seed-paper", epochs=2)
+    assert (switched.iterations, switched.epochs, switched.eval_every) == (0, 2, 0)
+
+
+@pytest.mark.parametrize("name, overrides, words", [
+    ("medfm", {"epoch": 3}, "did you mean epochs"),
+    ("medfm", {"epochs": "three"}, "not a valid int"),
+    ("medfm", {"optimizer": "sgd"}, "adamw, adam"),
+    ("medfm", {"binary_head": "bce2"}, "ce2, bce1"),
+    ("medfm", {"warmup": 1.5}, "[0, 1)"),
+    ("medfm", {"resize_policy": "stretch"}, "bilinear"),
+    ("medmnst-v2", {}, "did you mean medmnist-v2"),
+])
+def test_bad_recipes_raise_clear_errors(name, overrides, words):
+    with pytest.raises(InvalidArgumentError, match="(?i)" + re.escape(words)):
+        resolve_recipe(name, **overrides)
+
+
+# -- schedules, losses, augmentation, stems --------------------------------------------------
+
+def test_schedules():
+    cosine = resolve_recipe("medfm", warmup=0.1)
+    factors = [lr_factor(s, 100, cosine) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 1e-3
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))  # decays
+    v2 = RECIPES["medmnist-v2"]
+    assert [lr_factor(s, 100, v2) for s in (49, 50, 74, 75)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01])
+    seed = RECIPES["seed-paper"]
+    assert [lr_factor(s, 15_000, seed) for s in (199, 200, 400)] == pytest.approx(
+        [1.0, 0.9, 0.81])
+
+
+def test_losses_and_scores_per_task():
+    torch.manual_seed(0)
+    medfm, bce1 = RECIPES["medfm"], resolve_recipe("medfm", binary_head="bce1")
+    logits = torch.randn(6, 3)
+    y = torch.tensor([[0], [1], [2], [0], [1], [2]])
+    multi = TaskLoss(Task.MULTI_CLASS, medfm, smoothing=0.0)
+    assert multi(logits, y) == pytest.approx(float(F.cross_entropy(logits, y[:, 0])))
+    assert torch.allclose(multi.scores(logits).sum(1), torch.ones(6))
+
+    labels = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    multilabel = TaskLoss(Task.MULTI_LABEL, medfm, smoothing=0.0)
+    assert multilabel(logits, labels) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(logits, labels.float())))
+    assert torch.allclose(multilabel.scores(logits), torch.sigmoid(logits))
+
+    assert output_dim(Task.BINARY, 2, bce1) == 1 and output_dim(Task.BINARY, 2, medfm) == 2
+    one = logits[:, :1]
+    binary = TaskLoss(Task.BINARY, bce1, smoothing=0.0)
+    yb = torch.tensor([[0], [1], [1], [0], [1], [0]])
+    assert binary(one, yb) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(one, yb.float())))
+    scores = binary.scores(one)  # (N, 2) = (1 - p, p): scored like every binary row
+    assert scores.shape == (6, 2) and torch.allclose(scores[:, 1], torch.sigmoid(one[:, 0]))
+    smoothed = TaskLoss(Task.BINARY, bce1, smoothing=0.2)(one, yb)
+    assert smoothed == pytest.approx(float(F.binary_cross_entropy_with_logits(
+        one, yb.float() * 0.8 + 0.1)))
+
+
+def test_augmentation_is_deterministic_per_seed_and_step():
+    x = torch.rand(8, 3, 28, 28)
+    a, b = augment(x, seed=3, step=5), augment(x, seed=3, step=5)
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, augment(x, seed=4, step=5))
+    assert not torch.equal(a, augment(x, seed=3, step=6))
+    assert not torch.allclose(a, x)
+
+
+def test_cifar_stem_keeps_28px_resolution():
+    default = create_backbone("resnet18", weights="random", num_classes=2).model.eval()
+    cifar = apply_cifar_stem(create_backbone("resnet18", weights="random", num_classes=2).model)
+    cifar.eval()
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert isinstance(cifar.maxpool, torch.nn.Identity)
+    x = torch.rand(2, 3, 28, 28)
+    assert default.forward_features(x).shape[-2:] == (1, 1)  # 28 / 32, rounded up
+    assert cifar.forward_features(x).shape[-2:] == (4, 4)  # 28 / 8: the stem no longer shrinks
+    assert cifar(x).shape == (2, 2)
+    same = apply_cifar_stem(timm.create_model("resnet18", num_classes=2))
+    assert torch.equal(same.conv1.weight, cifar.conv1.weight)  # seeded init
+    with pytest.raises(InvalidArgumentError, match="stem=default"):
+        apply_cifar_stem(timm.create_model("test_efficientnet"))
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset, recipe, overrides, width", [
+    ("breastmnist", "medfm", {"augment": True}, 2),
+    ("breastmnist", "seed-paper", {}, 2),  # 1 logit + BCE, scores written as (1 - p, p)
+    ("chestmnist", "medfm", {}, 14),
+    ("bloodmnist", "medmnist-v2", {"stem": "default"}, 8),
+    ("retinamnist", "medfm", {}, 5),
+])
+def test_jobs_train_and_score_every_task(data_root, tmp_path, dataset, recipe, overrides, width):
+    backbone = "test_efficientnet" if dataset == "bloodmnist" else "test_resnet"
+    row, scores, y_true = _job(data_root, tmp_path, dataset=dataset, recipe=recipe,
+                               backbone=backbone, **overrides)
+    assert scores.shape == (N_SPLITS[2], width) and y_true.shape[0] == N_SPLITS[2]
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert row.key.method == "finetune" and row.key.backend == "cpu"
+    assert row.n_train == N_SPLITS[0] and 0 <= row.acc <= 1
+    curves = row.extra["curves"]
+    assert [c["epoch"] for c in curves] == [1.0, 2.0]
+    assert all(c["img_s"] > 0 and math.isfinite(c["train_loss"]) for c in curves)
+    assert {"val_loss", "val_acc", "val_auc", "lr_head", "seconds"} <= set(curves[0])
+
+
+def test_training_learns_the_synthetic_task(data_root, tmp_path):
+    row, _, _ = _job(data_root, tmp_path, epochs=3, lr_backbone=1e-3, lr_head=1e-2)
+    assert row.auc > 0.8
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(data_root, tmp_path):
+    overrides = dict(epochs=2, augment=True)
+    row, scores, _ = _job(data_root, tmp_path / "whole", **overrides)
+
+    def kill_after_first(round_: int) -> None:
+        if round_ == 1:
+            raise KeyboardInterrupt  # as if the process died right after the first checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        _job(data_root, tmp_path / "killed", on_checkpoint=kill_after_first, **overrides)
+    torch.manual_seed(123)  # the resumed process starts with other RNG states
+    resumed, resumed_scores, _ = _job(data_root, tmp_path / "killed", **overrides)
+    assert resumed.extra["resumed"] and not row.extra["resumed"]
+    assert np.array_equal(scores, resumed_scores)
+    assert (resumed.acc, resumed.auc) == (row.acc, row.auc)
+    strip = [{k: v for k, v in c.items() if k not in ("img_s", "seconds")}
+             for c in row.extra["curves"]]
+    assert strip == [{k: v for k, v in c.items() if k not in ("img_s", "seconds")}
+                     for c in resumed.extra["curves"]]
+
+
+def test_early_stopping_and_best_checkpoint(data_root, tmp_path):
+    # a frozen net whose head barely moves never improves val loss after round 1: it stops
+    # after `patience` more rounds and tests round 1's weights
+    row, _, _ = _job(data_root, tmp_path, epochs=10, lr_head=1e-12, freeze_backbone=True,
+                     monitor="loss", select_metric="loss", patience=2)
+    assert row.extra["stopped_early"] and len(row.extra["curves"]) == 3
+    assert row.extra["best_round"] == 1 and row.key.selection == "val_loss"
+
+
+def test_freeze_backbone_trains_only_the_head(data_root, tmp_path):
+    recipe = resolve_recipe("medfm", **FAST, freeze_backbone=True, lr_head=1e-2)
+    row, _, _ = finetune_job(dataset="breastmnist", backbone="test_resnet", size=28,
+                             spec=SubsetSpec(fraction=1.0, seed=0), recipe=recipe,
+                             weights="random", device="cpu", workdir=tmp_path,
+                             data_root=data_root, progress=False)
+    before = create_backbone("test_resnet", weights="random", num_classes=2).model.state_dict()
+    folder = tmp_path / CHECKPOINTS_DIR / row.key.digest()
+    # finetune_job leaves last.pt; its best state is what was tested
+    best = torch.load(folder / "last.pt", weights_only=False)["state"]["best_state"]
+    body = [k for k in before if not k.startswith("fc.")]
+    assert all(torch.equal(before[k], best[k]) for k in body)  # weights and BN statistics
+    assert not torch.equal(before["fc.weight"], best["fc.weight"])
+
+
+def test_from_scratch_recipe_refuses_pretrained_weights(data_root, tmp_path):
+    with pytest.raises(MedfmError, match="pretrained=true"):
+        finetune_job(dataset="breastmnist", backbone="test_resnet", size=28,
+                     spec=SubsetSpec(fraction=1.0, seed=0), recipe=RECIPES["medmnist-v2"],
+                     weights=str(tmp_path / "w.pt"), device="cpu", workdir=tmp_path,
+                     data_root=data_root, progress=False)
+
+
+# -- batch jobs and the registry ------------------------------------------------------------------
+
+def test_finetune_records_rows_and_skips_done_keys(data_root, tmp_path):
+    kwargs = dict(datasets=["breastmnist"], backbones=["test_resnet"], sizes=[28],
+                  fractions=[0.5, 1.0], seeds=(0,), recipe="medfm", overrides=FAST,
+                  weights="random", device="cpu", workdir=tmp_path, progress=False)
+    report = finetune(data_root=data_root, **kwargs)
+    assert len(report.ran) == 2 and report.skipped == ()
+    reg = Registry.in_workdir(tmp_path)
+    rows = reg.query(method="finetune")
+    assert sorted(r.key.fraction for r in rows) == [0.5, 1.0]
+    assert {r.n_train for r in rows} == {24, 48}
+    y_true, y_score = reg.scores(rows[0].key)
+    assert y_score.shape == (N_SPLITS[2], 2) and y_true.shape == (N_SPLITS[2], 1)
+    assert '"name":"medfm"' in rows[0].key.params
+    for row in rows:  # a finished job keeps its tested weights, not its resumable state
+        folder = tmp_path / CHECKPOINTS_DIR / row.key.digest()
+        assert sorted(p.name for p in folder.iterdir()) == [BEST_WEIGHTS_NAME]
+
+    # rerun: every key is done, so nothing is loaded (this data root has no files at all)
+    again = finetune(data_root=tmp_path / "no-data-here", **kwargs)
+    assert again.ran == () and len(again.skipped) == 2
+    assert len(reg) == 2
