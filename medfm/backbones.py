@@ -291,9 +291,10 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], origin:
     model.load_state_dict(state, strict=True)
 
 
-def _seeded_create(timm_id: str, *, pretrained: bool, **kwargs) -> torch.nn.Module:
+def _seeded_create(timm_id: str, *, pretrained: bool, init_seed: int = CREATION_SEED,
+                   **kwargs) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(CREATION_SEED)
+        torch.manual_seed(init_seed)
         return timm.create_model(timm_id, pretrained=pretrained, **kwargs)
 
 
@@ -315,6 +316,7 @@ def create_backbone(
     weights: str | None = None,
     num_classes: int = 0,
     in_chans: int = 3,
+    init_seed: int = CREATION_SEED,
     **timm_kwargs,
 ) -> Backbone:
     """Create a timm backbone by name or alias, load its weights, and resolve its data config.
@@ -323,24 +325,26 @@ def create_backbone(
     "random"/"none" -> timm's init under a fixed seed; anything else is a checkpoint path
     (.safetensors or .pth/.pt), loaded strictly. `num_classes=0` gives a pooled-feature model;
     a checkpoint classifier that does not fit `num_classes` is replaced by a new seeded head.
+    `init_seed` seeds every freshly initialised weight (fine-tuning passes the run's seed).
     """
     arch, tag, alias = resolve_name(name)
     timm_id = f"{arch}.{tag}" if tag else arch
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    seeded = dict(pretrained=False, init_seed=init_seed)
     if weights is None and timm_id in OFFLINE_WEIGHTS:
         source = OFFLINE_WEIGHTS[timm_id]
-        model = _seeded_create(timm_id, pretrained=False, **kwargs)
+        model = _seeded_create(timm_id, **seeded, **kwargs)
         _load_strict(model, source.load_state_dict(), origin=f"offline source {source.name}")
         label = f"offline:{source.name}"
     elif weights is None:
         model = _create_from_hub(timm_id, **kwargs)
         label = "hub"
     elif weights.strip().lower() in RANDOM_WEIGHTS:
-        model = _seeded_create(timm_id, pretrained=False, **kwargs)
+        model = _seeded_create(timm_id, **seeded, **kwargs)
         label = "random"
     else:
         path = Path(weights).expanduser().resolve()
-        model = _seeded_create(timm_id, pretrained=False, **kwargs)
+        model = _seeded_create(timm_id, **seeded, **kwargs)
         _load_strict(model, _read_checkpoint(path), origin=f"file {path}")
         label = f"file:{path}"
     model.eval()

@@ -134,12 +134,14 @@ def finetune_job(
     splits = {s: load_split(info.flag, size, s, data_root) for s in ("train", "val", "test")}
     subset = sample(np.asarray(splits["train"][1]), info.task, spec)
 
-    bb = create_backbone(backbone, weights=weights,
+    # the run's seed also seeds every fresh weight (new head; all of a from-scratch model), as
+    # the references' seeds do
+    bb = create_backbone(backbone, weights=weights, init_seed=spec.seed,
                          num_classes=output_dim(info.task, info.n_classes, recipe))
     model = bb.model
     weights_digest = bb.weights_digest
     if recipe.stem == "cifar":
-        model = apply_cifar_stem(model)
+        model = apply_cifar_stem(model, seed=spec.seed)
         weights_digest = state_dict_digest(model)
     mean, std = HALF_MEAN_STD if recipe.normalize == "half" else (None, None)
     cfg = resolve_preprocess(bb.data_config, input_size=recipe.input_size,
