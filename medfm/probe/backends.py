@@ -1,0 +1,232 @@
+"""Solvers of one L2-regularized logistic regression, behind one interface: sklearn, torch, cuml.
+
+Objective, identical in every backend (scikit-learn's):
+
+    C * sum_i loss_i(W, b) + 0.5 * ||W||_F^2          (intercept b not penalized)
+
+with loss_i the logistic loss of one logit (binary), the softmax cross-entropy over K logits
+(multinomial), or the sum of L independent logistic losses (multilabel: L separate binary
+problems; torch solves them jointly since they share nothing, sklearn and cuml one by one).
+Every solver minimizes it divided by C * n (the same minimizer; scikit-learn's scaling) with
+L-BFGS and stops when the largest absolute gradient component is below `tol` (scipy's gtol, as
+scikit-learn uses it) or after `max_iter` iterations; `converged` says which.
+
+- `sklearn`: LogisticRegression(solver="lbfgs", warm_start=True), float64, CPU.
+- `torch`: torch.optim.LBFGS (strong-Wolfe line search, history 10) on float32 tensors, full
+  batch, CPU or CUDA: two (N, D) x (D, K) matmuls per evaluation.
+- `cuml`: cuML's quasi-Newton LogisticRegression on a GPU. cuML averages the loss over samples
+  and, with penalty_normalized=True, divides the penalty by n too, which is exactly the scaled
+  objective above: the same C is the same problem. cuML has no warm start; each C starts cold.
+- `auto`: cuml on a GPU if it imports, else torch on a GPU, else sklearn (`resolve_backend`).
+
+A solver is built once per training matrix and then walked along a C grid: `fit(C)` starts from
+the previous solution (warm start) unless given `init`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from medfm.errors import InvalidArgumentError
+
+BACKENDS = ("auto", "sklearn", "torch", "cuml")  # values of --backend
+KINDS = ("binary", "multinomial", "multilabel")  # loss families
+DEFAULT_MAX_ITER = 100  # L-BFGS iterations per C (scikit-learn's default)
+DEFAULT_TOL = 1e-4  # largest absolute gradient component at convergence (scikit-learn's default)
+LBFGS_HISTORY = 10  # L-BFGS memory (scipy's default, which scikit-learn uses)
+EVALS_PER_ITER = 4  # torch: function evaluations allowed per iteration (line search included)
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A fitted linear model at one C, in the (standardized) space the solver was given."""
+
+    coef: np.ndarray  # (K', D) float64; K' = 1 (binary), K (multinomial) or L (multilabel)
+    intercept: np.ndarray  # (K',) float64
+    n_iter: int  # L-BFGS iterations taken (multilabel sklearn/cuml: the most of any label)
+    converged: bool  # gradient below tol before max_iter (multilabel: every label)
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU (without importing torch when it is not installed)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cuml_available() -> bool:
+    """Whether cuML imports here (it needs a CUDA GPU and RAPIDS)."""
+    if importlib.util.find_spec("cuml") is None:
+        return False
+    try:
+        import cuml  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken RAPIDS install fails in many ways
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """The concrete backend for `backend`: `auto` becomes cuml on a GPU if it imports, else torch
+    on a GPU, else sklearn; an unavailable explicit choice is an error saying what to use."""
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(
+            f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+    if backend == "auto":
+        if cuda_available():
+            return "cuml" if cuml_available() else "torch"
+        return "sklearn"
+    if backend == "cuml" and not cuml_available():
+        raise InvalidArgumentError("backend cuml asked for, but cuML does not import here; install "
+                                   "RAPIDS cuML on a CUDA machine, or use --backend torch.")
+    if backend == "torch" and importlib.util.find_spec("torch") is None:
+        raise InvalidArgumentError("backend torch asked for, but torch is not installed; "
+                                   "use --backend sklearn.")
+    return backend
+
+
+class SklearnSolver:
+    """scikit-learn's lbfgs LogisticRegression, warm-started along the grid (one per label for
+    multilabel)."""
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
+        self.X, self.Y, self.kind = X, Y, kind
+        self.max_iter, self.tol = max_iter, tol
+        columns = Y.shape[1] if kind == "multilabel" else 1
+        self.models = [self._model() for _ in range(columns)]
+
+    def _model(self):
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(solver="lbfgs", warm_start=True, max_iter=self.max_iter,
+                                  tol=self.tol)
+
+    def fit(self, C: float, init: Solution | None = None) -> Solution:
+        from sklearn.exceptions import ConvergenceWarning
+
+        targets = ([self.Y[:, j] for j in range(self.Y.shape[1])] if self.kind == "multilabel"
+                   else [self.Y])
+        coefs, intercepts, iters = [], [], []
+        for j, (model, y) in enumerate(zip(self.models, targets, strict=True)):
+            if init is not None:  # warm start from a given solution
+                rows = slice(j, j + 1) if self.kind == "multilabel" else slice(None)
+                model.coef_, model.intercept_ = init.coef[rows].copy(), init.intercept[rows].copy()
+            model.set_params(C=C)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as `converged`
+                model.fit(self.X, y)
+            coefs.append(model.coef_)
+            intercepts.append(model.intercept_)
+            iters.append(int(np.max(model.n_iter_)))
+        return Solution(np.concatenate(coefs).astype(np.float64),
+                        np.concatenate(intercepts).astype(np.float64),
+                        max(iters), max(iters) < self.max_iter)
+
+
+class TorchSolver:
+    """Full-batch L-BFGS in torch on float32, CPU or CUDA, warm-started along the grid."""
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float,
+                 device: str | None = None, n_classes: int | None = None):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.kind, self.max_iter, self.tol = kind, max_iter, tol
+        self.X = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=self.device)
+        if kind == "multinomial":
+            self.Y = torch.as_tensor(Y, dtype=torch.long, device=self.device)
+            width = n_classes or int(Y.max()) + 1
+        else:
+            self.Y = torch.as_tensor(Y.reshape(len(Y), -1), dtype=torch.float32,
+                                     device=self.device)
+            width = self.Y.shape[1]
+        self.W = torch.zeros(X.shape[1], width, device=self.device)  # (D, K')
+        self.b = torch.zeros(width, device=self.device)  # (K',)
+
+    def _objective(self, W, b, C: float):
+        """(mean loss + ||W||^2 / (2 C n), dW, db): the objective divided by C * n, with its
+        gradient written out so the big product is G^T X (a transposed X^T G is ~10x slower)."""
+        torch, n = self.torch, len(self.X)
+        logits = torch.addmm(b, self.X, W)  # (N, K')
+        if self.kind == "multinomial":
+            log_norm = torch.logsumexp(logits, dim=1)  # (N,)
+            per_sample = log_norm - logits.gather(1, self.Y[:, None])[:, 0]
+            residual = torch.exp(logits - log_norm[:, None])  # softmax (N, K)
+            residual[torch.arange(n, device=self.device), self.Y] -= 1.0
+        else:  # logistic loss per column, summed over labels
+            per_sample = (torch.nn.functional.softplus(logits) - self.Y * logits).sum(dim=1)
+            residual = torch.sigmoid(logits) - self.Y  # (N, K')
+        residual /= n
+        grad_W = (residual.T @ self.X).T.contiguous() + W / (C * n)  # (D, K')
+        # reduce in float64: a float32 sum cannot resolve the last decreases the line search needs
+        loss = per_sample.double().mean() + (W.double() ** 2).sum() / (2.0 * C * n)
+        return loss, grad_W, residual.sum(dim=0)
+
+    def fit(self, C: float, init: Solution | None = None) -> Solution:
+        torch = self.torch
+        if init is not None:
+            self.W = torch.as_tensor(init.coef.T, dtype=torch.float32, device=self.device)
+            self.b = torch.as_tensor(init.intercept, dtype=torch.float32, device=self.device)
+        W, b = self.W.clone(), self.b.clone()
+        optimizer = torch.optim.LBFGS(
+            [W, b], lr=1.0, max_iter=self.max_iter, max_eval=EVALS_PER_ITER * self.max_iter,
+            tolerance_grad=self.tol, tolerance_change=0.0, history_size=LBFGS_HISTORY,
+            line_search_fn="strong_wolfe")
+
+        def closure():
+            loss, W.grad, b.grad = self._objective(W, b, C)
+            return loss.item()
+
+        optimizer.step(closure)
+        closure()  # gradient at the final point, for the convergence test
+        largest = max(W.grad.abs().max().item(), b.grad.abs().max().item())
+        n_iter = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
+        self.W, self.b = W.detach(), b.detach()
+        return Solution(self.W.T.double().cpu().numpy(), self.b.double().cpu().numpy(),
+                        n_iter, largest <= self.tol)
+
+
+class CumlSolver:
+    """cuML's quasi-Newton LogisticRegression (GPU); cold start at every C."""
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
+        self.X, self.Y, self.kind = X, Y, kind
+        self.max_iter, self.tol = max_iter, tol
+
+    def fit(self, C: float, init: Solution | None = None) -> Solution:
+        from cuml.linear_model import LogisticRegression
+
+        targets = ([self.Y[:, j] for j in range(self.Y.shape[1])] if self.kind == "multilabel"
+                   else [self.Y])
+        coefs, intercepts, iters = [], [], []
+        for y in targets:
+            model = LogisticRegression(C=C, penalty="l2", tol=self.tol, max_iter=self.max_iter,
+                                       penalty_normalized=True, output_type="numpy")
+            model.fit(self.X, y.astype(np.float32))
+            coefs.append(np.asarray(model.coef_, dtype=np.float64).reshape(-1, self.X.shape[1]))
+            intercepts.append(np.asarray(model.intercept_, dtype=np.float64).reshape(-1))
+            iters.append(int(np.max(getattr(model, "n_iter_", self.max_iter))))
+        return Solution(np.concatenate(coefs), np.concatenate(intercepts), max(iters),
+                        max(iters) < self.max_iter)
+
+
+def make_solver(backend: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
+                max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
+                device: str | None = None, n_classes: int | None = None):
+    """A solver for standardized X (N, D) and targets Y: (N,) 0/1 (binary), (N,) class index
+    (multinomial, `n_classes` columns) or (N, L) 0/1 (multilabel), on a concrete backend."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    backend = resolve_backend(backend)
+    if backend == "sklearn":
+        return SklearnSolver(X, Y, kind, max_iter=max_iter, tol=tol)
+    if backend == "torch":
+        return TorchSolver(X, Y, kind, max_iter=max_iter, tol=tol, device=device,
+                           n_classes=n_classes)
+    return CumlSolver(X, Y, kind, max_iter=max_iter, tol=tol)

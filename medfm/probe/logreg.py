@@ -1,0 +1,203 @@
+"""Linear probe: L2-regularized logistic regression on frozen features, C chosen on validation.
+
+    from medfm.probe import LogisticProbe
+    probe = LogisticProbe(backend="torch").fit(X_train, y_train, X_val, y_val)
+    probe.C_, probe.path_, probe.predict_proba(X_test)
+
+Protocol. Features are standardized with the mean and standard deviation of the training subset
+(a constant feature keeps scale 1). For every C of the grid (`C_GRID`, log-spaced, walked from
+strong to weak regularization, each fit warm-started from the previous one) the model minimizes
+C * sum(logloss) + 0.5 * ||W||^2 with an unpenalized intercept (scikit-learn's objective, in
+every backend) and is scored on a selection split by the dataset's primary metric: MedMNIST ACC,
+or mean per-label AUC for multi-label (ChestMNIST). The first C with the best score wins (ties go
+to the stronger regularization). Selection splits:
+- `val`: the official validation split; the model fitted at the chosen C is kept.
+- `holdout`: HOLDOUT_FRACTION of the training subset, drawn stratified by medfm.sampling (seeded
+  by `random_state`, >= 1 image of each class kept for training), so a small fraction never sees
+  the full val labels; the path is fitted on the rest, then the model is refitted on the whole
+  training subset (standardized afresh) at the chosen C. The val split is never read.
+Tasks: binary fits one sigmoid logit (predict_proba (N, 2)); multi-class and ordinal fit a
+multinomial softmax (MedMNIST scores ordinal as multi-class); multi-label fits one independent
+binary probe per label; a label with a single value in training gets a constant probe
+(zero weights, intercept +-CONSTANT_LOGIT).
+The grid, the per-C selection score, iterations and convergence are kept in `path_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.special import expit, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from medfm.data import Task
+from medfm.errors import InvalidArgumentError
+from medfm.probe.backends import DEFAULT_MAX_ITER, DEFAULT_TOL, Solution, make_solver
+from medfm.probe.targets import (
+    Targets,
+    encode_like,
+    encode_targets,
+    predict_from_proba,
+    selection_score,
+)
+from medfm.sampling import SubsetSpec, sample
+
+# 1e-4 .. 1e2, half a decade apart: with standardized ~1k-d features, C * n spans strongly
+# regularized few-shot fits (n ~ 10) to nearly unregularized full-split fits (n ~ 1e5)
+C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
+SELECTIONS = ("val", "holdout")  # where C is chosen
+HOLDOUT_FRACTION = 0.2  # share of the training subset held out under selection="holdout"
+CONSTANT_LOGIT = 13.8  # logit of a label seen with one value only: probability 1 - 1e-6
+
+
+def _kind(task: Task) -> str:
+    return {Task.BINARY: "binary", Task.MULTI_CLASS: "multinomial",
+            Task.MULTI_LABEL: "multilabel"}[task]
+
+
+def _proba(Z: np.ndarray, coef: np.ndarray, intercept: np.ndarray, task: Task) -> np.ndarray:
+    """Probabilities from standardized features Z (N, D): (N, 2), (N, K) or (N, L) float64."""
+    logits = Z @ coef.T.astype(np.float32) + intercept  # (N, K') float64
+    if task is Task.BINARY:
+        p = expit(logits[:, 0])
+        return np.stack([1.0 - p, p], axis=1)
+    if task is Task.MULTI_CLASS:
+        return softmax(logits, axis=1)
+    return expit(logits)
+
+
+class LogisticProbe(ClassifierMixin, BaseEstimator):
+    """Standardize, walk a C grid with warm starts, choose C on val or a holdout (module doc).
+
+    Learned: `coef_` (K', D) and `intercept_` (K',) in standardized space, `mean_`/`scale_`
+    (D,), `classes_`, `C_`, `path_` (per C: C, score, n_iter, converged), `task_`.
+    """
+
+    def __init__(self, *, Cs: Sequence[float] | None = None, backend: str = "auto",
+                 selection: str = "val", holdout_fraction: float = HOLDOUT_FRACTION,
+                 max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
+                 random_state: int = 0, device: str | None = None):
+        self.Cs = Cs
+        self.backend = backend
+        self.selection = selection
+        self.holdout_fraction = holdout_fraction
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.device = device
+
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None,
+            y_val: np.ndarray | None = None) -> LogisticProbe:
+        """Fit on (X, y); choose C on (X_val, y_val) (selection="val") or on a holdout of (X, y)."""
+        X = np.asarray(X, dtype=np.float32)
+        targets = encode_targets(y)
+        grid = [float(c) for c in (C_GRID if self.Cs is None else self.Cs)]
+        if not grid or min(grid) <= 0:
+            raise InvalidArgumentError(f"Cs must be positive values; got {grid}.")
+        if self.selection not in SELECTIONS:
+            raise InvalidArgumentError(
+                f"unknown selection {self.selection!r}; use one of {', '.join(SELECTIONS)}.")
+        if self.selection == "holdout":
+            fit_rows, held = self._holdout_split(targets)
+            X_sel, y_sel = X[held], targets.encoded[held]
+        else:
+            fit_rows = np.arange(len(X))
+            if X_val is None or y_val is None:
+                if len(grid) > 1:
+                    raise InvalidArgumentError(
+                        "selection='val' needs X_val and y_val to choose C; pass the val split, "
+                        "or use selection='holdout'.")
+                X_sel = y_sel = None
+            else:
+                X_sel, y_sel = np.asarray(X_val, dtype=np.float32), encode_like(y_val, targets)
+        sub = Targets(targets.task, targets.classes, targets.encoded[fit_rows])
+        mean, scale, Z = _standardize(X[fit_rows])
+        Z_sel = None if X_sel is None else (X_sel - mean) / scale
+        solver, active = self._solver(Z, sub)
+        path, solutions = [], []
+        for C in grid:
+            solution = self._expand(solver.fit(C), active, sub)
+            score = (float("nan") if Z_sel is None else selection_score(
+                y_sel, _proba(Z_sel, solution.coef, solution.intercept, targets.task),
+                targets.task))
+            path.append({"C": C, "score": score, "n_iter": solution.n_iter,
+                         "converged": solution.converged})
+            solutions.append(solution)
+        scores = np.array([p["score"] for p in path])
+        best = int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))
+        final = solutions[best]
+        if self.selection == "holdout":  # refit on the whole training subset at the chosen C
+            mean, scale, Z = _standardize(X)
+            solver, active = self._solver(Z, targets)
+            rows = slice(None) if active is None else active
+            init = Solution(final.coef[rows], final.intercept[rows], 0, True)
+            final = self._expand(solver.fit(grid[best], init=init), active, targets)
+        self.task_ = targets.task
+        self.classes_ = targets.classes
+        self.mean_, self.scale_ = mean, scale
+        self.coef_, self.intercept_ = final.coef, final.intercept
+        self.C_ = grid[best]
+        self.n_iter_, self.converged_ = final.n_iter, final.converged
+        self.path_ = path
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _holdout_split(self, targets: Targets) -> tuple[np.ndarray, np.ndarray]:
+        """(fit rows, holdout rows): a stratified 1 - holdout_fraction of each class is kept."""
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise InvalidArgumentError(
+                f"holdout_fraction must be in (0, 1); got {self.holdout_fraction}.")
+        kept = sample(targets.encoded, targets.task,
+                      SubsetSpec(fraction=1.0 - self.holdout_fraction, seed=self.random_state))
+        held = np.setdiff1d(np.arange(len(targets.encoded)), kept.indices)
+        if held.size == 0:
+            raise InvalidArgumentError(
+                f"the training subset ({len(targets.encoded)} images) is too small to hold out "
+                f"{self.holdout_fraction:.0%} per class for choosing C; use selection='val' or "
+                "a larger fraction / more shots.")
+        return kept.indices, held
+
+    def _solver(self, Z: np.ndarray, targets: Targets):
+        """A solver for the labels that vary (multi-label constant labels are set aside)."""
+        Y, active = targets.encoded, None
+        if targets.task is Task.MULTI_LABEL:
+            active = np.flatnonzero((Y.min(axis=0) == 0) & (Y.max(axis=0) == 1))
+            Y = Y[:, active]
+        return make_solver(self.backend, Z, Y, _kind(targets.task), max_iter=self.max_iter,
+                           tol=self.tol, device=self.device,
+                           n_classes=len(targets.classes)), active
+
+    @staticmethod
+    def _expand(solution: Solution, active: np.ndarray | None, targets: Targets) -> Solution:
+        """Multi-label: put the active labels' rows back among constant probes."""
+        if active is None or targets.task is not Task.MULTI_LABEL:
+            return solution
+        n_labels = targets.encoded.shape[1]
+        coef = np.zeros((n_labels, solution.coef.shape[1]))
+        sign = np.where(targets.encoded.max(axis=0) == 1, 1.0, -1.0)
+        intercept = sign * CONSTANT_LOGIT
+        coef[active], intercept[active] = solution.coef, solution.intercept
+        return Solution(coef, intercept, solution.n_iter, solution.converged)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """(N, 2) binary, (N, K) multi-class, (N, L) multi-label probabilities, float64."""
+        Z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
+        return _proba(Z, self.coef_, self.intercept_, self.task_)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Class ids (argmax; binary: P(class 1) > 0.5), or (N, L) 0/1 for multi-label."""
+        return predict_from_proba(self.predict_proba(X), self.task_, self.classes_)
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> float:
+        """MedMNIST ACC of `predict` (multi-label: mean per-label accuracy at 0.5)."""
+        pred = self.predict(X)
+        return float(np.mean(pred == np.asarray(y).reshape(pred.shape)))
+
+
+def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean (D,), scale (D,), standardized float32 copy); a constant feature keeps scale 1."""
+    mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+    scale = X.std(axis=0, dtype=np.float64).astype(np.float32)
+    scale[scale == 0] = 1.0
+    return mean, scale, (X - mean) / scale

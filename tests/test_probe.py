@@ -1,0 +1,245 @@
+"""The probe stage: estimator contract, backend parity, C selection, kNN, probe() end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import joblib
+import numpy as np
+import pytest
+from medmnist.evaluator import getACC, getAUC
+from sklearn.base import clone
+
+from medfm.data import SPLITS, Task, get_dataset
+from medfm.errors import InvalidArgumentError, StoreError
+from medfm.metrics import auc
+from medfm.probe import KNNProbe, LogisticProbe, probe
+from medfm.probe.backends import cuml_available, make_solver
+from medfm.store.features import StoreKey, StoreWriter, stores_dir
+from medfm.store.registry import Registry
+
+DIM = 24  # synthetic feature width
+
+
+def _blobs(task: Task, n: int, seed: int, n_classes: int = 3, dim: int = DIM):
+    """Overlapping Gaussian classes (or labels driven by feature directions): (X, y)."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(99).normal(size=(n_classes, dim)) * 0.6
+    if task is Task.MULTI_LABEL:
+        X = rng.normal(size=(n, dim)).astype(np.float32)
+        y = (X[:, :n_classes] + rng.normal(size=(n, n_classes)) > 0.7).astype(np.int64)
+        return X, y
+    y = rng.integers(0, n_classes, size=n)
+    X = (centers[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    return X, y
+
+
+CASES = {Task.BINARY: 2, Task.MULTI_CLASS: 4, Task.MULTI_LABEL: 3}
+
+
+@pytest.mark.parametrize("task", list(CASES))
+def test_torch_matches_sklearn_on_the_same_C(task):
+    X, y = _blobs(task, 1200, 0, CASES[task])
+    Xv, yv = _blobs(task, 300, 1, CASES[task])
+    Xt, yt = _blobs(task, 800, 2, CASES[task])
+    fitted = {b: LogisticProbe(backend=b).fit(X, y, Xv, yv) for b in ("sklearn", "torch")}
+    sk, th = fitted["sklearn"], fitted["torch"]
+    assert sk.C_ == th.C_
+    assert np.mean(sk.predict(Xt) == th.predict(Xt)) >= 0.99
+    assert abs(auc(yt, sk.predict_proba(Xt), task) - auc(yt, th.predict_proba(Xt), task)) < 0.005
+    assert all(step["converged"] for step in th.path_)
+
+
+def test_solver_objective_is_sklearns():
+    """At a fixed C the torch minimizer equals scikit-learn's coefficients."""
+    X, y = _blobs(Task.MULTI_CLASS, 600, 3, 3)
+    X = (X - X.mean(0)) / X.std(0)
+    sk = make_solver("sklearn", X, y, "multinomial", tol=1e-6, max_iter=500).fit(0.05)
+    th = make_solver("torch", X, y, "multinomial", tol=1e-6, max_iter=500).fit(0.05)
+    # multinomial weights are defined up to a per-feature shift across classes; compare centred
+    centre = lambda W: W - W.mean(axis=0)  # noqa: E731
+    np.testing.assert_allclose(centre(th.coef), centre(sk.coef), atol=2e-3)
+
+
+def test_estimator_contract_clone_and_joblib(tmp_path):
+    X, y = _blobs(Task.MULTI_CLASS, 400, 0, 3)
+    Xv, yv = _blobs(Task.MULTI_CLASS, 100, 1, 3)
+    probe_ = LogisticProbe(backend="torch", Cs=(0.01, 0.1))
+    twin = clone(probe_)
+    assert twin.get_params() == probe_.get_params() and not hasattr(twin, "coef_")
+    probe_.fit(X, y, Xv, yv)
+    assert probe_.coef_.shape == (3, DIM) and probe_.intercept_.shape == (3,)
+    assert probe_.mean_.shape == probe_.scale_.shape == (DIM,)
+    assert [p["C"] for p in probe_.path_] == [0.01, 0.1] and probe_.C_ in (0.01, 0.1)
+    joblib.dump(probe_, tmp_path / "probe.joblib")
+    loaded = joblib.load(tmp_path / "probe.joblib")
+    np.testing.assert_array_equal(loaded.predict_proba(X), probe_.predict_proba(X))
+    assert probe_.score(X, y) == np.mean(probe_.predict(X) == y)
+
+
+def test_binary_proba_has_two_columns_and_original_class_ids():
+    X, y = _blobs(Task.BINARY, 300, 0, 2)
+    fitted = LogisticProbe(Cs=(1.0,), backend="sklearn").fit(X, y + 5)
+    proba = fitted.predict_proba(X)
+    assert proba.shape == (300, 2) and np.allclose(proba.sum(1), 1)
+    assert set(fitted.predict(X)) <= {5, 6} and fitted.coef_.shape == (1, DIM)
+
+
+def test_C_is_the_grid_point_with_the_best_val_metric():
+    X, y = _blobs(Task.MULTI_CLASS, 150, 0, 3, dim=60)
+    Xv, yv = _blobs(Task.MULTI_CLASS, 400, 1, 3, dim=60)
+    fitted = LogisticProbe(backend="torch").fit(X, y, Xv, yv)
+    scores = [p["score"] for p in fitted.path_]
+    best = int(np.argmax(scores))
+    assert fitted.C_ == fitted.path_[best]["C"]
+    assert len(set(scores)) > 1  # the choice was not a tie-break
+    refit = LogisticProbe(backend="torch", Cs=(fitted.C_,)).fit(X, y)
+    assert np.mean(refit.predict(Xv) == yv) == pytest.approx(max(scores))
+
+
+def test_holdout_selection_needs_no_val_and_ignores_it():
+    X, y = _blobs(Task.MULTI_CLASS, 200, 0, 3)
+    fitted = LogisticProbe(backend="torch", selection="holdout", random_state=1).fit(X, y)
+    garbage_val = np.full((5, DIM), np.nan, dtype=np.float32)  # never read
+    same = LogisticProbe(backend="torch", selection="holdout", random_state=1).fit(
+        X, y, garbage_val, np.zeros(5))
+    np.testing.assert_array_equal(fitted.predict_proba(X), same.predict_proba(X))
+    assert np.isfinite([p["score"] for p in fitted.path_]).all()
+    np.testing.assert_allclose(fitted.mean_, X.mean(0), rtol=1e-5, atol=1e-6)  # refit on all
+
+
+def test_val_selection_without_val_is_a_clear_error():
+    X, y = _blobs(Task.BINARY, 50, 0, 2)
+    with pytest.raises(InvalidArgumentError, match="X_val"):
+        LogisticProbe().fit(X, y)
+
+
+def test_multilabel_constant_label_gets_a_constant_probe():
+    X, y = _blobs(Task.MULTI_LABEL, 300, 0, 3)
+    y[:, 1] = 0
+    fitted = LogisticProbe(Cs=(0.1,), backend="torch").fit(X, y)
+    proba = fitted.predict_proba(X)
+    assert proba.shape == (300, 3) and (proba[:, 1] < 1e-5).all()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_on_separable_data(metric):
+    rng = np.random.default_rng(0)
+    centers = np.eye(3, DIM, dtype=np.float32) * 10
+    y = rng.integers(0, 3, 500)
+    X = centers[y] + rng.normal(size=(500, DIM)).astype(np.float32)
+    yt = rng.integers(0, 3, 200)
+    Xt = centers[yt] + rng.normal(size=(200, DIM)).astype(np.float32)
+    knn = KNNProbe(metric=metric).fit(X, y)
+    proba = knn.predict_proba(Xt)
+    assert proba.shape == (200, 3) and np.allclose(proba.sum(1), 1)
+    assert knn.score(Xt, yt) == 1.0
+    assert set(np.unique(proba * 11).round(6)) <= set(range(12))  # fractions of 11 votes
+
+
+def test_knn_multilabel_is_the_mean_of_neighbour_labels():
+    X = np.repeat(np.eye(2, 4, dtype=np.float32), 11, axis=0)
+    y = np.zeros((22, 3), dtype=np.int64)
+    y[:11, 0] = 1
+    y[:5, 2] = 1
+    proba = KNNProbe(k=11).fit(X, y).predict_proba(np.eye(2, 4, dtype=np.float32))
+    np.testing.assert_allclose(proba, [[1, 0, 5 / 11], [0, 0, 0]], atol=1e-6)
+
+
+@pytest.mark.skipif(not cuml_available(), reason="cuML does not import here (needs RAPIDS + GPU)")
+def test_cuml_matches_sklearn_on_the_same_C():
+    X, y = _blobs(Task.MULTI_CLASS, 1200, 0, 4)
+    Xt, yt = _blobs(Task.MULTI_CLASS, 800, 2, 4)
+    sk = LogisticProbe(backend="sklearn", Cs=(0.1,)).fit(X, y)
+    cu = LogisticProbe(backend="cuml", Cs=(0.1,)).fit(X, y)
+    assert np.mean(sk.predict(Xt) == cu.predict(Xt)) >= 0.99
+
+
+# ---- probe() end to end on synthetic stores ------------------------------------------------
+
+STORE_FLAGS = {"breastmnist": Task.BINARY, "bloodmnist": Task.MULTI_CLASS,
+               "chestmnist": Task.MULTI_LABEL, "retinamnist": Task.ORDINAL}
+STORE_ROWS = {"train": 240, "val": 80, "test": 120}
+
+
+def write_store(workdir, flag: str, seed: int = 0) -> None:
+    """A complete synthetic feature store for `flag`, features that carry the labels."""
+    info = get_dataset(flag)
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=(info.n_classes, DIM))
+    features, labels = {}, {}
+    for split, n in STORE_ROWS.items():
+        if info.task is Task.MULTI_LABEL:
+            y = (rng.random((n, info.n_classes)) < 0.3).astype(np.uint8)
+            signal = y @ direction
+        else:
+            y = (np.arange(n) % info.n_classes).astype(np.uint8)[:, None]
+            signal = direction[y[:, 0]]
+        labels[split] = y
+        features[split] = (signal + rng.normal(size=(n, DIM))).astype(np.float32)
+    key = StoreKey(dataset=flag, size=28, arch="synthetic_net", tag="t", weights_digest="w0",
+                   resize_policy="bilinear", input_size=32)
+    writer = StoreWriter(stores_dir(workdir) / key.filename(), key, dim=DIM, labels=labels,
+                         attrs={"backbone_name": "synthetic_net"})
+    for split in SPLITS:
+        writer.write(split, 0, features[split])
+    writer.finalize()
+
+
+def test_probe_every_task_writes_rows_then_a_rerun_computes_nothing(tmp_path):
+    work = tmp_path / "w"
+    for i, flag in enumerate(STORE_FLAGS):
+        write_store(work, flag, seed=i)
+    report = probe(fractions=[0.5, 1.0], seeds=[0, 1], workdir=work, backend="torch",
+                   progress=False)
+    assert report.planned == len(STORE_FLAGS) * 4 and not report.skipped
+    rows = Registry.in_workdir(work).query(method="logreg")
+    assert {r.key.dataset for r in rows} == set(STORE_FLAGS) and len(rows) == 16
+    for row in rows:
+        assert row.key.backbone == "synthetic_net" and row.chosen_C is not None
+        assert row.auc > 0.75, (row.key.dataset, row.auc)
+        assert row.acc_ci_low <= row.acc <= row.acc_ci_high
+        assert json.loads(row.key.params)["C_grid"] == row.extra["C_grid"]
+        assert len(row.extra["path"]) == len(row.extra["C_grid"])
+    half = [r for r in rows if r.key.dataset == "bloodmnist" and r.key.fraction == 0.5]
+    assert half[0].subset_digest != half[1].subset_digest and half[0].n_train == 120
+    full = [r for r in rows if r.key.dataset == "bloodmnist" and r.key.fraction == 1.0]
+    assert full[1].extra["shared_fit"] == full[0].key.digest()  # same images, one fit
+
+    started = time.perf_counter()
+    again = probe(fractions=[0.5, 1.0], seeds=[0, 1], workdir=work, backend="torch",
+                  progress=False)
+    assert not again.computed and len(again.skipped) == again.planned == 16
+    assert time.perf_counter() - started < 2.0
+
+    forced = probe(dataset="breastmnist", fractions=[1.0], seeds=[0], workdir=work,
+                   backend="torch", force=True, progress=False)
+    assert len(forced.computed) == 1 and len(Registry.in_workdir(work)) == 16
+
+
+@pytest.mark.parametrize("flag", list(STORE_FLAGS))
+def test_saved_scores_reproduce_medmnist_metrics(tmp_path, flag):
+    write_store(tmp_path, flag)
+    report = probe(dataset=flag, fractions=[1.0], seeds=[0], workdir=tmp_path, method="knn",
+                   progress=False)
+    (row,) = report.computed
+    y_true, y_score = Registry.in_workdir(tmp_path).scores(row.key)
+    task = STORE_FLAGS[flag].value
+    assert row.acc == getACC(y_true, y_score, task)
+    assert row.auc == getAUC(y_true, y_score, task)
+    assert row.key.selection == "none" and row.extra["k_effective"] == 11
+
+
+def test_holdout_probe_and_shots(tmp_path):
+    write_store(tmp_path, "bloodmnist")
+    report = probe(dataset="bloodmnist", shots=[5], seeds=[0], selection="holdout",
+                   workdir=tmp_path, backend="sklearn", progress=False)
+    (row,) = report.computed
+    assert row.n_train == 5 * 8 and row.key.shots == 5 and row.key.selection == "holdout"
+    assert json.loads(row.key.params)["holdout_fraction"] == 0.2
+
+
+def test_no_matching_store_says_to_extract_first(tmp_path):
+    with pytest.raises(StoreError, match="medfm extract --dataset breastmnist"):
+        probe(dataset="breastmnist", workdir=tmp_path, progress=False)
