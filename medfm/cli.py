@@ -98,6 +98,121 @@ def _run_stores(args) -> int:
     return 0
 
 
+# --- probe ------------------------------------------------------------------------------------
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="fit probes on feature stores over fractions x seeds")
+    p.add_argument("--dataset", help="flag(s), comma-separated (default: every store)")
+    p.add_argument("--backbone", help="backbone(s) as extracted, comma-separated")
+    p.add_argument("--size", help="source size(s), comma-separated")
+    p.add_argument("--store", help="path of one store (instead of the filters)")
+    p.add_argument("--fractions", help="training fractions, e.g. 0.01,0.1,1.0 (default 1.0)")
+    p.add_argument("--shots", help="images per class, e.g. 1,5,10")
+    p.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
+    p.add_argument("--method", choices=["logreg", "knn"], default="logreg")
+    p.add_argument("--backend", choices=["auto", "sklearn", "torch", "cuml"], default="auto")
+    p.add_argument("--selection", choices=["val", "holdout"], default="val",
+                   help="choose C on the official val split or on a holdout of the subset")
+    p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
+    p.add_argument("--force", action="store_true", help="refit runs already in the registry")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_probe)
+
+
+def _run_probe(args) -> int:
+    from medfm.probe import probe
+    from medfm.sampling import parse_fractions, parse_seeds, parse_shots
+    from medfm.store.registry import Registry
+
+    fractions = parse_fractions(args.fractions) if args.fractions else None
+    shots = parse_shots(args.shots) if args.shots else None
+    seeds = parse_seeds(args.seeds)
+    targets = [dict(store=args.store)] if args.store else [
+        dict(dataset=d, backbone=b, size=s)
+        for d in (_csv(args.dataset) if args.dataset else [None])
+        for b in (_csv(args.backbone) if args.backbone else [None])
+        for s in (_sizes(args.size) if args.size else [None])]
+    digests, computed, skipped, wall = [], 0, 0, 0.0
+    for target in targets:
+        report = probe(**target, fractions=fractions, shots=shots, seeds=seeds,
+                       method=args.method, backend=args.backend, selection=args.selection,
+                       workdir=args.workdir, force=args.force, progress=not args.quiet)
+        digests += [r.key.digest() for r in report.computed] + [k.digest() for k in report.skipped]
+        computed += len(report.computed)
+        skipped += len(report.skipped)
+        wall += report.wall_s
+    frame = Registry.in_workdir(args.workdir).to_dataframe(digest=digests)
+    _print_results(frame, "table")
+    print(f"{computed} run(s) fitted, {skipped} already in the registry "
+          f"({'nothing needed recomputing, ' if not computed else ''}{wall:.1f} s)")
+    return 0
+
+
+# --- finetune ---------------------------------------------------------------------------------
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="train backbones end to end (batch of jobs)")
+    p.add_argument("--dataset", required=True, help="flag(s), comma-separated")
+    p.add_argument("--backbone", required=True, help="timm name(s)[.tag] or alias(es)")
+    p.add_argument("--size", required=True, help="source size(s): 28,64,128,224")
+    p.add_argument("--fractions", help="training fractions, e.g. 0.1,1.0 (default 1.0)")
+    p.add_argument("--shots", help="images per class, e.g. 1,5,10")
+    p.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-4 (default 0)")
+    p.add_argument("--recipe", default="medfm",
+                   help="medfm, seed-paper, medmnist-plus or medmnist-v2 (default medfm)")
+    p.add_argument("--epochs", help="override the recipe's length in epochs")
+    p.add_argument("--batch-size", help="override the recipe's batch size")
+    p.add_argument("--input-size", help="override the model input side")
+    p.add_argument("--resize-policy", help="override the recipe's resize policy")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="train only the head through the frozen backbone (the references' "
+                        "'linear probing')")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any recipe field, e.g. --set lr_head=1e-3 (repeatable)")
+    p.add_argument("--weights", help="local checkpoint, or 'random'")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
+    p.add_argument("--data-root", help="default: $MEDFM_DATA_ROOT or ~/.medmnist")
+    p.add_argument("--force", action="store_true", help="retrain runs already in the registry")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_finetune)
+
+
+def _overrides(args) -> dict:
+    overrides = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            raise InvalidArgumentError(f"--set {item!r} must look like FIELD=VALUE.")
+        overrides[field.strip().replace("-", "_")] = value.strip()
+    for name in ("epochs", "batch_size", "input_size", "resize_policy"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.freeze_backbone:
+        overrides["freeze_backbone"] = "true"
+    return overrides
+
+
+def _run_finetune(args) -> int:
+    from medfm.finetune import finetune
+    from medfm.sampling import parse_fractions, parse_seeds, parse_shots
+    from medfm.store.registry import Registry
+
+    report = finetune(
+        datasets=_csv(args.dataset), backbones=_csv(args.backbone), sizes=_sizes(args.size),
+        fractions=parse_fractions(args.fractions) if args.fractions else None,
+        shots=parse_shots(args.shots) if args.shots else None, seeds=parse_seeds(args.seeds),
+        recipe=args.recipe, overrides=_overrides(args), weights=args.weights,
+        device=args.device, workdir=args.workdir, data_root=args.data_root, force=args.force,
+        progress=not args.quiet)
+    if report.ran:
+        frame = Registry.in_workdir(args.workdir).to_dataframe(
+            digest=[row.key.digest() for row in report.ran])
+        _print_results(frame, "table")
+    print(f"{len(report.ran)} run(s) trained, {len(report.skipped)} already in the registry")
+    return 0
+
+
 # --- results ----------------------------------------------------------------------------------
 
 RESULT_COLUMNS = ["dataset", "size", "backbone", "method", "backend", "fraction", "shots", "seed",
@@ -138,30 +253,97 @@ def results_frame(workdir=None, **filters):
 
 
 def _run_results(args) -> int:
-    frame = results_frame(args.workdir, **_filters(args))
-    if args.format == "json":
+    _print_results(results_frame(args.workdir, **_filters(args)), args.format)
+    return 0
+
+
+def _print_results(frame, fmt: str) -> None:
+    """Registry rows as a table, Markdown, CSV or JSON (metrics in % except in csv/json)."""
+    if fmt == "json":
         print(frame.to_json(orient="records", indent=1))
-        return 0
-    if args.format == "csv":
+        return
+    if fmt == "csv":
         print(frame.to_csv(index=False), end="")
-        return 0
+        return
     shown = frame[RESULT_COLUMNS].copy()
     for col in ("acc", "auc", "balanced_acc"):
         shown[col] = (100 * shown[col]).round(2)
     shown = shown.astype(object).where(shown.notna(), "")
-    if args.format == "md":
+    if fmt == "md":
         print("| " + " | ".join(RESULT_COLUMNS) + " |")
         print("|" + "---|" * len(RESULT_COLUMNS))
         for row in shown.itertuples(index=False):
             print("| " + " | ".join(str(v) for v in row) + " |")
-        return 0
+        return
     _print_table(shown.to_dict("records"), RESULT_COLUMNS)
+
+
+# --- report / grid ----------------------------------------------------------------------------
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="tables, plots, guideline and report.html from the registry")
+    _add_filters(p)
+    p.add_argument("--out", help="output folder (default: <workdir>/report)")
+    p.add_argument("--metric", choices=["acc", "auc"], default="auc",
+                   help="metric that ranks backbones in the guideline (default auc)")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from medfm.report import report
+
+    files = report(out=args.out, workdir=args.workdir, metric=args.metric, **_filters(args))
+    print(f"report of {files.n_runs} run(s) -> {files.html}")
     return 0
+
+
+def _add_grid(sub) -> None:
+    p = sub.add_parser("grid", help="run a whole benchmark grid; finished work is skipped")
+    p.add_argument("spec", nargs="?", help="YAML grid spec (or use --preset)")
+    p.add_argument("--preset", help="seed-paper or medmnist-plus")
+    p.add_argument("--datasets", help="narrow a preset: flags, comma-separated")
+    p.add_argument("--backbones", help="narrow a preset: backbones, comma-separated")
+    p.add_argument("--sizes", help="narrow a preset: sizes, comma-separated")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local")
+    p.add_argument("--dry-run", action="store_true", help="print the plan with counts, run nothing")
+    p.add_argument("--max-workers", type=int, help="local: worker processes")
+    p.add_argument("--address", help="ray: cluster address (default: start a local one)")
+    p.add_argument("--partition", help="slurm: partition")
+    p.add_argument("--gpus-per-job", type=int, help="ray/slurm: GPUs per job")
+    p.add_argument("--cpus-per-job", type=int, help="ray/slurm: CPUs per job")
+    p.add_argument("--timeout-min", type=int, help="slurm: time limit per job, minutes")
+    p.add_argument("--data-root", help="default: the spec's, else $MEDFM_DATA_ROOT")
+    p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_grid)
+
+
+def _run_grid(args) -> int:
+    from medfm.grid import load_spec, preset_spec, run_grid
+
+    if bool(args.spec) == bool(args.preset):
+        raise InvalidArgumentError("give either a grid spec file or --preset NAME.")
+    if args.spec:
+        spec = load_spec(args.spec)
+    else:
+        spec = preset_spec(args.preset,
+                           datasets=_csv(args.datasets) if args.datasets else None,
+                           backbones=_csv(args.backbones) if args.backbones else None,
+                           sizes=_sizes(args.sizes) if args.sizes else None,
+                           data_root=args.data_root)
+    options = {name: getattr(args, name) for name in
+               ("max_workers", "address", "partition", "gpus_per_job", "cpus_per_job",
+                "timeout_min") if getattr(args, name) is not None}
+    result = run_grid(spec, workdir=args.workdir, executor=args.executor,
+                      dry_run=args.dry_run, progress=not args.quiet, **options)
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 # --- entry point ------------------------------------------------------------------------------
 
-VERBS: list[Callable] = [_add_extract, _add_stores, _add_results]
+VERBS: list[Callable] = [_add_extract, _add_stores, _add_probe, _add_finetune, _add_results,
+                         _add_report, _add_grid]
 
 
 def build_parser() -> argparse.ArgumentParser:

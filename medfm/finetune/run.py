@@ -54,6 +54,22 @@ from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
 CHECKPOINTS_DIR = "checkpoints"  # under the work directory, one folder per result key digest
 BEST_WEIGHTS_NAME = "best.pt"  # the tested weights of a finished job (state dict)
 HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # normalize="half" (MedMNIST v2)
+HEAD_INIT_STD = 0.01  # new head on a pretrained backbone: small normal weights, zero bias
+
+
+def init_head(model: torch.nn.Module, *, seed: int, std: float = HEAD_INIT_STD) -> None:
+    """Re-initialize the classifier as linear-evaluation codes do (N(0, std), zero bias).
+
+    timm's EfficientNet init scales a head by 1/sqrt(n_classes): std 0.4 for 2 classes, logits
+    of +-20 on pooled ImageNet features, and hundreds of steps lost unlearning them.
+    """
+    head = model.get_classifier()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=std)
+                torch.nn.init.zeros_(module.bias)
 DEFAULT_FRACTIONS = (1.0,)  # when neither fractions nor shots are given: the whole train split
 FEATURE_KIND = ""  # finetune reads images, not stored features
 
@@ -139,6 +155,8 @@ def finetune_job(
     bb = create_backbone(backbone, weights=weights, init_seed=spec.seed,
                          num_classes=output_dim(info.task, info.n_classes, recipe))
     model = bb.model
+    if recipe.pretrained:
+        init_head(model, seed=spec.seed)
     weights_digest = bb.weights_digest
     if recipe.stem == "cifar":
         model = apply_cifar_stem(model, seed=spec.seed)
@@ -199,7 +217,7 @@ def finetune_job(
     return row, scores, y_true
 
 
-def _finish_checkpoint(workdir: str | os.PathLike | None, key: ResultKey) -> None:
+def finish_checkpoint(workdir: str | os.PathLike | None, key: ResultKey) -> None:
     """After the row is recorded: keep the tested weights as best.pt, drop the resumable state."""
     folder = resolve_workdir(workdir) / CHECKPOINTS_DIR / key.digest()
     last = folder / CHECKPOINT_NAME
@@ -229,6 +247,18 @@ def _already_done(reg: Registry, *, dataset: str, size: int, arch: str, backend:
     return any(row.extra.get("request") == request for row in rows)
 
 
+def finetune_done(registry: Registry, *, dataset: str, size: int, backbone: str,
+                  spec: SubsetSpec, recipe: Recipe, weights: str | None = None,
+                  device_type: str) -> bool:
+    """Whether `finetune_job` with these arguments on a `device_type` ("cpu", "cuda") device
+    already has its row in `registry`, found without loading any model or data."""
+    arch, _, _ = resolve_name(backbone)
+    return _already_done(registry, dataset=get_dataset(dataset).flag, size=check_size(size),
+                         arch=arch, backend=device_type, spec=spec,
+                         params=canonical_json(recipe.to_params()),
+                         request=_request(backbone, _weights_for(recipe, weights)))
+
+
 def finetune(
     *,
     datasets: Sequence[str],
@@ -256,20 +286,17 @@ def finetune(
     specs = _specs(fractions, shots, seeds)
     dev = resolve_device(device)
     reg = Registry.in_workdir(workdir)
-    params = canonical_json(resolved.to_params())
     ran, skipped = [], []
     for dataset in datasets:
         info = get_dataset(dataset)
         for size in sizes:
             size = check_size(size)
             for backbone in backbones:
-                arch, _, _ = resolve_name(backbone)
-                request = _request(backbone, _weights_for(resolved, weights))
                 for spec in specs:
                     label = f"{info.flag}@{size} {backbone} {_subset_label(spec)} seed {spec.seed}"
-                    if not force and _already_done(
-                            reg, dataset=info.flag, size=size, arch=arch, backend=dev.type,
-                            spec=spec, params=params, request=request):
+                    if not force and finetune_done(
+                            reg, dataset=info.flag, size=size, backbone=backbone, spec=spec,
+                            recipe=resolved, weights=weights, device_type=dev.type):
                         skipped.append(label)
                         continue
                     row, scores, y_true = finetune_job(
@@ -277,6 +304,6 @@ def finetune(
                         recipe=resolved, weights=weights, device=str(dev), workdir=workdir,
                         data_root=data_root, progress=progress)
                     reg.add(row, scores=scores, y_true=y_true, replace=force)
-                    _finish_checkpoint(workdir, row.key)
+                    finish_checkpoint(workdir, row.key)
                     ran.append(row)
     return FinetuneReport(ran=tuple(ran), skipped=tuple(skipped))
