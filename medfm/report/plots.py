@@ -1,0 +1,142 @@
+"""PNG figures from seed summaries (matplotlib, Agg backend: no display needed).
+
+- `fraction_curves`: per (dataset, size), ACC and AUC vs training fraction on a log axis, one line
+  per variant (colour = backbone, line style = method), a band of ± one seed std.
+- `size_curves`: per dataset, ACC and AUC vs image size at the largest fraction every variant
+  has, for datasets evaluated at two sizes or more.
+- `probe_vs_finetune`: for every backbone with both, the best probe's seed mean against the
+  fine-tune seed mean on the same conditions, with the diagonal (points above: fine-tuning wins).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after selecting the backend
+
+from medfm.report.tables import METRIC_LABELS, METRICS, PERCENT  # noqa: E402
+
+DPI = 110  # PNG resolution
+PANEL_SIZE = (4.6, 3.4)  # inches per subplot
+BAND_ALPHA = 0.18  # opacity of the seed band
+LINESTYLES = {"logreg": "-", "knn": ":", "finetune": "--"}  # method -> line style
+PROBE_METHODS = ("logreg", "knn")
+
+
+def _colors(backbones) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {b: cmap(i % cmap.N) for i, b in enumerate(sorted(set(backbones)))}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _panels(n: int):
+    fig, axes = plt.subplots(1, n, figsize=(PANEL_SIZE[0] * n, PANEL_SIZE[1]), squeeze=False)
+    return fig, axes[0]
+
+
+def _line(ax, x, mean, std, *, label: str, color, style: str) -> None:
+    x, mean, std = (np.asarray(v, dtype=float) for v in (x, mean, std))
+    ax.plot(x, mean * PERCENT, style, marker="o", color=color, label=label)
+    spread = np.nan_to_num(std) * PERCENT
+    if spread.any():
+        ax.fill_between(x, (mean - np.nan_to_num(std)) * PERCENT,
+                        (mean + np.nan_to_num(std)) * PERCENT, color=color, alpha=BAND_ALPHA)
+
+
+def fraction_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
+    """One PNG per (dataset, size) with fraction-based runs: `fraction_<dataset>_<size>.png`."""
+    by_fraction = summary[summary["fraction"].notna()]
+    colors = _colors(summary["backbone"])
+    paths = []
+    for (dataset, size), cell in by_fraction.groupby(["dataset", "size"], sort=True):
+        fig, axes = _panels(len(METRICS))
+        for ax, metric in zip(axes, METRICS, strict=True):
+            for variant, runs in cell.groupby("variant", sort=True):
+                runs = runs.sort_values("fraction")
+                _line(ax, runs["fraction"], runs[f"{metric}_mean"], runs[f"{metric}_std"],
+                      label=variant, color=colors[runs["backbone"].iloc[0]],
+                      style=LINESTYLES[runs["method"].iloc[0]])
+            ax.set_xscale("log")
+            ax.set_xlabel("training fraction")
+            ax.set_ylabel(f"test {METRIC_LABELS[metric]} (%)")
+            ax.set_title(f"{dataset} @ {size} px")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize="small")
+        paths.append(_save(fig, out / f"fraction_{dataset}_{size}.png"))
+    return paths
+
+
+def size_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
+    """One PNG per dataset seen at >= 2 sizes: `size_<dataset>.png`."""
+    by_fraction = summary[summary["fraction"].notna()]
+    colors = _colors(summary["backbone"])
+    paths = []
+    for dataset, cell in by_fraction.groupby("dataset", sort=True):
+        if cell["size"].nunique() < 2:
+            continue
+        fig, axes = _panels(len(METRICS))
+        for ax, metric in zip(axes, METRICS, strict=True):
+            for variant, runs in cell.groupby("variant", sort=True):
+                # per size, the largest fraction this variant ran at
+                top = runs.loc[runs.groupby("size")["fraction"].idxmax()].sort_values("size")
+                _line(ax, top["size"], top[f"{metric}_mean"], top[f"{metric}_std"],
+                      label=variant, color=colors[top["backbone"].iloc[0]],
+                      style=LINESTYLES[top["method"].iloc[0]])
+            sizes = sorted(cell["size"].unique())
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(s) for s in sizes])
+            ax.set_xlabel("image size (px), largest fraction run")
+            ax.set_ylabel(f"test {METRIC_LABELS[metric]} (%)")
+            ax.set_title(dataset)
+            ax.grid(True, alpha=0.3)
+        axes[0].legend(fontsize="small")
+        paths.append(_save(fig, out / f"size_{dataset}.png"))
+    return paths
+
+
+def probe_finetune_pairs(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (backbone, condition) with both: the best probe's and the fine-tune's seed means."""
+    keys = ["backbone", "dataset", "size", "regime"]
+    probes = summary[summary["method"].isin(PROBE_METHODS)]
+    tuned = summary[summary["method"] == "finetune"]
+    if probes.empty or tuned.empty:
+        return pd.DataFrame()
+    best_probe = probes.groupby(keys, as_index=False)[[f"{m}_mean" for m in METRICS]].max()
+    best_tuned = tuned.groupby(keys, as_index=False)[[f"{m}_mean" for m in METRICS]].max()
+    return best_probe.merge(best_tuned, on=keys, suffixes=("_probe", "_finetune"))
+
+
+def probe_vs_finetune(summary: pd.DataFrame, out: Path) -> list[Path]:
+    """`probe_vs_finetune.png` if any backbone has both paradigms on one condition, else none."""
+    pairs = probe_finetune_pairs(summary)
+    if pairs.empty:
+        return []
+    colors = _colors(pairs["backbone"])
+    fig, axes = _panels(len(METRICS))
+    for ax, metric in zip(axes, METRICS, strict=True):
+        x = pairs[f"{metric}_mean_probe"] * PERCENT
+        y = pairs[f"{metric}_mean_finetune"] * PERCENT
+        for backbone in sorted(pairs["backbone"].unique()):
+            mine = pairs["backbone"] == backbone
+            ax.scatter(x[mine], y[mine], color=colors[backbone], label=backbone)
+        finite = np.concatenate([x.dropna(), y.dropna()])
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, PERCENT)
+        pad = max(1.0, 0.05 * (hi - lo))
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", linewidth=0.8)
+        ax.set_xlabel(f"best linear probe {METRIC_LABELS[metric]} (%)")
+        ax.set_ylabel(f"fine-tune {METRIC_LABELS[metric]} (%)")
+        ax.set_title("probe vs fine-tune (above diagonal: fine-tune wins)", fontsize="small")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small")
+    return [_save(fig, out / "probe_vs_finetune.png")]

@@ -1,0 +1,261 @@
+"""Registry rows -> seed summaries -> tables rendered as Markdown, LaTeX, HTML and CSV.
+
+Method. Rows are grouped by a *condition* (dataset, size, regime: fraction or shots) and a
+*variant* (backbone and method, plus whichever other key fields tell otherwise identical runs
+apart, e.g. two resize policies of one backbone). Each group's metrics are averaged over seeds
+(mean and sample standard deviation, ddof=1, NaN with one seed); bootstrap CI bounds are
+averaged over seeds too. Tables show ACC/AUC in % with the best mean of each row in bold.
+The mean-over-datasets table (MedMNIST+'s headline) averages the per-dataset seed means, and
+fills a cell only when the variant covers every dataset of that row, so means never mix
+different sets of datasets.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+METRICS = ("acc", "auc")  # metrics tabulated and plotted, as registry columns
+METRIC_LABELS = {"acc": "ACC", "auc": "AUC"}
+PARADIGMS = {"logreg": "linear probe", "knn": "kNN", "finetune": "fine-tune"}  # method -> words
+# key fields that may tell two otherwise identical runs apart; shown in a variant's label
+VARIANT_FIELDS = (
+    "tag", "weights_digest", "resize_policy", "input_size", "feature_kind", "backend",
+    "selection", "params",
+)
+CONDITION_FIELDS = ("dataset", "size", "fraction", "shots")  # what a run was evaluated on
+DIGEST_SHOWN = 8  # characters of a weights digest in a variant label
+PERCENT = 100.0  # registry metrics are fractions; tables, plots and guideline show %
+
+
+@dataclass(frozen=True)
+class Table:
+    """A rendered-agnostic table: header, rows of cell strings, and which cells are bold."""
+
+    name: str  # file stem, e.g. "per_dataset_acc"
+    title: str  # one line saying what the numbers are
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    bold: tuple[tuple[bool, ...], ...]  # same shape as rows
+
+    def to_markdown(self) -> str:
+        """GitHub-flavoured Markdown, bold as **x**."""
+        lines = [f"**{self.title}**", "", _md_row(self.header), _md_row(["---"] * len(self.header))]
+        for row in self.marked_rows():
+            lines.append(_md_row([f"**{c}**" if b else c for c, b in row]))
+        return "\n".join(lines) + "\n"
+
+    def to_latex(self) -> str:
+        """A booktabs `table` float, bold as \\textbf{x}."""
+        spec = "l" * (len(self.header) - self._n_numeric()) + "r" * self._n_numeric()
+        body = [" & ".join(_tex(h) for h in self.header) + r" \\", r"\midrule"]
+        for row in self.marked_rows():
+            body.append(" & ".join(rf"\textbf{{{_tex(c)}}}" if b else _tex(c) for c, b in row)
+                        + r" \\")
+        return "\n".join([
+            r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(self.title)}}}",
+            rf"\label{{tab:{self.name}}}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule", *body,
+            r"\bottomrule", r"\end{tabular}", r"\end{table}",
+        ]) + "\n"
+
+    def to_html(self) -> str:
+        """An HTML <table> with a caption, bold as <b>x</b>."""
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join(
+            "<tr>" + "".join(
+                f"<td><b>{html.escape(c)}</b></td>" if b else f"<td>{html.escape(c)}</td>"
+                for c, b in row
+            ) + "</tr>"
+            for row in self.marked_rows()
+        )
+        return (f"<table><caption>{html.escape(self.title)}</caption><thead><tr>{head}</tr>"
+                f"</thead><tbody>{body}</tbody></table>")
+
+    def marked_rows(self) -> list[list[tuple[str, bool]]]:
+        """Rows as lists of (cell, bold) pairs."""
+        return [list(zip(cells, bold, strict=True))
+                for cells, bold in zip(self.rows, self.bold, strict=True)]
+
+    def _n_numeric(self) -> int:
+        """Columns right of the row labels (those holding metrics)."""
+        return sum(1 for h in self.header if h not in _ROW_LABELS)
+
+
+_ROW_LABELS = ("dataset", "size", "regime", "datasets")
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    escaped = "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(text))
+    return escaped.replace("±", r"$\pm$").replace("—", "--").replace("·", r"$\cdot$")
+
+
+def regime_label(fraction: float | None, shots: int | None) -> str:
+    """"10%" for a fraction, "5-shot" for shots per class."""
+    if fraction is not None and not _missing(fraction):
+        return f"{fraction * PERCENT:g}%"
+    return f"{int(shots)}-shot"
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _distinguishing_fields(frame: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
+    """Per (backbone, method): the VARIANT_FIELDS with >1 value among runs of one condition+seed."""
+    group_cols = ["backbone", "method", *CONDITION_FIELDS, "seed"]
+    keyed = frame[group_cols + list(VARIANT_FIELDS)].astype(str)
+    out: dict[tuple[str, str], list[str]] = {}
+    for (backbone, method), runs in keyed.groupby(["backbone", "method"], sort=False):
+        counts = runs.groupby(group_cols[2:], dropna=False)[list(VARIANT_FIELDS)].nunique()
+        out[(backbone, method)] = [f for f in VARIANT_FIELDS if (counts[f] > 1).any()]
+    return out
+
+
+def annotate(frame: pd.DataFrame) -> pd.DataFrame:
+    """Registry rows with `variant`, `paradigm`, `regime` and `regime_order` columns added.
+
+    `variant` is "backbone · method" plus `field=value` for each distinguishing field;
+    `regime_order` sorts shots before fractions and each by size.
+    """
+    frame = frame.copy()
+    fields = _distinguishing_fields(frame)
+    frame["fraction"] = frame["fraction"].astype(object).where(frame["fraction"].notna(), None)
+    frame["shots"] = frame["shots"].astype(object).where(frame["shots"].notna(), None)
+
+    def variant(row) -> str:
+        parts = [f"{row.backbone} · {row.method}"]
+        for name in fields[(row.backbone, row.method)]:
+            value = getattr(row, name)
+            shown = value[:DIGEST_SHOWN] if name == "weights_digest" else value
+            parts.append(f"{name}={shown}")
+        return " ".join(parts)
+
+    frame["variant"] = [variant(row) for row in frame.itertuples()]
+    frame["paradigm"] = frame["method"].map(PARADIGMS)
+    subsets = list(frame[["fraction", "shots"]].itertuples(index=False, name=None))
+    frame["regime"] = [regime_label(f, s) for f, s in subsets]
+    frame["regime_order"] = [
+        (1, float(f)) if not _missing(f) else (0, float(s)) for f, s in subsets
+    ]
+    return frame
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (condition, variant): seed mean/std of each metric and mean CI bounds.
+
+    Columns: dataset, size, regime, regime_order, fraction, shots, variant, backbone, method,
+    paradigm, n_seeds, {acc,auc}_mean, {acc,auc}_std, {acc,auc}_ci_low, {acc,auc}_ci_high
+    (metrics as fractions).
+    """
+    keys = ["dataset", "size", "regime", "variant"]
+    rows = []
+    for (dataset, size, regime, variant), runs in frame.groupby(keys, sort=False):
+        first = runs.iloc[0]
+        row = {
+            "dataset": dataset, "size": int(size), "regime": regime,
+            "regime_order": first["regime_order"], "fraction": first["fraction"],
+            "shots": first["shots"], "variant": variant, "backbone": first["backbone"],
+            "method": first["method"], "paradigm": first["paradigm"],
+            "n_seeds": int(runs["seed"].nunique()),
+        }
+        for metric in METRICS:
+            row[f"{metric}_mean"] = runs[metric].mean()
+            row[f"{metric}_std"] = runs[metric].std(ddof=1) if len(runs) > 1 else math.nan
+            row[f"{metric}_ci_low"] = runs[f"{metric}_ci_low"].mean()
+            row[f"{metric}_ci_high"] = runs[f"{metric}_ci_high"].mean()
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    order = summary["regime_order"].map(lambda o: o[0] * 1e9 + o[1])
+    return summary.assign(_order=order).sort_values(
+        ["dataset", "size", "_order", "variant"]
+    ).drop(columns="_order").reset_index(drop=True)
+
+
+def mean_over_datasets(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (size, regime, variant): the mean over datasets of the seed means.
+
+    A variant gets a value only if it covers every dataset evaluated at that (size, regime).
+    Columns: size, regime, regime_order, variant, backbone, method, paradigm, n_datasets,
+    {acc,auc}_mean.
+    """
+    rows = []
+    for (size, regime), cell in summary.groupby(["size", "regime"], sort=False):
+        datasets = set(cell["dataset"])
+        for variant, runs in cell.groupby("variant", sort=False):
+            if set(runs["dataset"]) != datasets:
+                continue
+            first = runs.iloc[0]
+            rows.append({
+                "size": int(size), "regime": regime, "regime_order": first["regime_order"],
+                "variant": variant, "backbone": first["backbone"], "method": first["method"],
+                "paradigm": first["paradigm"], "n_datasets": len(datasets),
+                **{f"{m}_mean": runs[f"{m}_mean"].mean() for m in METRICS},
+            })
+    return pd.DataFrame(rows)
+
+
+def _cell(mean: float, std: float) -> str:
+    if _missing(mean):
+        return "—"
+    if _missing(std):
+        return f"{mean * PERCENT:.1f}"
+    return f"{mean * PERCENT:.1f} ± {std * PERCENT:.1f}"
+
+
+def _wide(frame: pd.DataFrame, row_keys: list[str], metric: str, with_std: bool):
+    """(variants, [(row labels, {variant: (mean, std)})]) in frame order."""
+    variants = sorted(frame["variant"].unique())
+    rows = []
+    for labels, group in frame.groupby(row_keys, sort=False):
+        cells = {
+            r.variant: (getattr(r, f"{metric}_mean"),
+                        getattr(r, f"{metric}_std") if with_std else math.nan)
+            for r in group.itertuples()
+        }
+        rows.append((labels, cells))
+    return variants, rows
+
+
+def _table(name: str, title: str, row_header: list[str], variants, rows) -> Table:
+    out_rows, out_bold = [], []
+    for labels, cells in rows:
+        means = [cells[v][0] for v in variants if v in cells and not _missing(cells[v][0])]
+        best = max(means) if means else math.nan
+        values = [_cell(*cells.get(v, (math.nan, math.nan))) for v in variants]
+        bold = [v in cells and cells[v][0] == best for v in variants]
+        out_rows.append(tuple(str(x) for x in labels) + tuple(values))
+        out_bold.append((False,) * len(labels) + tuple(bold))
+    return Table(name, title, tuple(row_header) + tuple(variants), tuple(out_rows),
+                 tuple(out_bold))
+
+
+def per_dataset_table(summary: pd.DataFrame, metric: str) -> Table:
+    """Rows (dataset, size, regime) x columns variant: seed mean ± std in %, best in bold."""
+    variants, rows = _wide(summary, ["dataset", "size", "regime"], metric, with_std=True)
+    title = (f"Test {METRIC_LABELS[metric]} (%), mean ± std over seeds; best per row in bold")
+    return _table(f"per_dataset_{metric}", title, ["dataset", "size", "regime"], variants, rows)
+
+
+def mean_table(means: pd.DataFrame, metric: str) -> Table:
+    """Rows (size, regime, #datasets) x columns variant: mean over datasets in %, best in bold."""
+    frame = means.copy()
+    frame["datasets"] = frame["n_datasets"]
+    frame = frame.assign(_order=frame["regime_order"].map(lambda o: o[0] * 1e9 + o[1]))
+    frame = frame.sort_values(["size", "_order"])
+    variants, rows = _wide(frame, ["size", "regime", "datasets"], metric, with_std=False)
+    title = (f"Test {METRIC_LABELS[metric]} (%), mean over datasets of seed means "
+             "(a variant is shown only where it covers every dataset); best per row in bold")
+    return _table(f"mean_over_datasets_{metric}", title, ["size", "regime", "datasets"],
+                  variants, rows)
