@@ -6,7 +6,13 @@
 """
 
 from medfm.finetune.recipes import RECIPES, Recipe, resolve_recipe
-from medfm.finetune.run import FinetuneReport, finetune, finetune_job
+from medfm.finetune.run import (
+    FinetuneReport,
+    finetune,
+    finetune_done,
+    finetune_job,
+    finish_checkpoint,
+)
 from medfm.finetune.train import Split, TrainOutcome, train
 
 __all__ = [
@@ -16,7 +22,9 @@ __all__ = [
     "Split",
     "TrainOutcome",
     "finetune",
+    "finetune_done",
     "finetune_job",
+    "finish_checkpoint",
     "resolve_recipe",
     "train",
 ]

@@ -9,10 +9,11 @@ row per run.
 
 Order of work. `probe` finds every matching store (reading attributes only), plans one ResultKey
 per (store, subset spec, seed), asks the registry in one query which are finished, and only then
-reads features, each store's once, for the rest. Each run (`probe_store`, a pure job function)
-draws its training subset with medfm.sampling, fits the probe (LogisticProbe: C chosen on val or
-a holdout; KNNProbe), scores the test split, computes MedMNIST ACC/AUC, balanced accuracy and
-bootstrap CIs on the float32 scores it saves, and writes the row with its per-sample test scores.
+reads features, each store's once, for the rest. Each run (`probe_job`, a pure job function
+that writes nothing) draws its training subset with medfm.sampling, fits the probe
+(LogisticProbe: C chosen on val or a holdout; KNNProbe), scores the test split and computes
+MedMNIST ACC/AUC, balanced accuracy and bootstrap CIs on the float32 scores it returns;
+`probe_store` writes its row with those per-sample test scores.
 Runs whose training data and settings are identical (fraction 1.0 under several seeds with
 val selection: the same images, the same deterministic fit) share one fit; their rows say so in
 `extra["shared_fit"]`. A finished key is never rerun unless `force=True`.
@@ -149,13 +150,12 @@ def _fit_and_score(arrays: StoreArrays, task: Task, train_rows: np.ndarray, key:
     return proba.astype(np.float32), chosen, extra
 
 
-def probe_store(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
-                backend: str = "auto", selection: str = "val", registry: Registry | None = None,
-                force: bool = False, arrays: StoreArrays | None = None,
-                shared_fits: dict | None = None) -> ResultRow:
-    """One probe run: sample the training subset, fit, score the test split, record the row.
+def probe_job(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
+              backend: str = "auto", selection: str = "val", arrays: StoreArrays | None = None,
+              shared_fits: dict | None = None) -> tuple[ResultRow, np.ndarray, np.ndarray]:
+    """One probe run, writing nothing: sample the training subset, fit, score the test split.
 
-    With a registry, a finished key returns its stored row unless `force`. `arrays` passes
+    Returns (row, float32 test scores, test labels), what `Registry.add` records. `arrays` passes
     features already read; `shared_fits` (a dict the caller keeps) lets runs with identical
     training data and settings share one fit.
     """
@@ -164,10 +164,6 @@ def probe_store(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg"
     key = result_key(store, spec, method=method,
                      backend=backend if method == "knn" else resolve_backend(backend),
                      selection=selection)
-    if registry is not None and not force:
-        found = registry.get(key)
-        if found is not None:
-            return found
     arrays = arrays or StoreArrays.load(store)
     task = get_dataset(store.key.dataset).task
     subset = sample(arrays.labels["train"], task, spec)
@@ -191,6 +187,27 @@ def probe_store(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg"
         auc_ci_low=metrics.auc_ci[0], auc_ci_high=metrics.auc_ci[1],
         extra={**extra, **extra_shared}, versions=_versions(),
         wall_s=time.perf_counter() - start)
+    return row, scores, y_test
+
+
+def probe_store(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
+                backend: str = "auto", selection: str = "val", registry: Registry | None = None,
+                force: bool = False, arrays: StoreArrays | None = None,
+                shared_fits: dict | None = None) -> ResultRow:
+    """One probe run (`probe_job`), its row recorded with its test scores in `registry`.
+
+    With a registry, a finished key returns its stored row unless `force`.
+    """
+    if registry is not None and not force:
+        _check_choices(method, selection)
+        key = result_key(store, spec, method=method,
+                         backend=backend if method == "knn" else resolve_backend(backend),
+                         selection=selection)
+        found = registry.get(key)
+        if found is not None:
+            return found
+    row, scores, y_test = probe_job(store, spec=spec, method=method, backend=backend,
+                                    selection=selection, arrays=arrays, shared_fits=shared_fits)
     if registry is not None:
         registry.add(row, scores=scores, y_true=y_test, replace=force)
     return row

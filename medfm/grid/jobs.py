@@ -1,0 +1,165 @@
+"""Grid jobs: small frozen (picklable) specs, each run by one pure function on any worker.
+
+A job computes and returns; it never writes the results registry. `run_job` turns any exception
+into a failed `JobOutcome` carrying the error, so one bad job (say, an unknown backbone) never
+stops the grid. Jobs are idempotent: an extract job whose store exists returns at once, and a
+finetune job resumes from its checkpoint. Every path in a job is absolute, so a worker on another
+machine or in another folder reads and writes the same work directory.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medfm.errors import MedfmError
+from medfm.sampling import SubsetSpec
+from medfm.store.registry import ResultRow
+
+TRACEBACK_LINES = 6  # lines of a bug's traceback kept in its outcome
+ScoredRow = tuple[ResultRow, np.ndarray, np.ndarray]  # (row, test scores, test labels)
+
+
+def _subset_label(spec: SubsetSpec) -> str:
+    subset = f"{spec.fraction:g}" if spec.fraction is not None else f"{spec.shots}-shot"
+    return f"{subset} seed {spec.seed}"
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """Embed every split of one (dataset, size) with one backbone into a feature store."""
+
+    dataset: str
+    size: int
+    backbone: str
+    weights: str | None
+    resize_policy: str | None
+    input_size: int | None
+    dtype: str
+    device: str | None
+    data_root: str | None
+    workdir: str  # absolute
+
+    kind = "extract"
+
+    @property
+    def label(self) -> str:
+        return f"extract {self.dataset}@{self.size} {self.backbone}"
+
+    def store_path(self) -> str:
+        """The finished store's path (builds it if missing; returns at once if it exists)."""
+        from medfm.extract import extract
+
+        return str(extract(
+            dataset=self.dataset, backbone=self.backbone, size=self.size,
+            resize_policy=self.resize_policy, input_size=self.input_size, device=self.device,
+            dtype=self.dtype, weights=self.weights, workdir=self.workdir,
+            data_root=self.data_root, progress=False,
+        ).path)
+
+    def run(self) -> list[ScoredRow]:
+        self.store_path()
+        return []
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """Fit one probe (logreg or kNN) on one training subset of an extracted store."""
+
+    store: ExtractJob  # the extraction this probe reads (its dependency)
+    spec: SubsetSpec
+    method: str  # "logreg" or "knn"
+    backend: str
+    selection: str
+
+    kind = "probe"
+
+    @property
+    def label(self) -> str:
+        return (f"{self.method} {self.store.dataset}@{self.store.size} {self.store.backbone} "
+                f"{_subset_label(self.spec)}")
+
+    def run(self) -> list[ScoredRow]:
+        from medfm.probe import probe_job
+        from medfm.store.features import FeatureStore
+
+        store = FeatureStore(self.store.store_path())
+        return [probe_job(store, spec=self.spec, method=self.method, backend=self.backend,
+                          selection=self.selection)]
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """Train one backbone end to end on one training subset and test it."""
+
+    dataset: str
+    size: int
+    backbone: str
+    weights: str | None
+    spec: SubsetSpec
+    recipe: str
+    overrides: tuple[tuple[str, Any], ...]
+    device: str | None
+    data_root: str | None
+    workdir: str  # absolute
+
+    kind = "finetune"
+
+    @property
+    def label(self) -> str:
+        return (f"finetune {self.dataset}@{self.size} {self.backbone} "
+                f"{_subset_label(self.spec)}")
+
+    def run(self) -> list[ScoredRow]:
+        from medfm.finetune import finetune_job, resolve_recipe
+
+        row, scores, y_true = finetune_job(
+            dataset=self.dataset, backbone=self.backbone, size=self.size, spec=self.spec,
+            recipe=resolve_recipe(self.recipe, **dict(self.overrides)), weights=self.weights,
+            device=self.device, workdir=self.workdir, data_root=self.data_root, progress=False,
+        )
+        return [(row, scores, y_true)]
+
+
+Job = ExtractJob | ProbeJob | FinetuneJob
+
+
+@dataclass
+class JobOutcome:
+    """What a job sent back to the driver."""
+
+    job: Job
+    rows: list[ScoredRow]
+    error: str | None  # None when the job succeeded
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def run_job(job: Job, threads: int | None = None) -> JobOutcome:
+    """Run `job` with `threads` torch CPU threads (None: leave as is); any exception becomes a
+    failed outcome (user errors as one line, bugs with the end of their traceback).
+
+    Executors pass the CPUs they give each job, so the same job computes the same floats on
+    every executor.
+    """
+    t0 = time.perf_counter()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        rows = job.run()
+    except MedfmError as exc:
+        return JobOutcome(job, [], f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - reported to the driver, the grid goes on
+        tail = "".join(traceback.format_exception(exc)[-TRACEBACK_LINES:]).strip()
+        return JobOutcome(job, [], f"{type(exc).__name__}: {exc}\n{tail}",
+                          time.perf_counter() - t0)
+    return JobOutcome(job, rows, None, time.perf_counter() - t0)

@@ -1,0 +1,133 @@
+"""The grid driver: plan, run the jobs on an executor in dependency waves, record every row.
+
+    from medfm.grid import load_spec, run_grid
+    result = run_grid(load_spec("examples/grid_demo.yaml"), executor="local")
+    print(result.summary()); exit_code = 0 if result.ok else 1
+
+    medfm grid examples/grid_demo.yaml --executor ray --dry-run
+
+Waves. First every extract and finetune job, and every probe job whose store already exists;
+then the probe jobs of the stores built in the first wave. A probe whose extraction failed is
+reported as failed without running. The driver is the registry's only writer: it adds each
+job's rows the moment the job's outcome arrives, so a driver killed mid-grid loses nothing that
+finished, and a rerun (which plans again) recomputes nothing that finished.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from medfm.finetune import finish_checkpoint
+from medfm.grid.executors import Executor, make_executor
+from medfm.grid.jobs import Job, JobOutcome
+from medfm.grid.plan import GridPlan, plan_grid
+from medfm.grid.spec import GridSpec
+from medfm.store.registry import Registry
+
+
+@dataclass
+class GridResult:
+    """What a grid run did."""
+
+    plan: GridPlan
+    executor: str
+    outcomes: list[JobOutcome] = field(default_factory=list)  # one per job run or refused
+    rows_added: int = 0  # registry rows written by this run
+
+    @property
+    def failed(self) -> list[JobOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def ok(self) -> bool:
+        """True when every job succeeded (the CLI exits non-zero otherwise)."""
+        return not self.failed
+
+    def summary(self) -> str:
+        """Counts, then one line per failed job with its error."""
+        done = sum(self.plan.done.values())
+        lines = [f"grid on {self.executor}: {len(self.outcomes) - len(self.failed)} job(s) "
+                 f"succeeded, {len(self.failed)} failed, {done} already done; "
+                 f"{self.rows_added} result row(s) added"]
+        for outcome in self.failed:
+            first, *rest = outcome.error.splitlines()
+            lines.append(f"FAILED {outcome.job.label}: {first}")
+            lines += [f"    {line}" for line in rest]
+        return "\n".join(lines)
+
+
+def _record(registry: Registry, outcome: JobOutcome, workdir: str) -> int:
+    """Add an outcome's rows with their test scores, then (as `finetune` does) keep a recorded
+    fine-tune's tested weights and drop its resumable state; returns how many rows were new."""
+    added = 0
+    for row, scores, y_true in outcome.rows:
+        added += registry.add(row, scores=scores, y_true=y_true)
+        if outcome.job.kind == "finetune":
+            finish_checkpoint(workdir, row.key)
+    return added
+
+
+def run_plan(plan: GridPlan, executor: Executor, *, progress: bool = True) -> GridResult:
+    """Run `plan`'s jobs on `executor` in two waves (see the module docstring); the caller
+    closes the executor."""
+    registry = Registry.in_workdir(plan.workdir)
+    result = GridResult(plan=plan, executor=executor.name)
+    pending_extracts = {job for job in plan.todo("extract")}
+    first: list[Job] = [*plan.todo("extract"), *plan.todo("finetune")]
+    first += [j for j in plan.todo("probe") if j.store not in pending_extracts]
+    waiting = [j for j in plan.todo("probe") if j.store in pending_extracts]
+    bar = tqdm(total=len(plan.jobs), unit="job", disable=not progress, desc="grid")
+    failed_extracts = set()
+
+    def consume(jobs: list[Job]) -> None:
+        for outcome in executor.run(jobs):
+            result.rows_added += _record(registry, outcome, plan.workdir)
+            result.outcomes.append(outcome)
+            if not outcome.ok:
+                tqdm.write(f"FAILED {outcome.job.label}: {outcome.error.splitlines()[0]}")
+                if outcome.job.kind == "extract":
+                    failed_extracts.add(outcome.job)
+            bar.update(1)
+
+    try:
+        consume(first)
+        ready = [j for j in waiting if j.store not in failed_extracts]
+        for job in waiting:
+            if job.store in failed_extracts:
+                result.outcomes.append(
+                    JobOutcome(job, [], f"not run: its extraction failed ({job.store.label})", 0.0)
+                )
+                bar.update(1)
+        consume(ready)
+    finally:
+        bar.close()
+    return result
+
+
+def run_grid(
+    spec: GridSpec,
+    *,
+    workdir: str | os.PathLike | None = None,
+    executor: str | Executor = "local",
+    dry_run: bool = False,
+    progress: bool = True,
+    **executor_options: Any,
+) -> GridResult:
+    """Plan `spec` in `workdir` and run what is not done on `executor`: a name ("local", "ray",
+    "slurm"; `executor_options` go to its constructor, and it is closed at the end) or an
+    executor object (kept open, so one pool can serve several grids). `dry_run` plans only."""
+    plan = plan_grid(spec, workdir=workdir)
+    made = None  # an executor built here from its name (starts nothing until it runs jobs)
+    if isinstance(executor, str):
+        executor = made = make_executor(executor, workdir=plan.workdir, **executor_options)
+    if dry_run:
+        return GridResult(plan=plan, executor=executor.name)
+    try:
+        return run_plan(plan, executor, progress=progress)
+    finally:
+        if made is not None:
+            made.close()
