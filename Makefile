@@ -22,10 +22,23 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medfm tests benchmarks
 
+MEDFM := $(VENV)/bin/medfm
+DEMO := --workdir $(DEMO_WORKDIR)
+LITE0 := --dataset breastmnist --size 28 --backbone tf_efficientnet_lite0.in1k
+
 demo: $(STAMP)
-	$(VENV)/bin/medfm extract --workdir $(DEMO_WORKDIR) --dataset breastmnist --size 28 \
-		--backbone tf_efficientnet_lite0.in1k
-	$(VENV)/bin/medfm stores --workdir $(DEMO_WORKDIR)
+	@echo "== 1. extract: BreastMNIST through the ImageNet EfficientNet-Lite0 (offline weights)"
+	$(MEDFM) extract $(DEMO) $(LITE0)
+	$(MEDFM) stores $(DEMO)
+	@echo "== 2. probe: logistic regression on the cached features, 3 fractions x 3 seeds"
+	$(MEDFM) probe $(DEMO) --dataset breastmnist --fractions 0.1,0.3,1.0 --seeds 0,1,2 --quiet
+	@echo "== 3. finetune: a short end-to-end run (64 px input, 3 epochs) on the same subsets"
+	$(MEDFM) finetune $(DEMO) $(LITE0) --fractions 0.1,1.0 --epochs 3 --input-size 64 --quiet
+	@echo "== 4. probe and fine-tune side by side"
+	$(MEDFM) results $(DEMO) --dataset breastmnist
+	@echo "== 5. a tiny grid (logreg, kNN, fine-tune at 64 px), then the report"
+	$(MEDFM) grid examples/grid_demo.yaml $(DEMO) --quiet
+	$(MEDFM) report $(DEMO)
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract_bench.py

@@ -1,7 +1,7 @@
 """PNG figures from seed summaries (matplotlib, Agg backend: no display needed).
 
 - `fraction_curves`: per (dataset, size), ACC and AUC vs training fraction on a log axis, one line
-  per variant (colour = backbone, line style = method), a band of ± one seed std.
+  per variant (colour = variant, line style = method), a band of ± one seed std.
 - `size_curves`: per dataset, ACC and AUC vs image size at the largest fraction every variant
   has, for datasets evaluated at two sizes or more.
 - `probe_vs_finetune`: for every backbone with both, the best probe's seed mean against the
@@ -28,14 +28,21 @@ LINESTYLES = {"logreg": "-", "knn": ":", "finetune": "--"}  # method -> line sty
 PROBE_METHODS = ("logreg", "knn")
 
 
-def _colors(backbones) -> dict[str, tuple]:
+def _colors(names) -> dict[str, tuple]:
     cmap = plt.get_cmap("tab10")
-    return {b: cmap(i % cmap.N) for i, b in enumerate(sorted(set(backbones)))}
+    return {b: cmap(i % cmap.N) for i, b in enumerate(sorted(set(names)))}
+
+
+def _legend_below(fig, ax) -> None:
+    """One legend for the whole figure, under the panels, so long variant names never cover data."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               fontsize="small", ncol=min(2, len(labels)), frameon=False)
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -57,7 +64,7 @@ def _line(ax, x, mean, std, *, label: str, color, style: str) -> None:
 def fraction_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
     """One PNG per (dataset, size) with fraction-based runs: `fraction_<dataset>_<size>.png`."""
     by_fraction = summary[summary["fraction"].notna()]
-    colors = _colors(summary["backbone"])
+    colors = _colors(summary["variant"])
     paths = []
     for (dataset, size), cell in by_fraction.groupby(["dataset", "size"], sort=True):
         fig, axes = _panels(len(METRICS))
@@ -65,14 +72,14 @@ def fraction_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
             for variant, runs in cell.groupby("variant", sort=True):
                 runs = runs.sort_values("fraction")
                 _line(ax, runs["fraction"], runs[f"{metric}_mean"], runs[f"{metric}_std"],
-                      label=variant, color=colors[runs["backbone"].iloc[0]],
+                      label=variant, color=colors[variant],
                       style=LINESTYLES[runs["method"].iloc[0]])
             ax.set_xscale("log")
             ax.set_xlabel("training fraction")
             ax.set_ylabel(f"test {METRIC_LABELS[metric]} (%)")
             ax.set_title(f"{dataset} @ {size} px")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize="small")
+        _legend_below(fig, axes[0])
         paths.append(_save(fig, out / f"fraction_{dataset}_{size}.png"))
     return paths
 
@@ -80,7 +87,7 @@ def fraction_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
 def size_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
     """One PNG per dataset seen at >= 2 sizes: `size_<dataset>.png`."""
     by_fraction = summary[summary["fraction"].notna()]
-    colors = _colors(summary["backbone"])
+    colors = _colors(summary["variant"])
     paths = []
     for dataset, cell in by_fraction.groupby("dataset", sort=True):
         if cell["size"].nunique() < 2:
@@ -91,7 +98,7 @@ def size_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
                 # per size, the largest fraction this variant ran at
                 top = runs.loc[runs.groupby("size")["fraction"].idxmax()].sort_values("size")
                 _line(ax, top["size"], top[f"{metric}_mean"], top[f"{metric}_std"],
-                      label=variant, color=colors[top["backbone"].iloc[0]],
+                      label=variant, color=colors[variant],
                       style=LINESTYLES[top["method"].iloc[0]])
             sizes = sorted(cell["size"].unique())
             ax.set_xscale("log", base=2)
@@ -100,7 +107,7 @@ def size_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
             ax.set_ylabel(f"test {METRIC_LABELS[metric]} (%)")
             ax.set_title(dataset)
             ax.grid(True, alpha=0.3)
-        axes[0].legend(fontsize="small")
+        _legend_below(fig, axes[0])
         paths.append(_save(fig, out / f"size_{dataset}.png"))
     return paths
 

@@ -12,6 +12,8 @@ different sets of datasets.
 
 from __future__ import annotations
 
+import json
+
 import html
 import math
 from dataclasses import dataclass
@@ -123,6 +125,17 @@ def _distinguishing_fields(frame: pd.DataFrame) -> dict[tuple[str, str], list[st
     return out
 
 
+def _varying_params(frame: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
+    """Per (backbone, method): the method settings (`params` JSON keys) that differ across runs."""
+    varying = {}
+    for group, runs in frame.groupby(["backbone", "method"], sort=False):
+        dicts = [json.loads(p) for p in runs["params"].unique()]
+        keys = sorted({k for d in dicts for k in d})
+        varying[group] = [k for k in keys
+                          if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1]
+    return varying
+
+
 def annotate(frame: pd.DataFrame) -> pd.DataFrame:
     """Registry rows with `variant`, `paradigm`, `regime` and `regime_order` columns added.
 
@@ -134,10 +147,17 @@ def annotate(frame: pd.DataFrame) -> pd.DataFrame:
     frame["fraction"] = frame["fraction"].astype(object).where(frame["fraction"].notna(), None)
     frame["shots"] = frame["shots"].astype(object).where(frame["shots"].notna(), None)
 
+    varying_params = _varying_params(frame)
+
     def variant(row) -> str:
         parts = [f"{row.backbone} · {row.method}"]
         for name in fields[(row.backbone, row.method)]:
             value = getattr(row, name)
+            if name == "params":  # only the settings that differ, e.g. "epochs=3"
+                params = json.loads(value)
+                keys = varying_params[(row.backbone, row.method)]
+                parts += [f"{k}={json.dumps(params.get(k))}" for k in keys]
+                continue
             shown = value[:DIGEST_SHOWN] if name == "weights_digest" else value
             parts.append(f"{name}={shown}")
         return " ".join(parts)
