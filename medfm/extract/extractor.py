@@ -7,7 +7,8 @@
 
 For each split, a loader thread slices uint8 chunks out of the (possibly memory-mapped) images
 while the main thread preprocesses them on the device (preprocess.py), runs the backbone (eval,
-inference mode, channels_last, bf16 autocast on CUDA) and writes pooled pre-logits chunk by chunk.
+inference mode, channels_last, BatchNorm folded into the convs, bf16 autocast on CUDA) and writes
+pooled pre-logits chunk by chunk.
 Out-of-memory halves the batch and retries. A finished store makes a rerun a no-op; a killed
 one resumes from its last complete chunk.
 """
@@ -33,6 +34,7 @@ from medfm import __version__
 from medfm.backbones import Backbone, create_backbone
 from medfm.data import SPLITS, data_file, file_md5, get_dataset, load_split
 from medfm.errors import InvalidArgumentError, StoreError
+from medfm.extract.fold import fold_verified
 from medfm.preprocess import DevicePreprocessor, check_resize_policy, resolve_preprocess
 from medfm.store.features import (
     FEATURE_KIND,
@@ -46,6 +48,7 @@ from medfm.store.features import (
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 32}  # images per forward pass, per device type
 CHUNK_BATCHES = 8  # batches per stored chunk: the unit of resumption
 PREFETCH_CHUNKS = 2  # uint8 chunks the loader thread keeps ready ahead of the model
+FOLD_CHECK = 8  # images of the first chunk that check the BatchNorm-folded model
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,12 @@ class _Embedder:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
+        self.bn_folded: int | None = None  # set on the first chunk (see fold.py)
 
     @torch.inference_mode()
     def __call__(self, chunk: torch.Tensor) -> np.ndarray:
+        if self.bn_folded is None:  # checked on real images, so a wrong fold is never kept
+            self.model, self.bn_folded = fold_verified(self.model, self.prep(chunk[:FOLD_CHECK]))
         out = []
         lo = 0
         while lo < len(chunk):
@@ -269,6 +275,7 @@ def extract(
     writer.finalize({
         "device": _device_name(dev),
         "batch_size": embed.batch_size,
+        "bn_folded": int(embed.bn_folded or 0),
         "elapsed_s_json": json.dumps(elapsed),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
