@@ -110,6 +110,8 @@ def _add_probe(sub) -> None:
     p.add_argument("--shots", help="images per class, e.g. 1,5,10")
     p.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
     p.add_argument("--method", choices=["logreg", "knn"], default="logreg")
+    p.add_argument("--knn-metric", choices=["cosine", "euclidean"], default="cosine",
+                   help="kNN distance (default cosine; k = 11 as MedMNIST+)")
     p.add_argument("--backend", choices=["auto", "sklearn", "torch", "cuml"], default="auto")
     p.add_argument("--selection", choices=["val", "holdout"], default="val",
                    help="choose C on the official val split or on a holdout of the subset")
@@ -136,7 +138,8 @@ def _run_probe(args) -> int:
     for target in targets:
         report = probe(**target, fractions=fractions, shots=shots, seeds=seeds,
                        method=args.method, backend=args.backend, selection=args.selection,
-                       workdir=args.workdir, force=args.force, progress=not args.quiet)
+                       knn_metric=args.knn_metric, workdir=args.workdir, force=args.force,
+                       progress=not args.quiet)
         digests += [r.key.digest() for r in report.computed] + [k.digest() for k in report.skipped]
         computed += len(report.computed)
         skipped += len(report.skipped)

@@ -21,6 +21,7 @@ val selection: the same images, the same deterministic fit) share one fit; their
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.backends import DEFAULT_MAX_ITER, DEFAULT_TOL, resolve_backend
-from medfm.probe.knn import KNN_K, KNNProbe
+from medfm.probe.knn import KNN_K, KNN_METRICS, KNNProbe
 from medfm.probe.logreg import C_GRID, HOLDOUT_FRACTION, SELECTIONS, LogisticProbe
 from medfm.sampling import SubsetSpec, sample
 from medfm.store.features import FeatureStore, find_stores
@@ -72,10 +73,13 @@ class ProbeReport:
         return len(self.computed) + len(self.skipped)
 
 
-def method_params(method: str, selection: str) -> dict:
+def method_params(method: str, selection: str, knn_metric: str = "cosine") -> dict:
     """The settings that define a method's result (stored as the key's `params`)."""
     if method == "knn":
-        return {"k": KNN_K, "metric": "cosine"}
+        if knn_metric not in KNN_METRICS:
+            raise InvalidArgumentError(
+                f"unknown kNN metric {knn_metric!r}; use one of {', '.join(KNN_METRICS)}.")
+        return {"k": KNN_K, "metric": knn_metric}
     params = {"C_grid": list(C_GRID), "max_iter": DEFAULT_MAX_ITER, "tol": DEFAULT_TOL,
               "standardize": "train-subset"}
     if selection == "holdout":
@@ -93,7 +97,7 @@ def _check_choices(method: str, selection: str) -> None:
 
 
 def result_key(store: FeatureStore, spec: SubsetSpec, *, method: str, backend: str,
-               selection: str) -> ResultKey:
+               selection: str, knn_metric: str = "cosine") -> ResultKey:
     """The registry key of one probe run (`backend` already resolved for logreg)."""
     _check_choices(method, selection)
     knn = method == "knn"
@@ -104,7 +108,7 @@ def result_key(store: FeatureStore, spec: SubsetSpec, *, method: str, backend: s
         feature_kind=store.key.feature_kind, method=method,
         backend=KNN_BACKEND if knn else backend, fraction=spec.fraction, shots=spec.shots,
         seed=spec.seed, selection=KNN_SELECTION if knn else selection,
-        params=canonical_json(method_params(method, selection)),
+        params=canonical_json(method_params(method, selection, knn_metric)),
         store_fingerprint=store.fingerprint)
 
 
@@ -129,7 +133,8 @@ def _fit_and_score(arrays: StoreArrays, task: Task, train_rows: np.ndarray, key:
     X_train = arrays.features["train"][train_rows]
     y_train = labels("train", train_rows)
     if key.method == "knn":
-        model = KNNProbe(k=KNN_K, metric="cosine").fit(X_train, y_train)
+        params = json.loads(key.params)
+        model = KNNProbe(k=params["k"], metric=params["metric"]).fit(X_train, y_train)
         extra = {"k_effective": model.k_}
         chosen = None
     else:
@@ -151,8 +156,9 @@ def _fit_and_score(arrays: StoreArrays, task: Task, train_rows: np.ndarray, key:
 
 
 def probe_job(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
-              backend: str = "auto", selection: str = "val", arrays: StoreArrays | None = None,
-              shared_fits: dict | None = None) -> tuple[ResultRow, np.ndarray, np.ndarray]:
+              backend: str = "auto", selection: str = "val", knn_metric: str = "cosine",
+              arrays: StoreArrays | None = None, shared_fits: dict | None = None,
+              ) -> tuple[ResultRow, np.ndarray, np.ndarray]:
     """One probe run, writing nothing: sample the training subset, fit, score the test split.
 
     Returns (row, float32 test scores, test labels), what `Registry.add` records. `arrays` passes
@@ -163,7 +169,7 @@ def probe_job(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
     _check_choices(method, selection)
     key = result_key(store, spec, method=method,
                      backend=backend if method == "knn" else resolve_backend(backend),
-                     selection=selection)
+                     selection=selection, knn_metric=knn_metric)
     arrays = arrays or StoreArrays.load(store)
     task = get_dataset(store.key.dataset).task
     subset = sample(arrays.labels["train"], task, spec)
@@ -191,9 +197,9 @@ def probe_job(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
 
 
 def probe_store(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
-                backend: str = "auto", selection: str = "val", registry: Registry | None = None,
-                force: bool = False, arrays: StoreArrays | None = None,
-                shared_fits: dict | None = None) -> ResultRow:
+                backend: str = "auto", selection: str = "val", knn_metric: str = "cosine",
+                registry: Registry | None = None, force: bool = False,
+                arrays: StoreArrays | None = None, shared_fits: dict | None = None) -> ResultRow:
     """One probe run (`probe_job`), its row recorded with its test scores in `registry`.
 
     With a registry, a finished key returns its stored row unless `force`.
@@ -202,12 +208,13 @@ def probe_store(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg"
         _check_choices(method, selection)
         key = result_key(store, spec, method=method,
                          backend=backend if method == "knn" else resolve_backend(backend),
-                         selection=selection)
+                         selection=selection, knn_metric=knn_metric)
         found = registry.get(key)
         if found is not None:
             return found
     row, scores, y_test = probe_job(store, spec=spec, method=method, backend=backend,
-                                    selection=selection, arrays=arrays, shared_fits=shared_fits)
+                                    selection=selection, knn_metric=knn_metric, arrays=arrays,
+                                    shared_fits=shared_fits)
     if registry is not None:
         registry.add(row, scores=scores, y_true=y_test, replace=force)
     return row
@@ -225,8 +232,8 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
           store: str | os.PathLike | None = None, fractions: Sequence[float] | None = None,
           shots: Sequence[int] | None = None, seeds: Sequence[int] = DEFAULT_SEEDS,
           method: str = "logreg", backend: str = "auto", selection: str = "val",
-          workdir: str | os.PathLike | None = None, force: bool = False,
-          progress: bool = True) -> ProbeReport:
+          knn_metric: str = "cosine", workdir: str | os.PathLike | None = None,
+          force: bool = False, progress: bool = True) -> ProbeReport:
     """Probe every matching store at every fraction/shots x seed; skip runs already recorded."""
     from tqdm.auto import tqdm
 
@@ -244,7 +251,8 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
                          f"run `medfm extract {wanted}` first.")
     concrete = KNN_BACKEND if method == "knn" else resolve_backend(backend)
     specs = _specs(fractions, shots, seeds)
-    plan = [(s, spec, result_key(s, spec, method=method, backend=concrete, selection=selection))
+    plan = [(s, spec, result_key(s, spec, method=method, backend=concrete, selection=selection,
+                                 knn_metric=knn_metric))
             for s in stores for spec in specs]
     registry = Registry.in_workdir(workdir)
     done = set() if force else registry.done_keys([key for _, _, key in plan])
@@ -255,6 +263,7 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
         if s.path not in arrays:
             arrays = {s.path: StoreArrays.load(s)}  # one store in memory at a time
         computed.append(probe_store(s, spec=spec, method=method, backend=concrete,
-                                    selection=selection, registry=registry, force=force,
+                                    selection=selection, knn_metric=knn_metric,
+                                    registry=registry, force=force,
                                     arrays=arrays[s.path], shared_fits=shared_fits))
     return ProbeReport(computed=computed, skipped=skipped, wall_s=time.perf_counter() - start)
