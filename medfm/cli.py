@@ -339,7 +339,7 @@ def _run_grid(args) -> int:
                 "timeout_min") if getattr(args, name) is not None}
     result = run_grid(spec, workdir=args.workdir, executor=args.executor,
                       dry_run=args.dry_run, progress=not args.quiet, **options)
-    print(result.summary())
+    print(result.plan.describe() if args.dry_run else result.summary())
     return 0 if result.ok else 1
 
 
