@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import joblib
 import numpy as np
@@ -187,7 +186,7 @@ def write_store(workdir, flag: str, seed: int = 0) -> None:
     writer.finalize()
 
 
-def test_probe_every_task_writes_rows_then_a_rerun_computes_nothing(tmp_path):
+def test_probe_every_task_writes_rows_then_a_rerun_computes_nothing(tmp_path, monkeypatch):
     work = tmp_path / "w"
     for i, flag in enumerate(STORE_FLAGS):
         write_store(work, flag, seed=i)
@@ -207,11 +206,14 @@ def test_probe_every_task_writes_rows_then_a_rerun_computes_nothing(tmp_path):
     full = [r for r in rows if r.key.dataset == "bloodmnist" and r.key.fraction == 1.0]
     assert full[1].extra["shared_fit"] == full[0].key.digest()  # same images, one fit
 
-    started = time.perf_counter()
+    def no_features(store):
+        raise AssertionError(f"a rerun must not read features ({store.path})")
+
+    monkeypatch.setattr("medfm.probe.run.StoreArrays.load", no_features)
     again = probe(fractions=[0.5, 1.0], seeds=[0, 1], workdir=work, backend="torch",
                   progress=False)
     assert not again.computed and len(again.skipped) == again.planned == 16
-    assert time.perf_counter() - started < 2.0
+    monkeypatch.undo()
 
     forced = probe(dataset="breastmnist", fractions=[1.0], seeds=[0], workdir=work,
                    backend="torch", force=True, progress=False)
