@@ -145,9 +145,7 @@ class _Embedder:
         self.device = device
         self.prep = prep
         self.batch_size = batch_size
-        self.model = backbone.model.to(device).eval()
-        if device.type in ("cuda", "cpu"):
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = backbone.model.to(device, memory_format=torch.channels_last).eval()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
         self.bn_folded: int | None = None  # set on the first chunk (see fold.py)
