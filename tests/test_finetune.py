@@ -287,3 +287,49 @@ def test_frozen_pretrained_lite0_head_learns_real_breastmnist(real_root, tmp_pat
         spec=SubsetSpec(fraction=1.0, seed=0), recipe=recipe, workdir=tmp_path,
         data_root=real_root, progress=False)
     assert row.auc > 0.75 and row.acc > 0.74  # above the 73% majority class
+
+
+def test_sigkill_mid_training_then_rerun_resumes_and_equals_uninterrupted(tmp_path):
+    """A real `medfm finetune` process SIGKILLed after a checkpoint; the rerun resumes from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medfm.finetune.train import CHECKPOINT_NAME
+    from medfm.synthetic import write_synthetic_npz
+
+    root = tmp_path / "data"
+    write_synthetic_npz(root, "breastmnist", 28, n=(128, 32, 32))
+
+    def cmd(workdir):
+        return [sys.executable, "-m", "medfm", "finetune", "--dataset", "breastmnist", "--size",
+                "28", "--backbone", "test_resnet", "--weights", "random", "--device", "cpu",
+                "--epochs", "4", "--batch-size", "16", "--resize-policy", "native",
+                "--set", "augment=true", "--set", "eval_every=2",  # 16 rounds, 16 checkpoints
+                "--data-root", str(root), "--workdir", str(workdir), "--quiet"]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if list((killed / CHECKPOINTS_DIR).glob(f"*/{CHECKPOINT_NAME}")):
+            break  # written atomically: once it is there, it is whole
+        time.sleep(0.02)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (ckpt,) = (killed / CHECKPOINTS_DIR).glob(f"*/{CHECKPOINT_NAME}")
+    done_rounds = len(torch.load(ckpt, weights_only=False)["state"]["curves"])
+    assert 1 <= done_rounds < 16
+    assert len(Registry.in_workdir(killed)) == 0  # nothing recorded for a half-trained run
+
+    for workdir in (killed, tmp_path / "whole"):
+        run = subprocess.run(cmd(workdir), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    (resumed,) = Registry.in_workdir(killed).query(method="finetune")
+    (whole,) = Registry.in_workdir(tmp_path / "whole").query(method="finetune")
+    assert resumed.extra["resumed"] and not whole.extra["resumed"]
+    assert resumed.key == whole.key and (resumed.acc, resumed.auc) == (whole.acc, whole.auc)
+    assert np.array_equal(Registry.in_workdir(killed).scores(resumed.key)[1],
+                          Registry.in_workdir(tmp_path / "whole").scores(whole.key)[1])
