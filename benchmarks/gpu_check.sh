@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run on a CUDA machine: the test suite, then the extraction and probe benchmarks on the GPU.
+# Run on a CUDA machine: the test suite, then the extract, probe and fine-tune benchmarks on the GPU.
 #   bash benchmarks/gpu_check.sh            (from the repository root)
 # Uses .venv if present, else the python on PATH (torch, timm, h5py, scikit-learn expected). If
 # medmnist is missing, a wheel in ./wheels/ (pip download --no-deps medmnist -d wheels) is used.
@@ -12,5 +12,6 @@ $PY -m pip install -q --no-deps -e . 2>/dev/null || export PYTHONPATH=$PWD
 $PY -c "import torch; print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
 $PY -m pytest -q -x tests 2>&1 | tail -5
 $PY benchmarks/extract_bench.py --device cuda
-[ -f benchmarks/probe_bench.py ] && $PY benchmarks/probe_bench.py --device cuda
+$PY benchmarks/probe_bench.py --device cuda
+$PY benchmarks/finetune_bench.py --device cuda
 exit 0
