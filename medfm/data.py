@@ -14,7 +14,9 @@ from __future__ import annotations
 import difflib
 import enum
 import hashlib
+import importlib.util
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +83,28 @@ def _size_suffix(size: int) -> str:
 
 
 def _medmnist_info() -> dict:
-    from medmnist.info import INFO
+    """medmnist's INFO table, read from its info.py without importing the medmnist package.
 
-    return INFO
+    `import medmnist` runs its package __init__, which imports torch, torchvision and PIL (2 s or
+    more); info.py itself needs only the standard library. The package is loaded only to
+    download a missing file.
+    """
+    global _INFO
+    if _INFO is None:
+        loaded = sys.modules.get("medmnist.info")
+        if loaded is None:
+            spec = importlib.util.find_spec("medmnist")  # locates, does not run, the package
+            if spec is None or not spec.submodule_search_locations:
+                raise ImportError("medmnist is not installed: pip install medmnist")
+            path = Path(next(iter(spec.submodule_search_locations))) / "info.py"
+            info_spec = importlib.util.spec_from_file_location("_medfm_medmnist_info", path)
+            loaded = importlib.util.module_from_spec(info_spec)
+            info_spec.loader.exec_module(loaded)
+        _INFO = loaded.INFO
+    return _INFO
+
+
+_INFO: dict | None = None
 
 
 def _build_registry() -> dict[str, DatasetInfo]:

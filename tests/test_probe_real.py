@@ -1,5 +1,8 @@
 """The probe on real features: PneumoniaMNIST (official file) through the pretrained Lite0."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from medmnist import Evaluator
@@ -49,3 +52,14 @@ def test_immediate_rerun_recomputes_nothing(pneumonia_workdir, capsys, monkeypat
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "0 run(s) fitted, 4 already in the registry (nothing needed recomputing" in out
+
+    # a fresh process finds the same: it loads neither torch, scikit-learn nor the medmnist
+    # package (seconds of imports), only the registry and the store's header
+    code = ("import sys; from medfm.cli import main; rc = main(sys.argv[1:]); "
+            "print([m for m in ('torch', 'sklearn', 'scipy', 'medmnist') if m in sys.modules]); "
+            "sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "nothing needed recomputing" in run.stdout
+    assert run.stdout.strip().splitlines()[-1] == "[]"

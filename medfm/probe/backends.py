@@ -26,6 +26,8 @@ the previous solution (warm start) unless given `init`.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -51,10 +53,18 @@ class Solution:
     converged: bool  # gradient below tol before max_iter (multilabel: every label)
 
 
+# Paths one of which exists wherever CUDA can see a GPU on Linux: the driver's proc entry and
+# control node (also inside containers given a GPU), and WSL2's GPU paravirtualization device.
+NVIDIA_MARKERS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
+
+
 def cuda_available() -> bool:
-    """Whether torch sees a CUDA GPU (without importing torch when it is not installed)."""
+    """Whether torch sees a CUDA GPU, without importing torch (2 s) where there cannot be one:
+    torch not installed, or a Linux machine with no NVIDIA driver loaded."""
     if importlib.util.find_spec("torch") is None:
         return False
+    if sys.platform.startswith("linux") and not any(map(os.path.exists, NVIDIA_MARKERS)):
+        return False  # no NVIDIA kernel driver or device node: CUDA cannot see a GPU
     import torch
 
     return torch.cuda.is_available()

@@ -18,10 +18,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
+from medfm.probe.settings import KNN_K, KNN_METRICS
 from medfm.probe.targets import encode_targets, predict_from_proba
 
-KNN_K = 11  # neighbours (MedMNIST+)
-KNN_METRICS = ("cosine", "euclidean")
 QUERY_BLOCK = 1024  # queries per similarity block: (1024, N) float32
 
 

@@ -34,6 +34,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
 from medfm.probe.backends import DEFAULT_MAX_ITER, DEFAULT_TOL, Solution, make_solver
+from medfm.probe.settings import C_GRID, HOLDOUT_FRACTION, SELECTIONS
 from medfm.probe.targets import (
     Targets,
     encode_like,
@@ -45,9 +46,6 @@ from medfm.sampling import SubsetSpec, sample
 
 # 1e-4 .. 1e2, half a decade apart: with standardized ~1k-d features, C * n spans strongly
 # regularized few-shot fits (n ~ 10) to nearly unregularized full-split fits (n ~ 1e5)
-C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
-SELECTIONS = ("val", "holdout")  # where C is chosen
-HOLDOUT_FRACTION = 0.2  # share of the training subset held out under selection="holdout"
 CONSTANT_LOGIT = 13.8  # logit of a label seen with one value only: probability 1 - 1e-6
 
 

@@ -34,8 +34,7 @@ from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.backends import DEFAULT_MAX_ITER, DEFAULT_TOL, resolve_backend
-from medfm.probe.knn import KNN_K, KNN_METRICS, KNNProbe
-from medfm.probe.logreg import C_GRID, HOLDOUT_FRACTION, SELECTIONS, LogisticProbe
+from medfm.probe.settings import C_GRID, HOLDOUT_FRACTION, KNN_K, KNN_METRICS, SELECTIONS
 from medfm.sampling import SubsetSpec, sample
 from medfm.store.features import FeatureStore, find_stores
 from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
@@ -124,6 +123,9 @@ def _versions() -> dict:
 def _fit_and_score(arrays: StoreArrays, task: Task, train_rows: np.ndarray, key: ResultKey,
                    ) -> tuple[np.ndarray, float | None, dict]:
     """(float32 test scores, chosen C, extra) of one fit on the given training rows."""
+    from medfm.probe.knn import KNNProbe  # scikit-learn loads here, once something is fitted
+    from medfm.probe.logreg import LogisticProbe
+
     multi_label = task is Task.MULTI_LABEL
 
     def labels(split: str, rows=slice(None)) -> np.ndarray:
