@@ -32,8 +32,8 @@ demo: $(STAMP)
 	$(MEDFM) stores $(DEMO)
 	@echo "== 2. probe: logistic regression on the cached features, 3 fractions x 3 seeds"
 	$(MEDFM) probe $(DEMO) --dataset breastmnist --fractions 0.1,0.3,1.0 --seeds 0,1,2 --quiet
-	@echo "== 3. finetune: a short end-to-end run (64 px input, 3 epochs) on the same subsets"
-	$(MEDFM) finetune $(DEMO) $(LITE0) --fractions 0.1,1.0 --epochs 3 --input-size 64 --quiet
+	@echo "== 3. finetune: a short end-to-end run (64 px input, 4 epochs of batch 16) on the same subsets"
+	$(MEDFM) finetune $(DEMO) $(LITE0) --fractions 0.1,1.0 --epochs 4 --batch-size 16 --input-size 64 --quiet
 	@echo "== 4. probe and fine-tune side by side"
 	$(MEDFM) results $(DEMO) --dataset breastmnist
 	@echo "== 5. a tiny grid (logreg, kNN, fine-tune at 64 px), then the report"
