@@ -131,6 +131,8 @@ def test_dry_run_counts_every_job(data_root, tmp_path):
     # 2 backbones -> 2 stores; 2 fractions x 2 seeds = 4 subsets per store and method
     assert plan.total == {"extract": 2, "probe": 8, "finetune": 8}
     assert plan.done == {"extract": 0, "probe": 0, "finetune": 0}
+    # per store: fraction 0.5 x 2 seeds = 2 probe jobs, fraction 1.0's 2 seeds share 1 job
+    assert len(plan.jobs) == 2 + 2 * 3 + 8
     assert result.outcomes == [] and len(Registry.in_workdir(tmp_path)) == 0
     text = plan.describe()
     assert "extract          2       0       2" in text
@@ -226,3 +228,22 @@ def test_submitit_local_executor_matches_local(local_run, data_root, tmp_path):
     assert result.ok, result.summary()
     assert results(tmp_path).equals(results(workdir))
     assert (tmp_path / "slurm").is_dir()
+
+
+def test_full_fraction_seeds_share_one_probe_fit(data_root, pool, tmp_path):
+    spec = tiny(data_root, methods=["logreg"], seeds=[0, 1, 2])
+    plan = plan_grid(spec, workdir=tmp_path)
+    probes = [job for job in plan.jobs if job.kind == "probe"]
+    assert [len(job.specs) for job in probes] == [1, 1, 1, 3]  # 0.5 x 3 seeds, then 1.0
+    assert plan.total["probe"] == 6
+    result = run_grid(spec, workdir=tmp_path, executor=pool, progress=False)
+    assert result.ok and result.rows_added == 6
+    full = sorted((r for r in Registry.in_workdir(tmp_path).query(method="logreg")
+                   if r.key.fraction == 1.0), key=lambda r: r.key.seed)
+    assert [r.key.seed for r in full] == [0, 1, 2]
+    assert "shared_fit" not in full[0].extra  # fitted once, by the first seed
+    assert all(r.extra["shared_fit"] == full[0].key.digest() for r in full[1:])
+    assert len({(r.acc, r.auc, r.chosen_C) for r in full}) == 1
+    halves = [r for r in Registry.in_workdir(tmp_path).query(method="logreg")
+              if r.key.fraction == 0.5]
+    assert len({r.subset_digest for r in halves}) == 3  # seeds draw different halves

@@ -68,10 +68,15 @@ class ExtractJob:
 
 @dataclass(frozen=True)
 class ProbeJob:
-    """Fit one probe (logreg or kNN) on one training subset of an extracted store."""
+    """Fit one probe (logreg or kNN) on training subsets of an extracted store, one row each.
+
+    A job holds one subset, or every seed of the full training set (fraction 1.0), where all
+    seeds draw the same images: those share one fit (as `medfm probe` does), unless the seed
+    also changes the fit (selection="holdout" holds out a seeded share).
+    """
 
     store: ExtractJob  # the extraction this probe reads (its dependency)
-    spec: SubsetSpec
+    specs: tuple[SubsetSpec, ...]
     method: str  # "logreg" or "knn"
     backend: str
     selection: str
@@ -80,16 +85,21 @@ class ProbeJob:
 
     @property
     def label(self) -> str:
-        return (f"{self.method} {self.store.dataset}@{self.store.size} {self.store.backbone} "
-                f"{_subset_label(self.spec)}")
+        first = self.specs[0]
+        subset = (_subset_label(first) if len(self.specs) == 1 else
+                  f"{first.fraction:g} seeds {','.join(str(s.seed) for s in self.specs)}")
+        where = f"{self.store.dataset}@{self.store.size} {self.store.backbone}"
+        return f"{self.method} {where} {subset}"
 
     def run(self) -> list[ScoredRow]:
-        from medfm.probe import probe_job
+        from medfm.probe import StoreArrays, probe_job
         from medfm.store.features import FeatureStore
 
         store = FeatureStore(self.store.store_path())
-        return [probe_job(store, spec=self.spec, method=self.method, backend=self.backend,
-                          selection=self.selection)]
+        arrays, shared_fits = StoreArrays.load(store), {}
+        return [probe_job(store, spec=spec, method=self.method, backend=self.backend,
+                          selection=self.selection, arrays=arrays, shared_fits=shared_fits)
+                for spec in self.specs]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Expand a GridSpec into extract -> probe -> finetune jobs and drop the finished ones.
 
 Method. Every (dataset, size, backbone) with a probe method gets an extract job; every
-(store, subset, probe method) a probe job that depends on it; every (dataset, size, backbone,
+(store, subset, probe method) a probe job that depends on it (the seeds of fraction 1.0 in one
+job, sharing a fit: they draw the same images); every (dataset, size, backbone,
 subset) a finetune job when "finetune" is asked for. Done work is found before any model loads:
 a store is done when a finished store carries the same request (as `extract` finds it); a probe
 is done when the registry holds its `result_key` on that store (one query for the whole grid);
@@ -147,12 +148,16 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> Gr
         else:
             jobs.append(job)
         for method in probe_methods:
+            pending = []
             for subset in spec.subsets:
                 total["probe"] += 1
                 if store is not None and candidates[store.path, method, subset] & finished:
                     done["probe"] += 1
                 else:
-                    jobs.append(ProbeJob(job, subset, method, spec.backend, spec.selection))
+                    pending.append(subset)
+            full = [s for s in pending if s.fraction == 1.0]  # every seed draws the same images
+            groups = [(s,) for s in pending if s.fraction != 1.0] + ([tuple(full)] if full else [])
+            jobs += [ProbeJob(job, group, method, spec.backend, spec.selection) for group in groups]
 
     if "finetune" in spec.methods:
         recipe = resolve_recipe(spec.recipe, **dict(spec.overrides))
