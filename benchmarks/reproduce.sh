@@ -16,7 +16,11 @@ for part in "${@:-lite0 breast}"; do
         $MEDFM extract $W --dataset breastmnist --size 28 --backbone tf_efficientnet_lite0.in1k --input-size 64 --quiet
         $MEDFM probe $W --dataset breastmnist --fractions 0.1,1.0 --seeds 0,1,2 --quiet
         $MEDFM finetune $W --dataset breastmnist --size 28 --backbone tf_efficientnet_lite0.in1k \
-          --recipe medfm --input-size 64 --fractions 0.1,1.0 --seeds 0 --quiet ;;
+          --recipe medfm --input-size 64 --fractions 0.1,1.0 --seeds 0 --quiet
+        # the same 55 images with batch 16: more optimizer steps than 30 epochs of one batch
+        $MEDFM finetune $W --dataset breastmnist --size 28 --backbone tf_efficientnet_lite0.in1k \
+          --recipe medfm --input-size 64 --fractions 0.1 --seeds 0 --batch-size 16 --epochs 100 \
+          --quiet ;;
       breast|pneumonia)  # MedMNIST v2 protocol: ResNet-18 from scratch, 28 px, 3 seeds
         $MEDFM finetune $W --dataset ${p}mnist --size 28 --backbone resnet18 \
           --recipe medmnist-v2 ${V2_EPOCHS:+--epochs $V2_EPOCHS} --seeds 0,1,2 --quiet ;;
