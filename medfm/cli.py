@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
-from medfm.errors import InvalidArgumentError, MedfmError
+from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
 
 EXIT_USER_ERROR = 2  # bad input, missing file, corrupt store...
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -362,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", MedfmWarning)
+            warnings.showwarning = _one_line_warning(args.verb)
+            return args.run(args)
     except MedfmError as exc:
         print(f"medfm {args.verb}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -370,6 +374,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medfm {args.verb}: interrupted; finished work is kept, rerun the same command "
               f"to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _one_line_warning(verb: str):
+    """Print medfm's own warnings as `medfm VERB: warning: ...`, others as Python does."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MedfmWarning):
+            print(f"medfm {verb}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 if __name__ == "__main__":

@@ -34,3 +34,7 @@ class InvalidArgumentError(MedfmError):
 
 class RegistryError(MedfmError):
     """A results registry that cannot be opened or queried."""
+
+
+class MedfmWarning(UserWarning):
+    """Something that runs but probably not as the user wants; the CLI prints it on one line."""

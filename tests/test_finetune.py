@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from medfm.backbones import create_backbone
 from medfm.data import SPLITS, Task, get_dataset
-from medfm.errors import InvalidArgumentError, MedfmError
+from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
 from medfm.finetune import RECIPES, finetune, finetune_job, resolve_recipe
 from medfm.finetune.run import BEST_WEIGHTS_NAME, CHECKPOINTS_DIR
 from medfm.finetune.train import TaskLoss, apply_cifar_stem, augment, lr_factor, output_dim
@@ -183,6 +184,14 @@ def test_jobs_train_and_score_every_task(data_root, tmp_path, dataset, recipe, o
     assert {"val_loss", "val_acc", "val_auc", "lr_head", "seconds"} <= set(curves[0])
 
 
+def test_a_run_of_few_optimizer_steps_warns(data_root, tmp_path):
+    with pytest.warns(MedfmWarning, match="3 optimizer step.s. per epoch, 6 in all"):
+        _job(data_root, tmp_path)  # 48 images, batch 16, 2 epochs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MedfmWarning)
+        _job(data_root, tmp_path / "long", epochs=34)  # 102 steps: no warning
+
+
 def test_training_learns_the_synthetic_task(data_root, tmp_path):
     row, _, _ = _job(data_root, tmp_path, epochs=3, lr_backbone=1e-3, lr_head=1e-2)
     assert row.auc > 0.8
@@ -327,6 +336,9 @@ def test_sigkill_mid_training_then_rerun_resumes_and_equals_uninterrupted(tmp_pa
     for workdir in (killed, tmp_path / "whole"):
         run = subprocess.run(cmd(workdir), capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
+        # 128 images / 16 x 4 epochs = 32 steps: the user is told, on one line
+        assert ("medfm finetune: warning: 128 training images in batches of 16 make 8 optimizer "
+                "step(s) per epoch, 32 in all" in run.stderr)
     (resumed,) = Registry.in_workdir(killed).query(method="finetune")
     (whole,) = Registry.in_workdir(tmp_path / "whole").query(method="finetune")
     assert resumed.extra["resumed"] and not whole.extra["resumed"]

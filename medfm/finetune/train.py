@@ -33,6 +33,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +44,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medfm.data import Task
-from medfm.errors import InvalidArgumentError
+from medfm.errors import InvalidArgumentError, MedfmWarning
 from medfm.finetune.recipes import Recipe
 from medfm.metrics import acc as acc_metric
 from medfm.metrics import auc as auc_metric
 from medfm.preprocess import DevicePreprocessor, PreprocessConfig
 
+FEW_STEPS = 100  # fewer optimizer steps than this in a whole run draw a warning
 CHECKPOINT_NAME = "last.pt"  # the resumable state, replaced atomically after every round
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes; other formats start afresh
 DEVICE_CACHE_BYTES = 1 << 31  # training subsets up to 2 GiB are uploaded to the device once
@@ -350,6 +352,11 @@ def train(
             p.requires_grad_(id(p) in head_ids)
     batches = _Batches(train, recipe.batch_size, seed, device)
     total_steps = recipe.iterations or recipe.epochs * batches.per_epoch
+    if total_steps < FEW_STEPS:
+        warnings.warn(MedfmWarning(
+            f"{len(train)} training images in batches of {batches.batch_size} make "
+            f"{batches.per_epoch} optimizer step(s) per epoch, {total_steps} in all: too few to "
+            f"learn much; raise --epochs or lower --batch-size."), stacklevel=2)
     round_steps = recipe.eval_every or batches.per_epoch
     plan = {"n_train": len(train), "batch_size": batches.batch_size, "total_steps": total_steps,
             "round_steps": round_steps, "format": CHECKPOINT_FORMAT}
