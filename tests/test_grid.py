@@ -247,3 +247,14 @@ def test_full_fraction_seeds_share_one_probe_fit(data_root, pool, tmp_path):
     halves = [r for r in Registry.in_workdir(tmp_path).query(method="logreg")
               if r.key.fraction == 0.5]
     assert len({r.subset_digest for r in halves}) == 3  # seeds draw different halves
+
+
+def test_finetune_job_warnings_are_one_line_naming_the_job(data_root, tmp_path, capsys):
+    plan = plan_grid(tiny(data_root, methods=["finetune"]), workdir=tmp_path)
+    job = plan.jobs[0]  # fraction 0.5 of 32 images, batch 16, 1 epoch: 1 optimizer step
+    rows = job.run()
+    assert len(rows) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medfm grid: warning: {job.label}: 16 training images in batches of 16 make "
+                   "1 optimizer step(s) per epoch, 1 in all: too few to learn much; raise "
+                   "--epochs or lower --batch-size."]

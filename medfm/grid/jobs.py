@@ -9,14 +9,16 @@ machine or in another folder reads and writes the same work directory.
 
 from __future__ import annotations
 
+import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from medfm.errors import MedfmError
+from medfm.errors import MedfmError, MedfmWarning
 from medfm.sampling import SubsetSpec
 from medfm.store.registry import ResultRow
 
@@ -27,6 +29,17 @@ ScoredRow = tuple[ResultRow, np.ndarray, np.ndarray]  # (row, test scores, test 
 def _subset_label(spec: SubsetSpec) -> str:
     subset = f"{spec.fraction:g}" if spec.fraction is not None else f"{spec.shots}-shot"
     return f"{subset} seed {spec.seed}"
+
+
+def _show(caught: list[warnings.WarningMessage], label: str) -> None:
+    """Print a job's medfm warnings on one line naming the job, to the stderr of the process
+    that ran it (the terminal for local and Ray, the job's log under SLURM); pass other
+    warnings on as Python shows them."""
+    for w in caught:
+        if issubclass(w.category, MedfmWarning):
+            print(f"medfm grid: warning: {label}: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 @dataclass(frozen=True)
@@ -127,11 +140,15 @@ class FinetuneJob:
     def run(self) -> list[ScoredRow]:
         from medfm.finetune import finetune_job, resolve_recipe
 
-        row, scores, y_true = finetune_job(
-            dataset=self.dataset, backbone=self.backbone, size=self.size, spec=self.spec,
-            recipe=resolve_recipe(self.recipe, **dict(self.overrides)), weights=self.weights,
-            device=self.device, workdir=self.workdir, data_root=self.data_root, progress=False,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MedfmWarning)
+            row, scores, y_true = finetune_job(
+                dataset=self.dataset, backbone=self.backbone, size=self.size, spec=self.spec,
+                recipe=resolve_recipe(self.recipe, **dict(self.overrides)),
+                weights=self.weights, device=self.device, workdir=self.workdir,
+                data_root=self.data_root, progress=False,
+            )
+        _show(caught, self.label)
         return [(row, scores, y_true)]
 
 
