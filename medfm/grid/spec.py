@@ -40,13 +40,13 @@ import yaml
 from medfm.data import DATASETS, check_size, get_dataset
 from medfm.errors import InvalidArgumentError
 from medfm.preprocess import check_resize_policy
+from medfm.probe.settings import SELECTIONS
 from medfm.sampling import SubsetSpec
 from medfm.store.features import STORE_DTYPES
 from medfm.store.registry import METHODS
 
 PROBE_METHODS = ("logreg", "knn")  # methods that read feature stores
 PROBE_BACKENDS = ("auto", "sklearn", "torch", "cuml")
-SELECTIONS = ("val", "holdout")
 DEFAULTS: dict[str, Any] = {  # spec fields a file may leave out
     "weights": None, "fractions": (1.0,), "shots": (), "seeds": (0,), "methods": ("logreg",),
     "backend": "auto", "selection": "val", "resize_policy": None, "input_size": None,

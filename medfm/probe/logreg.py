@@ -44,8 +44,6 @@ from medfm.probe.targets import (
 )
 from medfm.sampling import SubsetSpec, sample
 
-# 1e-4 .. 1e2, half a decade apart: with standardized ~1k-d features, C * n spans strongly
-# regularized few-shot fits (n ~ 10) to nearly unregularized full-split fits (n ~ 1e5)
 CONSTANT_LOGIT = 13.8  # logit of a label seen with one value only: probability 1 - 1e-6
 
 

@@ -11,6 +11,8 @@ import numpy as np
 
 KNN_K = 11  # neighbours (MedMNIST+)
 KNN_METRICS = ("cosine", "euclidean")
+# 1e-4 .. 1e2, half a decade apart: with standardized ~1k-d features, C * n spans strongly
+# regularized few-shot fits (n ~ 10) to nearly unregularized full-split fits (n ~ 1e5)
 C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
 SELECTIONS = ("val", "holdout")  # where C is chosen
 HOLDOUT_FRACTION = 0.2  # share of the training subset held out under selection="holdout"
