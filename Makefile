@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medfm-installed
-export MEDFM_DATA_ROOT ?= ../shared/data/medmnist
+# default data root: the BreastMNIST-28 file shipped with the repository (data/medmnist/README.md)
+export MEDFM_DATA_ROOT ?= data/medmnist
 DEMO_WORKDIR ?= medfm-work/demo
 
 .PHONY: install test demo lint bench clean
