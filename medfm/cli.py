@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 
 from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
+from medfm.preprocess import NORMALIZATIONS, RESIZE_POLICIES
+from medfm.probe.solvers import SOLVERS
 
 EXIT_USER_ERROR = 2  # bad input, missing file, corrupt store...
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -44,14 +46,39 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 # --- extract / stores -------------------------------------------------------------------------
 
-def _add_extract(sub) -> None:
-    p = sub.add_parser("extract", help="embed MedMNIST splits into HDF5 feature stores")
-    p.add_argument("--dataset", required=True, help="flag(s), comma-separated, e.g. breastmnist")
-    p.add_argument("--backbone", required=True, help="timm name(s)[.tag] or medfm alias(es)")
-    p.add_argument("--size", required=True, help="source size(s): 28,64,128,224")
-    p.add_argument("--resize-policy", choices=["bilinear", "bicubic", "nearest", "pad", "native"],
+def _add_datasets(p, help_text: str) -> None:
+    """--dataset (also spelled --datasets): flags, comma-separated."""
+    p.add_argument("--dataset", "--datasets", dest="dataset", help=help_text)
+
+
+def _add_preprocess(p) -> None:
+    """The preprocessing request, shared by extract and finetune (medfm.preprocess)."""
+    p.add_argument("--resize-policy", choices=RESIZE_POLICIES,
                    help="how images reach the input size (default: bilinear)")
     p.add_argument("--input-size", type=int, help="model input side (default: the backbone's)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS,
+                   help="backbone: its mean/std (default); half: mean = std = 0.5")
+
+
+def _datasets(args, sizes: list[int]):
+    """Resolved datasets of --dataset (default: every MedMNIST dataset, skipping missing files
+    with one line each on stderr)."""
+    from medfm.data import resolve_datasets
+
+    refs, skipped = resolve_datasets(_csv(args.dataset) if args.dataset else None, sizes,
+                                     args.data_root)
+    for line in skipped:
+        print(f"medfm {args.verb}: {line}", file=sys.stderr)
+    return refs
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="embed MedMNIST splits into HDF5 feature stores")
+    _add_datasets(p, "flag(s), comma-separated (default: every MedMNIST dataset whose file "
+                     "is present or can be downloaded)")
+    p.add_argument("--backbone", required=True, help="timm name(s)[.tag] or medfm alias(es)")
+    p.add_argument("--size", required=True, help="source size(s): 28,64,128,224")
+    _add_preprocess(p)
     p.add_argument("--batch-size", type=int, help="images per forward (default: 256 GPU, 32 CPU)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
@@ -64,23 +91,24 @@ def _add_extract(sub) -> None:
 
 
 def _run_extract(args) -> int:
-    from medfm.extract import extract
+    from medfm.extract import extract_request
+    from medfm.preprocess import PreprocessRequest
+    from medfm.request import resolve_store_request
 
-    for dataset in _csv(args.dataset):
-        for size in _sizes(args.size):
-            for backbone in _csv(args.backbone):
-                result = extract(dataset=dataset, backbone=backbone, size=size,
-                                 resize_policy=args.resize_policy, input_size=args.input_size,
-                                 batch_size=args.batch_size, device=args.device,
-                                 dtype=args.dtype, weights=args.weights, workdir=args.workdir,
-                                 data_root=args.data_root, force=args.force,
+    preprocess = PreprocessRequest(args.resize_policy, args.input_size, args.normalize)
+    requests = [resolve_store_request(dataset=ref, backbone=backbone, weights=args.weights,
+                                      preprocess=preprocess, dtype=args.dtype)
+                for ref in _datasets(args, _sizes(args.size)) for backbone in _csv(args.backbone)]
+    for request in requests:
+        result = extract_request(request, batch_size=args.batch_size, device=args.device,
+                                 workdir=args.workdir, force=args.force,
                                  progress=not args.quiet)
-                s = result.summary
-                rate = f", {result.images_per_s:.0f} img/s" if result.images_per_s else ""
-                verb = {"exists": "already extracted, nothing to do",
-                        "built": "built", "resumed": "resumed and finished"}[result.status]
-                print(f"{s['dataset']}@{s['size']} {s['backbone']} ({s['policy']}): {verb} -> "
-                      f"{result.path} [{s['rows']} rows x {s['dims']} dims{rate}]")
+        s = result.summary
+        rate = f", {result.images_per_s:.0f} img/s" if result.images_per_s else ""
+        verb = {"exists": "already extracted, nothing to do",
+                "built": "built", "resumed": "resumed and finished"}[result.status]
+        print(f"{s['dataset']}@{s['size']} {s['backbone']} ({s['policy']}): {verb} -> "
+              f"{result.path} [{s['rows']} rows x {s['dims']} dims{rate}]")
     return 0
 
 
@@ -99,23 +127,31 @@ def _run_stores(args) -> int:
     return 0
 
 
-# --- probe ------------------------------------------------------------------------------------
+# --- probe ----------------------------------------------------------------------------------
 
 def _add_probe(sub) -> None:
+    from medfm.probe.methods import probe_methods
+
+    methods = probe_methods()
     p = sub.add_parser("probe", help="fit probes on feature stores over fractions x seeds")
-    p.add_argument("--dataset", help="flag(s), comma-separated (default: every store)")
-    p.add_argument("--backbone", help="backbone(s) as extracted, comma-separated")
+    _add_datasets(p, "flag(s), comma-separated (default: every store)")
+    p.add_argument("--backbone", help="backbone(s) as extracted, any spelling, comma-separated")
     p.add_argument("--size", help="source size(s), comma-separated")
     p.add_argument("--store", help="path of one store (instead of the filters)")
     p.add_argument("--fractions", help="training fractions, e.g. 0.01,0.1,1.0 (default 1.0)")
     p.add_argument("--shots", help="images per class, e.g. 1,5,10")
     p.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
-    p.add_argument("--method", choices=["logreg", "knn"], default="logreg")
-    p.add_argument("--knn-metric", choices=["cosine", "euclidean"], default="cosine",
-                   help="kNN distance (default cosine; k = 11 as MedMNIST+)")
-    p.add_argument("--backend", choices=["auto", "sklearn", "torch", "cuml"], default="auto")
-    p.add_argument("--selection", choices=["val", "holdout"], default="val",
-                   help="choose C on the official val split or on a holdout of the subset")
+    p.add_argument("--method", choices=sorted(methods), default="logreg")
+    for option in {o.name: o for m in methods.values() for o in m.options}.values():
+        p.add_argument(option.flag, dest=option.name, choices=option.choices or None,
+                       help=option.help)
+    p.add_argument("--selection", choices=sorted({s for m in methods.values()
+                                                  for s in m.selections}),
+                   help="how hyper-parameters are chosen (logreg: val (default) or holdout)")
+    p.add_argument("--solver", "--backend", dest="solver", choices=SOLVERS, default="auto",
+                   help="how logreg is fitted (default auto: sklearn, or torch for large "
+                        "problems; cuml/torch on a GPU)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.add_argument("--force", action="store_true", help="refit runs already in the registry")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -123,13 +159,15 @@ def _add_probe(sub) -> None:
 
 
 def _run_probe(args) -> int:
-    from medfm.probe import probe
+    from medfm.probe import get_method, probe
     from medfm.sampling import parse_fractions, parse_seeds, parse_shots
     from medfm.store.registry import Registry
 
     fractions = parse_fractions(args.fractions) if args.fractions else None
     shots = parse_shots(args.shots) if args.shots else None
     seeds = parse_seeds(args.seeds)
+    options = {o.name: getattr(args, o.name) for o in get_method(args.method).options
+               if getattr(args, o.name) is not None}
     targets = [dict(store=args.store)] if args.store else [
         dict(dataset=d, backbone=b, size=s)
         for d in (_csv(args.dataset) if args.dataset else [None])
@@ -138,9 +176,9 @@ def _run_probe(args) -> int:
     digests, computed, skipped, wall = [], 0, 0, 0.0
     for target in targets:
         report = probe(**target, fractions=fractions, shots=shots, seeds=seeds,
-                       method=args.method, backend=args.backend, selection=args.selection,
-                       knn_metric=args.knn_metric, workdir=args.workdir, force=args.force,
-                       progress=not args.quiet)
+                       method=args.method, selection=args.selection, solver=args.solver,
+                       device=args.device, workdir=args.workdir, force=args.force,
+                       progress=not args.quiet, **options)
         digests += [r.key.digest() for r in report.computed] + [k.digest() for k in report.skipped]
         computed += len(report.computed)
         skipped += len(report.skipped)
@@ -156,7 +194,8 @@ def _run_probe(args) -> int:
 
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="train backbones end to end (batch of jobs)")
-    p.add_argument("--dataset", required=True, help="flag(s), comma-separated")
+    _add_datasets(p, "flag(s), comma-separated (default: every MedMNIST dataset whose file "
+                     "is present or can be downloaded)")
     p.add_argument("--backbone", required=True, help="timm name(s)[.tag] or alias(es)")
     p.add_argument("--size", required=True, help="source size(s): 28,64,128,224")
     p.add_argument("--fractions", help="training fractions, e.g. 0.1,1.0 (default 1.0)")
@@ -166,8 +205,7 @@ def _add_finetune(sub) -> None:
                    help="medfm, seed-paper, medmnist-plus or medmnist-v2 (default medfm)")
     p.add_argument("--epochs", help="override the recipe's length in epochs")
     p.add_argument("--batch-size", help="override the recipe's batch size")
-    p.add_argument("--input-size", help="override the model input side")
-    p.add_argument("--resize-policy", help="override the recipe's resize policy")
+    _add_preprocess(p)
     p.add_argument("--freeze-backbone", action="store_true",
                    help="train only the head through the frozen backbone (the references' "
                         "'linear probing')")
@@ -189,7 +227,7 @@ def _overrides(args) -> dict:
         if not sep or not field.strip():
             raise InvalidArgumentError(f"--set {item!r} must look like FIELD=VALUE.")
         overrides[field.strip().replace("-", "_")] = value.strip()
-    for name in ("epochs", "batch_size", "input_size", "resize_policy"):
+    for name in ("epochs", "batch_size"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.freeze_backbone:
@@ -203,12 +241,16 @@ def _run_finetune(args) -> int:
     from medfm.store.registry import Registry
 
     report = finetune(
-        datasets=_csv(args.dataset), backbones=_csv(args.backbone), sizes=_sizes(args.size),
+        datasets=_csv(args.dataset) if args.dataset else None, backbones=_csv(args.backbone),
+        sizes=_sizes(args.size),
         fractions=parse_fractions(args.fractions) if args.fractions else None,
         shots=parse_shots(args.shots) if args.shots else None, seeds=parse_seeds(args.seeds),
-        recipe=args.recipe, overrides=_overrides(args), weights=args.weights,
+        recipe=args.recipe, overrides=_overrides(args), resize_policy=args.resize_policy,
+        input_size=args.input_size, normalize=args.normalize, weights=args.weights,
         device=args.device, workdir=args.workdir, data_root=args.data_root, force=args.force,
         progress=not args.quiet)
+    for line in report.missing:
+        print(f"medfm finetune: {line}", file=sys.stderr)
     if report.ran:
         frame = Registry.in_workdir(args.workdir).to_dataframe(
             digest=[row.key.digest() for row in report.ran])
@@ -219,14 +261,14 @@ def _run_finetune(args) -> int:
 
 # --- results ----------------------------------------------------------------------------------
 
-RESULT_COLUMNS = ["dataset", "size", "backbone", "method", "backend", "fraction", "shots", "seed",
+RESULT_COLUMNS = ["dataset", "size", "backbone", "weights", "method", "fraction", "shots", "seed",
                   "n_train", "acc", "auc", "balanced_acc"]  # what `medfm results` shows
 
 
 def _add_filters(p) -> None:
     """Registry filters shared by `results` and `report`."""
-    p.add_argument("--dataset", help="flag(s), comma-separated")
-    p.add_argument("--backbone", help="timm architecture(s), comma-separated")
+    _add_datasets(p, "flag(s), comma-separated")
+    p.add_argument("--backbone", help="backbone(s) in any spelling (alias, arch, arch.tag)")
     p.add_argument("--size", help="source size(s), comma-separated")
     p.add_argument("--method", help="logreg, knn and/or finetune, comma-separated")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
@@ -249,15 +291,10 @@ def _add_results(sub) -> None:
     p.set_defaults(run=_run_results)
 
 
-def results_frame(workdir=None, **filters):
-    """The registry as a pandas DataFrame (the API behind `medfm results`)."""
+def _run_results(args) -> int:
     from medfm.store.registry import Registry
 
-    return Registry.in_workdir(workdir).to_dataframe(**filters)
-
-
-def _run_results(args) -> int:
-    _print_results(results_frame(args.workdir, **_filters(args)), args.format)
+    _print_results(Registry.in_workdir(args.workdir).to_dataframe(**_filters(args)), args.format)
     return 0
 
 
@@ -302,20 +339,28 @@ def _run_report(args) -> int:
 
 
 def _add_grid(sub) -> None:
+    import dataclasses
+
+    from medfm.grid.executors import executors, option_flag
+
+    found = executors()
     p = sub.add_parser("grid", help="run a whole benchmark grid; finished work is skipped")
     p.add_argument("spec", nargs="?", help="YAML grid spec (or use --preset)")
     p.add_argument("--preset", help="seed-paper or medmnist-plus")
-    p.add_argument("--datasets", help="narrow a preset: flags, comma-separated")
-    p.add_argument("--backbones", help="narrow a preset: backbones, comma-separated")
-    p.add_argument("--sizes", help="narrow a preset: sizes, comma-separated")
-    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local")
+    _add_datasets(p, "narrow the grid to these flags, comma-separated")
+    p.add_argument("--backbone", "--backbones", dest="backbone",
+                   help="narrow the grid to these backbones, comma-separated")
+    p.add_argument("--size", "--sizes", dest="size", help="narrow the grid to these sizes")
+    p.add_argument("--executor", choices=sorted(found), default="local")
     p.add_argument("--dry-run", action="store_true", help="print the plan with counts, run nothing")
-    p.add_argument("--max-workers", type=int, help="local: worker processes")
-    p.add_argument("--address", help="ray: cluster address (default: start a local one)")
-    p.add_argument("--partition", help="slurm: partition")
-    p.add_argument("--gpus-per-job", type=int, help="ray/slurm: GPUs per job")
-    p.add_argument("--cpus-per-job", type=int, help="ray/slurm: CPUs per job")
-    p.add_argument("--timeout-min", type=int, help="slurm: time limit per job, minutes")
+    options = {}
+    for cls in found.values():
+        for option in dataclasses.fields(cls.Options):
+            if "type" in option.metadata:  # options with a command-line form
+                options.setdefault(option.name, option)
+    for name, option in options.items():
+        p.add_argument(option_flag(name), dest=f"executor_{name}", type=option.metadata["type"],
+                       default=argparse.SUPPRESS, help=option.metadata["help"])
     p.add_argument("--data-root", help="default: the spec's, else $MEDFM_DATA_ROOT")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -323,21 +368,20 @@ def _add_grid(sub) -> None:
 
 
 def _run_grid(args) -> int:
+    import dataclasses
+
     from medfm.grid import load_spec, preset_spec, run_grid
 
     if bool(args.spec) == bool(args.preset):
         raise InvalidArgumentError("give either a grid spec file or --preset NAME.")
-    if args.spec:
-        spec = load_spec(args.spec)
-    else:
-        spec = preset_spec(args.preset,
-                           datasets=_csv(args.datasets) if args.datasets else None,
-                           backbones=_csv(args.backbones) if args.backbones else None,
-                           sizes=_sizes(args.sizes) if args.sizes else None,
-                           data_root=args.data_root)
-    options = {name: getattr(args, name) for name in
-               ("max_workers", "address", "partition", "gpus_per_job", "cpus_per_job",
-                "timeout_min") if getattr(args, name) is not None}
+    spec = load_spec(args.spec) if args.spec else preset_spec(args.preset)
+    if args.data_root is not None:
+        spec = dataclasses.replace(spec, data_root=str(args.data_root))
+    spec = spec.narrowed(datasets=_csv(args.dataset) if args.dataset else None,
+                         backbones=_csv(args.backbone) if args.backbone else None,
+                         sizes=_sizes(args.size) if args.size else None)
+    options = {name.removeprefix("executor_"): value for name, value in vars(args).items()
+               if name.startswith("executor_")}
     result = run_grid(spec, workdir=args.workdir, executor=args.executor,
                       dry_run=args.dry_run, progress=not args.quiet, **options)
     print(result.plan.describe() if args.dry_run else result.summary())

@@ -5,24 +5,29 @@
     # images: (N, H, W) or (N, H, W, 3) uint8; labels: (N, 1) or (N, 14) uint8
 
 Files are the official `{flag}.npz` (28 px) and `{flag}_{64,128,224}.npz`. A file that is present
-is used as it is, with no network. 128/224 px images are memory-mapped straight out of the
-(uncompressed) npz, so PathMNIST-224 (16 GB) never has to fit in memory.
+is used as it is, with no network; a missing one is downloaded through medmnist unless
+$MEDFM_OFFLINE is set. 128/224 px images are memory-mapped (decompressed once into a cache), so
+PathMNIST-224 (16 GB) never has to fit in memory.
+
+A dataset enters a run's identity as a `DatasetRef`: flag, size and the MD5 of the file's bytes
+(the official MD5 for official files), found once per file and cached (medfm.cache).
 """
 
 from __future__ import annotations
 
 import difflib
 import enum
-import hashlib
 import importlib.util
 import os
 import sys
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from medfm.cache import file_digest
 from medfm.errors import DataFileMissingError, InvalidArgumentError, UnknownDatasetError
 from medfm.paths import resolve_data_root
 
@@ -31,6 +36,7 @@ SPLITS = ("train", "val", "test")  # official splits, in the order stores hold t
 MMAP_MIN_SIZE = 128  # sizes at or above this are memory-mapped instead of read into memory
 NPY_CACHE_ENV = "MEDFM_NPY_CACHE"  # where decompressed copies of compressed npz members go
 STREAM_BYTES = 1 << 26  # decompress 64 MB at a time
+OFFLINE_ENV = "MEDFM_OFFLINE"  # set (to anything but "" or "0"): never try to download a file
 
 
 class Task(str, enum.Enum):
@@ -152,24 +158,31 @@ def check_size(size: int) -> int:
     return size
 
 
+def offline() -> bool:
+    """Whether $MEDFM_OFFLINE forbids downloads."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
 def data_file(flag: str, size: int, data_root: str | os.PathLike | None = None) -> Path:
     """Path of the npz for (flag, size), downloading it through medmnist only if it is absent.
 
-    With no network, the error names the file, its URL and MD5, and where to put it.
+    With no network (or $MEDFM_OFFLINE set), the error names the file, its URL and MD5, and
+    where to put it.
     """
     info = get_dataset(flag)
     root = resolve_data_root(data_root)
     path = root / info.filename(size)
     if path.exists():
         return path
-    try:
-        import medmnist
+    if not offline():
+        try:
+            import medmnist
 
-        root.mkdir(parents=True, exist_ok=True)
-        cls = getattr(medmnist, info.python_class)
-        cls(split="train", root=str(root), size=size, download=True)
-    except Exception:  # noqa: BLE001,S110 - medmnist wraps any failure in a generic RuntimeError
-        pass  # the one-line error below says what to do
+            root.mkdir(parents=True, exist_ok=True)
+            cls = getattr(medmnist, info.python_class)
+            cls(split="train", root=str(root), size=size, download=True)
+        except Exception:  # noqa: BLE001,S110 - medmnist wraps any failure in a RuntimeError
+            pass  # the one-line error below says what to do
     if path.exists():
         return path
     raise DataFileMissingError(
@@ -177,6 +190,60 @@ def data_file(flag: str, size: int, data_root: str | os.PathLike | None = None) 
         f"{info.url(size)} (MD5 {info.md5(size)}) and put it there, or point --data-root / "
         f"$MEDFM_DATA_ROOT at the folder that holds it."
     )
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset file as part of a run's identity: equal refs hold the same images."""
+
+    name: str  # MedMNIST flag, e.g. "breastmnist"
+    size: int  # source image size: 28, 64, 128 or 224
+    digest: str  # MD5 of the npz file's bytes (the official MD5 for an official file)
+    path: Path | None = field(default=None, compare=False)  # where it was found
+
+    @property
+    def label(self) -> str:
+        """"breastmnist@28", as progress bars and messages name it."""
+        return f"{self.name}@{self.size}"
+
+
+def resolve_dataset(flag: str, size: int,
+                    data_root: str | os.PathLike | None = None) -> DatasetRef:
+    """The identity of (flag, size): its file (downloaded if absent and allowed) and content MD5."""
+    info = get_dataset(flag)
+    size = check_size(size)
+    path = data_file(info.flag, size, data_root)
+    return DatasetRef(info.flag, size, file_digest(path, "md5"), path)
+
+
+def resolve_datasets(flags: Sequence[str] | None, sizes: Sequence[int],
+                     data_root: str | os.PathLike | None = None,
+                     ) -> tuple[list[DatasetRef], list[str]]:
+    """(refs, skipped) for every flag x size, flags outermost.
+
+    `flags=None` means every MedMNIST dataset; then a file that is missing and cannot be
+    downloaded is skipped with a one-line reason in `skipped`. A flag the user named is
+    required: its missing file raises DataFileMissingError. Nothing at all to work on is an
+    error too.
+    """
+    named = flags is not None
+    chosen = [get_dataset(f).flag for f in flags] if named else list(DATASETS)
+    refs, skipped = [], []
+    for flag in chosen:
+        for size in sizes:
+            try:
+                refs.append(resolve_dataset(flag, size, data_root))
+            except DataFileMissingError:
+                if named:
+                    raise
+                skipped.append(f"skipped {flag}@{size}: {get_dataset(flag).filename(size)} is not "
+                               f"in {resolve_data_root(data_root)} and could not be downloaded")
+    if not refs:
+        raise DataFileMissingError(
+            f"none of the {len(chosen)} MedMNIST datasets has a file at size(s) "
+            f"{', '.join(map(str, sizes))} in {resolve_data_root(data_root)}; point --data-root "
+            f"/ $MEDFM_DATA_ROOT at the folder holding the npz files, or name --dataset.")
+    return refs, skipped
 
 
 def _cache_dir(path: Path) -> Path:
@@ -270,10 +337,3 @@ def load_split(
     return images, labels
 
 
-def file_md5(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    """MD5 of a file, read in 16 MB chunks (compare with DatasetInfo.md5)."""
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()

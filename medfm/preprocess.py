@@ -1,26 +1,34 @@
 """Device-side preprocessing shared by extract and finetune: uint8 batches in, model input out.
 
-    cfg = resolve_preprocess(backbone.data_config, resize_policy="pad", source_size=28)
+    request = PreprocessRequest(resize_policy="pad")           # what the user (or recipe) asked
+    cfg = request.resolve(backbone.data_config, source_size=28)   # -> PreprocessConfig
     prep = DevicePreprocessor(cfg, device="cuda")
     x = prep(torch.from_numpy(images[i:j]))  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float
 
 Images travel to the device as uint8 (4x less to copy than float), and every per-pixel step runs
 there on whole batches: convert, resize by policy, grayscale -> 3 channels, normalize with the
-backbone's mean/std. The resolved config is part of every store's and result's identity.
+backbone's mean/std. One `PreprocessRequest` (policy, input size, normalization; None = the
+default) serves extract, fine-tune recipes and grid specs alike; requests merge field by field
+(`recipe.preprocess.merged(user_request)`), and the resolved config is part of every store's and
+result's identity.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from medfm.errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    import torch
+
 RESIZE_POLICIES = ("bilinear", "bicubic", "nearest", "pad", "native")
 DEFAULT_RESIZE_POLICY = "bilinear"  # the seed paper's choice: upsample to the backbone's input size
+NORMALIZATIONS = ("backbone", "half")  # the backbone's mean/std, or mean = std = 0.5 (MedMNIST v2)
+DEFAULT_NORMALIZATION = "backbone"
+HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # normalize="half"
 DEFAULT_MEAN = (0.485, 0.456, 0.406)  # ImageNet, when the backbone's config has none
 DEFAULT_STD = (0.229, 0.224, 0.225)
 
@@ -36,6 +44,43 @@ class PreprocessConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class PreprocessRequest:
+    """How the user (or a recipe, or a grid spec) asks images to be prepared; None = default."""
+
+    resize_policy: str | None = None  # one of RESIZE_POLICIES; None: bilinear
+    input_size: int | None = None  # model input side; None: the backbone's (native: the source's)
+    normalize: str | None = None  # one of NORMALIZATIONS; None: the backbone's mean/std
+
+    def __post_init__(self) -> None:
+        if self.resize_policy is not None:
+            check_resize_policy(self.resize_policy)
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
+            raise InvalidArgumentError(
+                f"normalization {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}.")
+        if self.input_size is not None:
+            if isinstance(self.input_size, bool) or int(self.input_size) != self.input_size or (
+                    self.input_size <= 0):
+                raise InvalidArgumentError(
+                    f"input size {self.input_size!r} must be a positive integer.")
+            object.__setattr__(self, "input_size", int(self.input_size))
+
+    def merged(self, override: PreprocessRequest | None) -> PreprocessRequest:
+        """This request with every field that `override` sets replaced by the override's."""
+        if override is None:
+            return self
+        return PreprocessRequest(**{
+            name: getattr(override, name) if getattr(override, name) is not None
+            else getattr(self, name) for name in ("resize_policy", "input_size", "normalize")})
+
+    def resolve(self, data_config: dict, *, source_size: int | None = None) -> PreprocessConfig:
+        """The concrete config for a backbone's data config (see `resolve_preprocess`)."""
+        mean, std = HALF_MEAN_STD if self.normalize == "half" else (None, None)
+        return resolve_preprocess(data_config, input_size=self.input_size,
+                                  resize_policy=self.resize_policy, mean=mean, std=std,
+                                  source_size=source_size)
 
 
 def check_resize_policy(policy: str) -> str:
@@ -60,8 +105,7 @@ def resolve_preprocess(
     `data_config` is timm's resolved data config (keys `input_size` (C, H, W), `mean`, `std`),
     possibly overridden by a medfm alias (e.g. DINOv2 at 518 px). `native` feeds `source_size`.
     """
-    policy = check_resize_policy(
-        resize_policy or data_config.get("resize_policy") or DEFAULT_RESIZE_POLICY)
+    policy = check_resize_policy(resize_policy or DEFAULT_RESIZE_POLICY)
     if policy == "native":
         if source_size is None:
             raise InvalidArgumentError("resize policy 'native' needs the source image size.")
@@ -87,6 +131,8 @@ class DevicePreprocessor:
 
     def __init__(self, cfg: PreprocessConfig, device: str | torch.device = "cpu",
                  channels_last: bool = True):
+        import torch
+
         self.cfg = cfg
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -94,6 +140,8 @@ class DevicePreprocessor:
         self._std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         x = images.to(self.device, non_blocking=True)
         if x.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images, got {x.dtype}")
@@ -111,6 +159,8 @@ class DevicePreprocessor:
 
 def resize(x: torch.Tensor, size: int, policy: str) -> torch.Tensor:
     """Resize (B, C, H, W) float images to (B, C, size, size) by policy."""
+    import torch.nn.functional as F
+
     h, w = x.shape[-2:]
     if policy == "native" or (h == size and w == size):
         return x

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -213,6 +214,17 @@ def sample(labels: np.ndarray, task: Task, spec: SubsetSpec) -> Subset:
     indices.setflags(write=False)
     digest = hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest()[:DIGEST_CHARS]
     return Subset(spec=spec, indices=indices, n=int(indices.size), digest=digest)
+
+
+def expand_subsets(fractions: Sequence[float] | None, shots: Sequence[int] | None,
+                   seeds: Sequence[int], default_fractions: Sequence[float] = (1.0,),
+                   ) -> list[SubsetSpec]:
+    """Every fraction under every seed, then every shot count under every seed; with neither
+    fractions nor shots given, `default_fractions` (the whole training split)."""
+    if not fractions and not shots:
+        fractions = default_fractions
+    specs = [SubsetSpec(fraction=f, seed=s) for f in fractions or () for s in seeds]
+    return specs + [SubsetSpec(shots=k, seed=s) for k in shots or () for s in seeds]
 
 
 def sample_fraction(labels: np.ndarray, task: Task, fraction: float, seed: int) -> Subset:

@@ -65,3 +65,25 @@ def write_synthetic_npz(
     path = root / info.filename(size)
     np.savez(path, **arrays)  # uncompressed, like the official files
     return path
+
+
+def write_feature_store(workdir: str | os.PathLike, dataset: str, features: dict,
+                        labels: dict, *, backbone: str = "synthetic.features", size: int = 28,
+                        dtype: str = "float16") -> Path:
+    """A finished feature store of given features (split -> (N, D)) and labels (split -> (N, L)),
+    named and identified like an extracted one: for probe tests and benchmarks that need a
+    store of a shape no real backbone gives (PathMNIST-sized, say) without extracting it."""
+    from medfm.request import FEATURE_KIND, store_filename
+    from medfm.store.features import StoreWriter, stores_dir
+
+    identity = {"dataset": dataset, "size": size, "data_digest": "synthetic",
+                "backbone": backbone, "weights": "random", "resize_policy": "native",
+                "input_size": size, "mean": [0.5] * 3, "std": [0.5] * 3,
+                "normalize": "backbone", "feature_kind": FEATURE_KIND, "dtype": dtype}
+    path = stores_dir(workdir) / store_filename(identity)
+    dim = next(iter(features.values())).shape[1]
+    writer = StoreWriter(path, identity, dim=dim, labels=labels,
+                         attrs={"backbone_name": backbone, "dataset": dataset})
+    for split in SPLITS:
+        writer.write(split, 0, features[split])
+    return writer.finalize()

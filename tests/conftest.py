@@ -22,11 +22,20 @@ SYNTHETIC_FLAGS = {
 }
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    """medfm's machine-wide cache (file digests, timm registry snapshot), shared by the session."""
+    return tmp_path_factory.mktemp("medfm-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path, monkeypatch):
-    """Every test gets its own workdir and npy cache; none reads the user's environment."""
+def _isolated_env(tmp_path, monkeypatch, _session_cache):
+    """Every test gets its own workdir and npy cache, never downloads, and reads none of the
+    user's environment."""
     monkeypatch.setenv("MEDFM_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("MEDFM_NPY_CACHE", str(tmp_path / "npy-cache"))
+    monkeypatch.setenv("MEDFM_CACHE", str(_session_cache))
+    monkeypatch.setenv("MEDFM_OFFLINE", "1")
     monkeypatch.delenv("MEDFM_DATA_ROOT", raising=False)
 
 

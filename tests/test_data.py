@@ -3,14 +3,16 @@ import hashlib
 import numpy as np
 import pytest
 
+from medfm.cache import file_digest
 from medfm.data import (
     DATASETS,
     SIZES,
     Task,
     data_file,
-    file_md5,
     get_dataset,
     load_split,
+    resolve_dataset,
+    resolve_datasets,
 )
 from medfm.errors import DataFileMissingError, InvalidArgumentError, UnknownDatasetError
 from medfm.synthetic import write_synthetic_npz
@@ -70,10 +72,38 @@ def test_compressed_official_npz_is_streamed_to_a_cache_and_mapped(real_root, tm
     assert not (real_root / ".medfm-npy").exists()
 
 
-def test_real_files_match_official_md5(real_root):
-    path = data_file("breastmnist", 28, real_root)
-    assert file_md5(path) == get_dataset("breastmnist").md5(28)
-    assert file_md5(path) == hashlib.md5(path.read_bytes()).hexdigest()
+def test_real_files_resolve_to_their_official_md5(real_root):
+    ref = resolve_dataset("BreastMNIST", 28, real_root)
+    assert (ref.name, ref.size, ref.path) == ("breastmnist", 28, real_root / "breastmnist.npz")
+    assert ref.digest == get_dataset("breastmnist").md5(28)
+    assert ref.digest == hashlib.md5(ref.path.read_bytes()).hexdigest()
+
+
+def test_file_digests_are_cached_and_follow_edits(tmp_path, monkeypatch):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"abc")
+    assert file_digest(path) == hashlib.md5(b"abc").hexdigest()
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open",
+                        lambda p, *a, **k: reads.append(p) or real_open(p, *a, **k))
+    assert file_digest(path) == hashlib.md5(b"abc").hexdigest() and reads == []  # from the cache
+    monkeypatch.undo()
+    path.write_bytes(b"abcd")  # new size and mtime: digested afresh
+    assert file_digest(path) == hashlib.md5(b"abcd").hexdigest()
+    assert file_digest(path, "sha256") == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_default_datasets_skip_missing_files_named_ones_do_not(synthetic_root, tmp_path):
+    refs, skipped = resolve_datasets(None, [28, 64], synthetic_root)
+    found = {(r.name, r.size) for r in refs}
+    assert found == {(f, 28) for f in SYNTHETIC_FLAGS} | {("bloodmnist", 64)}
+    assert len(skipped) == 12 * 2 - len(found)
+    assert "skipped pathmnist@28: pathmnist.npz is not in" in skipped[0]
+    with pytest.raises(DataFileMissingError, match="pathmnist.npz"):
+        resolve_datasets(["breastmnist", "pathmnist"], [28], synthetic_root)
+    with pytest.raises(DataFileMissingError, match="none of the 12 MedMNIST datasets"):
+        resolve_datasets(None, [28], tmp_path / "empty")
 
 
 def test_missing_file_error_names_file_url_and_md5(tmp_path):

@@ -34,7 +34,9 @@ def test_extract_every_task_type_into_a_verified_store(flag, synthetic_root, tmp
         np.testing.assert_array_equal(store.index(split), np.arange(len(images)))
     attrs = store.attrs
     assert attrs["dataset"] == flag and attrs["arch"] == "test_resnet"
-    assert attrs["weights"] == "random" and len(attrs["weights_digest"]) >= 16
+    assert attrs["weights_source"] == "random" and len(attrs["weights_digest"]) >= 16
+    assert store.request["weights"] == "random"
+    assert store.request["backbone"] == "test_resnet.r160_in1k"  # canonical id
     assert '"input_size": 32' in attrs["preprocess_json"]
     assert attrs["data_md5"] and attrs["fingerprint"] == store.fingerprint
 
@@ -62,14 +64,45 @@ def test_rerun_is_a_noop_that_loads_no_model(synthetic_root, tmp_path, monkeypat
                     progress=False, **TINY)
     mtime = first.path.stat().st_mtime_ns
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("a finished store must not load the backbone")
-
-    monkeypatch.setattr("medfm.extract.extractor.create_backbone", no_model)
+    monkeypatch.setattr("medfm.extract.extractor.create_backbone", _no_model)
     again = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
                     progress=False, **TINY)
     assert again.status == "exists" and again.path == first.path
     assert first.path.stat().st_mtime_ns == mtime
+
+
+def test_alias_bare_and_tagged_names_are_one_store(synthetic_root, tmp_path, monkeypatch):
+    """resnet18 is an alias of resnet18.a1_in1k, also timm's default tag for the bare name:
+    one request, one store, built once whatever the spelling."""
+    kw = dict(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+              progress=False, weights="random", input_size=32)
+    first = extract(backbone="resnet18", **kw)
+    monkeypatch.setattr("medfm.extract.extractor.create_backbone", _no_model)
+    for spelling in ("resnet18.a1_in1k", " resnet18 "):
+        again = extract(backbone=spelling, **kw)
+        assert again.status == "exists" and again.path == first.path
+    assert "resnet18.a1_in1k" in first.path.name
+    assert [s.path for s in find_stores(tmp_path, backbone="resnet18.a1_in1k")] == [first.path]
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a finished store must not load the backbone")
+
+
+def test_extract_without_dataset_builds_every_file_present_and_names_the_rest(
+        synthetic_root, tmp_path, capsys):
+    argv = ["extract", "--backbone", "test_resnet", "--weights", "random", "--input-size", "32",
+            "--size", "28", "--data-root", str(synthetic_root), "--workdir", str(tmp_path),
+            "--quiet"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    built = {s["dataset"] for s in list_stores(tmp_path)}
+    assert built == set(SYNTHETIC_FLAGS)
+    skipped = [line for line in err.splitlines() if "skipped" in line]
+    assert len(skipped) == 12 - len(SYNTHETIC_FLAGS) and "pathmnist@28" in err
+    assert out.count("built ->") == len(SYNTHETIC_FLAGS)
+    assert main(argv) == 0  # and again: everything found, nothing built
+    assert capsys.readouterr().out.count("already extracted") == len(SYNTHETIC_FLAGS)
 
 
 def test_force_recomputes(synthetic_root, tmp_path):
@@ -205,7 +238,8 @@ def test_real_breastmnist_with_pretrained_lite0(real_root, tmp_path):
     result = extract(dataset="breastmnist", size=28, backbone="tf_efficientnet_lite0.in1k",
                      input_size=64, data_root=real_root, workdir=tmp_path, progress=False)
     store = FeatureStore(result.path)
-    assert store.attrs["weights"].startswith("offline:")
+    assert store.attrs["weights_source"].startswith("offline:")
+    assert store.request["weights"] == "pretrained"
     assert store.attrs["data_md5"] == store.attrs["data_md5_official"]
     assert store.rows == {"train": 546, "val": 78, "test": 156} and store.dim == 1280
     # ImageNet features separate malignant from benign far above chance with a plain probe

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from medfm.backbones import create_backbone
 from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
-from medfm.finetune import RECIPES, finetune, finetune_job, resolve_recipe
+from medfm.finetune import RECIPES, finetune, finetune_job, resolve_finetune, resolve_recipe
 from medfm.finetune.run import BEST_WEIGHTS_NAME, CHECKPOINTS_DIR
+from medfm.preprocess import PreprocessRequest
 from medfm.finetune.train import TaskLoss, apply_cifar_stem, augment, lr_factor, output_dim
 from medfm.sampling import SubsetSpec
 from medfm.store.registry import Registry
@@ -44,12 +45,19 @@ def data_root(tmp_path_factory):
     return root
 
 
+def _request(data_root, *, recipe, dataset="breastmnist", backbone="test_resnet", seed=0,
+             weights="random", fraction=1.0, preprocess=None):
+    return resolve_finetune(dataset=dataset, size=28, backbone=backbone, weights=weights,
+                            spec=SubsetSpec(fraction=fraction, seed=seed), recipe=recipe,
+                            preprocess=preprocess, data_root=data_root)
+
+
 def _job(data_root, workdir, *, dataset="breastmnist", backbone="test_resnet", seed=0,
          recipe="medfm", on_checkpoint=None, **overrides):
-    return finetune_job(
-        dataset=dataset, backbone=backbone, size=28, spec=SubsetSpec(fraction=1.0, seed=seed),
-        recipe=resolve_recipe(recipe, **{**FAST, **overrides}), weights="random", device="cpu",
-        workdir=workdir, data_root=data_root, progress=False, on_checkpoint=on_checkpoint)
+    request = _request(data_root, dataset=dataset, backbone=backbone, seed=seed,
+                       recipe=resolve_recipe(recipe, **{**FAST, **overrides}))
+    return finetune_job(request, device="cpu", workdir=workdir, progress=False,
+                        on_checkpoint=on_checkpoint)
 
 
 # -- recipes --------------------------------------------------------------------------------
@@ -176,7 +184,7 @@ def test_jobs_train_and_score_every_task(data_root, tmp_path, dataset, recipe, o
                                backbone=backbone, **overrides)
     assert scores.shape == (N_SPLITS[2], width) and y_true.shape[0] == N_SPLITS[2]
     assert np.all((scores >= 0) & (scores <= 1))
-    assert row.key.method == "finetune" and row.key.backend == "cpu"
+    assert row.key.method == "finetune" and row.device == "cpu" and row.solver == ""
     assert row.n_train == N_SPLITS[0] and 0 <= row.acc <= 1
     curves = row.extra["curves"]
     assert [c["epoch"] for c in curves] == [1.0, 2.0]
@@ -224,15 +232,14 @@ def test_early_stopping_and_best_checkpoint(data_root, tmp_path):
     row, _, _ = _job(data_root, tmp_path, epochs=10, lr_head=1e-12, freeze_backbone=True,
                      monitor="loss", select_metric="loss", patience=2)
     assert row.extra["stopped_early"] and len(row.extra["curves"]) == 3
-    assert row.extra["best_round"] == 1 and row.key.selection == "val_loss"
+    assert row.extra["best_round"] == 1
+    assert (row.key.selection, row.key.select_metric) == ("val", "loss")
 
 
 def test_freeze_backbone_trains_only_the_head(data_root, tmp_path):
     recipe = resolve_recipe("medfm", **FAST, freeze_backbone=True, lr_head=1e-2)
-    row, _, _ = finetune_job(dataset="breastmnist", backbone="test_resnet", size=28,
-                             spec=SubsetSpec(fraction=1.0, seed=0), recipe=recipe,
-                             weights="random", device="cpu", workdir=tmp_path,
-                             data_root=data_root, progress=False)
+    row, _, _ = finetune_job(_request(data_root, recipe=recipe), device="cpu", workdir=tmp_path,
+                             progress=False)
     before = create_backbone("test_resnet", weights="random", num_classes=2).model.state_dict()
     folder = tmp_path / CHECKPOINTS_DIR / row.key.digest()
     # finetune_job leaves last.pt; its best state is what was tested
@@ -244,15 +251,12 @@ def test_freeze_backbone_trains_only_the_head(data_root, tmp_path):
 
 def test_from_scratch_recipe_refuses_pretrained_weights(data_root, tmp_path):
     with pytest.raises(MedfmError, match="pretrained=true"):
-        finetune_job(dataset="breastmnist", backbone="test_resnet", size=28,
-                     spec=SubsetSpec(fraction=1.0, seed=0), recipe=RECIPES["medmnist-v2"],
-                     weights=str(tmp_path / "w.pt"), device="cpu", workdir=tmp_path,
-                     data_root=data_root, progress=False)
+        _request(data_root, recipe=RECIPES["medmnist-v2"], weights=str(tmp_path / "w.pt"))
 
 
 # -- batch jobs and the registry ------------------------------------------------------------------
 
-def test_finetune_records_rows_and_skips_done_keys(data_root, tmp_path):
+def test_finetune_records_rows_and_skips_done_keys(data_root, tmp_path, monkeypatch):
     kwargs = dict(datasets=["breastmnist"], backbones=["test_resnet"], sizes=[28],
                   fractions=[0.5, 1.0], seeds=(0,), recipe="medfm", overrides=FAST,
                   weights="random", device="cpu", workdir=tmp_path, progress=False)
@@ -269,10 +273,48 @@ def test_finetune_records_rows_and_skips_done_keys(data_root, tmp_path):
         folder = tmp_path / CHECKPOINTS_DIR / row.key.digest()
         assert sorted(p.name for p in folder.iterdir()) == [BEST_WEIGHTS_NAME]
 
-    # rerun: every key is done, so nothing is loaded (this data root has no files at all)
-    again = finetune(data_root=tmp_path / "no-data-here", **kwargs)
+    # rerun: every key is done, so no image and no model is loaded
+    def nothing(*args, **kw):
+        raise AssertionError("a finished fine-tune must not load images or a model")
+
+    monkeypatch.setattr("medfm.finetune.run.load_split", nothing)
+    monkeypatch.setattr("medfm.finetune.run.create_backbone", nothing)
+    again = finetune(data_root=data_root, **kwargs)
     assert again.ran == () and len(again.skipped) == 2
     assert len(reg) == 2
+
+
+def test_alias_bare_and_tagged_names_are_one_finetune_run(data_root, tmp_path, monkeypatch):
+    """`--backbone resnet18` then `--backbone resnet18.a1_in1k`: the same model, trained once."""
+    kwargs = dict(datasets=["breastmnist"], sizes=[28], fractions=[1.0], seeds=(0,),
+                  recipe="medfm", overrides={**FAST, "epochs": 1}, weights="random",
+                  device="cpu", workdir=tmp_path, data_root=data_root, progress=False)
+    first = finetune(backbones=["resnet18"], **kwargs)
+    assert len(first.ran) == 1 and first.ran[0].key.backbone == "resnet18.a1_in1k"
+    monkeypatch.setattr("medfm.finetune.run.create_backbone", _no_model)
+    for spelling in ("resnet18.a1_in1k", "resnet18"):
+        again = finetune(backbones=[spelling], **kwargs)
+        assert again.ran == () and len(again.skipped) == 1
+    assert len(Registry.in_workdir(tmp_path)) == 1
+    assert len(Registry.in_workdir(tmp_path).query(backbone="resnet18")) == 1
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a finished run must not load a model")
+
+
+def test_user_preprocessing_overrides_the_recipe_and_enters_the_key(data_root):
+    v2 = RECIPES["medmnist-v2"]  # native size, mean = std = 0.5
+    plain = _request(data_root, recipe=v2)
+    assert (plain.preprocess.resize_policy, plain.preprocess.input_size) == ("native", 28)
+    assert plain.preprocess.mean == (0.5, 0.5, 0.5) and plain.key().normalize == "half"
+    asked = _request(data_root, recipe=v2,
+                     preprocess=PreprocessRequest(resize_policy="nearest", input_size=64))
+    assert (asked.preprocess.resize_policy, asked.preprocess.input_size) == ("nearest", 64)
+    assert asked.recipe.normalize == "half"  # not set by the user: the recipe's
+    assert (asked.key().resize_policy, asked.key().input_size) == ("nearest", 64)
+    assert asked.key().digest() != plain.key().digest()
+    assert "resize_policy" not in asked.key().params  # held resolved in the key, once
 
 
 def test_new_head_on_pretrained_backbone_starts_with_small_logits():
@@ -292,9 +334,8 @@ def test_new_head_on_pretrained_backbone_starts_with_small_logits():
 def test_frozen_pretrained_lite0_head_learns_real_breastmnist(real_root, tmp_path):
     recipe = resolve_recipe("medfm", freeze_backbone=True, epochs=4, input_size=64)
     row, scores, y_true = finetune_job(
-        dataset="breastmnist", backbone="tf_efficientnet_lite0.in1k", size=28,
-        spec=SubsetSpec(fraction=1.0, seed=0), recipe=recipe, workdir=tmp_path,
-        data_root=real_root, progress=False)
+        _request(real_root, recipe=recipe, backbone="tf_efficientnet_lite0.in1k", weights=None),
+        workdir=tmp_path, progress=False)
     assert row.auc > 0.75 and row.acc > 0.74  # above the 73% majority class
 
 

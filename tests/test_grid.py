@@ -12,8 +12,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from medfm.errors import InvalidArgumentError
-from medfm.grid import LocalExecutor, load_spec, plan_grid, preset_spec, run_grid, spec_from_dict
+from medfm.cli import main
+from medfm.errors import InvalidArgumentError, UnknownBackboneError
+from medfm.grid import load_spec, plan_grid, preset_spec, run_grid, spec_from_dict
+from medfm.grid.executors.local import LocalExecutor
 from medfm.grid.spec import MEDMNIST_PLUS_BACKBONES, PRESETS
 from medfm.report import report
 from medfm.store.registry import Registry
@@ -23,7 +25,7 @@ N_SPLITS = (32, 12, 16)  # synthetic train/val/test rows
 TINY = {  # a grid that runs in seconds on 2 CPU cores
     "datasets": ["breastmnist"], "sizes": [28], "backbones": ["test_resnet"],
     "weights": "random", "fractions": [0.5, 1.0], "seeds": [0], "methods": ["logreg", "finetune"],
-    "backend": "sklearn", "resize_policy": "native", "device": "cpu",
+    "solver": "sklearn", "resize_policy": "native", "device": "cpu",
     "finetune": {"recipe": "medfm", "overrides": {"epochs": 1, "batch_size": 16,
                                                   "augment": False}},
 }
@@ -104,14 +106,14 @@ def test_yaml_spec_and_relative_data_root(tmp_path, data_root):
         f"data_root: {data_root.name}\nfractions: [0.1, 1.0]\nseeds: [0, 1]\n"
     )
     spec = load_spec(tmp_path / "spec.yaml")
-    assert spec.methods == ("logreg",) and spec.backend == "auto"
+    assert spec.methods == ("logreg",) and spec.solver == "auto"
     assert len(spec.subsets) == 4
     assert spec.data_root == str((tmp_path / data_root.name).resolve())
 
 
 def test_presets_build_the_published_grids_and_narrow():
     plus = PRESETS["medmnist-plus"]
-    assert len(plus.datasets) == 12 and plus.sizes == (28, 64, 128, 224)
+    assert plus.datasets is None and plus.sizes == (28, 64, 128, 224)  # every dataset present
     assert plus.resize_policy == "pad" and plus.input_size == 224
     assert plus.methods == ("logreg", "knn", "finetune") and plus.recipe == "medmnist-plus"
     seed = preset_spec("seed-paper", datasets=["breastmnist"], sizes=[28, 64])
@@ -181,17 +183,67 @@ def test_killed_driver_resumes_only_missing_work(local_run, pool, data_root, tmp
 
 
 def test_failing_job_is_reported_while_the_rest_completes(pool, data_root, tmp_path):
-    spec = tiny(data_root, backbones=["test_resnet", "no_such_net"], fractions=[1.0])
+    """A corrupt store: its extract job fails naming it, its probes do not run, the other
+    backbone's jobs and every fine-tune complete."""
+    spec = tiny(data_root, backbones=["test_resnet", "test_efficientnet"], fractions=[1.0])
+    vit = next(j for j in plan_grid(spec, workdir=tmp_path).todo("extract")
+               if j.where.endswith("test_efficientnet"))
+    path = tmp_path / "stores" / vit.request.filename()
+    path.write_bytes(b"not an hdf5 file")
     result = run_grid(spec, workdir=tmp_path, executor=pool, progress=False)
     assert not result.ok
     failed = {o.job.label: o.error for o in result.failed}
-    assert set(failed) == {"extract breastmnist@28 no_such_net",
-                           "finetune breastmnist@28 no_such_net 1 seed 0",
-                           "logreg breastmnist@28 no_such_net 1 seed 0"}
-    assert failed["extract breastmnist@28 no_such_net"].startswith("UnknownBackboneError")
-    assert "its extraction failed" in failed["logreg breastmnist@28 no_such_net 1 seed 0"]
-    assert result.rows_added == 2  # test_resnet's logreg and finetune rows
-    assert "FAILED extract breastmnist@28 no_such_net: UnknownBackboneError" in result.summary()
+    assert set(failed) == {"extract breastmnist@28 test_efficientnet",
+                           "logreg breastmnist@28 test_efficientnet 1 seed 0"}
+    assert failed["extract breastmnist@28 test_efficientnet"].startswith("StoreError")
+    assert str(path) in failed["extract breastmnist@28 test_efficientnet"]
+    assert "its extraction failed" in failed["logreg breastmnist@28 test_efficientnet 1 seed 0"]
+    assert result.rows_added == 3  # test_resnet's logreg, both fine-tunes
+    assert "FAILED extract breastmnist@28 test_efficientnet: StoreError" in result.summary()
+
+
+def test_unknown_backbone_fails_the_plan_before_anything_runs(data_root, tmp_path):
+    with pytest.raises(UnknownBackboneError, match="test_resnet"):
+        run_grid(tiny(data_root, backbones=["test_resnet", "test_resnett"]), workdir=tmp_path,
+                 progress=False)
+    assert not (tmp_path / "stores").exists() or not list((tmp_path / "stores").glob("*.h5*"))
+
+
+def test_an_executor_option_the_executor_does_not_take_is_one_line(data_root, tmp_path, capsys):
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(f"datasets: [breastmnist]\nsizes: [28]\nbackbones: [test_resnet]\n"
+                    f"weights: random\ndata_root: {data_root}\n")
+    code = main(["grid", str(spec), "--gpus-per-job", "1", "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "local executor does not take --gpus-per-job" in err and "ray, slurm" in err
+    assert not (tmp_path / "stores").exists()  # refused before planning
+    with pytest.raises(InvalidArgumentError, match="--max-workers"):
+        run_grid(tiny(data_root), workdir=tmp_path, executor="slurm", max_workers=2)
+    assert main(["grid", str(spec), "--executor", "slurm", "--timeout-min", "5", "--dry-run",
+                 "--workdir", str(tmp_path)]) == 0
+
+
+def test_grid_without_datasets_covers_every_file_present(synthetic_root, tmp_path):
+    spec = spec_from_dict({**TINY, "datasets": None, "data_root": str(synthetic_root),
+                           "methods": ["logreg"]})
+    plan = plan_grid(spec, workdir=tmp_path)
+    assert {j.request.dataset.name for j in plan.todo("extract")} == {
+        "breastmnist", "bloodmnist", "chestmnist", "retinamnist", "organamnist"}
+    assert len(plan.skipped) == 7 and "skipped pathmnist@28" in plan.describe()
+
+
+def test_grid_preprocessing_reaches_finetunes_unless_overridden(data_root, tmp_path):
+    grid = plan_grid(tiny(data_root, resize_policy="bilinear", input_size=40), workdir=tmp_path)
+    (extract,) = grid.todo("extract")
+    tunes = grid.todo("finetune")
+    assert extract.request.preprocess.input_size == 40
+    assert {j.request.preprocess.input_size for j in tunes} == {40}
+    assert {j.request.key().resize_policy for j in tunes} == {"bilinear"}
+    own = tiny(data_root, resize_policy="bilinear", input_size=40,
+               finetune={"recipe": "medfm", "overrides": {"epochs": 1, "input_size": 48}})
+    assert {j.request.preprocess.input_size for j in plan_grid(own, workdir=tmp_path)
+            .todo("finetune")} == {48}
 
 
 def test_report_from_a_grid(local_run):
@@ -199,7 +251,7 @@ def test_report_from_a_grid(local_run):
     files = report(workdir=workdir, out=workdir / "grid-report")
     assert {p.name for p in files.plots} >= {"fraction_breastmnist_28.png",
                                               "probe_vs_finetune.png"}
-    assert "test_resnet · logreg" in files.markdown[0].read_text()
+    assert "test_resnet.r160_in1k · logreg" in files.markdown[0].read_text()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -210,7 +262,7 @@ def test_ray_cluster_matches_local(local_run, data_root, tmp_path):
     workdir, _ = local_run
     try:
         result = run_grid(tiny(data_root), workdir=tmp_path, executor="ray", progress=False,
-                          num_cpus=2, include_dashboard=False)
+                          init_options={"num_cpus": 2, "include_dashboard": False})
     finally:
         ray.shutdown()
     assert result.ok, result.summary()

@@ -4,7 +4,12 @@ import torch
 import torch.nn.functional as F
 
 from medfm.errors import InvalidArgumentError
-from medfm.preprocess import DevicePreprocessor, PreprocessConfig, resolve_preprocess
+from medfm.preprocess import (
+    DevicePreprocessor,
+    PreprocessConfig,
+    PreprocessRequest,
+    resolve_preprocess,
+)
 
 TIMM_CFG = {"input_size": (3, 224, 224), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
 
@@ -12,10 +17,25 @@ TIMM_CFG = {"input_size": (3, 224, 224), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0
 def test_resolution_order_user_over_backbone_over_default():
     cfg = resolve_preprocess(TIMM_CFG)
     assert cfg == PreprocessConfig(224, "bilinear", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
-    cfg = resolve_preprocess({**TIMM_CFG, "resize_policy": "bicubic"}, input_size=96)
+    cfg = resolve_preprocess(TIMM_CFG, resize_policy="bicubic", input_size=96)
     assert (cfg.input_size, cfg.resize_policy) == (96, "bicubic")
     assert resolve_preprocess({}).mean == (0.485, 0.456, 0.406)
     assert resolve_preprocess(TIMM_CFG, resize_policy="native", source_size=28).input_size == 28
+
+
+def test_requests_merge_field_by_field_and_resolve_like_the_function():
+    recipe = PreprocessRequest(resize_policy="native", normalize="half")
+    user = PreprocessRequest(input_size=64, resize_policy="bilinear")
+    merged = recipe.merged(user)
+    assert merged == PreprocessRequest(resize_policy="bilinear", input_size=64, normalize="half")
+    assert recipe.merged(None) == recipe and PreprocessRequest().merged(recipe) == recipe
+    cfg = merged.resolve(TIMM_CFG, source_size=28)
+    assert cfg == PreprocessConfig(64, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    assert PreprocessRequest().resolve(TIMM_CFG) == resolve_preprocess(TIMM_CFG)
+    with pytest.raises(InvalidArgumentError, match="normalization"):
+        PreprocessRequest(normalize="zscore")
+    with pytest.raises(InvalidArgumentError, match="positive integer"):
+        PreprocessRequest(input_size=0)
 
 
 def test_bad_policy_and_impossible_pad_are_clear_errors():

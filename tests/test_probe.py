@@ -1,4 +1,5 @@
-"""The probe stage: estimator contract, backend parity, C selection, kNN, probe() end to end."""
+"""The probe stage: estimator contract, solver parity, C selection, kNN, the method registry,
+probe() end to end."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import pytest
 from medmnist.evaluator import getACC, getAUC
 from sklearn.base import clone
 
-from medfm.data import SPLITS, Task, get_dataset
+from medfm.data import Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import auc
-from medfm.probe import KNNProbe, LogisticProbe, probe
-from medfm.probe.backends import cuml_available, make_solver
-from medfm.store.features import StoreKey, StoreWriter, stores_dir
+from medfm.probe import KNNProbe, LogisticProbe, probe, probe_methods
+from medfm.probe.solvers import cuml_available, make_solver, resolve_solver
 from medfm.store.registry import Registry
+from medfm.synthetic import write_feature_store
 
 DIM = 24  # synthetic feature width
 
@@ -42,7 +43,7 @@ def test_torch_matches_sklearn_on_the_same_C(task):
     X, y = _blobs(task, 1200, 0, CASES[task])
     Xv, yv = _blobs(task, 300, 1, CASES[task])
     Xt, yt = _blobs(task, 800, 2, CASES[task])
-    fitted = {b: LogisticProbe(backend=b).fit(X, y, Xv, yv) for b in ("sklearn", "torch")}
+    fitted = {b: LogisticProbe(solver=b).fit(X, y, Xv, yv) for b in ("sklearn", "torch")}
     sk, th = fitted["sklearn"], fitted["torch"]
     assert sk.C_ == th.C_
     assert np.mean(sk.predict(Xt) == th.predict(Xt)) >= 0.99
@@ -64,7 +65,7 @@ def test_solver_objective_is_sklearns():
 def test_estimator_contract_clone_and_joblib(tmp_path):
     X, y = _blobs(Task.MULTI_CLASS, 400, 0, 3)
     Xv, yv = _blobs(Task.MULTI_CLASS, 100, 1, 3)
-    probe_ = LogisticProbe(backend="torch", Cs=(0.01, 0.1))
+    probe_ = LogisticProbe(solver="torch", Cs=(0.01, 0.1))
     twin = clone(probe_)
     assert twin.get_params() == probe_.get_params() and not hasattr(twin, "coef_")
     probe_.fit(X, y, Xv, yv)
@@ -79,7 +80,7 @@ def test_estimator_contract_clone_and_joblib(tmp_path):
 
 def test_binary_proba_has_two_columns_and_original_class_ids():
     X, y = _blobs(Task.BINARY, 300, 0, 2)
-    fitted = LogisticProbe(Cs=(1.0,), backend="sklearn").fit(X, y + 5)
+    fitted = LogisticProbe(Cs=(1.0,), solver="sklearn").fit(X, y + 5)
     proba = fitted.predict_proba(X)
     assert proba.shape == (300, 2) and np.allclose(proba.sum(1), 1)
     assert set(fitted.predict(X)) <= {5, 6} and fitted.coef_.shape == (1, DIM)
@@ -88,20 +89,20 @@ def test_binary_proba_has_two_columns_and_original_class_ids():
 def test_C_is_the_grid_point_with_the_best_val_metric():
     X, y = _blobs(Task.MULTI_CLASS, 150, 0, 3, dim=60)
     Xv, yv = _blobs(Task.MULTI_CLASS, 400, 1, 3, dim=60)
-    fitted = LogisticProbe(backend="torch").fit(X, y, Xv, yv)
+    fitted = LogisticProbe(solver="torch").fit(X, y, Xv, yv)
     scores = [p["score"] for p in fitted.path_]
     best = int(np.argmax(scores))
     assert fitted.C_ == fitted.path_[best]["C"]
     assert len(set(scores)) > 1  # the choice was not a tie-break
-    refit = LogisticProbe(backend="torch", Cs=(fitted.C_,)).fit(X, y)
+    refit = LogisticProbe(solver="torch", Cs=(fitted.C_,)).fit(X, y)
     assert np.mean(refit.predict(Xv) == yv) == pytest.approx(max(scores))
 
 
 def test_holdout_selection_needs_no_val_and_ignores_it():
     X, y = _blobs(Task.MULTI_CLASS, 200, 0, 3)
-    fitted = LogisticProbe(backend="torch", selection="holdout", random_state=1).fit(X, y)
+    fitted = LogisticProbe(solver="torch", selection="holdout", random_state=1).fit(X, y)
     garbage_val = np.full((5, DIM), np.nan, dtype=np.float32)  # never read
-    same = LogisticProbe(backend="torch", selection="holdout", random_state=1).fit(
+    same = LogisticProbe(solver="torch", selection="holdout", random_state=1).fit(
         X, y, garbage_val, np.zeros(5))
     np.testing.assert_array_equal(fitted.predict_proba(X), same.predict_proba(X))
     assert np.isfinite([p["score"] for p in fitted.path_]).all()
@@ -117,7 +118,7 @@ def test_val_selection_without_val_is_a_clear_error():
 def test_multilabel_constant_label_gets_a_constant_probe():
     X, y = _blobs(Task.MULTI_LABEL, 300, 0, 3)
     y[:, 1] = 0
-    fitted = LogisticProbe(Cs=(0.1,), backend="torch").fit(X, y)
+    fitted = LogisticProbe(Cs=(0.1,), solver="torch").fit(X, y)
     proba = fitted.predict_proba(X)
     assert proba.shape == (300, 3) and (proba[:, 1] < 1e-5).all()
 
@@ -150,8 +151,8 @@ def test_knn_multilabel_is_the_mean_of_neighbour_labels():
 def test_cuml_matches_sklearn_on_the_same_C():
     X, y = _blobs(Task.MULTI_CLASS, 1200, 0, 4)
     Xt, yt = _blobs(Task.MULTI_CLASS, 800, 2, 4)
-    sk = LogisticProbe(backend="sklearn", Cs=(0.1,)).fit(X, y)
-    cu = LogisticProbe(backend="cuml", Cs=(0.1,)).fit(X, y)
+    sk = LogisticProbe(solver="sklearn", Cs=(0.1,)).fit(X, y)
+    cu = LogisticProbe(solver="cuml", Cs=(0.1,)).fit(X, y)
     assert np.mean(sk.predict(Xt) == cu.predict(Xt)) >= 0.99
 
 
@@ -177,30 +178,24 @@ def write_store(workdir, flag: str, seed: int = 0) -> None:
             signal = direction[y[:, 0]]
         labels[split] = y
         features[split] = (signal + rng.normal(size=(n, DIM))).astype(np.float32)
-    key = StoreKey(dataset=flag, size=28, arch="synthetic_net", tag="t", weights_digest="w0",
-                   resize_policy="bilinear", input_size=32)
-    writer = StoreWriter(stores_dir(workdir) / key.filename(), key, dim=DIM, labels=labels,
-                         attrs={"backbone_name": "synthetic_net"})
-    for split in SPLITS:
-        writer.write(split, 0, features[split])
-    writer.finalize()
+    write_feature_store(workdir, flag, features, labels, backbone="synthetic_net.t")
 
 
 def test_probe_every_task_writes_rows_then_a_rerun_computes_nothing(tmp_path, monkeypatch):
     work = tmp_path / "w"
     for i, flag in enumerate(STORE_FLAGS):
         write_store(work, flag, seed=i)
-    report = probe(fractions=[0.5, 1.0], seeds=[0, 1], workdir=work, backend="torch",
+    report = probe(fractions=[0.5, 1.0], seeds=[0, 1], workdir=work, solver="torch",
                    progress=False)
     assert report.planned == len(STORE_FLAGS) * 4 and not report.skipped
     rows = Registry.in_workdir(work).query(method="logreg")
     assert {r.key.dataset for r in rows} == set(STORE_FLAGS) and len(rows) == 16
     for row in rows:
-        assert row.key.backbone == "synthetic_net" and row.chosen_C is not None
+        assert row.key.backbone == "synthetic_net.t" and row.chosen_C is not None
+        assert (row.solver, row.device) == ("torch", "cpu")
         assert row.auc > 0.75, (row.key.dataset, row.auc)
         assert row.acc_ci_low <= row.acc <= row.acc_ci_high
-        assert json.loads(row.key.params)["C_grid"] == row.extra["C_grid"]
-        assert len(row.extra["path"]) == len(row.extra["C_grid"])
+        assert len(row.extra["path"]) == len(json.loads(row.key.params)["C_grid"])
     half = [r for r in rows if r.key.dataset == "bloodmnist" and r.key.fraction == 0.5]
     assert half[0].subset_digest != half[1].subset_digest and half[0].n_train == 120
     full = [r for r in rows if r.key.dataset == "bloodmnist" and r.key.fraction == 1.0]
@@ -210,13 +205,13 @@ def test_probe_every_task_writes_rows_then_a_rerun_computes_nothing(tmp_path, mo
         raise AssertionError(f"a rerun must not read features ({store.path})")
 
     monkeypatch.setattr("medfm.probe.run.StoreArrays.load", no_features)
-    again = probe(fractions=[0.5, 1.0], seeds=[0, 1], workdir=work, backend="torch",
+    again = probe(fractions=[0.5, 1.0], seeds=[0, 1], workdir=work, solver="torch",
                   progress=False)
     assert not again.computed and len(again.skipped) == again.planned == 16
     monkeypatch.undo()
 
     forced = probe(dataset="breastmnist", fractions=[1.0], seeds=[0], workdir=work,
-                   backend="torch", force=True, progress=False)
+                   solver="torch", force=True, progress=False)
     assert len(forced.computed) == 1 and len(Registry.in_workdir(work)) == 16
 
 
@@ -231,12 +226,13 @@ def test_saved_scores_reproduce_medmnist_metrics(tmp_path, flag):
     assert row.acc == getACC(y_true, y_score, task)
     assert row.auc == getAUC(y_true, y_score, task)
     assert row.key.selection == "none" and row.extra["k_effective"] == 11
+    assert (row.key.select_metric, row.solver) == ("", "")
 
 
 def test_holdout_probe_and_shots(tmp_path):
     write_store(tmp_path, "bloodmnist")
     report = probe(dataset="bloodmnist", shots=[5], seeds=[0], selection="holdout",
-                   workdir=tmp_path, backend="sklearn", progress=False)
+                   workdir=tmp_path, solver="sklearn", progress=False)
     (row,) = report.computed
     assert row.n_train == 5 * 8 and row.key.shots == 5 and row.key.selection == "holdout"
     assert json.loads(row.key.params)["holdout_fraction"] == 0.2
@@ -245,3 +241,51 @@ def test_holdout_probe_and_shots(tmp_path):
 def test_no_matching_store_says_to_extract_first(tmp_path):
     with pytest.raises(StoreError, match="medfm extract --dataset breastmnist"):
         probe(dataset="breastmnist", workdir=tmp_path, progress=False)
+
+
+def test_the_solver_is_how_a_run_computes_not_which_run(tmp_path):
+    """sklearn then torch on the same store and subsets: one run each, fitted once."""
+    write_store(tmp_path, "bloodmnist")
+    first = probe(dataset="bloodmnist", fractions=[0.5], seeds=[0], solver="sklearn",
+                  workdir=tmp_path, progress=False)
+    again = probe(dataset="bloodmnist", fractions=[0.5], seeds=[0], solver="torch",
+                  workdir=tmp_path, progress=False)
+    assert len(first.computed) == 1 and not again.computed and len(again.skipped) == 1
+    assert Registry.in_workdir(tmp_path).query()[0].solver == "sklearn"
+    assert resolve_solver("auto", device="cpu", n_elements=1_000) == "sklearn"
+    assert resolve_solver("auto", device="cpu", n_elements=90_000 * 1280) == "torch"
+    with pytest.raises(InvalidArgumentError, match="unknown solver"):
+        probe(dataset="bloodmnist", solver="lbfgs", workdir=tmp_path, progress=False)
+
+
+def test_a_new_method_is_one_registration(tmp_path):
+    """A nearest-centroid probe registered like logreg and knn: probe() keys, fits and records
+    it, and its option reaches its settings, with nothing else changed."""
+    from medfm.probe.methods import _METHODS, Fitted, MethodOption, ProbeMethod, register
+
+    def fit(features, labels, task, rows, *, params, selection, seed, solver, device):
+        X, y = features["train"][rows], labels["train"][rows]
+        centroids = np.stack([X[y == c].mean(axis=0) for c in np.unique(y)])
+        logits = -params["sharpness"] * ((features["test"][:, None] - centroids) ** 2).sum(-1)
+        proba = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return Fitted((proba / proba.sum(axis=1, keepdims=True)).astype(np.float32), None,
+                      {"centroids": len(centroids)}, "", "cpu")
+
+    register(ProbeMethod(
+        name="centroid", paradigm="nearest centroid", line_style="-.", selections=("none",),
+        params=lambda selection, options: {"sharpness": options["sharpness"]},
+        select_metric=lambda task: "", fit=fit,
+        options=(MethodOption("sharpness", 0.1, (), "softmax temperature"),)))
+    try:
+        assert "centroid" in probe_methods()
+        write_store(tmp_path, "bloodmnist")
+        report = probe(dataset="bloodmnist", fractions=[1.0], seeds=[0], method="centroid",
+                       sharpness=0.2, workdir=tmp_path, progress=False)
+        (row,) = report.computed
+        assert row.key.method == "centroid" and json.loads(row.key.params) == {"sharpness": 0.2}
+        assert row.extra["centroids"] == 8 and row.auc > 0.75
+        with pytest.raises(InvalidArgumentError, match="no option 'k'"):
+            probe(dataset="bloodmnist", method="centroid", k=3, workdir=tmp_path,
+                  progress=False)
+    finally:
+        _METHODS.pop("centroid")

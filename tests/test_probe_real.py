@@ -23,10 +23,11 @@ def pneumonia_workdir(real_root, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sklearn", "torch"])
-def test_full_fraction_probe_equals_medmnist_evaluator(pneumonia_workdir, real_root, backend):
-    report = probe(dataset="pneumoniamnist", fractions=[1.0], seeds=[0], backend=backend,
-                   workdir=pneumonia_workdir, progress=False)
+@pytest.mark.parametrize("solver", ["sklearn", "torch"])
+def test_full_fraction_probe_equals_medmnist_evaluator(tmp_path, pneumonia_workdir, real_root,
+                                                      solver):
+    report = probe(dataset="pneumoniamnist", fractions=[1.0], seeds=[0], solver=solver,
+                   workdir=pneumonia_workdir, force=True, progress=False)
     (row,) = report.computed
     y_true, y_score = Registry.in_workdir(pneumonia_workdir).scores(row.key)
     official = Evaluator("pneumoniamnist", "test", root=str(real_root)).evaluate(y_score)

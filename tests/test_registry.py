@@ -38,19 +38,20 @@ def make_key(**changes) -> ResultKey:
     fields = dict(
         dataset="breastmnist",
         size=28,
-        backbone="resnet18",
-        tag="a1_in1k",
-        weights_digest="ab" * 32,
+        data_digest="750601b1f35ba3300ea97c75c52ff8f6",
+        backbone="resnet18.a1_in1k",
+        weights="pretrained",
         resize_policy="bilinear",
         input_size=224,
-        feature_kind="pre_logits",
+        normalize="backbone",
+        feature_kind="prelogits",
         method="logreg",
-        backend="sklearn",
+        params=canonical_json({"C_grid": [0.001, 0.1, 10.0], "max_iter": 1000}),
+        selection="val",
+        select_metric="acc",
         fraction=0.1,
         shots=None,
         seed=0,
-        selection="val",
-        params=canonical_json({"C_grid": [0.001, 0.1, 10.0], "max_iter": 1000}),
         store_fingerprint="cd" * 32,
     )
     fields.update(changes)
@@ -85,16 +86,18 @@ def make_row(key: ResultKey, **changes) -> ResultRow:
 
 def test_key_fields_are_exactly_the_result_changing_fields():
     assert set(RESULT_KEY_FIELDS) == {
-        "dataset", "size", "backbone", "tag", "weights_digest", "resize_policy", "input_size",
-        "feature_kind", "method", "backend", "fraction", "shots", "seed", "selection", "params",
-        "store_fingerprint",
-    }
+        "dataset", "size", "data_digest", "backbone", "weights", "resize_policy", "input_size",
+        "normalize", "feature_kind", "method", "params", "selection", "select_metric",
+        "fraction", "shots", "seed", "store_fingerprint",
+    }  # how a run computed (solver, device, the loaded tensors' digest) is provenance
+    assert not {"solver", "device", "weights_digest"} & set(RESULT_KEY_FIELDS)
 
 
 def test_digest_is_pinned_and_identical_in_other_processes():
     digest = make_key().digest()
-    # Pinned: a change to the canonical form would orphan every existing registry.
-    assert digest == "8ff912501dea03b4b1866b2ea019e3cf7a0499c0aba6af0f93753fdefd9c7a6f"
+    # Pinned: a change to the canonical form orphans every existing registry unless a schema
+    # migration re-keys its rows (schema 2 did: medfm.store.migrate).
+    assert digest == "f939a808a15f2e95fbde32c53ed66aa1e5e750d6ad6815521a6216bf2ca2b223"
     code = (
         "import sys; sys.path.insert(0, 'tests'); from test_registry import make_key; "
         "print(make_key().digest())"
@@ -120,11 +123,11 @@ def test_digest_ignores_params_key_order_and_number_spelling():
 
 
 _CHANGED = {
-    "dataset": "pneumoniamnist", "size": 64, "backbone": "resnet50", "tag": "tv_in1k",
-    "weights_digest": "00" * 32, "resize_policy": "pad", "input_size": 256,
-    "feature_kind": "tokens_mean", "method": "knn", "backend": "torch", "fraction": 0.01,
-    "shots": 5, "seed": 1, "selection": "holdout", "params": '{"C_grid": [1.0]}',
-    "store_fingerprint": "11" * 32,
+    "dataset": "pneumoniamnist", "size": 64, "data_digest": "00" * 16,
+    "backbone": "resnet18.tv_in1k", "weights": "random", "resize_policy": "pad",
+    "input_size": 256, "normalize": "half", "feature_kind": "tokens_mean", "method": "knn",
+    "params": '{"C_grid": [1.0]}', "selection": "holdout", "select_metric": "auc",
+    "fraction": 0.01, "shots": 5, "seed": 1, "store_fingerprint": "11" * 32,
 }
 
 
@@ -135,9 +138,7 @@ def test_digest_changes_when_any_key_field_changes(name):
     assert changed.digest() != base.digest()
 
 
-def test_key_rejects_unknown_method_and_non_json_params():
-    with pytest.raises(InvalidArgumentError, match="logreg"):
-        make_key(method="svm")
+def test_key_rejects_non_json_params():
     with pytest.raises(InvalidArgumentError, match="canonical_json"):
         make_key(params="C=1")
 

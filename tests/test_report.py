@@ -50,9 +50,10 @@ def add_run(registry: Registry, *, backbone, method, size, dataset, fraction, se
     auc = acc + AUC_LIFT
     probe = method != "finetune"
     key = ResultKey(
-        dataset=dataset, size=size, backbone=backbone, resize_policy=resize_policy,
-        input_size=224, feature_kind="prelogits" if probe else "", method=method,
-        backend="sklearn" if probe else "cpu", fraction=fraction, seed=seed, selection="val",
+        dataset=dataset, size=size, data_digest="d" * 32, backbone=backbone,
+        weights="pretrained", resize_policy=resize_policy, input_size=224, normalize="backbone",
+        feature_kind="prelogits" if probe else "", method=method, selection="val",
+        select_metric="acc", fraction=fraction, seed=seed,
         params=canonical_json({"C_grid": [0.1, 1.0]} if probe else {"recipe": "tiny"}),
         store_fingerprint="f" * 16 if probe else "",
     )

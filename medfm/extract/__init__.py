@@ -1,11 +1,5 @@
 """The extract stage: embed every split of a dataset with a frozen backbone, once, into a store."""
 
-from medfm.extract.extractor import (
-    ExtractResult,
-    extract,
-    extract_many,
-    find_extracted,
-    request_json,
-)
+from medfm.extract.extractor import ExtractResult, extract, extract_request
 
-__all__ = ["ExtractResult", "extract", "extract_many", "find_extracted", "request_json"]
+__all__ = ["ExtractResult", "extract", "extract_request"]

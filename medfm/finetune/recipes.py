@@ -30,14 +30,14 @@ import difflib
 from dataclasses import dataclass
 
 from medfm.errors import InvalidArgumentError
-from medfm.preprocess import RESIZE_POLICIES
+from medfm.preprocess import NORMALIZATIONS, RESIZE_POLICIES, PreprocessRequest
 
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "step", "exp", "constant")
 SELECT_METRICS = ("primary", "acc", "auc", "loss")  # primary: the dataset's (AUC for ChestMNIST)
 BINARY_HEADS = ("ce2", "bce1")  # binary tasks: 2 logits + cross-entropy, or 1 logit + BCE
-NORMALIZATIONS = ("backbone", "half")  # the backbone's mean/std, or mean = std = 0.5 (MedMNIST v2)
 STEMS = ("default", "cifar")  # cifar: ResNet conv1 -> 3x3 stride 1, max-pool removed
+PREPROCESS_FIELDS = ("resize_policy", "input_size", "normalize")  # the recipe's preprocessing
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 NONE_WORDS = ("", "none", "null", "default")
@@ -120,10 +120,26 @@ class Recipe:
                 f"got {self.milestones}.")
 
     def to_params(self) -> dict:
-        """The recipe as a plain dict (JSON-ready): what a result's `params` records."""
+        """The recipe as a plain dict (JSON-ready)."""
         params = dataclasses.asdict(self)
         params["milestones"] = list(self.milestones)
         return params
+
+    def key_params(self) -> dict:
+        """What a result's `params` records: every field but the preprocessing, which the key
+        holds resolved (resize policy, input size, normalization)."""
+        return {k: v for k, v in self.to_params().items() if k not in PREPROCESS_FIELDS}
+
+    @property
+    def preprocess(self) -> PreprocessRequest:
+        """The recipe's preprocessing, as a request the user's own can override."""
+        return PreprocessRequest(self.resize_policy, self.input_size, self.normalize)
+
+    def with_preprocess(self, request: PreprocessRequest) -> Recipe:
+        """This recipe with `request`'s preprocessing fields (None stays None)."""
+        return dataclasses.replace(self, resize_policy=request.resize_policy,
+                                   input_size=request.input_size,
+                                   normalize=request.normalize or "backbone")
 
 
 _MEDFM = Recipe(

@@ -9,52 +9,112 @@ Protocol. The training subset comes from the same sampler as the probe (sampling
 "10% seed 1" is the same images for both; training follows the recipe (train.py) with validation
 on the official val split, and the checkpoint chosen by the recipe's metric is scored once on the
 official test split with medfm.metrics (MedMNIST-exact ACC/AUC, balanced accuracy, bootstrap CIs).
-A result's key holds everything that changes it: dataset, size, backbone and weights digest, resize
-policy, input size, device type (`backend`), subset, seed, checkpoint metric (`selection`) and the
-whole resolved recipe (`params`). `finetune` skips a combination whose row is already in the
-registry before it loads any model, and a killed job resumes from
-`<workdir>/checkpoints/<key digest>/last.pt`; a finished job leaves its best weights there as
-`best.pt`.
+Preprocessing is one request (medfm.preprocess): the recipe's, with every field the user (or the
+grid spec) sets in its place. A run resolves to a `FinetuneRequest` before any model or image
+loads, and its key (medfm.request.run_key) holds everything that changes the result: the dataset
+file, the backbone and weights identity, the resolved preprocessing, the subset and seed, the
+checkpoint metric, and the rest of the resolved recipe (`params`). The device it trains on is
+recorded with the row, not keyed. `finetune` skips every combination whose key is in the
+registry (one query), and a killed job resumes from `<workdir>/checkpoints/<key digest>/last.pt`;
+a finished job leaves its best weights there as `best.pt`.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from medfm import __version__
-from medfm.backbones import create_backbone, resolve_name, state_dict_digest
-from medfm.data import check_size, get_dataset, load_split
+from medfm.backbones import RANDOM, BackboneRef, create_backbone, resolve_backbone
+from medfm.data import DatasetRef, get_dataset, load_split, resolve_datasets
 from medfm.errors import InvalidArgumentError
-from medfm.extract.extractor import resolve_device
 from medfm.finetune.recipes import Recipe, resolve_recipe
 from medfm.finetune.train import (
     CHECKPOINT_NAME,
     EVAL_BATCH_FACTOR,
     Split,
+    TaskLoss,
     apply_cifar_stem,
     output_dim,
     predict,
     train,
-    TaskLoss,
 )
 from medfm.metrics import evaluate
 from medfm.paths import resolve_workdir
-from medfm.preprocess import DevicePreprocessor, resolve_preprocess
-from medfm.sampling import SubsetSpec, sample
-from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
+from medfm.preprocess import DevicePreprocessor, PreprocessConfig, PreprocessRequest
+from medfm.request import input_identity, run_key
+from medfm.runtime import device_name, resolve_device, versions
+from medfm.sampling import SubsetSpec, expand_subsets, sample
+from medfm.store.registry import Registry, ResultKey, ResultRow
 
 CHECKPOINTS_DIR = "checkpoints"  # under the work directory, one folder per result key digest
 BEST_WEIGHTS_NAME = "best.pt"  # the tested weights of a finished job (state dict)
-HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # normalize="half" (MedMNIST v2)
 HEAD_INIT_STD = 0.01  # new head on a pretrained backbone: small normal weights, zero bias
+FINETUNE_VERSIONS = ("torch", "timm")  # recorded with every fine-tune row
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """One fine-tune run, resolved: what it trains on, from which weights, by which recipe."""
+
+    dataset: DatasetRef
+    backbone: BackboneRef
+    recipe: Recipe  # resolved, its preprocessing fields merged with the user's
+    preprocess: PreprocessConfig  # the recipe's preprocessing resolved for the backbone
+    spec: SubsetSpec
+
+    @property
+    def select_metric(self) -> str:
+        """The checkpoint metric: the recipe's, "primary" resolved for the dataset."""
+        if self.recipe.select_metric == "primary":
+            return get_dataset(self.dataset.name).primary_metric
+        return self.recipe.select_metric
+
+    def key(self) -> ResultKey:
+        return run_key(store=input_identity(self.dataset, self.backbone, self.preprocess,
+                                            self.recipe.normalize),
+                       feature_kind="", method="finetune", params=self.recipe.key_params(),
+                       selection="val", select_metric=self.select_metric, spec=self.spec)
+
+    @property
+    def label(self) -> str:
+        """"breastmnist@28 resnet18.a1_in1k f=0.1 seed 0", as progress bars name the run."""
+        s = self.spec
+        subset = f"f={s.fraction:g}" if s.fraction is not None else f"k={s.shots}"
+        return f"{self.dataset.label} {self.backbone.id} {subset} seed {s.seed}"
+
+
+def _weights_for(recipe: Recipe, weights: str | None) -> str | None:
+    """The weights to load: a from-scratch recipe forces a seeded random init."""
+    if recipe.pretrained:
+        return weights
+    if weights is None or weights.strip().lower() in ("random", "none"):
+        return RANDOM
+    raise InvalidArgumentError(
+        f"recipe {recipe.name!r} trains from scratch (pretrained=false) but weights {weights!r} "
+        "were given; drop --weights, or override pretrained=true to fine-tune them.")
+
+
+def resolve_finetune(*, dataset: str | DatasetRef, backbone: str | BackboneRef, spec: SubsetSpec,
+                     recipe: Recipe, size: int | None = None, weights: str | None = None,
+                     preprocess: PreprocessRequest | None = None,
+                     data_root: str | os.PathLike | None = None) -> FinetuneRequest:
+    """The fine-tune the user asked for, resolved without loading a model or an image.
+
+    `preprocess` overrides the recipe's preprocessing field by field (None: the recipe's).
+    """
+    from medfm.data import resolve_dataset
+
+    ref = dataset if isinstance(dataset, DatasetRef) else resolve_dataset(dataset, size, data_root)
+    model = backbone if isinstance(backbone, BackboneRef) else resolve_backbone(
+        backbone, _weights_for(recipe, weights))
+    merged = recipe.preprocess.merged(preprocess)
+    config = merged.resolve(model.data_config(), source_size=ref.size)
+    return FinetuneRequest(ref, model, recipe.with_preprocess(merged), config, spec)
 
 
 def init_head(model: torch.nn.Module, *, seed: int, std: float = HEAD_INIT_STD) -> None:
@@ -70,138 +130,70 @@ def init_head(model: torch.nn.Module, *, seed: int, std: float = HEAD_INIT_STD) 
             if isinstance(module, torch.nn.Linear):
                 torch.nn.init.normal_(module.weight, std=std)
                 torch.nn.init.zeros_(module.bias)
-DEFAULT_FRACTIONS = (1.0,)  # when neither fractions nor shots are given: the whole train split
-FEATURE_KIND = ""  # finetune reads images, not stored features
 
 
-@dataclass(frozen=True)
-class FinetuneReport:
-    """What a `finetune` batch did: the rows it added and the keys it found already done."""
-
-    ran: tuple[ResultRow, ...]  # rows trained and added in this call
-    skipped: tuple[str, ...]  # "dataset@size backbone subset seed" of combinations already done
-
-
-def _weights_for(recipe: Recipe, weights: str | None) -> str | None:
-    """The weights to load: a from-scratch recipe forces a seeded random init."""
-    if recipe.pretrained:
-        return weights
-    if weights is None or weights.strip().lower() in ("random", "none"):
-        return "random"
-    raise InvalidArgumentError(
-        f"recipe {recipe.name!r} trains from scratch (pretrained=false) but weights {weights!r} "
-        "were given; drop --weights, or override pretrained=true to fine-tune them.")
-
-
-def _weights_identity(weights: str | None) -> str | None:
-    """What identifies the requested weights before loading: a file by path, size and mtime."""
-    if weights and weights.strip().lower() not in ("random", "none") and Path(weights).exists():
-        stat = Path(weights).stat()
-        return f"{Path(weights).resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    return weights
-
-
-def _request(backbone: str, weights: str | None) -> dict:
-    return {"backbone": backbone, "weights": _weights_identity(weights)}
-
-
-def _versions() -> dict:
-    import timm
-
-    return {"medfm": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-
-
-def _subset_label(spec: SubsetSpec) -> str:
-    return f"f={spec.fraction}" if spec.fraction is not None else f"k={spec.shots}"
+def _build_model(request: FinetuneRequest):
+    """(model, loaded weights digest, weights source) with the task's head, seeded by the run."""
+    info = get_dataset(request.dataset.name)
+    # the run's seed also seeds every fresh weight (new head; all of a from-scratch model), as
+    # the references' seeds do
+    bb = create_backbone(request.backbone, init_seed=request.spec.seed,
+                         num_classes=output_dim(info.task, info.n_classes, request.recipe))
+    model = bb.model
+    if request.recipe.pretrained:
+        init_head(model, seed=request.spec.seed)
+    if request.recipe.stem == "cifar":
+        model = apply_cifar_stem(model, seed=request.spec.seed)
+    return model, bb.weights_digest, bb.weights
 
 
 def finetune_job(
+    request: FinetuneRequest,
     *,
-    dataset: str,
-    backbone: str,
-    size: int,
-    spec: SubsetSpec,
-    recipe: Recipe,
-    weights: str | None = None,
     device: str | None = None,
     workdir: str | os.PathLike | None = None,
-    data_root: str | os.PathLike | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> tuple[ResultRow, np.ndarray, np.ndarray]:
-    """Train `backbone` end-to-end on the `spec` subset of `dataset`@`size` and test it.
+    """Train the request's backbone end to end on its subset and test it.
 
     Returns (row, test scores (N, C) float32, test labels (N, L)); writes nothing to the registry.
     Checkpoints go to `<workdir>/checkpoints/<key digest>/`; a killed call, rerun, resumes there.
     `on_checkpoint(round)` runs after each checkpoint (for tests and schedulers).
     """
     t0 = time.perf_counter()
-    info = get_dataset(dataset)
-    size = check_size(size)
+    info = get_dataset(request.dataset.name)
     dev = resolve_device(device)
-    weights = _weights_for(recipe, weights)
-    splits = {s: load_split(info.flag, size, s, data_root) for s in ("train", "val", "test")}
-    subset = sample(np.asarray(splits["train"][1]), info.task, spec)
-
-    # the run's seed also seeds every fresh weight (new head; all of a from-scratch model), as
-    # the references' seeds do
-    bb = create_backbone(backbone, weights=weights, init_seed=spec.seed,
-                         num_classes=output_dim(info.task, info.n_classes, recipe))
-    model = bb.model
-    if recipe.pretrained:
-        init_head(model, seed=spec.seed)
-    weights_digest = bb.weights_digest
-    if recipe.stem == "cifar":
-        model = apply_cifar_stem(model, seed=spec.seed)
-        weights_digest = state_dict_digest(model)
-    mean, std = HALF_MEAN_STD if recipe.normalize == "half" else (None, None)
-    cfg = resolve_preprocess(bb.data_config, input_size=recipe.input_size,
-                             resize_policy=recipe.resize_policy, mean=mean, std=std,
-                             source_size=size)
-    primary = info.primary_metric
-    select = primary if recipe.select_metric == "primary" else recipe.select_metric
-    key = ResultKey(
-        dataset=info.flag, size=size, backbone=bb.arch, tag=bb.tag, weights_digest=weights_digest,
-        resize_policy=cfg.resize_policy, input_size=cfg.input_size, feature_kind=FEATURE_KIND,
-        method="finetune", backend=dev.type, fraction=spec.fraction, shots=spec.shots,
-        seed=spec.seed, selection=f"val_{select}", params=canonical_json(recipe.to_params()),
-    )
-    ckpt_dir = resolve_workdir(workdir) / CHECKPOINTS_DIR / key.digest()
+    root = request.dataset.path.parent
+    splits = {s: load_split(info.flag, request.dataset.size, s, root)
+              for s in ("train", "val", "test")}
+    subset = sample(np.asarray(splits["train"][1]), info.task, request.spec)
+    model, weights_digest, source = _build_model(request)
+    key = request.key()
     t_train = time.perf_counter()
     outcome = train(
-        model, recipe=recipe, task=info.task,
+        model, recipe=request.recipe, task=info.task,
         train=Split(*splits["train"], rows=subset.indices), val=Split(*splits["val"]),
-        preprocess=cfg, device=dev, seed=spec.seed, primary_metric=primary,
-        checkpoint_dir=ckpt_dir, progress=progress, on_checkpoint=on_checkpoint,
-        desc=f"{info.flag}@{size} {bb.arch} {_subset_label(spec)} s{spec.seed}",
-    )
+        preprocess=request.preprocess, device=dev, seed=request.spec.seed,
+        primary_metric=info.primary_metric,
+        checkpoint_dir=resolve_workdir(workdir) / CHECKPOINTS_DIR / key.digest(),
+        progress=progress, on_checkpoint=on_checkpoint, desc=request.label)
     t_train = time.perf_counter() - t_train
     test = Split(*splits["test"])
-    prep = DevicePreprocessor(cfg, dev, channels_last=dev.type in ("cuda", "cpu"))
+    prep = DevicePreprocessor(request.preprocess, dev, channels_last=True)
+    batch = min(request.recipe.batch_size, subset.n) * EVAL_BATCH_FACTOR
     scores, test_loss = predict(outcome.model, test, prep=prep,
-                                loss=TaskLoss(info.task, recipe, 0.0),
-                                batch_size=min(recipe.batch_size, subset.n) * EVAL_BATCH_FACTOR)
+                                loss=TaskLoss(info.task, request.recipe, 0.0), batch_size=batch)
     y_true = np.asarray(test.labels)
-    metrics = evaluate(y_true, scores, info.task)
-    wall = time.perf_counter() - t0
-    row = ResultRow(
-        key=key, n_train=subset.n, subset_digest=subset.digest, chosen_C=None,
-        acc=metrics.acc, auc=metrics.auc, balanced_acc=metrics.balanced_acc,
-        acc_ci_low=metrics.acc_ci[0], acc_ci_high=metrics.acc_ci[1],
-        auc_ci_low=metrics.auc_ci[0], auc_ci_high=metrics.auc_ci[1],
+    row = ResultRow.scored(
+        key, subset, evaluate(y_true, scores, info.task), solver="", device=dev.type,
+        weights_digest=weights_digest,
         extra={
-            "recipe": recipe.name,
-            "request": _request(backbone, weights),
-            "weights": bb.weights,
-            "preprocess": cfg.to_json(),
-            "device": _device_name(dev),
+            "recipe": request.recipe.name,
+            "backbone_name": request.backbone.name,
+            "weights_source": source,
+            "preprocess": request.preprocess.to_json(),
+            "device_name": device_name(dev),
             "best_round": outcome.best_round,
             "best_value": outcome.best_value if np.isfinite(outcome.best_value) else None,
             "steps": outcome.steps,
@@ -211,8 +203,9 @@ def finetune_job(
             "test_loss": test_loss,
             "curves": outcome.curves,
         },
-        versions=_versions(),
-        wall_s=wall - t_train + outcome.train_seconds,  # training summed over resumed calls
+        versions=versions(*FINETUNE_VERSIONS),
+        # training time summed over resumed calls
+        wall_s=time.perf_counter() - t0 - t_train + outcome.train_seconds,
     )
     return row, scores, y_true
 
@@ -229,46 +222,28 @@ def finish_checkpoint(workdir: str | os.PathLike | None, key: ResultKey) -> None
         last.unlink()
 
 
-def _specs(fractions: Sequence[float] | None, shots: Sequence[int] | None,
-           seeds: Sequence[int]) -> list[SubsetSpec]:
-    if fractions is None and shots is None:
-        fractions = DEFAULT_FRACTIONS
-    specs = [SubsetSpec(fraction=f, seed=s) for f in fractions or () for s in seeds]
-    specs += [SubsetSpec(shots=k, seed=s) for k in shots or () for s in seeds]
-    return specs
+@dataclass(frozen=True)
+class FinetuneReport:
+    """What a `finetune` batch did: the rows it added and the runs it found already done."""
 
-
-def _already_done(reg: Registry, *, dataset: str, size: int, arch: str, backend: str,
-                  spec: SubsetSpec, params: str, request: dict) -> bool:
-    """Whether a row for this request is in the registry, found without loading any model."""
-    rows = reg.query(dataset=dataset, size=size, backbone=arch, method="finetune",
-                     backend=backend, fraction=spec.fraction, shots=spec.shots, seed=spec.seed,
-                     params=params)
-    return any(row.extra.get("request") == request for row in rows)
-
-
-def finetune_done(registry: Registry, *, dataset: str, size: int, backbone: str,
-                  spec: SubsetSpec, recipe: Recipe, weights: str | None = None,
-                  device_type: str) -> bool:
-    """Whether `finetune_job` with these arguments on a `device_type` ("cpu", "cuda") device
-    already has its row in `registry`, found without loading any model or data."""
-    arch, _, _ = resolve_name(backbone)
-    return _already_done(registry, dataset=get_dataset(dataset).flag, size=check_size(size),
-                         arch=arch, backend=device_type, spec=spec,
-                         params=canonical_json(recipe.to_params()),
-                         request=_request(backbone, _weights_for(recipe, weights)))
+    ran: tuple[ResultRow, ...]  # rows trained and added in this call
+    skipped: tuple[str, ...]  # labels of the runs already in the registry
+    missing: tuple[str, ...] = ()  # default datasets skipped for want of their file
 
 
 def finetune(
     *,
-    datasets: Sequence[str],
     backbones: Sequence[str],
     sizes: Sequence[int],
+    datasets: Sequence[str] | None = None,
     fractions: Sequence[float] | None = None,
     shots: Sequence[int] | None = None,
     seeds: Sequence[int] = (0,),
     recipe: str | Recipe = "medfm",
     overrides: dict | None = None,
+    resize_policy: str | None = None,
+    input_size: int | None = None,
+    normalize: str | None = None,
     weights: str | None = None,
     device: str | None = None,
     workdir: str | os.PathLike | None = None,
@@ -278,32 +253,32 @@ def finetune(
 ) -> FinetuneReport:
     """Run `finetune_job` for every dataset x size x backbone x subset x seed; record each row.
 
-    Subsets: every fraction and every shot count, each under every seed (fraction 1.0 when
-    neither is given). A combination already in the registry is skipped before any model loads,
-    unless `force`, which retrains it and replaces its row. Rows carry per-sample test scores.
+    `datasets=None` means every MedMNIST dataset whose file is present (medfm.data
+    .resolve_datasets). Subsets: every fraction and every shot count, each under every seed
+    (fraction 1.0 when neither is given). Every run resolves first, so a bad name fails before
+    anything trains; runs already in the registry are skipped (one query), unless `force`, which
+    retrains them and replaces their rows. `resize_policy`, `input_size` and `normalize` override
+    the recipe's preprocessing. Rows carry per-sample test scores.
     """
     resolved = resolve_recipe(recipe, **(overrides or {}))
-    specs = _specs(fractions, shots, seeds)
-    dev = resolve_device(device)
+    preprocess = PreprocessRequest(resize_policy, input_size, normalize)
+    refs, missing = resolve_datasets(datasets, sizes, data_root)
+    requests = [resolve_finetune(dataset=ref, backbone=backbone, spec=spec, recipe=resolved,
+                                 weights=weights, preprocess=preprocess)
+                for ref in refs for backbone in backbones
+                for spec in expand_subsets(fractions, shots, seeds)]
     reg = Registry.in_workdir(workdir)
+    done = set() if force else reg.done_keys([r.key() for r in requests])
     ran, skipped = [], []
-    for dataset in datasets:
-        info = get_dataset(dataset)
-        for size in sizes:
-            size = check_size(size)
-            for backbone in backbones:
-                for spec in specs:
-                    label = f"{info.flag}@{size} {backbone} {_subset_label(spec)} seed {spec.seed}"
-                    if not force and finetune_done(
-                            reg, dataset=info.flag, size=size, backbone=backbone, spec=spec,
-                            recipe=resolved, weights=weights, device_type=dev.type):
-                        skipped.append(label)
-                        continue
-                    row, scores, y_true = finetune_job(
-                        dataset=info.flag, backbone=backbone, size=size, spec=spec,
-                        recipe=resolved, weights=weights, device=str(dev), workdir=workdir,
-                        data_root=data_root, progress=progress)
-                    reg.add(row, scores=scores, y_true=y_true, replace=force)
-                    finish_checkpoint(workdir, row.key)
-                    ran.append(row)
-    return FinetuneReport(ran=tuple(ran), skipped=tuple(skipped))
+    for request in requests:
+        key = request.key()
+        if key.digest() in done:
+            skipped.append(request.label)
+            continue
+        row, scores, y_true = finetune_job(request, device=device, workdir=workdir,
+                                           progress=progress)
+        reg.add(row, scores=scores, y_true=y_true, replace=force)
+        finish_checkpoint(workdir, row.key)
+        ran.append(row)
+    return FinetuneReport(ran=tuple(ran), skipped=tuple(skipped), missing=tuple(missing))
+

@@ -13,7 +13,8 @@ trailing batch of one image is dropped: BatchNorm cannot train on it). A step up
 uint8, preprocesses it on the device (preprocess.py), augments it there when the recipe says so
 (flip and small affine, drawn from a generator seeded by (seed, step), so a step's augmentation
 never depends on what ran before), then runs forward/backward under bf16 autocast on CUDA with
-channels_last, clips gradients and steps the optimizer and the per-step lr schedule. Every round
+channels_last, clips gradients and steps the optimizer and the per-step lr schedule (preprocessing
+and augmentation run in float32 outside autocast, so a GPU run sees the same inputs). Every round
 (one epoch, or `eval_every` steps) the model is validated, the best state by `select_metric` is
 kept, early stopping watches `monitor`, and a checkpoint (model, optimizer, scheduler, best state,
 curves, RNG states of torch, CUDA, numpy and Python) replaces the previous one atomically. A rerun
@@ -265,8 +266,9 @@ def predict(model: torch.nn.Module, split: Split, *, prep: DevicePreprocessor, l
     device = prep.device
     for lo in range(0, len(split), batch_size):
         images, labels = split.take(np.arange(lo, min(lo + batch_size, len(split))))
+        x = prep(torch.from_numpy(images))  # preprocessing in float32, outside autocast
         with _autocast(device):
-            logits = model(prep(torch.from_numpy(images)))
+            logits = model(x)
         y = torch.from_numpy(labels.astype(np.int64)).to(device)
         total += float(unsmoothed(logits, y)) * len(images)
         scores.append(loss.scores(logits).cpu().numpy())
@@ -315,6 +317,130 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+@dataclass
+class TrainState:
+    """Where a run stands after each validation round; checkpointed as a plain dict of its
+    fields (`vars`), the layout of CHECKPOINT_FORMAT 1, so older checkpoints still resume."""
+
+    round: int = 0  # validation rounds done
+    step: int = 0  # optimizer steps done
+    best_round: int = 0  # 1-based round whose weights are kept (select metric)
+    best_value: float | None = None  # its select-metric value
+    best_state: dict | None = None  # its state dict, on the CPU
+    monitor_best: float | None = None  # best value of the early-stopping metric so far
+    bad_rounds: int = 0  # rounds since the monitor last improved
+    curves: list = field(default_factory=list)  # one dict per round
+    done: bool = False  # no more rounds to run
+    stopped_early: bool = False  # early stopping ended the run before its last step
+    train_seconds: float = 0.0  # training + validation, summed over every call
+    train_images: int = 0  # images through forward + backward, for the throughput
+    train_compute_s: float = 0.0  # seconds of forward + backward
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The shape of a run, fixed by its recipe and data: a checkpoint resumes only into the same
+    plan."""
+
+    n_train: int
+    batch_size: int
+    total_steps: int
+    round_steps: int
+    format: int = CHECKPOINT_FORMAT
+
+
+def _plan(recipe: Recipe, batches: _Batches, n_train: int) -> _Plan:
+    total = recipe.iterations or recipe.epochs * batches.per_epoch
+    if total < FEW_STEPS:
+        warnings.warn(MedfmWarning(
+            f"{n_train} training images in batches of {batches.batch_size} make "
+            f"{batches.per_epoch} optimizer step(s) per epoch, {total} in all: too few to "
+            f"learn much; raise --epochs or lower --batch-size."), stacklevel=3)
+    return _Plan(n_train, batches.batch_size, total, recipe.eval_every or batches.per_epoch)
+
+
+def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler,
+            seed: int) -> tuple[TrainState, bool]:
+    """(state, resumed): the checkpoint's, restored into the model, optimizer, scheduler and
+    RNGs when it belongs to this plan; else a fresh state with every RNG seeded."""
+    saved = torch.load(path, map_location="cpu", weights_only=False) if (
+        path is not None and path.exists()) else None
+    if saved is not None and saved["plan"] == vars(plan):
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _restore_rng(saved["rng"])
+        return TrainState(**saved["state"]), True
+    if saved is not None:
+        tqdm.write(f"{path}: checkpoint of another plan; starting afresh")
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return TrainState(), False
+
+
+@dataclass
+class _Loop:
+    """Everything a training round touches."""
+
+    model: torch.nn.Module
+    recipe: Recipe
+    loss_fn: TaskLoss
+    prep: DevicePreprocessor
+    batches: _Batches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    seed: int
+    bar: tqdm
+
+    def run_steps(self, first: int, last: int) -> tuple[float, int, dict]:
+        """Optimizer steps [first, last): (mean train loss, images seen, last lrs by group)."""
+        _set_train_mode(self.model, self.recipe)
+        loss_sum = torch.zeros((), device=self.device)
+        seen, lrs = 0, {}
+        for step in range(first, last):
+            images, labels = self.batches(step)
+            x = self.prep(images)  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float on device
+            if self.recipe.augment:
+                x = augment(x, self.seed, step)
+            with _autocast(self.device):
+                logits = self.model(x)  # (B, C) or (B, 1)
+                loss = self.loss_fn(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.recipe.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], self.recipe.grad_clip)
+            self.optimizer.step()
+            lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+            self.scheduler.step()
+            loss_sum += loss.detach() * len(images)
+            seen += len(images)
+            self.bar.update(len(images))
+        return float(loss_sum) / max(seen, 1), seen, lrs  # one device sync per round
+
+    def validate(self, val: Split, task: Task) -> dict[str, float]:
+        """Validation loss, ACC and AUC of the current weights."""
+        scores, loss = predict(self.model, val, prep=self.prep, loss=self.loss_fn,
+                               batch_size=self.batches.batch_size * EVAL_BATCH_FACTOR)
+        return {"loss": loss, "acc": acc_metric(_labels(val), scores, task),
+                "auc": auc_metric(_labels(val), scores, task)}
+
+
+def _record_round(state: TrainState, values: dict, *, select: str, monitor: str,
+                  model: torch.nn.Module) -> None:
+    """Keep the best weights by `select`, count rounds without a `monitor` improvement."""
+    if _is_better(values[select], state.best_value, select):
+        state.best_value, state.best_round = values[select], state.round
+        state.best_state = {k: v.detach().to("cpu", copy=True)
+                            for k, v in model.state_dict().items()}
+    if _is_better(values[monitor], state.monitor_best, monitor):
+        state.monitor_best, state.bad_rounds = values[monitor], 0
+    else:
+        state.bad_rounds += 1
+
+
 def train(
     model: torch.nn.Module,
     *,
@@ -340,103 +466,37 @@ def train(
     task = Task(task)
     select = primary_metric if recipe.select_metric == "primary" else recipe.select_metric
     monitor = primary_metric if recipe.monitor == "primary" else recipe.monitor
-    loss_fn = TaskLoss(task, recipe, recipe.label_smoothing)
-    channels_last = device.type in ("cuda", "cpu")
-    prep = DevicePreprocessor(preprocess, device, channels_last=channels_last)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     if recipe.freeze_backbone:
         head_ids = _head_parameter_ids(model)
         for p in model.parameters():
             p.requires_grad_(id(p) in head_ids)
     batches = _Batches(train, recipe.batch_size, seed, device)
-    total_steps = recipe.iterations or recipe.epochs * batches.per_epoch
-    if total_steps < FEW_STEPS:
-        warnings.warn(MedfmWarning(
-            f"{len(train)} training images in batches of {batches.batch_size} make "
-            f"{batches.per_epoch} optimizer step(s) per epoch, {total_steps} in all: too few to "
-            f"learn much; raise --epochs or lower --batch-size."), stacklevel=2)
-    round_steps = recipe.eval_every or batches.per_epoch
-    plan = {"n_train": len(train), "batch_size": batches.batch_size, "total_steps": total_steps,
-            "round_steps": round_steps, "format": CHECKPOINT_FORMAT}
+    plan = _plan(recipe, batches, len(train))
     optimizer = _optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, recipe))
-
-    state = {"round": 0, "step": 0, "best_round": 0, "best_value": None, "best_state": None,
-             "monitor_best": None, "bad_rounds": 0, "curves": [], "done": False,
-             "stopped_early": False, "train_seconds": 0.0, "train_images": 0,
-             "train_compute_s": 0.0}
+        optimizer, lambda s: lr_factor(s, plan.total_steps, recipe))
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    resumed = False
-    saved = torch.load(path, map_location="cpu", weights_only=False) if (
-        path is not None and path.exists()) else None
-    if saved is not None and saved["plan"] == plan:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-        _restore_rng(saved["rng"])
-        resumed = True
-    else:
-        if saved is not None:
-            tqdm.write(f"{path}: checkpoint of another plan; starting afresh")
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
-
-    bar = tqdm(total=total_steps * batches.batch_size, initial=state["step"] * batches.batch_size,
+    state, resumed = _resume(path, plan, model, optimizer, scheduler, seed)
+    bar = tqdm(total=plan.total_steps * plan.batch_size, initial=state.step * plan.batch_size,
                unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
-    eval_batch = batches.batch_size * EVAL_BATCH_FACTOR
+    loop = _Loop(model, recipe, TaskLoss(task, recipe, recipe.label_smoothing),
+                 DevicePreprocessor(preprocess, device, channels_last=True), batches, optimizer,
+                 scheduler, device, seed, bar)
     try:
-        while not state["done"]:
+        while not state.done:
             t_round = time.perf_counter()
-            _set_train_mode(model, recipe)
-            first, last = state["step"], min(state["step"] + round_steps, total_steps)
-            loss_sum = torch.zeros((), device=device)
-            seen = 0
-            for step in range(first, last):
-                images, labels = batches(step)
-                with _autocast(device):
-                    x = prep(images)  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float on device
-                    if recipe.augment:
-                        x = augment(x, seed, step)
-                    logits = model(x)  # (B, C) or (B, 1)
-                    loss = loss_fn(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if recipe.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], recipe.grad_clip)
-                optimizer.step()
-                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-                scheduler.step()
-                loss_sum += loss.detach() * len(images)
-                seen += len(images)
-                bar.update(len(images))
-            train_loss = float(loss_sum) / max(seen, 1)  # one device sync per round
+            last = min(state.step + plan.round_steps, plan.total_steps)
+            train_loss, seen, lrs = loop.run_steps(state.step, last)
             compute_s = time.perf_counter() - t_round
-            val_scores, val_loss = predict(model, val, prep=prep, loss=loss_fn,
-                                           batch_size=eval_batch)
-            values = {"loss": val_loss,
-                      "acc": acc_metric(_labels(val), val_scores, task),
-                      "auc": auc_metric(_labels(val), val_scores, task)}
-            state["step"] = last
-            state["round"] += 1
-            state["train_images"] += seen
-            state["train_compute_s"] += compute_s
-            if _is_better(values[select], state["best_value"], select):
-                state["best_value"], state["best_round"] = values[select], state["round"]
-                state["best_state"] = {k: v.detach().to("cpu", copy=True)
-                                       for k, v in model.state_dict().items()}
-            if _is_better(values[monitor], state["monitor_best"], monitor):
-                state["monitor_best"], state["bad_rounds"] = values[monitor], 0
-            else:
-                state["bad_rounds"] += 1
-            state["train_seconds"] += time.perf_counter() - t_round
-            state["curves"].append({
-                "round": state["round"], "step": last,
+            values = loop.validate(val, task)
+            state.step, state.round = last, state.round + 1
+            state.train_images += seen
+            state.train_compute_s += compute_s
+            _record_round(state, values, select=select, monitor=monitor, model=model)
+            state.train_seconds += time.perf_counter() - t_round
+            state.curves.append({
+                "round": state.round, "step": last,
                 "epoch": round(last / batches.per_epoch, 4),
                 "train_loss": _finite(train_loss),
                 **{f"val_{k}": _finite(float(v)) for k, v in values.items()},
@@ -444,31 +504,30 @@ def train(
                 "img_s": round(seen / compute_s, 2) if compute_s > 0 else None,
                 "seconds": round(time.perf_counter() - t_round, 3),
             })
-            stop = bool(recipe.patience) and state["bad_rounds"] >= recipe.patience
-            state["stopped_early"] = stop and last < total_steps
-            state["done"] = stop or last >= total_steps
+            stop = bool(recipe.patience) and state.bad_rounds >= recipe.patience
+            state.stopped_early = stop and last < plan.total_steps
+            state.done = stop or last >= plan.total_steps
             bar.set_postfix_str(f"ep {last / batches.per_epoch:.1f} loss {train_loss:.3f} "
                                 f"val_{select} {values[select]:.3f}")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _save_atomic({"plan": plan, "model": model.state_dict(),
+                _save_atomic({"plan": vars(plan), "model": model.state_dict(),
                               "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "state": state,
+                              "scheduler": scheduler.state_dict(), "state": vars(state),
                               "rng": _rng_states(device)}, path)
             if on_checkpoint is not None:
-                on_checkpoint(state["round"])
+                on_checkpoint(state.round)
     finally:
         bar.close()
 
-    model.load_state_dict(state["best_state"])
+    model.load_state_dict(state.best_state)
     model.eval()
     return TrainOutcome(
-        model=model, best_round=state["best_round"], best_value=float(state["best_value"]),
-        selection=f"val_{select}", curves=state["curves"], steps=state["step"],
-        stopped_early=state["stopped_early"], resumed=resumed,
-        train_seconds=state["train_seconds"],
-        images_per_s=(state["train_images"] / state["train_compute_s"]
-                      if state["train_compute_s"] > 0 else 0.0),
+        model=model, best_round=state.best_round, best_value=float(state.best_value),
+        selection=f"val_{select}", curves=state.curves, steps=state.step,
+        stopped_early=state.stopped_early, resumed=resumed, train_seconds=state.train_seconds,
+        images_per_s=(state.train_images / state.train_compute_s
+                      if state.train_compute_s > 0 else 0.0),
     )
 
 

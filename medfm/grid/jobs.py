@@ -1,10 +1,12 @@
 """Grid jobs: small frozen (picklable) specs, each run by one pure function on any worker.
 
-A job computes and returns; it never writes the results registry. `run_job` turns any exception
-into a failed `JobOutcome` carrying the error, so one bad job (say, an unknown backbone) never
-stops the grid. Jobs are idempotent: an extract job whose store exists returns at once, and a
-finetune job resumes from its checkpoint. Every path in a job is absolute, so a worker on another
-machine or in another folder reads and writes the same work directory.
+A job carries the request the planner resolved (medfm.request), so it computes exactly the run
+the plan counted. It computes and returns; it never writes the results registry. `run_job`
+turns any exception into a failed `JobOutcome` carrying the error, so one bad job (say, weights
+that cannot be downloaded) never stops the grid. Jobs are idempotent: an extract job whose store
+exists returns at once, and a finetune job resumes from its checkpoint. Every path in a job is
+absolute, so a worker on another machine or in another folder reads and writes the same work
+directory.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medfm.errors import MedfmError, MedfmWarning
 from medfm.sampling import SubsetSpec
 from medfm.store.registry import ResultRow
+
+if TYPE_CHECKING:
+    from medfm.finetune.run import FinetuneRequest
+    from medfm.probe.run import ProbeRequest
+    from medfm.request import StoreRequest
 
 TRACEBACK_LINES = 6  # lines of a bug's traceback kept in its outcome
 ScoredRow = tuple[ResultRow, np.ndarray, np.ndarray]  # (row, test scores, test labels)
@@ -44,35 +51,30 @@ def _show(caught: list[warnings.WarningMessage], label: str) -> None:
 
 @dataclass(frozen=True)
 class ExtractJob:
-    """Embed every split of one (dataset, size) with one backbone into a feature store."""
+    """Embed every split of one dataset file with one backbone into a feature store."""
 
-    dataset: str
-    size: int
-    backbone: str
-    weights: str | None
-    resize_policy: str | None
-    input_size: int | None
-    dtype: str
-    device: str | None
-    data_root: str | None
+    request: StoreRequest  # resolved by the planner (medfm.request)
+    device: str | None  # "cpu", "cuda" or None (CUDA when visible)
     workdir: str  # absolute
 
     kind = "extract"
 
     @property
+    def where(self) -> str:
+        """"breastmnist@28 resnet18", the backbone as the spec names it."""
+        b = self.request.backbone
+        return f"{self.request.dataset.label} {b.name or b.id}"
+
+    @property
     def label(self) -> str:
-        return f"extract {self.dataset}@{self.size} {self.backbone}"
+        return f"extract {self.where}"
 
     def store_path(self) -> str:
         """The finished store's path (builds it if missing; returns at once if it exists)."""
-        from medfm.extract import extract
+        from medfm.extract import extract_request
 
-        return str(extract(
-            dataset=self.dataset, backbone=self.backbone, size=self.size,
-            resize_policy=self.resize_policy, input_size=self.input_size, device=self.device,
-            dtype=self.dtype, weights=self.weights, workdir=self.workdir,
-            data_root=self.data_root, progress=False,
-        ).path)
+        return str(extract_request(self.request, device=self.device, workdir=self.workdir,
+                                   progress=False).path)
 
     def run(self) -> list[ScoredRow]:
         self.store_path()
@@ -81,7 +83,7 @@ class ExtractJob:
 
 @dataclass(frozen=True)
 class ProbeJob:
-    """Fit one probe (logreg or kNN) on training subsets of an extracted store, one row each.
+    """Fit one probe on training subsets of an extracted store, one row each.
 
     A job holds one subset, or every seed of the full training set (fraction 1.0), where all
     seeds draw the same images: those share one fit (as `medfm probe` does), unless the seed
@@ -90,9 +92,7 @@ class ProbeJob:
 
     store: ExtractJob  # the extraction this probe reads (its dependency)
     specs: tuple[SubsetSpec, ...]
-    method: str  # "logreg" or "knn"
-    backend: str
-    selection: str
+    probe: ProbeRequest  # method, settings, selection, solver, device
 
     kind = "probe"
 
@@ -101,8 +101,7 @@ class ProbeJob:
         first = self.specs[0]
         subset = (_subset_label(first) if len(self.specs) == 1 else
                   f"{first.fraction:g} seeds {','.join(str(s.seed) for s in self.specs)}")
-        where = f"{self.store.dataset}@{self.store.size} {self.store.backbone}"
-        return f"{self.method} {where} {subset}"
+        return f"{self.probe.method} {self.store.where} {subset}"
 
     def run(self) -> list[ScoredRow]:
         from medfm.probe import StoreArrays, probe_job
@@ -110,44 +109,33 @@ class ProbeJob:
 
         store = FeatureStore(self.store.store_path())
         arrays, shared_fits = StoreArrays.load(store), {}
-        return [probe_job(store, spec=spec, method=self.method, backend=self.backend,
-                          selection=self.selection, arrays=arrays, shared_fits=shared_fits)
-                for spec in self.specs]
+        return [probe_job(store, spec=spec, probe=self.probe, arrays=arrays,
+                          shared_fits=shared_fits) for spec in self.specs]
 
 
 @dataclass(frozen=True)
 class FinetuneJob:
     """Train one backbone end to end on one training subset and test it."""
 
-    dataset: str
-    size: int
-    backbone: str
-    weights: str | None
-    spec: SubsetSpec
-    recipe: str
-    overrides: tuple[tuple[str, Any], ...]
+    request: FinetuneRequest  # resolved by the planner
     device: str | None
-    data_root: str | None
     workdir: str  # absolute
 
     kind = "finetune"
 
     @property
     def label(self) -> str:
-        return (f"finetune {self.dataset}@{self.size} {self.backbone} "
-                f"{_subset_label(self.spec)}")
+        r = self.request
+        return (f"finetune {r.dataset.label} {r.backbone.name or r.backbone.id} "
+                f"{_subset_label(r.spec)}")
 
     def run(self) -> list[ScoredRow]:
-        from medfm.finetune import finetune_job, resolve_recipe
+        from medfm.finetune import finetune_job
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MedfmWarning)
-            row, scores, y_true = finetune_job(
-                dataset=self.dataset, backbone=self.backbone, size=self.size, spec=self.spec,
-                recipe=resolve_recipe(self.recipe, **dict(self.overrides)),
-                weights=self.weights, device=self.device, workdir=self.workdir,
-                data_root=self.data_root, progress=False,
-            )
+            row, scores, y_true = finetune_job(self.request, device=self.device,
+                                               workdir=self.workdir, progress=False)
         _show(caught, self.label)
         return [(row, scores, y_true)]
 

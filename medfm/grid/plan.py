@@ -1,15 +1,18 @@
 """Expand a GridSpec into extract -> probe -> finetune jobs and drop the finished ones.
 
-Method. Every (dataset, size, backbone) with a probe method gets an extract job; every
-(store, subset, probe method) a probe job that depends on it (the seeds of fraction 1.0 in one
-job, sharing a fit: they draw the same images); every (dataset, size, backbone,
-subset) a finetune job when "finetune" is asked for. Done work is found before any model loads:
-a store is done when a finished store carries the same request (as `extract` finds it); a probe
-is done when the registry holds its `result_key` on that store (one query for the whole grid);
-a finetune is done when `finetune_done` finds its row. "auto" choices resolve where the job runs,
-so for them a row made under any of their resolutions counts as done: probe backend "auto" ->
-any of cuml, torch, sklearn; device null -> cuda or cpu. A probe whose store is not built yet
-is never done.
+Method. Every name in the spec is resolved first (medfm.request): datasets to their files
+(a default dataset whose file is missing is skipped and named), backbones to their canonical
+identity, preprocessing against each backbone's data config, probe methods to their settings,
+the fine-tune recipe with its preprocessing (its overrides win over the grid's, which win over
+the recipe's). Then every (dataset, size, backbone) with a probe method gets an extract job;
+every (store, subset, probe method) a probe job that depends on it (the seeds of fraction 1.0 in
+one job, sharing a fit: they draw the same images); every (dataset, size, backbone, subset) a
+finetune job when "finetune" is asked for. Done work is found with no scan and no model: a
+store is done when the file its request names exists (its header gives the fingerprint that
+probe keys carry; a corrupt one is left to its extract job, which reports it), and every probe
+and fine-tune key of the grid is looked up in the registry in one query. A probe whose store is
+not built yet is never done. Planning costs one stat and, for finished stores, one header read
+per store, whatever the size of the registry.
 """
 
 from __future__ import annotations
@@ -19,17 +22,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from medfm.errors import MedfmError, StoreError
-from medfm.extract import request_json
-from medfm.finetune import Recipe, resolve_recipe
-from medfm.finetune import finetune_done
+from medfm.backbones.names import resolve_backbone
+from medfm.data import resolve_datasets
+from medfm.errors import StoreError
 from medfm.grid.jobs import ExtractJob, FinetuneJob, Job, ProbeJob
-from medfm.grid.spec import PROBE_METHODS, GridSpec
+from medfm.grid.spec import FINETUNE, GridSpec
 from medfm.paths import resolve_workdir
-from medfm.probe.backends import BACKENDS
-from medfm.probe.run import result_key
+from medfm.preprocess import PreprocessRequest
+from medfm.request import resolve_store_request
 from medfm.store.features import FeatureStore, stores_dir
 from medfm.store.registry import Registry
 
@@ -45,6 +45,7 @@ class GridPlan:
     jobs: tuple[Job, ...]  # to run; a ProbeJob depends on the ExtractJob in its `store`
     total: dict[str, int]  # kind -> jobs in the whole grid
     done: dict[str, int]  # kind -> jobs dropped as already finished
+    skipped: tuple[str, ...] = ()  # default datasets without a file, one line each
 
     def todo(self, kind: str) -> tuple[Job, ...]:
         return tuple(job for job in self.jobs if job.kind == kind)
@@ -54,12 +55,15 @@ class GridPlan:
         s = self.spec
         subsets = [f"fractions {','.join(f'{f:g}' for f in s.fractions)}"] if s.fractions else []
         subsets += [f"shots {','.join(map(str, s.shots))}"] if s.shots else []
+        datasets = (f"{len(s.datasets)} dataset(s)" if s.datasets is not None
+                    else "every dataset with a file")
         lines = [
-            f"grid: {len(s.datasets)} dataset(s) x {len(s.sizes)} size(s) x "
+            f"grid: {datasets} x {len(s.sizes)} size(s) x "
             f"{len(s.backbones)} backbone(s) x {len(s.subsets)} subset(s) "
             f"({'; '.join(subsets)}; seeds {','.join(map(str, s.seeds))}); "
             f"methods {', '.join(s.methods)}",
             f"workdir: {self.workdir}",
+            *self.skipped,
             f"{'kind':<10}{'total':>8}{'done':>8}{'to run':>8}",
         ]
         for kind in KINDS:
@@ -71,108 +75,98 @@ class GridPlan:
         return "\n".join(lines)
 
 
-def _finished_stores(workdir: str) -> dict[str, FeatureStore]:
-    """request JSON -> finished store, for every readable store in the work directory."""
-    found = {}
-    for path in sorted(stores_dir(workdir).glob("*.h5")):
-        try:
-            store = FeatureStore(path)
-        except StoreError:
-            continue  # a corrupt store: its extract job rebuilds it or reports why
-        if "request_json" in store.attrs:
-            found[store.attrs["request_json"]] = store
+def _finished_store(path: Path) -> FeatureStore | None:
+    """The finished store at `path`, or None (absent, or corrupt: its extract job says why)."""
+    if not path.exists():
+        return None
+    try:
+        return FeatureStore(path)
+    except StoreError:
+        return None
+
+
+def _finetune_preprocess(spec: GridSpec) -> PreprocessRequest:
+    """The grid's preprocessing, with the fine-tune overrides' own preprocessing fields on top."""
+    overrides = dict(spec.overrides)
+    own = PreprocessRequest(overrides.get("resize_policy"), overrides.get("input_size"),
+                            overrides.get("normalize"))
+    return spec.preprocess.merged(own)
+
+
+def _resolve(spec: GridSpec, data_root):
+    """(dataset refs, skipped lines, backbone refs in spec order): every name, resolved once."""
+    refs, skipped = resolve_datasets(spec.datasets, spec.sizes, data_root)
+    backbones = [resolve_backbone(name, spec.weights) for name in spec.backbones]
+    return refs, skipped, backbones
+
+
+def _extract_jobs(spec: GridSpec, refs, backbones, root: str):
+    """[(ExtractJob, finished store or None)] for every dataset file x backbone."""
+    stores = stores_dir(root)
+    found = []
+    for ref in refs:
+        for backbone in backbones:
+            request = resolve_store_request(dataset=ref, backbone=backbone,
+                                            preprocess=spec.preprocess, dtype=spec.dtype)
+            found.append((ExtractJob(request, spec.device, root),
+                          _finished_store(stores / request.filename())))
     return found
 
 
-def _probe_backends(backend: str) -> tuple[str, ...]:
-    """The backends whose rows satisfy a probe asked for with `backend`."""
-    return tuple(b for b in BACKENDS if b != "auto") if backend == "auto" else (backend,)
+def _finetune_jobs(spec: GridSpec, refs, backbones, root: str) -> list[FinetuneJob]:
+    from medfm.finetune import resolve_finetune, resolve_recipe
+
+    recipe = resolve_recipe(spec.recipe, **dict(spec.overrides))
+    preprocess = _finetune_preprocess(spec)
+    if not recipe.pretrained and spec.weights is None:  # from scratch: a seeded random init
+        backbones = [resolve_backbone(b.name, "random") for b in backbones]
+    return [FinetuneJob(resolve_finetune(dataset=ref, backbone=backbone, spec=subset,
+                                         recipe=recipe, preprocess=preprocess),
+                        spec.device, root)
+            for ref in refs for backbone in backbones for subset in spec.subsets]
 
 
-def _device_types(device: str | None) -> tuple[str, ...]:
-    """The device types whose rows satisfy a finetune asked for on `device`."""
-    if device is None:
-        return ("cuda", "cpu")
-    try:
-        return (torch.device(device).type,)
-    except RuntimeError:
-        return ()  # the jobs themselves fail and say which devices are valid
-
-
-def _finetune_finished(registry: Registry, job: FinetuneJob, recipe: Recipe,
-                       device_types: tuple[str, ...]) -> bool:
-    try:
-        return any(finetune_done(registry, dataset=job.dataset, size=job.size,
-                                 backbone=job.backbone, spec=job.spec, recipe=recipe,
-                                 weights=job.weights, device_type=device_type)
-                   for device_type in device_types)
-    except MedfmError:
-        return False  # e.g. an unknown backbone: the job itself fails and reports why
+def _probe_jobs(extract: ExtractJob, store: FeatureStore | None, probe, subsets,
+                finished: set[str]) -> tuple[list[ProbeJob], int]:
+    """(jobs still to run, subsets already done) of one probe method on one store."""
+    pending = [s for s in subsets
+               if store is None or probe.key(store, s).digest() not in finished]
+    full = [s for s in pending if s.fraction == 1.0]  # every seed draws the same images
+    groups = [(s,) for s in pending if s.fraction != 1.0] + ([tuple(full)] if full else [])
+    return [ProbeJob(extract, group, probe) for group in groups], len(subsets) - len(pending)
 
 
 def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> GridPlan:
     """Every job of `spec`, minus those already finished in `workdir` (see module docstring)."""
     root = str(Path(resolve_workdir(workdir)).resolve())
-    registry = Registry.in_workdir(root)
-    stores = _finished_stores(root)
-    probe_methods = [m for m in spec.methods if m in PROBE_METHODS]
-    total: Counter = Counter()
-    done: Counter = Counter()
-    jobs: list[Job] = []
+    refs, skipped, backbones = _resolve(spec, spec.data_root)
+    probes = spec.probe_requests()
+    extracts = _extract_jobs(spec, refs, backbones, root) if probes else []
+    finetunes = _finetune_jobs(spec, refs, backbones, root) if FINETUNE in spec.methods else []
+    subsets = spec.subsets
+    keys = [p.key(store, s).digest() for _, store in extracts if store is not None
+            for p in probes for s in subsets]
+    keys += [job.request.key().digest() for job in finetunes]
+    finished = Registry.in_workdir(root).done_keys(keys)
 
-    extracts = []
-    if probe_methods:
-        for dataset in spec.datasets:
-            for size in spec.sizes:
-                for backbone in spec.backbones:
-                    job = ExtractJob(dataset, size, backbone, spec.weights, spec.resize_policy,
-                                     spec.input_size, spec.dtype, spec.device, spec.data_root,
-                                     root)
-                    request = request_json(dataset, size, backbone, spec.weights,
-                                            spec.resize_policy, spec.input_size, spec.dtype)
-                    extracts.append((job, stores.get(request)))
-    candidates = {}  # (store path, method, subset) -> digests of the keys that satisfy it
-    for _, store in extracts:
-        for method in probe_methods if store is not None else ():
-            for subset in spec.subsets:
-                candidates[store.path, method, subset] = {
-                    result_key(store, subset, method=method, backend=backend,
-                               selection=spec.selection).digest()
-                    for backend in _probe_backends(spec.backend)
-                }
-    finished = registry.done_keys({d for digests in candidates.values() for d in digests})
-    for job, store in extracts:
+    total, done, jobs = Counter(), Counter(), []
+    for extract, store in extracts:
         total["extract"] += 1
-        if store is not None:
+        if store is None:
+            jobs.append(extract)
+        else:
             done["extract"] += 1
+        for probe in probes:
+            todo, n_done = _probe_jobs(extract, store, probe, subsets, finished)
+            total["probe"] += len(subsets)
+            done["probe"] += n_done
+            jobs += todo
+    for job in finetunes:
+        total["finetune"] += 1
+        if job.request.key().digest() in finished:
+            done["finetune"] += 1
         else:
             jobs.append(job)
-        for method in probe_methods:
-            pending = []
-            for subset in spec.subsets:
-                total["probe"] += 1
-                if store is not None and candidates[store.path, method, subset] & finished:
-                    done["probe"] += 1
-                else:
-                    pending.append(subset)
-            full = [s for s in pending if s.fraction == 1.0]  # every seed draws the same images
-            groups = [(s,) for s in pending if s.fraction != 1.0] + ([tuple(full)] if full else [])
-            jobs += [ProbeJob(job, group, method, spec.backend, spec.selection) for group in groups]
-
-    if "finetune" in spec.methods:
-        recipe = resolve_recipe(spec.recipe, **dict(spec.overrides))
-        device_types = _device_types(spec.device)
-        for dataset in spec.datasets:
-            for size in spec.sizes:
-                for backbone in spec.backbones:
-                    for subset in spec.subsets:
-                        job = FinetuneJob(dataset, size, backbone, spec.weights, subset,
-                                          spec.recipe, spec.overrides, spec.device,
-                                          spec.data_root, root)
-                        total["finetune"] += 1
-                        if _finetune_finished(registry, job, recipe, device_types):
-                            done["finetune"] += 1
-                        else:
-                            jobs.append(job)
     return GridPlan(spec=spec, workdir=root, jobs=tuple(jobs),
-                    total={k: total[k] for k in KINDS}, done={k: done[k] for k in KINDS})
+                    total={k: total[k] for k in KINDS}, done={k: done[k] for k in KINDS},
+                    skipped=tuple(skipped))

@@ -21,11 +21,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from medfm.finetune import finish_checkpoint
 from medfm.grid.executors import Executor, make_executor
 from medfm.grid.jobs import Job, JobOutcome
 from medfm.grid.plan import GridPlan, plan_grid
 from medfm.grid.spec import GridSpec
+from medfm.paths import resolve_workdir
 from medfm.store.registry import Registry
 
 
@@ -52,7 +52,7 @@ class GridResult:
         done = sum(self.plan.done.values())
         lines = [f"grid on {self.executor}: {len(self.outcomes) - len(self.failed)} job(s) "
                  f"succeeded, {len(self.failed)} failed, {done} already done; "
-                 f"{self.rows_added} result row(s) added"]
+                 f"{self.rows_added} result row(s) added", *self.plan.skipped]
         for outcome in self.failed:
             first, *rest = outcome.error.splitlines()
             lines.append(f"FAILED {outcome.job.label}: {first}")
@@ -63,6 +63,8 @@ class GridResult:
 def _record(registry: Registry, outcome: JobOutcome, workdir: str) -> int:
     """Add an outcome's rows with their test scores, then (as `finetune` does) keep a recorded
     fine-tune's tested weights and drop its resumable state; returns how many rows were new."""
+    from medfm.finetune import finish_checkpoint  # torch: only once there is a row to record
+
     added = 0
     for row, scores, y_true in outcome.rows:
         added += registry.add(row, scores=scores, y_true=y_true)
@@ -118,12 +120,14 @@ def run_grid(
     **executor_options: Any,
 ) -> GridResult:
     """Plan `spec` in `workdir` and run what is not done on `executor`: a name ("local", "ray",
-    "slurm"; `executor_options` go to its constructor, and it is closed at the end) or an
-    executor object (kept open, so one pool can serve several grids). `dry_run` plans only."""
-    plan = plan_grid(spec, workdir=workdir)
+    "slurm"; `executor_options` are its typed options, checked before anything is planned, and
+    it is closed at the end) or an executor object (kept open, so one pool can serve several
+    grids). `dry_run` plans only."""
     made = None  # an executor built here from its name (starts nothing until it runs jobs)
     if isinstance(executor, str):
-        executor = made = make_executor(executor, workdir=plan.workdir, **executor_options)
+        executor = made = make_executor(executor, workdir=resolve_workdir(workdir),
+                                        **executor_options)
+    plan = plan_grid(spec, workdir=workdir)
     if dry_run:
         return GridResult(plan=plan, executor=executor.name)
     try:

@@ -4,21 +4,24 @@
     spec = load_spec("examples/grid_demo.yaml")
     spec = preset_spec("seed-paper", datasets=["breastmnist"], sizes=[28])
 
-A spec file names the axes of the grid; everything but `datasets`, `sizes` and `backbones` has a
-default (DEFAULTS):
+A spec file names the axes of the grid; everything but `sizes` and `backbones` has a default
+(DEFAULTS):
 
-    datasets: [breastmnist, pneumoniamnist]
+    datasets: [breastmnist, pneumoniamnist]   # default: every MedMNIST dataset whose file is
+                                              # present (the others are skipped, one line each)
     sizes: [28, 64]
-    backbones: [resnet18, dino_vitb16]
-    weights: null            # null: each backbone's default source; "random" or a file path
+    backbones: [resnet18, dino_vitb16]        # any spelling: alias, arch, arch.tag
+    weights: null            # null: each backbone's pretrained weights; "random" or a file path
     fractions: [0.01, 0.1, 1.0]
     shots: []                # labelled images per class, instead of / besides fractions
     seeds: [0, 1, 2]
-    methods: [logreg, finetune]   # logreg | knn | finetune
-    backend: auto            # probe backend: auto | sklearn | torch | cuml
-    selection: val           # probe C selection: val | holdout
-    resize_policy: null      # null: the backbone's default; bilinear|bicubic|pad|nearest|native
-    input_size: null
+    methods: [logreg, finetune]   # any registered probe method (logreg, knn, ...) and finetune
+    probe_options: {}        # probe methods' own settings, e.g. {knn_metric: euclidean}
+    solver: auto             # how logreg is fitted: auto | sklearn | torch | cuml
+    selection: null          # probe model selection: null (each method's default) | val | holdout
+    resize_policy: null      # preprocessing of every job, extract and fine-tune alike:
+    input_size: null         #   null = the default (bilinear to the backbone's input size,
+    normalize: null          #   its mean/std); a fine-tune override below wins for fine-tunes
     dtype: float16           # feature store dtype
     device: null             # null: CUDA when visible, else CPU
     data_root: null          # null: $MEDFM_DATA_ROOT or ~/.medmnist
@@ -37,40 +40,43 @@ from typing import Any
 
 import yaml
 
-from medfm.data import DATASETS, check_size, get_dataset
+from medfm.data import check_size, get_dataset
 from medfm.errors import InvalidArgumentError
-from medfm.preprocess import check_resize_policy
-from medfm.probe.settings import SELECTIONS
-from medfm.sampling import SubsetSpec
-from medfm.store.features import STORE_DTYPES
-from medfm.store.registry import METHODS
+from medfm.preprocess import PreprocessRequest
+from medfm.probe.methods import probe_methods
+from medfm.probe.solvers import SOLVERS
+from medfm.request import STORE_DTYPES
+from medfm.sampling import SubsetSpec, expand_subsets
 
-PROBE_METHODS = ("logreg", "knn")  # methods that read feature stores
-PROBE_BACKENDS = ("auto", "sklearn", "torch", "cuml")
+FINETUNE = "finetune"  # the one method that is not a probe
 DEFAULTS: dict[str, Any] = {  # spec fields a file may leave out
-    "weights": None, "fractions": (1.0,), "shots": (), "seeds": (0,), "methods": ("logreg",),
-    "backend": "auto", "selection": "val", "resize_policy": None, "input_size": None,
-    "dtype": "float16", "device": None, "data_root": None, "recipe": "medfm", "overrides": (),
+    "datasets": None, "weights": None, "fractions": (1.0,), "shots": (), "seeds": (0,),
+    "methods": ("logreg",), "probe_options": (), "solver": "auto", "selection": None,
+    "resize_policy": None, "input_size": None, "normalize": None, "dtype": "float16",
+    "device": None, "data_root": None, "recipe": "medfm", "overrides": (),
 }
-REQUIRED = ("datasets", "sizes", "backbones")
+REQUIRED = ("sizes", "backbones")
+RENAMED = {"backend": "solver"}  # spec fields of earlier medfm versions
 
 
 @dataclass(frozen=True)
 class GridSpec:
     """Every axis of a benchmark grid; frozen and hashable, so it travels to workers as is."""
 
-    datasets: tuple[str, ...]  # MedMNIST flags
+    datasets: tuple[str, ...] | None  # MedMNIST flags; None: every dataset with a file
     sizes: tuple[int, ...]  # 28 / 64 / 128 / 224
     backbones: tuple[str, ...]  # medfm aliases or timm names
-    weights: str | None  # None: default source per backbone; "random"; or a checkpoint path
+    weights: str | None  # None: pretrained weights per backbone; "random"; or a checkpoint path
     fractions: tuple[float, ...]  # training fractions in (0, 1]
     shots: tuple[int, ...]  # labelled images per class
     seeds: tuple[int, ...]  # sampling and training seeds
-    methods: tuple[str, ...]  # subset of registry METHODS
-    backend: str  # probe backend (PROBE_BACKENDS)
-    selection: str  # probe C selection (SELECTIONS)
-    resize_policy: str | None  # store resize policy; None = the backbone's default
-    input_size: int | None  # store input size; None = the backbone's
+    methods: tuple[str, ...]  # registered probe methods and/or "finetune"
+    probe_options: tuple[tuple[str, Any], ...]  # probe methods' own settings, sorted pairs
+    solver: str  # how logreg is fitted (medfm.probe.solvers.SOLVERS)
+    selection: str | None  # probe model selection; None: each method's default
+    resize_policy: str | None  # preprocessing of every job; None: the default
+    input_size: int | None
+    normalize: str | None
     dtype: str  # feature store dtype (STORE_DTYPES)
     device: str | None  # "cpu", "cuda" or None (auto)
     data_root: str | None  # where the npz files are
@@ -80,10 +86,32 @@ class GridSpec:
     @property
     def subsets(self) -> tuple[SubsetSpec, ...]:
         """Every (fraction or shots) x seed subset, fractions first."""
-        return tuple(
-            [SubsetSpec(fraction=f, seed=s) for f in self.fractions for s in self.seeds]
-            + [SubsetSpec(shots=k, seed=s) for k in self.shots for s in self.seeds]
-        )
+        return tuple(expand_subsets(self.fractions, self.shots, self.seeds))
+
+    @property
+    def probe_method_names(self) -> tuple[str, ...]:
+        return tuple(m for m in self.methods if m != FINETUNE)
+
+    def probe_requests(self):
+        """One resolved probe request per probe method (medfm.probe.resolve_probe): the spec's
+        selection where the method supports it (else the method's default), and the method's
+        own options from `probe_options`."""
+        from medfm.probe.run import resolve_probe
+
+        requests = []
+        for name in self.probe_method_names:
+            method = probe_methods()[name]
+            own = {o.name for o in method.options}
+            selection = self.selection if self.selection in method.selections else None
+            requests.append(resolve_probe(
+                name, selection=selection, solver=self.solver, device=self.device,
+                **{k: v for k, v in self.probe_options if k in own}))
+        return tuple(requests)
+
+    @property
+    def preprocess(self) -> PreprocessRequest:
+        """The grid's preprocessing request (for extract and fine-tune jobs alike)."""
+        return PreprocessRequest(self.resize_policy, self.input_size, self.normalize)
 
     def narrowed(self, *, datasets=None, backbones=None, sizes=None) -> GridSpec:
         """This spec restricted to the given datasets, backbones and sizes (None: keep all)."""
@@ -104,10 +132,10 @@ def _tuple(name: str, value: Any) -> tuple:
     raise InvalidArgumentError(f"spec field {name!r} must be a list, got {value!r}")
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+def _choice(name: str, value: Any, choices) -> str:
     if value not in choices:
         raise InvalidArgumentError(
-            f"spec field {name}={value!r} is not one of {', '.join(choices)}"
+            f"spec field {name}={value!r} is not one of {', '.join(map(str, choices))}"
         )
     return value
 
@@ -115,17 +143,19 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 def validate(spec: GridSpec) -> GridSpec:
     """Check every axis (without loading data or models) and normalize names and types.
 
-    Backbones are not resolved here: an unknown backbone fails its own jobs, not the grid.
+    Names are resolved (datasets, backbones) when the grid is planned, before anything runs.
     """
     for name in REQUIRED:
         if not getattr(spec, name):
             raise InvalidArgumentError(f"spec field {name!r} is empty; list at least one value")
-    datasets = tuple(get_dataset(d).flag for d in spec.datasets)
+    datasets = None if spec.datasets is None else tuple(get_dataset(d).flag for d in spec.datasets)
     sizes = tuple(check_size(int(s)) for s in spec.sizes)
+    methods = probe_methods()
     for method in spec.methods:
-        _choice("methods", method, METHODS)
+        _choice("methods", method, (*methods, FINETUNE))
     if not spec.methods:
-        raise InvalidArgumentError(f"spec field 'methods' is empty; use some of {METHODS}")
+        raise InvalidArgumentError(f"spec field 'methods' is empty; use some of "
+                                   f"{', '.join((*methods, FINETUNE))}")
     if not spec.fractions and not spec.shots:
         raise InvalidArgumentError("spec gives neither fractions nor shots; give one of them")
     if not spec.seeds:
@@ -136,12 +166,14 @@ def validate(spec: GridSpec) -> GridSpec:
                    seeds=tuple(int(s) for s in spec.seeds),
                    backbones=tuple(str(b) for b in spec.backbones))
     spec.subsets  # noqa: B018 - SubsetSpec validates each fraction, shot count and seed
-    _choice("backend", spec.backend, PROBE_BACKENDS)
-    _choice("selection", spec.selection, SELECTIONS)
+    spec.preprocess  # noqa: B018 - PreprocessRequest validates policy, size, normalization
+    _choice("solver", spec.solver, SOLVERS)
     _choice("dtype", spec.dtype, STORE_DTYPES)
-    if spec.resize_policy is not None:
-        check_resize_policy(spec.resize_policy)
-    if "finetune" in spec.methods:
+    known_options = {o.name for m in methods.values() for o in m.options}
+    for name, _ in spec.probe_options:
+        _choice("probe_options", name, sorted(known_options))
+    spec.probe_requests()  # checks each method's selection and options
+    if FINETUNE in spec.methods:
         from medfm.finetune import resolve_recipe  # checks the recipe before any job runs
 
         resolve_recipe(spec.recipe, **dict(spec.overrides))
@@ -152,7 +184,7 @@ def spec_from_dict(raw: dict[str, Any]) -> GridSpec:
     """A GridSpec from a parsed YAML mapping (see the module docstring for the fields)."""
     if not isinstance(raw, dict):
         raise InvalidArgumentError(f"a grid spec is a mapping of fields; got {type(raw).__name__}")
-    raw = dict(raw)
+    raw = {RENAMED.get(k, k): v for k, v in raw.items()}
     finetune = raw.pop("finetune", None) or {}
     if not isinstance(finetune, dict) or set(finetune) - {"recipe", "overrides"}:
         raise InvalidArgumentError(
@@ -160,6 +192,10 @@ def spec_from_dict(raw: dict[str, Any]) -> GridSpec:
         )
     raw["recipe"] = finetune.get("recipe", DEFAULTS["recipe"])
     raw["overrides"] = tuple(sorted((finetune.get("overrides") or {}).items()))
+    options = raw.get("probe_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidArgumentError("spec field 'probe_options' takes {option: value}")
+    raw["probe_options"] = tuple(sorted(options.items()))
     known = [f.name for f in fields(GridSpec)]
     for name in raw:
         if name not in known:
@@ -170,9 +206,11 @@ def spec_from_dict(raw: dict[str, Any]) -> GridSpec:
         if name not in raw:
             raise InvalidArgumentError(f"spec lacks {name!r}; list the {name} to run")
     values = {**DEFAULTS, **raw}
-    listed = ("datasets", "sizes", "backbones", "fractions", "shots", "seeds", "methods")
+    listed = ("sizes", "backbones", "fractions", "shots", "seeds", "methods")
     for name in listed:
         values[name] = _tuple(name, values[name])
+    if values["datasets"] is not None:
+        values["datasets"] = _tuple("datasets", values["datasets"])
     if values["data_root"] is not None:
         values["data_root"] = str(values["data_root"])
     return validate(GridSpec(**values))
@@ -193,7 +231,6 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
     return spec
 
 
-ALL_DATASETS = tuple(DATASETS)
 MEDMNIST_SIZES = (28, 64, 128, 224)
 PAPER_SEEDS = (0, 1, 2)
 # Wu & Papiez 2025 (ANCHORS.md): their model zoo as medfm aliases, bilinear upsampling, AdamW
@@ -213,18 +250,18 @@ MEDMNIST_PLUS_BACKBONES = (
 )
 PRESETS: dict[str, GridSpec] = {
     "seed-paper": GridSpec(
-        datasets=ALL_DATASETS, sizes=MEDMNIST_SIZES, backbones=SEED_PAPER_BACKBONES,
+        datasets=None, sizes=MEDMNIST_SIZES, backbones=SEED_PAPER_BACKBONES,
         weights=None, fractions=(0.01, 0.1, 1.0), shots=(), seeds=PAPER_SEEDS,
-        methods=("logreg", "finetune"), backend="auto", selection="val",
-        resize_policy="bilinear", input_size=None, dtype="float16", device=None, data_root=None,
-        recipe="seed-paper", overrides=(),
+        methods=("logreg", "finetune"), probe_options=(), solver="auto", selection=None,
+        resize_policy="bilinear", input_size=None, normalize=None, dtype="float16",
+        device=None, data_root=None, recipe="seed-paper", overrides=(),
     ),
     "medmnist-plus": GridSpec(
-        datasets=ALL_DATASETS, sizes=MEDMNIST_SIZES, backbones=MEDMNIST_PLUS_BACKBONES,
+        datasets=None, sizes=MEDMNIST_SIZES, backbones=MEDMNIST_PLUS_BACKBONES,
         weights=None, fractions=(1.0,), shots=(), seeds=PAPER_SEEDS,
-        methods=("logreg", "knn", "finetune"), backend="auto", selection="val",
-        resize_policy="pad", input_size=224, dtype="float16", device=None, data_root=None,
-        recipe="medmnist-plus", overrides=(),
+        methods=("logreg", "knn", "finetune"), probe_options=(), solver="auto", selection=None,
+        resize_policy="pad", input_size=224, normalize=None, dtype="float16", device=None,
+        data_root=None, recipe="medmnist-plus", overrides=(),
     ),
 }
 

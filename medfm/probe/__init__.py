@@ -1,21 +1,28 @@
-"""The probe stage: logistic-regression and kNN probes on cached features (see run.py)."""
+"""The probe stage: probes fitted on cached features (logistic regression, kNN, ...), each
+method registered in its own module of medfm.probe.methods.
 
-from medfm.probe.backends import BACKENDS, resolve_backend
+    from medfm.probe import probe
+    probe(dataset="breastmnist", fractions=[0.1, 1.0], seeds=[0, 1, 2])
+"""
+
+from medfm.probe.methods import MethodOption, ProbeMethod, get_method, probe_methods
 from medfm.probe.run import (
-    PROBE_METHODS,
     ProbeReport,
+    ProbeRequest,
     StoreArrays,
+    matching_stores,
     probe,
     probe_job,
-    probe_store,
+    resolve_probe,
 )
-from medfm.probe.settings import C_GRID, HOLDOUT_FRACTION, KNN_K, SELECTIONS
+from medfm.probe.solvers import SOLVERS, resolve_solver
 
-_ESTIMATORS = {"KNNProbe": "medfm.probe.knn", "LogisticProbe": "medfm.probe.logreg"}
+_ESTIMATORS = {"KNNProbe": "medfm.probe.methods.knn", "LogisticProbe": "medfm.probe.methods.logreg",
+               "C_GRID": "medfm.probe.methods.logreg", "KNN_K": "medfm.probe.methods.knn"}
 
 
 def __getattr__(name: str):
-    """The estimators import scikit-learn, so they load on first use, not with the package."""
+    """Estimators and their constants live in their method modules."""
     if name in _ESTIMATORS:
         import importlib
 
@@ -24,7 +31,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BACKENDS", "C_GRID", "HOLDOUT_FRACTION", "KNN_K", "PROBE_METHODS", "SELECTIONS",
-    "KNNProbe", "LogisticProbe", "ProbeReport", "StoreArrays", "probe", "probe_job", "probe_store",
-    "resolve_backend",
+    "C_GRID", "KNN_K", "SOLVERS", "KNNProbe", "LogisticProbe", "MethodOption", "ProbeMethod",
+    "ProbeReport", "ProbeRequest", "StoreArrays", "get_method", "matching_stores", "probe",
+    "probe_job", "probe_methods", "resolve_probe", "resolve_solver",
 ]

@@ -7,16 +7,17 @@ row per run.
 
     medfm probe --dataset breastmnist --fractions 0.1,0.3,1.0 --seeds 0,1,2
 
-Order of work. `probe` finds every matching store (reading attributes only), plans one ResultKey
-per (store, subset spec, seed), asks the registry in one query which are finished, and only then
-reads features, each store's once, for the rest. Each run (`probe_job`, a pure job function
-that writes nothing) draws its training subset with medfm.sampling, fits the probe
-(LogisticProbe: C chosen on val or a holdout; KNNProbe), scores the test split and computes
-MedMNIST ACC/AUC, balanced accuracy and bootstrap CIs on the float32 scores it returns;
-`probe_store` writes its row with those per-sample test scores.
+Order of work. `probe` resolves the probe request (`resolve_probe`: method, its settings, the
+model-selection rule; medfm.probe.methods), finds every matching store by name, builds one key
+per (store, subset) from the store's recorded request and content fingerprint
+(medfm.request.run_key), asks the registry in one query which are finished, and only then reads
+features, each store's once, for the rest. Each run (`probe_job`, a pure job function that
+writes nothing) draws its training subset with medfm.sampling, fits the method, scores the test
+split and computes MedMNIST ACC/AUC, balanced accuracy and bootstrap CIs on the float32 scores
+it returns; `probe` records the row with those per-sample test scores.
 Runs whose training data and settings are identical (fraction 1.0 under several seeds with
-val selection: the same images, the same deterministic fit) share one fit; their rows say so in
-`extra["shared_fit"]`. A finished key is never rerun unless `force=True`.
+val selection: the same images, the same deterministic fit) share one fit and one evaluation;
+their rows say so in `extra["shared_fit"]`. A finished key is never rerun unless `force=True`.
 """
 
 from __future__ import annotations
@@ -29,22 +30,53 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medfm import __version__
 from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
-from medfm.probe.backends import DEFAULT_MAX_ITER, DEFAULT_TOL, resolve_backend
-from medfm.probe.settings import C_GRID, HOLDOUT_FRACTION, KNN_K, KNN_METRICS, SELECTIONS
-from medfm.sampling import SubsetSpec, sample
+from medfm.probe.methods import get_method
+from medfm.probe.solvers import SOLVERS
+from medfm.request import run_key
+from medfm.runtime import versions
+from medfm.sampling import SubsetSpec, expand_subsets, sample
 from medfm.store.features import FeatureStore, find_stores
 from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
 
-PROBE_METHODS = ("logreg", "knn")  # values of --method
-DEFAULT_FRACTIONS = (1.0,)  # when neither fractions nor shots are given
 DEFAULT_SEEDS = (0, 1, 2)
 N_BOOTSTRAP = 1000  # resamples per test-metric confidence interval
-KNN_SELECTION = "none"  # kNN chooses nothing: its keys carry this selection
-KNN_BACKEND = "torch"  # kNN's compute engine, recorded as its backend
+PROBE_VERSIONS = ("scikit-learn", "scipy", "torch", "h5py")  # recorded with every probe row
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What to fit on each store: a registered method, its settings, how it selects, and how
+    it computes (solver and device: not part of a result's identity)."""
+
+    method: str  # a registered probe method (medfm.probe.methods)
+    params: str  # canonical JSON of the settings that enter the key
+    selection: str  # val | holdout | none
+    solver: str = "auto"  # one of SOLVERS, for methods that fit with a solver
+    device: str | None = None  # cpu | cuda | None (cuda when visible)
+
+    def key(self, store: FeatureStore, spec: SubsetSpec) -> ResultKey:
+        """The registry key of this probe on `store`'s training subset `spec`."""
+        task = get_dataset(store.request["dataset"]).task
+        return run_key(store=store.request, store_fingerprint=store.fingerprint,
+                       method=self.method, params=json.loads(self.params),
+                       selection=self.selection,
+                       select_metric=get_method(self.method).select_metric(task), spec=spec)
+
+
+def resolve_probe(method: str = "logreg", *, selection: str | None = None,
+                  solver: str = "auto", device: str | None = None,
+                  **options) -> ProbeRequest:
+    """The probe request for a method name, its options (e.g. `knn_metric`) and selection
+    (None: the method's default), checked before any store is opened."""
+    spec = get_method(method)
+    selection = spec.check_selection(selection)
+    params = spec.params(selection, spec.resolve_options(options))
+    if solver not in SOLVERS:
+        raise InvalidArgumentError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}.")
+    return ProbeRequest(method, canonical_json(params), selection, solver, device)
 
 
 @dataclass(frozen=True)
@@ -53,10 +85,14 @@ class StoreArrays:
 
     features: dict  # split -> (N, D) float32
     labels: dict  # split -> (N, L) labels as in the npz
+    targets: dict  # split -> labels shaped for fitting: (N,) class ids, or (N, L) multi-label
 
     @classmethod
     def load(cls, store: FeatureStore) -> StoreArrays:
-        return cls({s: store.features(s) for s in SPLITS}, {s: store.labels(s) for s in SPLITS})
+        multi_label = get_dataset(store.request["dataset"]).task is Task.MULTI_LABEL
+        labels = {s: store.labels(s) for s in SPLITS}
+        targets = {s: y if multi_label else y[:, 0] for s, y in labels.items()}
+        return cls({s: store.features(s) for s in SPLITS}, labels, targets)
 
 
 @dataclass(frozen=True)
@@ -72,190 +108,88 @@ class ProbeReport:
         return len(self.computed) + len(self.skipped)
 
 
-def method_params(method: str, selection: str, knn_metric: str = "cosine") -> dict:
-    """The settings that define a method's result (stored as the key's `params`)."""
-    if method == "knn":
-        if knn_metric not in KNN_METRICS:
-            raise InvalidArgumentError(
-                f"unknown kNN metric {knn_metric!r}; use one of {', '.join(KNN_METRICS)}.")
-        return {"k": KNN_K, "metric": knn_metric}
-    params = {"C_grid": list(C_GRID), "max_iter": DEFAULT_MAX_ITER, "tol": DEFAULT_TOL,
-              "standardize": "train-subset"}
-    if selection == "holdout":
-        params["holdout_fraction"] = HOLDOUT_FRACTION
-    return params
-
-
-def _check_choices(method: str, selection: str) -> None:
-    if method not in PROBE_METHODS:
-        raise InvalidArgumentError(
-            f"unknown probe method {method!r}; use one of {', '.join(PROBE_METHODS)}.")
-    if selection not in SELECTIONS:
-        raise InvalidArgumentError(
-            f"unknown selection {selection!r}; use one of {', '.join(SELECTIONS)}.")
-
-
-def result_key(store: FeatureStore, spec: SubsetSpec, *, method: str, backend: str,
-               selection: str, knn_metric: str = "cosine") -> ResultKey:
-    """The registry key of one probe run (`backend` already resolved for logreg)."""
-    _check_choices(method, selection)
-    knn = method == "knn"
-    return ResultKey(
-        dataset=store.key.dataset, size=store.key.size, backbone=store.key.arch,
-        tag=store.key.tag, weights_digest=store.key.weights_digest,
-        resize_policy=store.key.resize_policy, input_size=store.key.input_size,
-        feature_kind=store.key.feature_kind, method=method,
-        backend=KNN_BACKEND if knn else backend, fraction=spec.fraction, shots=spec.shots,
-        seed=spec.seed, selection=KNN_SELECTION if knn else selection,
-        params=canonical_json(method_params(method, selection, knn_metric)),
-        store_fingerprint=store.fingerprint)
-
-
-def _versions() -> dict:
-    import scipy
-    import sklearn
-    import torch
-
-    return {"medfm": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "scikit-learn": sklearn.__version__, "torch": torch.__version__}
-
-
-def _fit_and_score(arrays: StoreArrays, task: Task, train_rows: np.ndarray, key: ResultKey,
-                   ) -> tuple[np.ndarray, float | None, dict]:
-    """(float32 test scores, chosen C, extra) of one fit on the given training rows."""
-    from medfm.probe.knn import KNNProbe  # scikit-learn loads here, once something is fitted
-    from medfm.probe.logreg import LogisticProbe
-
-    multi_label = task is Task.MULTI_LABEL
-
-    def labels(split: str, rows=slice(None)) -> np.ndarray:
-        y = arrays.labels[split][rows]
-        return y if multi_label else y[:, 0]
-
-    X_train = arrays.features["train"][train_rows]
-    y_train = labels("train", train_rows)
-    if key.method == "knn":
-        params = json.loads(key.params)
-        model = KNNProbe(k=params["k"], metric=params["metric"]).fit(X_train, y_train)
-        extra = {"k_effective": model.k_}
-        chosen = None
-    else:
-        model = LogisticProbe(backend=key.backend, selection=key.selection, random_state=key.seed)
-        if key.selection == "val":
-            model.fit(X_train, y_train, arrays.features["val"], labels("val"))
-        else:  # holdout: the val split is never read
-            model.fit(X_train, y_train)
-        extra = {"C_grid": list(C_GRID), "path": model.path_, "n_iter": model.n_iter_,
-                 "converged": bool(model.converged_),
-                 "selection_metric": "auc" if multi_label else "acc"}
-        chosen = model.C_
-    proba = model.predict_proba(arrays.features["test"])
-    n_classes = get_dataset(key.dataset).n_classes
-    if not multi_label and not np.array_equal(model.classes_, np.arange(n_classes)):
-        raise StoreError(f"the training subset holds classes {model.classes_.tolist()}, not all "
+def _check_classes(arrays: StoreArrays, task: Task, n_classes: int) -> None:
+    """Every class must be in the store's train split (the sampler keeps >= 1 of each)."""
+    if task is Task.MULTI_LABEL:
+        return
+    present = np.unique(arrays.targets["train"])
+    if not np.array_equal(present, np.arange(n_classes)):
+        raise StoreError(f"the store's training split holds classes {present.tolist()}, not all "
                          f"{n_classes}; rebuild the store from the full train split.")
-    return proba.astype(np.float32), chosen, extra
 
 
-def probe_job(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
-              backend: str = "auto", selection: str = "val", knn_metric: str = "cosine",
+def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
               arrays: StoreArrays | None = None, shared_fits: dict | None = None,
               ) -> tuple[ResultRow, np.ndarray, np.ndarray]:
     """One probe run, writing nothing: sample the training subset, fit, score the test split.
 
     Returns (row, float32 test scores, test labels), what `Registry.add` records. `arrays` passes
     features already read; `shared_fits` (a dict the caller keeps) lets runs with identical
-    training data and settings share one fit.
+    training data and settings share one fit and its evaluation.
     """
     start = time.perf_counter()
-    _check_choices(method, selection)
-    key = result_key(store, spec, method=method,
-                     backend=backend if method == "knn" else resolve_backend(backend),
-                     selection=selection, knn_metric=knn_metric)
+    key = probe.key(store, spec)
+    method = get_method(probe.method)
+    info = get_dataset(key.dataset)
     arrays = arrays or StoreArrays.load(store)
-    task = get_dataset(store.key.dataset).task
-    subset = sample(arrays.labels["train"], task, spec)
-    holdout_seed = spec.seed if key.selection == "holdout" else None
-    fit_id = (store.fingerprint, subset.digest, key.method, key.backend, key.selection,
-              key.params, holdout_seed)
-    extra_shared = {}
+    subset = sample(arrays.labels["train"], info.task, spec)
+    fit_id = (store.fingerprint, subset.digest, probe.method, probe.params, probe.selection,
+              spec.seed if method.seed_changes_fit(probe.selection) else None)
     if shared_fits is not None and fit_id in shared_fits:
-        scores, chosen, extra, first = shared_fits[fit_id]
-        extra_shared = {"shared_fit": first}
+        fitted, metrics, first = shared_fits[fit_id]
+        extra = {**fitted.extra, "shared_fit": first}
     else:
-        scores, chosen, extra = _fit_and_score(arrays, task, subset.indices, key)
+        _check_classes(arrays, info.task, info.n_classes)
+        fitted = method.fit(arrays.features, arrays.targets, info.task, subset.indices,
+                            params=json.loads(probe.params), selection=probe.selection,
+                            seed=spec.seed, solver=probe.solver, device=probe.device)
+        metrics = evaluate(arrays.labels["test"], fitted.scores, info.task,
+                           n_bootstrap=N_BOOTSTRAP, seed=0)
         if shared_fits is not None:
-            shared_fits[fit_id] = (scores, chosen, extra, key.digest())
-    y_test = arrays.labels["test"]
-    metrics = evaluate(y_test, scores, task, n_bootstrap=N_BOOTSTRAP, seed=0)
-    row = ResultRow(
-        key=key, n_train=subset.n, subset_digest=subset.digest, chosen_C=chosen,
-        acc=metrics.acc, auc=metrics.auc, balanced_acc=metrics.balanced_acc,
-        acc_ci_low=metrics.acc_ci[0], acc_ci_high=metrics.acc_ci[1],
-        auc_ci_low=metrics.auc_ci[0], auc_ci_high=metrics.auc_ci[1],
-        extra={**extra, **extra_shared}, versions=_versions(),
-        wall_s=time.perf_counter() - start)
-    return row, scores, y_test
+            shared_fits[fit_id] = (fitted, metrics, key.digest())
+        extra = fitted.extra
+    row = ResultRow.scored(
+        key, subset, metrics, chosen_C=fitted.chosen_C, solver=fitted.solver,
+        device=fitted.device, weights_digest=store.attrs.get("weights_digest", ""),
+        extra=extra, versions=versions(*PROBE_VERSIONS), wall_s=time.perf_counter() - start)
+    return row, fitted.scores, arrays.labels["test"]
 
 
-def probe_store(store: FeatureStore, *, spec: SubsetSpec, method: str = "logreg",
-                backend: str = "auto", selection: str = "val", knn_metric: str = "cosine",
-                registry: Registry | None = None, force: bool = False,
-                arrays: StoreArrays | None = None, shared_fits: dict | None = None) -> ResultRow:
-    """One probe run (`probe_job`), its row recorded with its test scores in `registry`.
-
-    With a registry, a finished key returns its stored row unless `force`.
-    """
-    if registry is not None and not force:
-        _check_choices(method, selection)
-        key = result_key(store, spec, method=method,
-                         backend=backend if method == "knn" else resolve_backend(backend),
-                         selection=selection, knn_metric=knn_metric)
-        found = registry.get(key)
-        if found is not None:
-            return found
-    row, scores, y_test = probe_job(store, spec=spec, method=method, backend=backend,
-                                    selection=selection, knn_metric=knn_metric, arrays=arrays,
-                                    shared_fits=shared_fits)
-    if registry is not None:
-        registry.add(row, scores=scores, y_true=y_test, replace=force)
-    return row
-
-
-def _specs(fractions: Sequence[float] | None, shots: Sequence[int] | None,
-           seeds: Sequence[int]) -> list[SubsetSpec]:
-    if fractions is None and shots is None:
-        fractions = DEFAULT_FRACTIONS
-    specs = [SubsetSpec(fraction=f, seed=s) for f in fractions or () for s in seeds]
-    return specs + [SubsetSpec(shots=k, seed=s) for k in shots or () for s in seeds]
+def matching_stores(*, dataset: str | None = None, backbone: str | None = None,
+                    size: int | None = None, store: str | os.PathLike | None = None,
+                    workdir: str | os.PathLike | None = None) -> list[FeatureStore]:
+    """The stores a probe call covers: one by path, or every store matching the filters."""
+    if store is not None:
+        return [FeatureStore(store)]
+    flag = get_dataset(dataset).flag if dataset else None
+    found = find_stores(workdir, dataset=flag, backbone=backbone, size=size)
+    if not found:
+        wanted = " ".join(f"--{name} {value}" for name, value in
+                          (("dataset", dataset), ("backbone", backbone), ("size", size)) if value)
+        raise StoreError(f"no feature store matches {wanted or 'anything'} in the work directory; "
+                         f"run `medfm extract {wanted}` first.")
+    return found
 
 
 def probe(*, dataset: str | None = None, backbone: str | None = None, size: int | None = None,
           store: str | os.PathLike | None = None, fractions: Sequence[float] | None = None,
           shots: Sequence[int] | None = None, seeds: Sequence[int] = DEFAULT_SEEDS,
-          method: str = "logreg", backend: str = "auto", selection: str = "val",
-          knn_metric: str = "cosine", workdir: str | os.PathLike | None = None,
-          force: bool = False, progress: bool = True) -> ProbeReport:
-    """Probe every matching store at every fraction/shots x seed; skip runs already recorded."""
+          method: str = "logreg", selection: str | None = None, solver: str = "auto",
+          device: str | None = None, workdir: str | os.PathLike | None = None,
+          force: bool = False, progress: bool = True, **options) -> ProbeReport:
+    """Probe every matching store at every fraction/shots x seed; skip runs already recorded.
+
+    `options` are the method's own (e.g. `knn_metric="euclidean"`); `backbone` matches in any
+    spelling (alias, bare architecture, arch.tag).
+    """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    _check_choices(method, selection)
-    if store is not None:
-        stores = [FeatureStore(store)]
-    else:
-        flag = get_dataset(dataset).flag if dataset else None
-        stores = find_stores(workdir, dataset=flag, backbone=backbone, size=size)
-    if not stores:
-        wanted = " ".join(f"--{name} {value}" for name, value in
-                          (("dataset", dataset), ("backbone", backbone), ("size", size)) if value)
-        raise StoreError(f"no feature store matches {wanted or 'anything'} in the work directory; "
-                         f"run `medfm extract {wanted}` first.")
-    concrete = KNN_BACKEND if method == "knn" else resolve_backend(backend)
-    specs = _specs(fractions, shots, seeds)
-    plan = [(s, spec, result_key(s, spec, method=method, backend=concrete, selection=selection,
-                                 knn_metric=knn_metric))
-            for s in stores for spec in specs]
+    request = resolve_probe(method, selection=selection, solver=solver, device=device, **options)
+    stores = matching_stores(dataset=dataset, backbone=backbone, size=size, store=store,
+                             workdir=workdir)
+    plan = [(s, spec, request.key(s, spec)) for s in stores
+            for spec in expand_subsets(fractions, shots, seeds)]
     registry = Registry.in_workdir(workdir)
     done = set() if force else registry.done_keys([key for _, _, key in plan])
     skipped = [key for _, _, key in plan if key.digest() in done]
@@ -264,8 +198,8 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
     for s, spec in tqdm(pending, desc="probe", disable=not progress or not pending):
         if s.path not in arrays:
             arrays = {s.path: StoreArrays.load(s)}  # one store in memory at a time
-        computed.append(probe_store(s, spec=spec, method=method, backend=concrete,
-                                    selection=selection, knn_metric=knn_metric,
-                                    registry=registry, force=force,
-                                    arrays=arrays[s.path], shared_fits=shared_fits))
+        row, scores, y_test = probe_job(s, spec=spec, probe=request, arrays=arrays[s.path],
+                                        shared_fits=shared_fits)
+        registry.add(row, scores=scores, y_true=y_test, replace=force)
+        computed.append(row)
     return ProbeReport(computed=computed, skipped=skipped, wall_s=time.perf_counter() - start)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from medfm.report.tables import METRIC_LABELS, PARADIGMS, PERCENT, Table
+from medfm.report.tables import METRIC_LABELS, PERCENT, Table, paradigm
 
 # (upper bound inclusive, name): fractions are bucketed by the first bound they do not exceed
 FRACTION_BUCKETS = ((0.02, "scarce (≤2%)"), (0.2, "limited (2–20%)"), (1.0, "abundant (>20%)"))
@@ -125,7 +125,7 @@ def build_guideline(summary: pd.DataFrame, metric: str = "auc") -> list[Guidelin
             separate = bool(best["ci_low"] > runner["ci_high"])
         entries.append(GuidelineEntry(
             size=int(size), regime=bucket, metric=metric, winner=str(scores.index[0]),
-            paradigm=PARADIGMS[best["method"]], score=float(best["score"]),
+            paradigm=paradigm(best["method"]), score=float(best["score"]),
             runner_up=None if runner is None else str(scores.index[1]), gap=gap,
             seed_spread=spread, exceeds_spread=exceeds, ci_separate=separate,
             n_conditions=int(shared["condition"].nunique()),

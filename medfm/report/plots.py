@@ -19,13 +19,18 @@ import pandas as pd
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after selecting the backend
 
-from medfm.report.tables import METRIC_LABELS, METRICS, PERCENT  # noqa: E402
+from medfm.report.tables import (  # noqa: E402
+    FINETUNE,
+    METRIC_LABELS,
+    METRICS,
+    PERCENT,
+    is_probe,
+    line_style,
+)
 
 DPI = 110  # PNG resolution
 PANEL_SIZE = (4.6, 3.4)  # inches per subplot
 BAND_ALPHA = 0.18  # opacity of the seed band
-LINESTYLES = {"logreg": "-", "knn": ":", "finetune": "--"}  # method -> line style
-PROBE_METHODS = ("logreg", "knn")
 
 
 def _colors(names) -> dict[str, tuple]:
@@ -73,7 +78,7 @@ def fraction_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
                 runs = runs.sort_values("fraction")
                 _line(ax, runs["fraction"], runs[f"{metric}_mean"], runs[f"{metric}_std"],
                       label=variant, color=colors[variant],
-                      style=LINESTYLES[runs["method"].iloc[0]])
+                      style=line_style(runs["method"].iloc[0]))
             ax.set_xscale("log")
             ax.set_xlabel("training fraction")
             ax.set_ylabel(f"test {METRIC_LABELS[metric]} (%)")
@@ -99,7 +104,7 @@ def size_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
                 top = runs.loc[runs.groupby("size")["fraction"].idxmax()].sort_values("size")
                 _line(ax, top["size"], top[f"{metric}_mean"], top[f"{metric}_std"],
                       label=variant, color=colors[variant],
-                      style=LINESTYLES[top["method"].iloc[0]])
+                      style=line_style(top["method"].iloc[0]))
             sizes = sorted(cell["size"].unique())
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -115,8 +120,8 @@ def size_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
 def probe_finetune_pairs(summary: pd.DataFrame) -> pd.DataFrame:
     """Per (backbone, condition) with both: the best probe's and the fine-tune's seed means."""
     keys = ["backbone", "dataset", "size", "regime"]
-    probes = summary[summary["method"].isin(PROBE_METHODS)]
-    tuned = summary[summary["method"] == "finetune"]
+    probes = summary[summary["method"].map(is_probe)]
+    tuned = summary[summary["method"] == FINETUNE[0]]
     if probes.empty or tuned.empty:
         return pd.DataFrame()
     best_probe = probes.groupby(keys, as_index=False)[[f"{m}_mean" for m in METRICS]].max()

@@ -22,14 +22,14 @@ import pandas as pd
 
 METRICS = ("acc", "auc")  # metrics tabulated and plotted, as registry columns
 METRIC_LABELS = {"acc": "ACC", "auc": "AUC"}
-PARADIGMS = {"logreg": "linear probe", "knn": "kNN", "finetune": "fine-tune"}  # method -> words
+FINETUNE = ("finetune", "fine-tune", "--")  # method, how reports name it, its line style
 # key fields that may tell two otherwise identical runs apart; shown in a variant's label
 VARIANT_FIELDS = (
-    "tag", "weights_digest", "resize_policy", "input_size", "feature_kind", "backend",
-    "selection", "params",
+    "data_digest", "weights", "resize_policy", "input_size", "normalize", "feature_kind",
+    "selection", "select_metric", "params",
 )
 CONDITION_FIELDS = ("dataset", "size", "fraction", "shots")  # what a run was evaluated on
-DIGEST_SHOWN = 8  # characters of a weights digest in a variant label
+DIGEST_SHOWN = 8  # characters of a data digest in a variant label
 PERCENT = 100.0  # registry metrics are fractions; tables, plots and guideline show %
 
 
@@ -103,6 +103,30 @@ def _tex(text: str) -> str:
     return escaped.replace("±", r"$\pm$").replace("—", "--").replace("·", r"$\cdot$")
 
 
+def _method(name: str):
+    """The registered probe method called `name`, or None (fine-tune, or a method this medfm
+    no longer registers)."""
+    from medfm.probe.methods import probe_methods
+
+    return probe_methods().get(name)
+
+
+def paradigm(method: str) -> str:
+    """How reports name a method: "linear probe", "kNN", "fine-tune", ..."""
+    found = _method(method)
+    return found.paradigm if found else FINETUNE[1] if method == FINETUNE[0] else method
+
+
+def line_style(method: str) -> str:
+    """The matplotlib line style of a method's curves."""
+    found = _method(method)
+    return found.line_style if found else FINETUNE[2] if method == FINETUNE[0] else "-."
+
+
+def is_probe(method: str) -> bool:
+    return _method(method) is not None
+
+
 def regime_label(fraction: float | None, shots: int | None) -> str:
     """"10%" for a fraction, "5-shot" for shots per class."""
     if fraction is not None and not _missing(fraction):
@@ -158,12 +182,12 @@ def annotate(frame: pd.DataFrame) -> pd.DataFrame:
                 keys = varying_params[(row.backbone, row.method)]
                 parts += [f"{k}={json.dumps(params.get(k))}" for k in keys]
                 continue
-            shown = value[:DIGEST_SHOWN] if name == "weights_digest" else value
+            shown = value[:DIGEST_SHOWN] if name == "data_digest" else value
             parts.append(f"{name}={shown}")
         return " ".join(parts)
 
     frame["variant"] = [variant(row) for row in frame.itertuples()]
-    frame["paradigm"] = frame["method"].map(PARADIGMS)
+    frame["paradigm"] = frame["method"].map(paradigm)
     subsets = list(frame[["fraction", "shots"]].itertuples(index=False, name=None))
     frame["regime"] = [regime_label(f, s) for f, s in subsets]
     frame["regime_order"] = [

@@ -1,16 +1,20 @@
-"""HDF5 feature stores: one file per (dataset, size, backbone+tag+weights, resize policy, input
-size, feature kind, dtype), holding every split's frozen-backbone features.
+"""HDF5 feature stores: one file per extraction request (medfm.request.StoreRequest: dataset
+file, backbone and weights, preprocessing, feature kind, dtype), holding every split's
+frozen-backbone features.
 
     store = FeatureStore("medfm-work/stores/breastmnist_28__...h5")   # opens and verifies
     X = store.features("train")          # (N, D) float32 (stored float16 by default)
     y = store.labels("train")            # (N, L) as in the npz
+    store.request                        # the request it answers, as plain data
 
 Layout: groups `train`, `val`, `test`, each with `features` (N, D), `labels` (N, L) and `index`
-(N,) (row -> position in the npz split); file attributes carry the full provenance and a content
-fingerprint. A store is built as `<name>.h5.partial`: rows land chunk by chunk, each chunk
-flushed before the split's `rows_done` counter moves past it, so a killed extraction resumes from
-the last complete chunk. When every split is full the fingerprint is written and the file is
-renamed to `<name>.h5` in one atomic step: a `.h5` file is always complete.
+(N,) (row -> position in the npz split); file attributes carry the request (`request_json`), the
+full provenance and a content fingerprint. The file is named by its request
+(medfm.request.store_filename, ending in the request's digest), so finding the store for a
+request is one lookup. A store is built as `<name>.h5.partial`: rows land chunk by chunk, each
+chunk flushed before the split's `rows_done` counter moves past it, so a killed extraction
+resumes from the last complete chunk. When every split is full the fingerprint is written and
+the file is renamed to `<name>.h5` in one atomic step: a `.h5` file is always complete.
 """
 
 from __future__ import annotations
@@ -18,59 +22,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from medfm.backbones.names import canonical_backbone_id
 from medfm.data import SPLITS
 from medfm.errors import StoreError
 from medfm.paths import resolve_workdir
+from medfm.request import STORES_DIRNAME, store_digest
+from medfm.store.registry import canonical_json
 
-FORMAT_VERSION = 1  # bump when the layout changes; older stores then ask to be rebuilt
-FEATURE_KIND = "prelogits"  # timm forward_head(forward_features(x), pre_logits=True): pooled
-STORE_DTYPES = ("float16", "float32")  # float16 halves the disk; probes upcast to float32
-STORES_DIRNAME = "stores"  # <workdir>/stores/*.h5
+FORMAT_VERSION = 2  # 2: identified by its request (request_json); 1 (StoreKey) is upgraded
 PARTIAL_SUFFIX = ".partial"  # a store being built: <name>.h5.partial
 FLOAT16_MAX = 65504.0  # features beyond this are clipped (and counted) when stored as float16
 
 
-@dataclass(frozen=True)
-class StoreKey:
-    """Everything that changes a store's content; its digest names the file."""
-
-    dataset: str  # MedMNIST flag
-    size: int  # source image size (28/64/128/224)
-    arch: str  # timm architecture
-    tag: str  # timm pretrained tag, "" if none
-    weights_digest: str  # digest of the loaded weights (see backbones.py)
-    resize_policy: str  # see preprocess.RESIZE_POLICIES
-    input_size: int  # model input side, pixels
-    feature_kind: str = FEATURE_KIND  # which features
-    dtype: str = "float16"  # storage dtype
-
-    @property
-    def backbone(self) -> str:
-        """timm id with tag, e.g. "tf_efficientnet_lite0.in1k"."""
-        return f"{self.arch}.{self.tag}" if self.tag else self.arch
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
-
-    def filename(self) -> str:
-        return (
-            f"{self.dataset}_{self.size}__{self.backbone}__{self.resize_policy}{self.input_size}"
-            f"__{self.feature_kind}-{self.dtype}__{self.digest()}.h5"
-        )
-
-
 def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
+    """<workdir>/stores, created, with stores written by older medfm versions upgraded once."""
+    from medfm.store.migrate import upgrade_stores
+
     path = resolve_workdir(workdir) / STORES_DIRNAME
     path.mkdir(parents=True, exist_ok=True)
+    upgrade_stores(path)
     return path
 
 
@@ -113,6 +88,10 @@ class FeatureStore:
             raise StoreError(
                 f"feature store {self.path} is unreadable or truncated "
                 f"({type(exc).__name__}: {exc}); {_rebuild_hint(self.path)}.") from None
+        if self.attrs.get("format_version") == 1:  # not upgraded yet (opened by its path)
+            from medfm.store.migrate import v1_attrs
+
+            self.attrs = v1_attrs(self.attrs)
         problems = []
         if self.attrs.get("format_version") != FORMAT_VERSION:
             problems.append(
@@ -127,7 +106,7 @@ class FeatureStore:
         if problems:
             raise StoreError(f"feature store {self.path} is corrupt ({'; '.join(problems)}); "
                              f"{_rebuild_hint(self.path)}.")
-        self.key = StoreKey(**json.loads(self.attrs["key_json"]))
+        self.request: dict = json.loads(self.attrs["request_json"])
         self.fingerprint: str = self.attrs["fingerprint"]
 
     def features(self, split: str, dtype=np.float32) -> np.ndarray:
@@ -167,17 +146,21 @@ class FeatureStore:
     def summary(self) -> dict:
         """One row for `medfm stores`."""
         return {
-            "dataset": self.key.dataset,
-            "size": self.key.size,
-            "backbone": self.key.backbone,
-            "policy": f"{self.key.resize_policy}{self.key.input_size}",
-            "dtype": self.key.dtype,
+            **_request_columns(self.request),
             "dims": self.dim,
             "rows": "/".join(str(self.rows[s]) for s in SPLITS),
             "bytes": self.path.stat().st_size,
             "status": "complete",
             "path": str(self.path),
         }
+
+
+def _request_columns(request: dict) -> dict:
+    """What `medfm stores` shows of a store's request."""
+    return {"dataset": request["dataset"], "size": request["size"],
+            "backbone": request["backbone"], "weights": request["weights"],
+            "policy": f"{request['resize_policy']}{request['input_size']}",
+            "dtype": request["dtype"]}
 
 
 def content_fingerprint(fh: h5py.File) -> str:
@@ -200,11 +183,12 @@ class StoreWriter:
     the file and renames it to `path` atomically.
     """
 
-    def __init__(self, path: Path, key: StoreKey, *, dim: int, labels: dict[str, np.ndarray],
+    def __init__(self, path: Path, request: dict, *, dim: int, labels: dict[str, np.ndarray],
                  attrs: dict, restart: bool = False):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        self.key = key
+        self.request_json = canonical_json(request)
+        self.dtype = request["dtype"]
         self.dim = dim
         self.resumed = False
         if restart and self.partial.exists():
@@ -218,10 +202,10 @@ class StoreWriter:
         self.clipped = int(self._fh.attrs.get("float16_clipped", 0))
 
     def _can_resume(self, labels: dict[str, np.ndarray]) -> bool:
-        """True if the partial file opens and was started for this exact key and data."""
+        """True if the partial file opens and was started for this exact request and data."""
         try:
             with h5py.File(self.partial, "r") as fh:
-                if fh.attrs.get("key_json") != self.key.to_json():
+                if _decode(fh.attrs.get("request_json")) != self.request_json:
                     return False
                 for split, y in labels.items():
                     if fh[split]["features"].shape != (len(y), self.dim):
@@ -240,7 +224,8 @@ class StoreWriter:
         for name, value in attrs.items():
             fh.attrs[name] = value
         fh.attrs["format_version"] = FORMAT_VERSION
-        fh.attrs["key_json"] = self.key.to_json()
+        fh.attrs["request_json"] = self.request_json
+        fh.attrs["request_digest"] = store_digest(json.loads(self.request_json))
         fh.attrs["complete"] = False
         fh.attrs["dim"] = self.dim
         fh.attrs["rows_json"] = json.dumps({s: len(labels[s]) for s in SPLITS})
@@ -251,7 +236,7 @@ class StoreWriter:
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             space = h5py.h5s.create_simple((n, self.dim))
-            h5py.h5d.create(group.id, b"features", h5py.h5t.py_create(np.dtype(self.key.dtype)),
+            h5py.h5d.create(group.id, b"features", h5py.h5t.py_create(np.dtype(self.dtype)),
                             space, dcpl=dcpl)
             group.create_dataset("labels", data=labels[split])
             group.create_dataset("index", data=np.arange(n, dtype=np.int64))
@@ -266,7 +251,7 @@ class StoreWriter:
         """Store rows [start, start + len(features)) of `split`; they must follow rows_done."""
         if start != self.rows_done(split):
             raise ValueError(f"chunk starts at {start}, store has {self.rows_done(split)} rows")
-        if self.key.dtype == "float16":
+        if self.dtype == "float16":
             over = np.abs(features) > FLOAT16_MAX
             if over.any():
                 self.clipped += int(over.sum())
@@ -313,11 +298,10 @@ def list_stores(workdir: str | os.PathLike | None = None) -> list[dict]:
             row = {"path": str(path), "status": "partial", "bytes": path.stat().st_size}
             try:
                 with h5py.File(path, "r") as fh:
-                    key = StoreKey(**json.loads(_decode(fh.attrs["key_json"])))
+                    request = json.loads(_decode(fh.attrs["request_json"]))
                     done = {s: int(fh[s].attrs["rows_done"]) for s in SPLITS}
                     total = json.loads(_decode(fh.attrs["rows_json"]))
-                row.update(dataset=key.dataset, size=key.size, backbone=key.backbone,
-                           policy=f"{key.resize_policy}{key.input_size}", dtype=key.dtype,
+                row.update(_request_columns(request),
                            rows=f"{sum(done.values())}/{sum(total.values())} done")
             except (OSError, KeyError, ValueError):
                 pass
@@ -325,28 +309,37 @@ def list_stores(workdir: str | os.PathLike | None = None) -> list[dict]:
     return rows
 
 
+def parse_store_filename(name: str) -> dict | None:
+    """dataset, size, backbone, policy of a store file name (medfm.request.store_filename), or
+    None for a name of another shape."""
+    parts = name.split("__")
+    if len(parts) != 5 or not parts[4].startswith(tuple("0123456789abcdef")):
+        return None
+    dataset, _, size = parts[0].rpartition("_")
+    if not size.isdigit():
+        return None
+    return {"dataset": dataset, "size": int(size), "backbone": parts[1], "policy": parts[2]}
+
+
 def find_stores(workdir: str | os.PathLike | None = None, *, dataset: str | None = None,
                 backbone: str | None = None, size: int | None = None,
                 resize_policy: str | None = None) -> list[FeatureStore]:
-    """Complete stores matching every given filter (backbone matches arch, arch.tag or the
-    name the user extracted with)."""
+    """Complete stores matching every given filter; `backbone` in any spelling (alias, bare
+    architecture, arch.tag). Names are matched first, so only the matching files are opened and
+    a corrupt store stops only work that asks for it."""
+    wanted_backbone = canonical_backbone_id(backbone) if backbone else None
     found = []
     for path in sorted(stores_dir(workdir).glob("*.h5")):
-        # file names start "<dataset>_<size>__": skip other datasets without opening them, so a
-        # corrupt store only stops work that asks for it
-        if dataset and not path.name.startswith(f"{dataset}_"):
+        named = parse_store_filename(path.name)
+        if named is None:
             continue
-        if size and f"_{int(size)}__" not in path.name:
+        if dataset and named["dataset"] != dataset:
             continue
-        store = FeatureStore(path)
-        key = store.key
-        if dataset and key.dataset != dataset:
+        if size and named["size"] != int(size):
             continue
-        if size and key.size != int(size):
+        if wanted_backbone and named["backbone"] != wanted_backbone:
             continue
-        if resize_policy and key.resize_policy != resize_policy:
+        if resize_policy and not named["policy"].startswith(resize_policy):
             continue
-        if backbone and backbone not in (key.arch, key.backbone, store.attrs.get("backbone_name")):
-            continue
-        found.append(store)
+        found.append(FeatureStore(path))
     return found

@@ -13,7 +13,8 @@ the same run gets the same digest in every process, on every machine, whatever t
 its method settings. Adding a key that is already there is a no-op that returns False.
 
 Storage. Table `results` holds one row per digest: the key fields as columns (so they can be
-filtered), metrics with their CIs, and JSON columns `extra` and `versions`. Table `scores` holds
+filtered), metrics with their CIs, how the run was computed (`solver`, `device`, the loaded
+`weights_digest`), and JSON columns `extra` and `versions`. Table `scores` holds
 the per-sample test scores beside the row, keyed by the same digest: two `.npy`-serialized BLOBs,
 `y_true` (labels, dtype and shape as given) and `y_score` (float32). Row and scores are written in
 one transaction, so a reader never sees one without the other.
@@ -22,7 +23,8 @@ Concurrency. WAL journal (readers never block the writer), 30 s busy timeout, an
 `BEGIN IMMEDIATE` transaction with `INSERT ... ON CONFLICT DO NOTHING`: several processes adding at
 once neither lose nor duplicate rows, and exactly one of them wins each key. A `Registry` opened
 before a fork reconnects in the child. The schema version lives in `PRAGMA user_version`;
-`_MIGRATIONS` upgrades older files in place on open.
+`_MIGRATIONS` upgrades older files in place on open, in one transaction (schema 1 -> 2 re-keys
+every row by its resolved request; medfm.store.migrate).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medfm.backbones.names import canonical_backbone_id
 from medfm.errors import InvalidArgumentError, RegistryError
 from medfm.paths import resolve_workdir
 
@@ -53,7 +56,6 @@ if TYPE_CHECKING:
 REGISTRY_FILENAME = "registry.sqlite"  # inside the work directory
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
 WAL_RETRY_S = 0.05  # pause between attempts to switch a fresh file to WAL
-METHODS = ("logreg", "knn", "finetune")  # values of ResultKey.method
 METRIC_FIELDS = (  # ResultRow floats that may be NaN (e.g. AUC with one class in the test set)
     "acc", "auc", "balanced_acc", "acc_ci_low", "acc_ci_high", "auc_ci_low", "auc_ci_high",
 )
@@ -72,31 +74,33 @@ def canonical_json(value: Any) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class ResultKey:
-    """Exactly the fields that change a result; two runs with equal keys are the same run."""
+    """Exactly the fields that change a result; two runs with equal keys are the same run.
+
+    Built by medfm.request from a resolved request (before any model or feature loads), so
+    every spelling of the same run gets the same key. How a run was computed (solver, device)
+    is not part of it: those are recorded with the row.
+    """
 
     dataset: str  # MedMNIST flag, e.g. "breastmnist"
     size: int  # source image size: 28, 64, 128 or 224
-    backbone: str  # timm architecture, e.g. "convnext_base"
-    tag: str = ""  # timm pretrained tag, e.g. "fb_in22k" ("" = timm's default)
-    weights_digest: str = ""  # sha256 of the weights actually loaded ("" = timm hub default)
+    data_digest: str  # MD5 of the dataset file the images came from
+    backbone: str  # canonical timm id, arch.tag, e.g. "resnet18.a1_in1k"
+    weights: str  # "pretrained", "random" or "file:<sha256/16>" (medfm.backbones.names)
     resize_policy: str  # bilinear | bicubic | pad | nearest | native
     input_size: int  # side length fed to the backbone
-    feature_kind: str  # what the probe read, e.g. "pre_logits" ("" for finetune)
-    method: str  # one of METHODS
-    backend: str  # sklearn | cuml | torch (finetune: the device type)
+    normalize: str  # "backbone" (its mean/std) or "half" (mean = std = 0.5)
+    feature_kind: str  # what a probe read, e.g. "prelogits" ("" for finetune)
+    method: str  # "logreg", "knn", "finetune", ...
+    params: str = "{}"  # method settings as JSON (C grid, k, recipe...); canonicalized
+    selection: str  # what chose hyper-parameters or the checkpoint: "val", "holdout" or "none"
+    select_metric: str  # the metric it maximized (minimized for loss): acc | auc | loss | ""
     fraction: float | None = None  # share of the training set (None: shots-based)
     shots: int | None = None  # labelled images per class (None: fraction-based)
     seed: int  # sampling and training seed
-    selection: str  # how hyper-parameters were chosen: "val" or "holdout"
-    params: str = "{}"  # method settings as JSON (C grid, k, metric, recipe...); canonicalized
-    store_fingerprint: str = ""  # the feature store's identity ("" for finetune)
+    store_fingerprint: str = ""  # content fingerprint of the feature store read ("" finetune)
 
     def __post_init__(self) -> None:
-        """Validate the method and normalize types so equal runs compare and hash equal."""
-        if self.method not in METHODS:
-            raise InvalidArgumentError(
-                f"unknown method {self.method!r}; use one of {', '.join(METHODS)}"
-            )
+        """Normalize types so equal runs compare and hash equal."""
         try:
             params = json.loads(self.params)
         except (TypeError, ValueError) as exc:
@@ -142,24 +146,64 @@ class ResultRow:
     acc_ci_high: float
     auc_ci_low: float  # bootstrap 95% CI of auc
     auc_ci_high: float
+    solver: str = ""  # what fitted it: sklearn | scipy | torch | cuml ("" when nothing to fit)
+    device: str = ""  # device type it computed on: cpu | cuda
+    weights_digest: str = ""  # sha256 of the backbone tensors actually loaded ("" unknown)
     extra: dict = field(default_factory=dict)  # grid, iterations, converged, curves, ...
     versions: dict = field(default_factory=dict)  # medfm, torch, timm, sklearn, ... versions
     wall_s: float  # seconds the run took
     created_at: str = ""  # ISO-8601 UTC; filled on insert when empty
 
+    @classmethod
+    def scored(cls, key: ResultKey, subset, metrics, **fields: Any) -> ResultRow:
+        """A row from a sampling.Subset and a metrics.Metrics (the test-split evaluation)."""
+        return cls(key=key, n_train=subset.n, subset_digest=subset.digest,
+                   acc=metrics.acc, auc=metrics.auc, balanced_acc=metrics.balanced_acc,
+                   acc_ci_low=metrics.acc_ci[0], acc_ci_high=metrics.acc_ci[1],
+                   auc_ci_low=metrics.auc_ci[0], auc_ci_high=metrics.auc_ci[1], **fields)
 
+
+PROVENANCE_FIELDS = ("solver", "device", "weights_digest")  # ResultRow strings beside the key
 _ROW_COLUMNS = (
-    "n_train", "subset_digest", "chosen_C", *METRIC_FIELDS, "extra", "versions", "wall_s",
-    "created_at",
+    "n_train", "subset_digest", "chosen_C", *METRIC_FIELDS, *PROVENANCE_FIELDS, "extra",
+    "versions", "wall_s", "created_at",
 )
 _ALL_COLUMNS = ("digest", *RESULT_KEY_FIELDS, *_ROW_COLUMNS)
 DATAFRAME_COLUMNS = (  # to_dataframe's columns, in order
-    *RESULT_KEY_FIELDS, *METRIC_FIELDS, "n_train", "subset_digest", "chosen_C", "wall_s",
-    "created_at", "digest",
+    *RESULT_KEY_FIELDS, *METRIC_FIELDS, "n_train", "subset_digest", "chosen_C",
+    *PROVENANCE_FIELDS, "wall_s", "created_at", "digest",
 )
 
-# _MIGRATIONS[v] takes a file from schema version v to v + 1 (PRAGMA user_version; 0 = empty).
-_MIGRATIONS: tuple[str, ...] = (
+_RESULTS_TABLE = """
+    CREATE TABLE {table} (
+        digest TEXT PRIMARY KEY,
+        dataset TEXT NOT NULL, size INTEGER NOT NULL, data_digest TEXT NOT NULL,
+        backbone TEXT NOT NULL, weights TEXT NOT NULL, resize_policy TEXT NOT NULL,
+        input_size INTEGER NOT NULL, normalize TEXT NOT NULL, feature_kind TEXT NOT NULL,
+        method TEXT NOT NULL, params TEXT NOT NULL, selection TEXT NOT NULL,
+        select_metric TEXT NOT NULL, fraction REAL, shots INTEGER, seed INTEGER NOT NULL,
+        store_fingerprint TEXT NOT NULL,
+        n_train INTEGER NOT NULL, subset_digest TEXT NOT NULL, chosen_C REAL,
+        acc REAL, auc REAL, balanced_acc REAL,
+        acc_ci_low REAL, acc_ci_high REAL, auc_ci_low REAL, auc_ci_high REAL,
+        solver TEXT NOT NULL, device TEXT NOT NULL, weights_digest TEXT NOT NULL,
+        extra TEXT NOT NULL, versions TEXT NOT NULL, wall_s REAL NOT NULL,
+        created_at TEXT NOT NULL
+    )
+"""  # schema 2 (`{table}`: the migration builds it beside the old one, then renames it)
+_RESULTS_INDEX = "CREATE INDEX results_by_run ON results (dataset, size, backbone, method)"
+
+
+def _migrate_to_v2(conn: sqlite3.Connection, workdir: Path) -> None:
+    """Schema 1 -> 2: re-key every row by its resolved request (medfm.store.migrate)."""
+    from medfm.store.migrate import migrate_results_v1
+
+    migrate_results_v1(conn, workdir, _RESULTS_TABLE, _RESULTS_INDEX)
+
+
+# _MIGRATIONS[v] takes a file from schema version v to v + 1 (PRAGMA user_version; 0 = empty):
+# SQL text, or a function (connection, work directory) for steps that need Python.
+_MIGRATIONS: tuple[str | Callable[[sqlite3.Connection, Path], None], ...] = (
     """
     CREATE TABLE results (
         digest TEXT PRIMARY KEY,
@@ -181,6 +225,7 @@ _MIGRATIONS: tuple[str, ...] = (
         y_score BLOB NOT NULL
     );
     """,
+    _migrate_to_v2,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -304,7 +349,11 @@ class Registry:
                     f"medfm understands ({SCHEMA_VERSION}); upgrade medfm"
                 )
             for step in range(version, SCHEMA_VERSION):
-                for statement in _MIGRATIONS[step].split(";"):
+                migration = _MIGRATIONS[step]
+                if callable(migration):
+                    migration(conn, self.path.parent)
+                    continue
+                for statement in migration.split(";"):
                     if statement.strip():
                         conn.execute(statement)
             # PRAGMA cannot take a bound parameter; SCHEMA_VERSION is an int constant.
@@ -368,6 +417,7 @@ class Registry:
             "subset_digest": row.subset_digest,
             "chosen_C": None if row.chosen_C is None else float(row.chosen_C),
             **{name: float(getattr(row, name)) for name in METRIC_FIELDS},
+            **{name: str(getattr(row, name)) for name in PROVENANCE_FIELDS},
             "extra": canonical_json(row.extra),
             "versions": canonical_json(row.versions),
             "wall_s": float(row.wall_s),
@@ -419,6 +469,7 @@ class Registry:
             subset_digest=record["subset_digest"],
             chosen_C=record["chosen_C"],
             **metrics,
+            **{name: record[name] for name in PROVENANCE_FIELDS},
             extra=json.loads(record["extra"]),
             versions=json.loads(record["versions"]),
             wall_s=record["wall_s"],
@@ -442,7 +493,7 @@ class Registry:
 
     def _select(self, columns: Iterable[str], filters: dict[str, Any]) -> list[sqlite3.Row]:
         """Records matching `filters` (field=value, field=[values], field=None), oldest first."""
-        allowed = (*RESULT_KEY_FIELDS, "digest")
+        allowed = (*RESULT_KEY_FIELDS, *PROVENANCE_FIELDS, "digest")
         clauses, params = [], []
         for name, value in filters.items():
             if name not in allowed:
@@ -450,6 +501,8 @@ class Registry:
                     f"cannot filter results on {name!r}; use one of {', '.join(allowed)}"
                 )
             values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            if name == "backbone":  # any spelling of a backbone finds its canonical id
+                values = [canonical_backbone_id(v) if isinstance(v, str) else v for v in values]
             tests = []
             # numpy scalars (e.g. from a DataFrame) bind as their Python value
             present = [
@@ -468,7 +521,8 @@ class Registry:
             ).fetchall()
 
     def query(self, **filters: Any) -> list[ResultRow]:
-        """Rows whose key fields match every filter; a list value matches any of its items.
+        """Rows whose key (or provenance) fields match every filter; a list value matches any of
+        its items; a backbone matches in any spelling (alias, bare architecture, arch.tag).
 
         `reg.query(dataset="breastmnist", method=["logreg", "knn"], fraction=None)`
         """

@@ -1,4 +1,4 @@
-"""k-nearest-neighbour probe on frozen features (MedMNIST+ uses k = 11).
+"""k-nearest-neighbour probe (`--method knn`) on frozen features (MedMNIST+ uses k = 11).
 
     from medfm.probe import KNNProbe
     proba = KNNProbe(k=11, metric="cosine").fit(X_train, y_train).predict_proba(X_test)
@@ -14,17 +14,20 @@ them vote. Queries are scored in blocks of QUERY_BLOCK rows with torch matmuls, 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
-from medfm.probe.settings import KNN_K, KNN_METRICS
-from medfm.probe.targets import encode_targets, predict_from_proba
+from medfm.probe.estimator import ProbeEstimator
+from medfm.probe.methods import Fitted, MethodOption, ProbeMethod, register
+from medfm.probe.solvers import probe_device
+from medfm.probe.targets import encode_targets
 
+KNN_K = 11  # neighbours (MedMNIST+)
+KNN_METRICS = ("cosine", "euclidean")
 QUERY_BLOCK = 1024  # queries per similarity block: (1024, N) float32
 
 
-class KNNProbe(ClassifierMixin, BaseEstimator):
+class KNNProbe(ProbeEstimator):
     """Neighbour-vote probe (module docstring). Learned: `classes_`, `task_`, `k_` (effective k)."""
 
     def __init__(self, *, k: int = KNN_K, metric: str = "cosine", device: str | None = None):
@@ -55,7 +58,7 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
         """Vote fractions of the k nearest training rows, float64."""
         import torch
 
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(probe_device(self.device))
         train = torch.as_tensor(self.X_, device=device)  # (N, D)
         votes = torch.as_tensor(self.votes_, device=device)  # (N, K)
         queries = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=device)
@@ -74,11 +77,21 @@ class KNNProbe(ClassifierMixin, BaseEstimator):
             out.append(votes[nearest].mean(dim=1))  # (B, K)
         return torch.cat(out).double().cpu().numpy()
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Class ids (majority; binary: vote share of class 1 > 0.5), or (N, L) 0/1."""
-        return predict_from_proba(self.predict_proba(X), self.task_, self.classes_)
 
-    def score(self, X: np.ndarray, y: np.ndarray) -> float:
-        """MedMNIST ACC of `predict` (multi-label: mean per-label accuracy at 0.5)."""
-        pred = self.predict(X)
-        return float(np.mean(pred == np.asarray(y).reshape(pred.shape)))
+# -- the method --------------------------------------------------------------------------------
+
+def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, params: dict,
+         selection: str, seed: int, solver: str, device: str | None) -> Fitted:
+    model = KNNProbe(k=params["k"], metric=params["metric"], device=device)
+    model.fit(features["train"][train_rows], labels["train"][train_rows])
+    scores = model.predict_proba(features["test"]).astype(np.float32)
+    return Fitted(scores, None, {"k_effective": model.k_}, "", probe_device(device))
+
+
+METHOD = register(ProbeMethod(
+    name="knn", paradigm="kNN", line_style=":", selections=("none",),
+    params=lambda selection, options: {"k": KNN_K, "metric": options["knn_metric"]},
+    select_metric=lambda task: "", fit=_fit,
+    options=(MethodOption("knn_metric", "cosine", KNN_METRICS,
+                          "kNN distance (default cosine; k = 11 as MedMNIST+)"),),
+))

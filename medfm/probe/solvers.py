@@ -1,6 +1,6 @@
 """Solvers of one L2-regularized logistic regression, behind one interface: sklearn, torch, cuml.
 
-Objective, identical in every backend (scikit-learn's):
+Objective, identical in every solver (scikit-learn's):
 
     C * sum_i loss_i(W, b) + 0.5 * ||W||_F^2          (intercept b not penalized)
 
@@ -17,10 +17,14 @@ scikit-learn uses it) or after `max_iter` iterations; `converged` says which.
 - `cuml`: cuML's quasi-Newton LogisticRegression on a GPU. cuML averages the loss over samples
   and, with penalty_normalized=True, divides the penalty by n too, which is exactly the scaled
   objective above: the same C is the same problem. cuML has no warm start; each C starts cold.
-- `auto`: cuml on a GPU if it imports, else torch on a GPU, else sklearn (`resolve_backend`).
+- `auto` (`resolve_solver`): on a GPU, cuml if it imports, else torch; on a CPU, sklearn for
+  small problems and torch from TORCH_MIN_ELEMENTS training values on (torch's float32 L-BFGS is
+  several times faster per iteration there, and worth its 3 s import).
 
-A solver is built once per training matrix and then walked along a C grid: `fit(C)` starts from
-the previous solution (warm start) unless given `init`.
+A solver is a way to compute, not part of what is computed: every solver minimizes the same
+objective to the same tolerance, so a result's key does not name it; its row does (`solver`,
+`device`). A solver is built once per training matrix and then walked along a C grid: `fit(C)`
+starts from the previous solution (warm start) unless given `init`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import numpy as np
 
 from medfm.errors import InvalidArgumentError
 
-BACKENDS = ("auto", "sklearn", "torch", "cuml")  # values of --backend
+SOLVERS = ("auto", "sklearn", "torch", "cuml")  # values of --solver
+TORCH_MIN_ELEMENTS = 4_000_000  # auto on a CPU: torch from this many training values (n x d) up
 KINDS = ("binary", "multinomial", "multilabel")  # loss families
 DEFAULT_MAX_ITER = 100  # L-BFGS iterations per C (scikit-learn's default)
 DEFAULT_TOL = 1e-4  # largest absolute gradient component at convergence (scikit-learn's default)
@@ -81,28 +86,45 @@ def cuml_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str) -> str:
-    """The concrete backend for `backend`: `auto` becomes cuml on a GPU if it imports, else torch
-    on a GPU, else sklearn; an unavailable explicit choice is an error saying what to use."""
-    if backend not in BACKENDS:
+def probe_device(device: str | None) -> str:
+    """The device type a probe computes on: `device`'s, else cuda when a GPU is visible."""
+    if device is None:
+        return "cuda" if cuda_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"device {device!r} is not valid; use cpu or cuda.")
+    if kind == "cuda" and not cuda_available():
+        raise InvalidArgumentError("--device cuda asked for, but no CUDA GPU is visible; "
+                                   "use --device cpu.")
+    return kind
+
+
+def resolve_solver(solver: str, *, device: str | None = None,
+                   n_elements: int | None = None) -> str:
+    """The concrete solver for `solver` (module docstring); an unavailable explicit choice is
+    an error saying what to use. `n_elements` (rows x features) sizes the CPU choice."""
+    if solver not in SOLVERS:
         raise InvalidArgumentError(
-            f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
-    if backend == "auto":
-        if cuda_available():
+            f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}.")
+    if solver == "auto":
+        if probe_device(device) == "cuda":
             return "cuml" if cuml_available() else "torch"
-        return "sklearn"
-    if backend == "cuml" and not cuml_available():
-        raise InvalidArgumentError("backend cuml asked for, but cuML does not import here; install "
-                                   "RAPIDS cuML on a CUDA machine, or use --backend torch.")
-    if backend == "torch" and importlib.util.find_spec("torch") is None:
-        raise InvalidArgumentError("backend torch asked for, but torch is not installed; "
-                                   "use --backend sklearn.")
-    return backend
+        large = n_elements is not None and n_elements >= TORCH_MIN_ELEMENTS
+        return "torch" if large and importlib.util.find_spec("torch") else "sklearn"
+    if solver == "cuml" and not cuml_available():
+        raise InvalidArgumentError("solver cuml asked for, but cuML does not import here; install "
+                                   "RAPIDS cuML on a CUDA machine, or use --solver torch.")
+    if solver == "torch" and importlib.util.find_spec("torch") is None:
+        raise InvalidArgumentError("solver torch asked for, but torch is not installed; "
+                                   "use --solver sklearn.")
+    return solver
 
 
 class SklearnSolver:
     """scikit-learn's lbfgs LogisticRegression, warm-started along the grid (one per label for
     multilabel)."""
+
+    name, device_type = "sklearn", "cpu"
 
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
         self.X, self.Y, self.kind = X, Y, kind
@@ -141,12 +163,15 @@ class SklearnSolver:
 class TorchSolver:
     """Full-batch L-BFGS in torch on float32, CPU or CUDA, warm-started along the grid."""
 
+    name = "torch"
+
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float,
                  device: str | None = None, n_classes: int | None = None):
         import torch
 
         self.torch = torch
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(probe_device(device))
+        self.device_type = self.device.type
         self.kind, self.max_iter, self.tol = kind, max_iter, tol
         self.X = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=self.device)
         if kind == "multinomial":
@@ -205,6 +230,8 @@ class TorchSolver:
 class CumlSolver:
     """cuML's quasi-Newton LogisticRegression (GPU); cold start at every C."""
 
+    name, device_type = "cuml", "cuda"
+
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
         self.X, self.Y, self.kind = X, Y, kind
         self.max_iter, self.tol = max_iter, tol
@@ -226,17 +253,17 @@ class CumlSolver:
                         max(iters) < self.max_iter)
 
 
-def make_solver(backend: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
+def make_solver(solver: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
                 max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
                 device: str | None = None, n_classes: int | None = None):
     """A solver for standardized X (N, D) and targets Y: (N,) 0/1 (binary), (N,) class index
-    (multinomial, `n_classes` columns) or (N, L) 0/1 (multilabel), on a concrete backend."""
+    (multinomial, `n_classes` columns) or (N, L) 0/1 (multilabel); `solver` may be "auto"."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
-    backend = resolve_backend(backend)
-    if backend == "sklearn":
+    solver = resolve_solver(solver, device=device, n_elements=X.size)
+    if solver == "sklearn":
         return SklearnSolver(X, Y, kind, max_iter=max_iter, tol=tol)
-    if backend == "torch":
+    if solver == "torch":
         return TorchSolver(X, Y, kind, max_iter=max_iter, tol=tol, device=device,
                            n_classes=n_classes)
     return CumlSolver(X, Y, kind, max_iter=max_iter, tol=tol)

@@ -1,14 +1,15 @@
-"""Linear probe: L2-regularized logistic regression on frozen features, C chosen on validation.
+"""Linear probe (`--method logreg`): L2-regularized logistic regression on frozen features, C
+chosen on validation.
 
     from medfm.probe import LogisticProbe
-    probe = LogisticProbe(backend="torch").fit(X_train, y_train, X_val, y_val)
+    probe = LogisticProbe(solver="torch").fit(X_train, y_train, X_val, y_val)
     probe.C_, probe.path_, probe.predict_proba(X_test)
 
 Protocol. Features are standardized with the mean and standard deviation of the training subset
 (a constant feature keeps scale 1). For every C of the grid (`C_GRID`, log-spaced, walked from
 strong to weak regularization, each fit warm-started from the previous one) the model minimizes
 C * sum(logloss) + 0.5 * ||W||^2 with an unpenalized intercept (scikit-learn's objective, in
-every backend) and is scored on a selection split by the dataset's primary metric: MedMNIST ACC,
+every solver) and is scored on a selection split by the dataset's primary metric: MedMNIST ACC,
 or mean per-label AUC for multi-label (ChestMNIST). The first C with the best score wins (ties go
 to the stronger regularization). Selection splits:
 - `val`: the official validation split; the model fitted at the chosen C is kept.
@@ -28,22 +29,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.special import expit, softmax
-from sklearn.base import BaseEstimator, ClassifierMixin
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
-from medfm.probe.backends import DEFAULT_MAX_ITER, DEFAULT_TOL, Solution, make_solver
-from medfm.probe.settings import C_GRID, HOLDOUT_FRACTION, SELECTIONS
-from medfm.probe.targets import (
-    Targets,
-    encode_like,
-    encode_targets,
-    predict_from_proba,
-    selection_score,
-)
+from medfm.probe.estimator import ProbeEstimator
+from medfm.probe.methods import Fitted, ProbeMethod, register
+from medfm.probe.solvers import DEFAULT_MAX_ITER, DEFAULT_TOL, Solution, make_solver
+from medfm.probe.targets import Targets, encode_like, encode_targets, selection_score
 from medfm.sampling import SubsetSpec, sample
 
+# 1e-4 .. 1e2, half a decade apart: with standardized ~1k-d features, C * n spans strongly
+# regularized few-shot fits (n ~ 10) to nearly unregularized full-split fits (n ~ 1e5)
+C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
+SELECTIONS = ("val", "holdout")  # where C is chosen
+HOLDOUT_FRACTION = 0.2  # share of the training subset held out under selection="holdout"
 CONSTANT_LOGIT = 13.8  # logit of a label seen with one value only: probability 1 - 1e-6
 
 
@@ -52,30 +51,47 @@ def _kind(task: Task) -> str:
             Task.MULTI_LABEL: "multilabel"}[task]
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)) without overflow, float64."""
+    out = np.empty_like(z, dtype=np.float64)
+    positive = z >= 0
+    out[positive] = 1.0 / (1.0 + np.exp(-z[positive]))
+    e = np.exp(z[~positive])
+    out[~positive] = e / (1.0 + e)
+    return out
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, float64."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def _proba(Z: np.ndarray, coef: np.ndarray, intercept: np.ndarray, task: Task) -> np.ndarray:
     """Probabilities from standardized features Z (N, D): (N, 2), (N, K) or (N, L) float64."""
     logits = Z @ coef.T.astype(np.float32) + intercept  # (N, K') float64
     if task is Task.BINARY:
-        p = expit(logits[:, 0])
+        p = _sigmoid(logits[:, 0])
         return np.stack([1.0 - p, p], axis=1)
     if task is Task.MULTI_CLASS:
-        return softmax(logits, axis=1)
-    return expit(logits)
+        return _softmax(logits)
+    return _sigmoid(logits)
 
 
-class LogisticProbe(ClassifierMixin, BaseEstimator):
+class LogisticProbe(ProbeEstimator):
     """Standardize, walk a C grid with warm starts, choose C on val or a holdout (module doc).
 
     Learned: `coef_` (K', D) and `intercept_` (K',) in standardized space, `mean_`/`scale_`
-    (D,), `classes_`, `C_`, `path_` (per C: C, score, n_iter, converged), `task_`.
+    (D,), `classes_`, `C_`, `path_` (per C: C, score, n_iter, converged), `task_`, and how it
+    was fitted: `solver_` (the concrete solver) and `device_`.
     """
 
-    def __init__(self, *, Cs: Sequence[float] | None = None, backend: str = "auto",
+    def __init__(self, *, Cs: Sequence[float] | None = None, solver: str = "auto",
                  selection: str = "val", holdout_fraction: float = HOLDOUT_FRACTION,
                  max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
                  random_state: int = 0, device: str | None = None):
         self.Cs = Cs
-        self.backend = backend
+        self.solver = solver
         self.selection = selection
         self.holdout_fraction = holdout_fraction
         self.max_iter = max_iter
@@ -111,6 +127,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         mean, scale, Z = _standardize(X[fit_rows])
         Z_sel = None if X_sel is None else (X_sel - mean) / scale
         solver, active = self._solver(Z, sub)
+        self.solver_, self.device_ = solver.name, solver.device_type
         path, solutions = [], []
         for C in grid:
             solution = self._expand(solver.fit(C), active, sub)
@@ -160,7 +177,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         if targets.task is Task.MULTI_LABEL:
             active = np.flatnonzero((Y.min(axis=0) == 0) & (Y.max(axis=0) == 1))
             Y = Y[:, active]
-        return make_solver(self.backend, Z, Y, _kind(targets.task), max_iter=self.max_iter,
+        return make_solver(self.solver, Z, Y, _kind(targets.task), max_iter=self.max_iter,
                            tol=self.tol, device=self.device,
                            n_classes=len(targets.classes)), active
 
@@ -181,15 +198,6 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         Z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
         return _proba(Z, self.coef_, self.intercept_, self.task_)
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Class ids (argmax; binary: P(class 1) > 0.5), or (N, L) 0/1 for multi-label."""
-        return predict_from_proba(self.predict_proba(X), self.task_, self.classes_)
-
-    def score(self, X: np.ndarray, y: np.ndarray) -> float:
-        """MedMNIST ACC of `predict` (multi-label: mean per-label accuracy at 0.5)."""
-        pred = self.predict(X)
-        return float(np.mean(pred == np.asarray(y).reshape(pred.shape)))
-
 
 def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean (D,), scale (D,), standardized float32 copy); a constant feature keeps scale 1."""
@@ -197,3 +205,36 @@ def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scale = X.std(axis=0, dtype=np.float64).astype(np.float32)
     scale[scale == 0] = 1.0
     return mean, scale, (X - mean) / scale
+
+
+# -- the method --------------------------------------------------------------------------------
+
+def _params(selection: str, options: dict) -> dict:
+    params = {"C_grid": list(C_GRID), "max_iter": DEFAULT_MAX_ITER, "tol": DEFAULT_TOL,
+              "standardize": "train-subset"}
+    if selection == "holdout":
+        params["holdout_fraction"] = HOLDOUT_FRACTION
+    return params
+
+
+def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, params: dict,
+         selection: str, seed: int, solver: str, device: str | None) -> Fitted:
+    model = LogisticProbe(Cs=params["C_grid"], solver=solver, selection=selection,
+                          holdout_fraction=params.get("holdout_fraction", HOLDOUT_FRACTION),
+                          max_iter=params["max_iter"], tol=params["tol"], random_state=seed,
+                          device=device)
+    X, y = features["train"][train_rows], labels["train"][train_rows]
+    if selection == "val":
+        model.fit(X, y, features["val"], labels["val"])
+    else:  # holdout: the val split is never read
+        model.fit(X, y)
+    extra = {"path": model.path_, "n_iter": model.n_iter_, "converged": bool(model.converged_)}
+    return Fitted(model.predict_proba(features["test"]).astype(np.float32), model.C_, extra,
+                  model.solver_, model.device_)
+
+
+METHOD = register(ProbeMethod(
+    name="logreg", paradigm="linear probe", line_style="-", selections=SELECTIONS,
+    params=_params, select_metric=lambda task: "auc" if task is Task.MULTI_LABEL else "acc",
+    fit=_fit, uses_solver=True, seed_changes_fit=lambda selection: selection == "holdout",
+))

@@ -1,0 +1,97 @@
+"""Executors: run grid jobs somewhere and stream their outcomes back to the driver.
+
+    from medfm.grid.executors import make_executor
+    executor = make_executor("local", workdir=w, max_workers=2)
+    for outcome in executor.run(jobs): ...
+
+Each executor declares itself in one module of this package: a class with a `name`, a frozen
+`Options` dataclass (every option it takes, typed, one comment each; the CLI builds its flags
+from them), `run(jobs) -> Iterator[JobOutcome]` yielding outcomes as jobs finish, and
+`close()`. `make_executor` refuses an option the chosen executor does not take, before
+anything runs. They only move `run_job` and its small frozen job specs around; the math lives
+in the jobs and the registry writes in the driver. Ray and submitit are optional extras
+(`pip install medfm[dist]`), imported only when used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import os
+import pkgutil
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+from medfm.errors import InvalidArgumentError
+from medfm.grid.jobs import Job, JobOutcome
+
+DIST_HINT = "install the optional extras: pip install 'medfm[dist]'"
+
+class Executor(Protocol):
+    """What the driver needs of an executor."""
+
+    name: str
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[JobOutcome]: ...
+
+    def close(self) -> None: ...
+
+
+_EXECUTORS: dict[str, type] = {}
+_LOADED = False
+
+
+def register(cls: type) -> type:
+    """Class decorator: add an executor to the registry under `cls.name`."""
+    _EXECUTORS[cls.name] = cls
+    return cls
+
+
+def executors() -> dict[str, type]:
+    """Every registered executor class by name (each module of this package registers one)."""
+    global _LOADED
+    if not _LOADED:
+        for module in pkgutil.iter_modules(__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{module.name}")
+        _LOADED = True
+    return dict(_EXECUTORS)
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def make_executor(name: str, *, workdir: str | os.PathLike, **options: Any):
+    """The executor `name` built with `options`; an option it does not take is one clear error
+    naming the executors that do."""
+    found = executors()
+    if name not in found:
+        close = difflib.get_close_matches(name, found, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise InvalidArgumentError(f"unknown executor {name!r}.{hint} Use one of "
+                                   f"{', '.join(sorted(found))}.")
+    cls = found[name]
+    takes = {f.name for f in dataclasses.fields(cls.Options)}
+    for option in options:
+        if option not in takes:
+            others = sorted(n for n, c in found.items()
+                            if option in {f.name for f in dataclasses.fields(c.Options)})
+            where = f" (it is an option of {', '.join(others)})" if others else ""
+            offered = ", ".join(option_flag(t) for t in sorted(takes)) or "no options"
+            raise InvalidArgumentError(
+                f"the {name} executor does not take {option_flag(option)}{where}; it takes "
+                f"{offered}.")
+    return cls(workdir=workdir, **options)
+
+
+def failed(job: Job, where: str, exc: BaseException) -> JobOutcome:
+    """The outcome of a job whose worker died."""
+    return JobOutcome(job, [], f"{where}: {type(exc).__name__}: {exc}", 0.0)
+
+
+def needs_gpu(job: Job) -> bool:
+    """Extraction and fine-tuning run the backbone; probes fit on CPU unless asked otherwise."""
+    return job.kind != "probe" or job.probe.solver in ("torch", "cuml") or (
+        job.probe.device or "").startswith("cuda")
