@@ -59,6 +59,16 @@ def test_features_are_the_backbone_prelogits_of_the_preprocessed_images(syntheti
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone, dim", [("test_mambaout", 256), ("lcnet_050", 1280)])
+def test_stores_hold_the_prelogits_width_even_past_the_trunk(backbone, dim, synthetic_root,
+                                                            tmp_path):
+    """MambaOut and LCNet (like MobileNetV3) end in a hidden head layer wider than their trunk's
+    num_features: the store is as wide as forward_head(..., pre_logits=True)."""
+    result = extract(dataset="breastmnist", size=28, backbone=backbone, weights="random",
+                     input_size=64, data_root=synthetic_root, workdir=tmp_path, progress=False)
+    assert FeatureStore(result.path).dim == dim
+
+
 def test_rerun_is_a_noop_that_loads_no_model(synthetic_root, tmp_path, monkeypatch):
     first = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
                     progress=False, **TINY)

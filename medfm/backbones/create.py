@@ -45,7 +45,7 @@ class Backbone:
     weights: str  # where the weights came from: "offline:<source>", "hub", "file:<path>", "random"
     weights_digest: str  # sha256 hex of the model's state dict (keys, dtypes, shapes, bytes)
     data_config: dict  # timm's resolved data config with alias overrides
-    feature_dim: int  # model.num_features: width of forward_head(..., pre_logits=True)
+    feature_dim: int  # width of forward_head(..., pre_logits=True)
 
     @property
     def arch(self) -> str:
@@ -208,5 +208,7 @@ def create_backbone(
         weights=label,
         weights_digest=state_dict_digest(model),
         data_config=data_config,
-        feature_dim=int(model.num_features),
+        # pre-logits can be wider than the trunk (MobileNetV3, LCNet, MambaOut: a hidden head
+        # layer); timm names that width head_hidden_size
+        feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
     )

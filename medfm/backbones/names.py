@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +35,7 @@ RANDOM_WEIGHTS = ("random", "none")  # `weights` values that mean "no pretrained
 FILE_PREFIX = "file:"  # "file:<first 16 hex digits of the checkpoint's sha256>"
 FILE_DIGEST_CHARS = 16
 CLOSE_MATCHES = 5  # suggestions in an UnknownBackboneError
+SNAPSHOT_FORMAT = 2  # bumped when the snapshot's content changes
 DEFAULT_DATA_CONFIG = {  # timm's defaults for a model without a pretrained config
     "input_size": (3, 224, 224), "interpolation": "bicubic",
     "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
@@ -110,7 +112,10 @@ class BackboneRef:
 _SNAPSHOT: dict | None = None
 
 
+@functools.cache
 def _timm_version() -> str:
+    """The installed timm's version (read once per process: parsing package metadata costs
+    milliseconds, and every name resolution asks)."""
     return metadata.version("timm")
 
 
@@ -134,7 +139,12 @@ def _build_snapshot() -> dict:
         if arch in archs:
             archs[arch]["tags"].append(tag)
             configs[timm_id] = config(get_pretrained_cfg(timm_id))
-    return {"timm": timm.__version__, "archs": archs, "configs": configs}
+    for arch, entry in archs.items():  # a default tag with no published weights ("untrained")
+        if entry["default"] and entry["default"] not in entry["tags"]:
+            entry["tags"].append(entry["default"])
+            configs[f"{arch}.{entry['default']}"] = configs[arch]
+    return {"timm": timm.__version__, "format": SNAPSHOT_FORMAT, "archs": archs,
+            "configs": configs}
 
 
 def timm_snapshot() -> dict:
@@ -142,9 +152,10 @@ def timm_snapshot() -> dict:
     global _SNAPSHOT
     version = _timm_version()
     if _SNAPSHOT is None or _SNAPSHOT["timm"] != version:
-        path = cache_dir("timm") / f"registry-{version}.json"
+        path = cache_dir("timm") / f"registry-{version}-{SNAPSHOT_FORMAT}.json"
         snapshot = read_json(path)
-        if not isinstance(snapshot, dict) or snapshot.get("timm") != version:
+        if not isinstance(snapshot, dict) or snapshot.get("timm") != version or snapshot.get(
+                "format") != SNAPSHOT_FORMAT:
             snapshot = _build_snapshot()
             write_atomic(path, _dumps(snapshot))
         _SNAPSHOT = snapshot

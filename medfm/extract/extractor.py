@@ -67,7 +67,7 @@ def _chunks(images: np.ndarray, start: int, chunk_rows: int, pin: bool):
             for lo in range(start, len(images), chunk_rows):
                 if stop.is_set():
                     return
-                chunk = torch.from_numpy(np.ascontiguousarray(images[lo:lo + chunk_rows]))
+                chunk = torch.from_numpy(np.array(images[lo:lo + chunk_rows]))  # a writable copy
                 q.put((lo, chunk.pin_memory() if pin else chunk))
             q.put(None)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer

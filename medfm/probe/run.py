@@ -150,7 +150,7 @@ def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
         extra = fitted.extra
     row = ResultRow.scored(
         key, subset, metrics, chosen_C=fitted.chosen_C, solver=fitted.solver,
-        device=fitted.device, weights_digest=store.attrs.get("weights_digest", ""),
+        device=fitted.device, weights_digest=store.weights_digest,
         extra=extra, versions=versions(*PROBE_VERSIONS), wall_s=time.perf_counter() - start)
     return row, fitted.scores, arrays.labels["test"]
 

@@ -62,17 +62,25 @@ def _decode(value):
     return value
 
 
+OPEN_ATTRS = ("format_version", "complete", "dim", "rows_json", "request_json", "fingerprint",
+              "weights_digest")  # what opening a store reads; the rest loads on first use
+
+
 class FeatureStore:
-    """A complete, verified feature store, opened read-only."""
+    """A complete, verified feature store, opened read-only (one header read: planning a grid
+    opens every finished store)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
             raise StoreError(
                 f"feature store {self.path} does not exist; run `medfm extract` first.")
+        self._all_attrs: dict | None = None
         try:
             with h5py.File(self.path, "r") as fh:
-                self.attrs = {k: _decode(v) for k, v in fh.attrs.items()}
+                version = _decode(fh.attrs.get("format_version"))
+                names = list(fh.attrs) if version == 1 else OPEN_ATTRS
+                self._attrs = {k: _decode(fh.attrs.get(k)) for k in names}
                 self.rows = {}
                 for split in SPLITS:
                     group = fh[split]
@@ -88,26 +96,39 @@ class FeatureStore:
             raise StoreError(
                 f"feature store {self.path} is unreadable or truncated "
                 f"({type(exc).__name__}: {exc}); {_rebuild_hint(self.path)}.") from None
-        if self.attrs.get("format_version") == 1:  # not upgraded yet (opened by its path)
+        attrs = self._attrs
+        if attrs.get("format_version") == 1:  # not upgraded yet (opened by its path)
             from medfm.store.migrate import v1_attrs
 
-            self.attrs = v1_attrs(self.attrs)
+            self._attrs = self._all_attrs = attrs = v1_attrs(attrs)
         problems = []
-        if self.attrs.get("format_version") != FORMAT_VERSION:
-            problems.append(
-                f"format version {self.attrs.get('format_version')} != {FORMAT_VERSION}")
-        if not self.attrs.get("complete"):
+        if attrs.get("format_version") != FORMAT_VERSION:
+            problems.append(f"format version {attrs.get('format_version')} != {FORMAT_VERSION}")
+        if not attrs.get("complete"):
             problems.append("not marked complete")
-        if self.dim != self.attrs.get("dim"):
-            problems.append(f"feature dim {self.dim} != recorded {self.attrs.get('dim')}")
-        expected = json.loads(self.attrs.get("rows_json", "{}"))
+        if self.dim != attrs.get("dim"):
+            problems.append(f"feature dim {self.dim} != recorded {attrs.get('dim')}")
+        expected = json.loads(attrs.get("rows_json") or "{}")
         if expected != self.rows:
             problems.append(f"rows {self.rows} != recorded {expected}")
         if problems:
             raise StoreError(f"feature store {self.path} is corrupt ({'; '.join(problems)}); "
                              f"{_rebuild_hint(self.path)}.")
-        self.request: dict = json.loads(self.attrs["request_json"])
-        self.fingerprint: str = self.attrs["fingerprint"]
+        self.request: dict = json.loads(attrs["request_json"])
+        self.fingerprint: str = attrs["fingerprint"]
+        self.weights_digest: str = attrs.get("weights_digest") or ""  # the tensors embedded with
+
+    @property
+    def attrs(self) -> dict:
+        """Every attribute of the file: the request, provenance, fingerprint (read on first use)."""
+        if self._all_attrs is None:
+            try:
+                with h5py.File(self.path, "r") as fh:
+                    self._all_attrs = {k: _decode(v) for k, v in fh.attrs.items()}
+            except OSError as exc:
+                raise StoreError(f"feature store {self.path} could not be read ({exc}); "
+                                 f"{_rebuild_hint(self.path)}.") from None
+        return self._all_attrs
 
     def features(self, split: str, dtype=np.float32) -> np.ndarray:
         """(N, D) features of `split`, upcast to `dtype`."""
