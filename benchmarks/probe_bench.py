@@ -1,7 +1,7 @@
-"""Wall time of a full probe (C sweep, 3 fractions x 3 seeds) per backend, beside a naive baseline.
+"""Wall time of a full probe (C sweep, 3 fractions x 3 seeds) per solver, beside a naive baseline.
 
-    python benchmarks/probe_bench.py                       # both workloads, every backend
-    python benchmarks/probe_bench.py --skip-real --backends torch
+    python benchmarks/probe_bench.py                       # both workloads, every solver
+    python benchmarks/probe_bench.py --skip-real --solvers auto,torch
 
 Workloads: (a) the real PneumoniaMNIST Lite0 store (tf_efficientnet_lite0.in1k, 28 px source,
 built with medfm.extract into the benchmark workdir if missing; needs $MEDFM_DATA_ROOT), and
@@ -15,6 +15,9 @@ and >= 3x faster than the naive baseline.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -23,13 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from medfm.data import SPLITS
-from medfm.probe import C_GRID, probe
-from medfm.probe.backends import cuda_available, cuml_available
-from medfm.probe.run import StoreArrays
+from medfm.probe import C_GRID, StoreArrays
+from medfm.probe.solvers import cuda_available, cuml_available
 from medfm.sampling import SubsetSpec, sample
-from medfm.store.features import FeatureStore, StoreKey, StoreWriter, find_stores, stores_dir
+from medfm.store.features import FeatureStore, find_stores
+from medfm.synthetic import write_feature_store
 
 FRACTIONS = (0.01, 0.1, 1.0)
+REFERENCE = "sklearn"  # the solver every other one is compared with: `auto` on a CPU before 2026-11
 SEEDS = (0, 1, 2)
 PATH_ROWS = {"train": 89_996, "val": 10_004, "test": 7_180}  # PathMNIST split sizes
 PATH_DIM, PATH_CLASSES = 1280, 9  # EfficientNet-Lite0 / -B0 pooled width, PathMNIST classes
@@ -38,23 +42,21 @@ PATH_DIM, PATH_CLASSES = 1280, 9  # EfficientNet-Lite0 / -B0 pooled width, PathM
 def synthetic_pathmnist(workdir: Path) -> FeatureStore:
     """A PathMNIST-shaped store: non-negative (post-ReLU-like) features from 9 overlapping
     clusters in a 32-d latent space, projected to 1280-d with noise."""
-    key = StoreKey(dataset="pathmnist", size=28, arch="synthetic_lite0", tag="bench",
-                   weights_digest="synthetic", resize_policy="bilinear", input_size=224)
-    path = stores_dir(workdir) / key.filename()
-    if path.exists():
-        return FeatureStore(path)
+    found = find_stores(workdir, dataset="pathmnist")
+    if found:
+        return found[0]
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(PATH_CLASSES, 32)) * 0.7
     projection = rng.normal(size=(32, PATH_DIM)).astype(np.float32) / 4
     labels = {s: rng.integers(0, PATH_CLASSES, (n, 1)).astype(np.uint8)
               for s, n in PATH_ROWS.items()}
-    writer = StoreWriter(path, key, dim=PATH_DIM, labels=labels, attrs={})
+    features = {}
     for split in SPLITS:
         latent = centers[labels[split][:, 0]] + rng.normal(size=(len(labels[split]), 32))
         noise = rng.normal(size=(len(latent), PATH_DIM)).astype(np.float32)
-        writer.write(split, 0, np.maximum(latent.astype(np.float32) @ projection + noise, 0))
-    writer.finalize()
-    return FeatureStore(path)
+        features[split] = np.maximum(latent.astype(np.float32) @ projection + noise, 0)
+    return FeatureStore(write_feature_store(workdir, "pathmnist", features, labels,
+                                            backbone="synthetic_lite0.bench"))
 
 
 def real_pneumonia(workdir: Path) -> FeatureStore:
@@ -89,32 +91,70 @@ def naive_seconds(store: FeatureStore) -> float:
     return (time.perf_counter() - started) * len(SEEDS)
 
 
+RUN = """
+import json, sys, time
+t = time.perf_counter()
+from medfm.probe import probe
+report = probe(store={store!r}, fractions={fractions!r}, seeds={seeds!r}, solver={solver!r},
+               workdir={workdir!r}, force=True, progress=False)
+rows = [dict(fraction=r.key.fraction, seed=r.key.seed, C=r.chosen_C, acc=r.acc, auc=r.auc,
+             solver=r.solver) for r in report.computed]
+print(json.dumps(dict(probe_s=report.wall_s, process_s=time.perf_counter() - t, rows=rows)))
+"""
+
+
+def run_solver(store: FeatureStore, solver: str, workdir: Path) -> dict:
+    """A full probe with `solver` in a fresh process (its imports count, as for a user)."""
+    code = RUN.format(store=str(store.path), fractions=FRACTIONS, seeds=SEEDS, solver=solver,
+                      workdir=str(workdir / f"registry-{solver}"))
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _choices(result: dict) -> dict:
+    """(fraction, seed) -> (chosen C, test ACC, test AUC)."""
+    return {(r["fraction"], r["seed"]): (r["C"], r["acc"], r["auc"]) for r in result["rows"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medfm-bench"))
-    parser.add_argument("--backends", default=None, help="comma list; default: every available")
+    parser.add_argument("--solvers", default=None,
+                        help="comma list (default: auto, then every available solver)")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    backends = (args.backends.split(",") if args.backends else
-                ["sklearn", "torch"] + (["cuml"] if cuml_available() else []))
+    solvers = (args.solvers.split(",") if args.solvers else
+               ["auto", "sklearn", "torch"] + (["cuml"] if cuml_available() else []))
     workloads = {"(b) synthetic PathMNIST 90k x 1280 x 9": synthetic_pathmnist}
     if not args.skip_real:
         workloads = {"(a) PneumoniaMNIST Lite0 (real)": real_pneumonia, **workloads}
     print(f"grid {len(C_GRID)} C values; fractions {FRACTIONS} x seeds {SEEDS}; "
-          f"cuda={cuda_available()}")
+          f"cuda={cuda_available()}; each solver in a fresh process")
     for name, build in workloads.items():
         store = build(workdir)
-        for backend in backends:
-            report = probe(store=store.path, fractions=FRACTIONS, seeds=SEEDS, backend=backend,
-                           workdir=workdir, force=True, progress=False)
-            fit_s = sum(r.wall_s for r in report.computed)
-            best = max(report.computed, key=lambda r: r.key.fraction)
-            print(f"{name:42s} {backend:8s} {report.wall_s:7.1f} s total ({fit_s:.1f} s in runs)"
-                  f"  fraction 1.0: acc {best.acc:.4f} auc {best.auc:.4f} C {best.chosen_C:g}")
+        results = {solver: run_solver(store, solver, workdir) for solver in solvers}
+        ref_name = REFERENCE if REFERENCE in results else solvers[0]
+        reference = _choices(results[ref_name])
+        for solver, result in results.items():
+            chosen = _choices(result)
+            same_c = sum(chosen[k][0] == reference[k][0] for k in reference)
+            d_acc = max(abs(chosen[k][1] - reference[k][1]) for k in reference) * 100
+            d_auc = max(abs(chosen[k][2] - reference[k][2]) for k in reference) * 100
+            used = sorted({r["solver"] for r in result["rows"]})
+            full = chosen[(1.0, SEEDS[0])]
+            print(f"{name:40s} {solver:8s} {result['wall_s']:6.1f} s process "
+                  f"({result['probe_s']:.1f} s in probe; fitted by {'+'.join(used)})  "
+                  f"fraction 1.0: C {full[0]:g} ACC {100 * full[1]:.2f} AUC {100 * full[2]:.2f}"
+                  f"  vs {ref_name}: same C {same_c}/{len(reference)}, max |dACC| {d_acc:.2f} pp,"
+                  f" max |dAUC| {d_auc:.2f} pp")
         if not args.skip_naive:
-            print(f"{name:42s} {'naive':8s} {naive_seconds(store):7.1f} s (sklearn, fresh fit "
+            print(f"{name:40s} {'naive':8s} {naive_seconds(store):6.1f} s (sklearn, fresh fit "
                   f"per C, seed 0 x {len(SEEDS)})")
 
 

@@ -149,8 +149,8 @@ def _add_probe(sub) -> None:
                                                   for s in m.selections}),
                    help="how hyper-parameters are chosen (logreg: val (default) or holdout)")
     p.add_argument("--solver", "--backend", dest="solver", choices=SOLVERS, default="auto",
-                   help="how logreg is fitted (default auto: sklearn, or torch for large "
-                        "problems; cuml/torch on a GPU)")
+                   help="how logreg is fitted (not part of a run's identity; default auto: "
+                        "sklearn for small problems, torch for large ones; cuml/torch on a GPU)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.add_argument("--force", action="store_true", help="refit runs already in the registry")

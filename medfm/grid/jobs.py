@@ -109,7 +109,8 @@ class ProbeJob:
 
         store = FeatureStore(self.store.store_path())
         arrays, shared_fits = StoreArrays.load(store), {}
-        return [probe_job(store, spec=spec, probe=self.probe, arrays=arrays,
+        probe = self.probe.for_work([(store, spec) for spec in self.specs])
+        return [probe_job(store, spec=spec, probe=probe, arrays=arrays,
                           shared_fits=shared_fits) for spec in self.specs]
 
 

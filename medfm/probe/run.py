@@ -26,7 +26,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.methods import get_method
-from medfm.probe.solvers import SOLVERS
+from medfm.probe.solvers import SOLVERS, resolve_solver
 from medfm.request import run_key
 from medfm.runtime import versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
@@ -57,6 +57,14 @@ class ProbeRequest:
     solver: str = "auto"  # one of SOLVERS, for methods that fit with a solver
     device: str | None = None  # cpu | cuda | None (cuda when visible)
 
+    def for_work(self, stores_and_specs) -> ProbeRequest:
+        """This request with `auto` resolved once for the largest of these (store, subset)
+        problems (medfm.probe.solvers.resolve_solver), so one call imports one solver."""
+        if self.solver != "auto" or not get_method(self.method).uses_solver:
+            return self
+        work = max((_work(store, spec) for store, spec in stores_and_specs), default=0)
+        return replace(self, solver=resolve_solver("auto", device=self.device, work=work))
+
     def key(self, store: FeatureStore, spec: SubsetSpec) -> ResultKey:
         """The registry key of this probe on `store`'s training subset `spec`."""
         task = get_dataset(store.request["dataset"]).task
@@ -64,6 +72,15 @@ class ProbeRequest:
                        method=self.method, params=json.loads(self.params),
                        selection=self.selection,
                        select_metric=get_method(self.method).select_metric(task), spec=spec)
+
+
+def _work(store: FeatureStore, spec: SubsetSpec) -> int:
+    """Rows x features x logits of the fit a subset asks for (its size before sampling)."""
+    info = get_dataset(store.request["dataset"])
+    rows = (spec.shots * info.n_classes if spec.shots is not None
+            else round(spec.fraction * store.rows["train"]))
+    logits = 1 if info.task is Task.BINARY else info.n_classes
+    return min(rows, store.rows["train"]) * store.dim * logits
 
 
 def resolve_probe(method: str = "logreg", *, selection: str | None = None,
@@ -194,6 +211,7 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
     done = set() if force else registry.done_keys([key for _, _, key in plan])
     skipped = [key for _, _, key in plan if key.digest() in done]
     pending = [(s, spec) for s, spec, key in plan if key.digest() not in done]
+    request = request.for_work(pending)
     computed, arrays, shared_fits = [], {}, {}
     for s, spec in tqdm(pending, desc="probe", disable=not progress or not pending):
         if s.path not in arrays:

@@ -13,13 +13,14 @@ scikit-learn uses it) or after `max_iter` iterations; `converged` says which.
 
 - `sklearn`: LogisticRegression(solver="lbfgs", warm_start=True), float64, CPU.
 - `torch`: torch.optim.LBFGS (strong-Wolfe line search, history 10) on float32 tensors, full
-  batch, CPU or CUDA: two (N, D) x (D, K) matmuls per evaluation.
+  batch, CPU or CUDA: two (B, D) x (D, K) matmuls per block of B rows per evaluation.
 - `cuml`: cuML's quasi-Newton LogisticRegression on a GPU. cuML averages the loss over samples
   and, with penalty_normalized=True, divides the penalty by n too, which is exactly the scaled
   objective above: the same C is the same problem. cuML has no warm start; each C starts cold.
 - `auto` (`resolve_solver`): on a GPU, cuml if it imports, else torch; on a CPU, sklearn for
-  small problems and torch from TORCH_MIN_ELEMENTS training values on (torch's float32 L-BFGS is
-  several times faster per iteration there, and worth its 3 s import).
+  small problems and torch from TORCH_MIN_WORK on (rows x features x logits: torch's float32
+  L-BFGS is 2-4x faster per fit there, and worth its 3 s import). `medfm probe` decides once
+  per call, for its largest problem, so one call never imports both.
 
 A solver is a way to compute, not part of what is computed: every solver minimizes the same
 objective to the same tolerance, so a result's key does not name it; its row does (`solver`,
@@ -40,12 +41,13 @@ import numpy as np
 from medfm.errors import InvalidArgumentError
 
 SOLVERS = ("auto", "sklearn", "torch", "cuml")  # values of --solver
-TORCH_MIN_ELEMENTS = 4_000_000  # auto on a CPU: torch from this many training values (n x d) up
+TORCH_MIN_WORK = 2_000_000  # auto on a CPU: torch from this many rows x features x logits up
 KINDS = ("binary", "multinomial", "multilabel")  # loss families
 DEFAULT_MAX_ITER = 100  # L-BFGS iterations per C (scikit-learn's default)
 DEFAULT_TOL = 1e-4  # largest absolute gradient component at convergence (scikit-learn's default)
 LBFGS_HISTORY = 10  # L-BFGS memory (scipy's default, which scikit-learn uses)
 EVALS_PER_ITER = 4  # torch: function evaluations allowed per iteration (line search included)
+BLOCK_ROWS = 8192  # torch: rows per block of an evaluation (logits and gradient while cached)
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,16 @@ def probe_device(device: str | None) -> str:
     return kind
 
 
-def resolve_solver(solver: str, *, device: str | None = None,
-                   n_elements: int | None = None) -> str:
+def resolve_solver(solver: str, *, device: str | None = None, work: int | None = None) -> str:
     """The concrete solver for `solver` (module docstring); an unavailable explicit choice is
-    an error saying what to use. `n_elements` (rows x features) sizes the CPU choice."""
+    an error saying what to use. `work` (rows x features x logits) sizes the CPU choice."""
     if solver not in SOLVERS:
         raise InvalidArgumentError(
             f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}.")
     if solver == "auto":
         if probe_device(device) == "cuda":
             return "cuml" if cuml_available() else "torch"
-        large = n_elements is not None and n_elements >= TORCH_MIN_ELEMENTS
+        large = work is not None and work >= TORCH_MIN_WORK
         return "torch" if large and importlib.util.find_spec("torch") else "sklearn"
     if solver == "cuml" and not cuml_available():
         raise InvalidArgumentError("solver cuml asked for, but cuML does not import here; install "
@@ -185,23 +186,34 @@ class TorchSolver:
         self.b = torch.zeros(width, device=self.device)  # (K',)
 
     def _objective(self, W, b, C: float):
-        """(mean loss + ||W||^2 / (2 C n), dW, db): the objective divided by C * n, with its
-        gradient written out so the big product is G^T X (a transposed X^T G is ~10x slower)."""
+        """(mean loss + ||W||^2 / (2 C n), dW, db): the objective divided by C * n.
+
+        Rows go through in blocks of BLOCK_ROWS, each block's logits and gradient product
+        computed while it is in cache, so X crosses memory once per evaluation instead of twice;
+        the gradient is written out so the big product is G^T X (X^T G is ~10x slower).
+        """
         torch, n = self.torch, len(self.X)
-        logits = torch.addmm(b, self.X, W)  # (N, K')
-        if self.kind == "multinomial":
-            log_norm = torch.logsumexp(logits, dim=1)  # (N,)
-            per_sample = log_norm - logits.gather(1, self.Y[:, None])[:, 0]
-            residual = torch.exp(logits - log_norm[:, None])  # softmax (N, K)
-            residual[torch.arange(n, device=self.device), self.Y] -= 1.0
-        else:  # logistic loss per column, summed over labels
-            per_sample = (torch.nn.functional.softplus(logits) - self.Y * logits).sum(dim=1)
-            residual = torch.sigmoid(logits) - self.Y  # (N, K')
-        residual /= n
-        grad_W = (residual.T @ self.X).T.contiguous() + W / (C * n)  # (D, K')
+        width = W.shape[1]
+        grad_t = torch.zeros(width, W.shape[0], device=self.device)  # (K', D)
+        grad_b = torch.zeros(width, device=self.device)
         # reduce in float64: a float32 sum cannot resolve the last decreases the line search needs
-        loss = per_sample.double().mean() + (W.double() ** 2).sum() / (2.0 * C * n)
-        return loss, grad_W, residual.sum(dim=0)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for lo in range(0, n, BLOCK_ROWS):
+            X, Y = self.X[lo:lo + BLOCK_ROWS], self.Y[lo:lo + BLOCK_ROWS]
+            logits = torch.addmm(b, X, W)  # (B, K')
+            if self.kind == "multinomial":
+                log_norm = torch.logsumexp(logits, dim=1)  # (B,)
+                loss += (log_norm - logits.gather(1, Y[:, None])[:, 0]).double().sum()
+                residual = torch.exp(logits - log_norm[:, None])  # softmax (B, K)
+                residual[torch.arange(len(Y), device=self.device), Y] -= 1.0
+            else:  # logistic loss per column, summed over labels
+                loss += (torch.nn.functional.softplus(logits) - Y * logits).double().sum()
+                residual = torch.sigmoid(logits) - Y  # (B, K')
+            grad_t.addmm_(residual.T, X)
+            grad_b += residual.sum(dim=0)
+        grad_W = grad_t.T / n + W / (C * n)  # (D, K')
+        loss = loss / n + (W.double() ** 2).sum() / (2.0 * C * n)
+        return loss, grad_W.contiguous(), grad_b / n
 
     def fit(self, C: float, init: Solution | None = None) -> Solution:
         torch = self.torch
@@ -213,18 +225,21 @@ class TorchSolver:
             [W, b], lr=1.0, max_iter=self.max_iter, max_eval=EVALS_PER_ITER * self.max_iter,
             tolerance_grad=self.tol, tolerance_change=0.0, history_size=LBFGS_HISTORY,
             line_search_fn="strong_wolfe")
+        last = {}  # the latest evaluation: the point and its largest gradient component
 
         def closure():
             loss, W.grad, b.grad = self._objective(W, b, C)
+            last.update(W=W.detach().clone(), b=b.detach().clone(),
+                        largest=max(W.grad.abs().max().item(), b.grad.abs().max().item()))
             return loss.item()
 
         optimizer.step(closure)
-        closure()  # gradient at the final point, for the convergence test
-        largest = max(W.grad.abs().max().item(), b.grad.abs().max().item())
+        if not (torch.equal(last["W"], W) and torch.equal(last["b"], b)):
+            closure()  # the line search ended elsewhere: the gradient at the final point
         n_iter = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
         self.W, self.b = W.detach(), b.detach()
         return Solution(self.W.T.double().cpu().numpy(), self.b.double().cpu().numpy(),
-                        n_iter, largest <= self.tol)
+                        n_iter, last["largest"] <= self.tol)
 
 
 class CumlSolver:
@@ -260,7 +275,8 @@ def make_solver(solver: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
     (multinomial, `n_classes` columns) or (N, L) 0/1 (multilabel); `solver` may be "auto"."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
-    solver = resolve_solver(solver, device=device, n_elements=X.size)
+    width = n_classes if kind == "multinomial" else (Y.shape[1] if Y.ndim == 2 else 1)
+    solver = resolve_solver(solver, device=device, work=X.size * (width or 1))
     if solver == "sklearn":
         return SklearnSolver(X, Y, kind, max_iter=max_iter, tol=tol)
     if solver == "torch":
