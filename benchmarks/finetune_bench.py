@@ -26,7 +26,7 @@ from torchvision import transforms
 
 from medfm.backbones import create_backbone
 from medfm.data import get_dataset, load_split
-from medfm.extract.extractor import resolve_device
+from medfm.runtime import resolve_device
 from medfm.finetune import Split, resolve_recipe, train
 from medfm.paths import resolve_data_root
 from medfm.preprocess import resolve_preprocess

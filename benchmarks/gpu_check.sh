@@ -12,6 +12,6 @@ $PY -m pip install -q --no-deps -e . 2>/dev/null || export PYTHONPATH=$PWD
 $PY -c "import torch; print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
 $PY -m pytest -q -x tests 2>&1 | tail -5
 $PY benchmarks/extract_bench.py --device cuda
-$PY benchmarks/probe_bench.py  # every available backend: torch on cuda, cuML if installed
+$PY benchmarks/probe_bench.py  # auto, sklearn, torch (on cuda), cuML if installed: each in a fresh process
 $PY benchmarks/finetune_bench.py --device cuda
 exit 0

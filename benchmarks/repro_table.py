@@ -23,10 +23,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="only runs of this length")
     args = parser.parse_args()
     rows = []
-    for row in Registry.in_workdir(args.workdir).query(method="finetune"):
+    for row in Registry.in_workdir(args.workdir).query(method="finetune", dataset=args.dataset,
+                                                       backbone=args.backbone):
         params = json.loads(row.key.params)
-        if (row.key.dataset, row.key.backbone) != (args.dataset, args.backbone):
-            continue
         if params["name"] != "medmnist-v2" or (args.epochs and params["epochs"] != args.epochs):
             continue
         rows.append((row.key.seed, params["epochs"], row))
