@@ -63,3 +63,19 @@ def test_user_errors_exit_2_with_one_line(argv, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_every_backbone_spelling_is_one_probe_run_and_one_filter(workdir, capsys):
+    """The store was extracted as test_resnet (timm's default tag r160_in1k): probing by the
+    tagged id fits nothing new, and results/report filters accept either spelling."""
+    base = ["probe", "--workdir", str(workdir), "--fractions", "1.0", "--seeds", "0", "--quiet"]
+    assert main([*base, "--backbone", "test_resnet"]) == 0
+    assert "1 run(s) fitted" in capsys.readouterr().out
+    assert main([*base, "--backbone", "test_resnet.r160_in1k"]) == 0
+    assert "0 run(s) fitted, 1 already in the registry" in capsys.readouterr().out
+    for spelling in ("test_resnet", "test_resnet.r160_in1k"):
+        assert main(["results", "--workdir", str(workdir), "--backbone", spelling,
+                     "--format", "json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["backbone"] == "test_resnet.r160_in1k" and row["weights"] == "random"
+        assert row["solver"] in ("sklearn", "torch") and row["device"] == "cpu"
