@@ -35,12 +35,12 @@ from medfm.data import get_dataset
 from medfm.preprocess import DEFAULT_NORMALIZATION
 from medfm.request import FEATURE_KIND, run_key, store_digest, store_filename
 from medfm.sampling import SubsetSpec
+from medfm.store.features import PARTIAL_SUFFIX
 from medfm.store.registry import canonical_json
 
 LAYOUT_FILE = ".layout"  # in <workdir>/stores: the layout version the folder is in
 LAYOUT_VERSION = "2"
 LOCK_FILE = ".layout.lock"
-PARTIAL_SUFFIX = ".partial"
 _UPGRADED: set[Path] = set()  # store folders this process has seen upgraded
 
 
@@ -138,7 +138,7 @@ def upgrade_stores(stores: Path) -> None:
 
 def _store_identities(workdir: Path) -> dict[str, dict]:
     """Content fingerprint -> request identity of every finished store in the work directory."""
-    from medfm.store.features import stores_dir
+    from medfm.store.features import stores_dir  # upgrades the folder first
 
     folder = workdir / "stores"
     if not folder.is_dir():
