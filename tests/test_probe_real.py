@@ -24,8 +24,8 @@ def pneumonia_workdir(real_root, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", ["sklearn", "torch"])
-def test_full_fraction_probe_equals_medmnist_evaluator(tmp_path, pneumonia_workdir, real_root,
-                                                      solver):
+def test_full_fraction_probe_equals_medmnist_evaluator(pneumonia_workdir, real_root, solver):
+    # force: the solver is not part of a run's key, so the second solver refits the same run
     report = probe(dataset="pneumoniamnist", fractions=[1.0], seeds=[0], solver=solver,
                    workdir=pneumonia_workdir, force=True, progress=False)
     (row,) = report.computed
