@@ -29,6 +29,7 @@ def test_full_fraction_probe_equals_medmnist_evaluator(pneumonia_workdir, real_r
     report = probe(dataset="pneumoniamnist", fractions=[1.0], seeds=[0], solver=solver,
                    workdir=pneumonia_workdir, force=True, progress=False)
     (row,) = report.computed
+    assert row.solver == solver
     y_true, y_score = Registry.in_workdir(pneumonia_workdir).scores(row.key)
     official = Evaluator("pneumoniamnist", "test", root=str(real_root)).evaluate(y_score)
     np.testing.assert_array_equal(y_true.ravel(), Evaluator(
