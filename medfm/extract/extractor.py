@@ -187,8 +187,9 @@ def extract_request(
         return ExtractResult(path, "exists", store.summary(), 0.0)
 
     bb = create_backbone(request.backbone)
-    if bb.data_config["input_size"] != request.backbone.data_config()["input_size"] or (
-            tuple(bb.data_config["mean"]) != request.backbone.data_config()["mean"]):
+    resolved = request.backbone.data_config()  # what the request was resolved against
+    if bb.data_config["input_size"] != resolved["input_size"] or (
+            tuple(bb.data_config["mean"]) != resolved["mean"]):
         raise RuntimeError(f"{request.backbone.id}: the created model's data config "
                            f"{bb.data_config} differs from the resolved one; a medfm bug")
     splits = {s: load_split(request.dataset.name, request.dataset.size, s,

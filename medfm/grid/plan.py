@@ -126,11 +126,12 @@ def _finetune_jobs(spec: GridSpec, refs, backbones, root: str) -> list[FinetuneJ
             for ref in refs for backbone in backbones for subset in spec.subsets]
 
 
-def _probe_jobs(extract: ExtractJob, store: FeatureStore | None, probe, subsets,
+def _probe_jobs(extract: ExtractJob, probe, subsets, digests: list[str] | None,
                 finished: set[str]) -> tuple[list[ProbeJob], int]:
-    """(jobs still to run, subsets already done) of one probe method on one store."""
-    pending = [s for s in subsets
-               if store is None or probe.key(store, s).digest() not in finished]
+    """(jobs still to run, subsets already done) of one probe method on one store; `digests`
+    are the subsets' keys (None: the store is not built, nothing can be done)."""
+    pending = [s for i, s in enumerate(subsets)
+               if digests is None or digests[i] not in finished]
     full = [s for s in pending if s.fraction == 1.0]  # every seed draws the same images
     groups = [(s,) for s in pending if s.fraction != 1.0] + ([tuple(full)] if full else [])
     return [ProbeJob(extract, group, probe) for group in groups], len(subsets) - len(pending)
@@ -144,26 +145,29 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> Gr
     extracts = _extract_jobs(spec, refs, backbones, root) if probes else []
     finetunes = _finetune_jobs(spec, refs, backbones, root) if FINETUNE in spec.methods else []
     subsets = spec.subsets
-    keys = [p.key(store, s).digest() for _, store in extracts if store is not None
-            for p in probes for s in subsets]
-    keys += [job.request.key().digest() for job in finetunes]
-    finished = Registry.in_workdir(root).done_keys(keys)
+    probe_digests = {(i, j): [p.key(store, s).digest() for s in subsets]
+                     for i, (_, store) in enumerate(extracts) if store is not None
+                     for j, p in enumerate(probes)}  # each key built once
+    finetune_digests = [job.request.key().digest() for job in finetunes]
+    finished = Registry.in_workdir(root).done_keys(
+        [d for digests in probe_digests.values() for d in digests] + finetune_digests)
 
     total, done, jobs = Counter(), Counter(), []
-    for extract, store in extracts:
+    for i, (extract, store) in enumerate(extracts):
         total["extract"] += 1
         if store is None:
             jobs.append(extract)
         else:
             done["extract"] += 1
-        for probe in probes:
-            todo, n_done = _probe_jobs(extract, store, probe, subsets, finished)
+        for j, probe in enumerate(probes):
+            todo, n_done = _probe_jobs(extract, probe, subsets, probe_digests.get((i, j)),
+                                       finished)
             total["probe"] += len(subsets)
             done["probe"] += n_done
             jobs += todo
-    for job in finetunes:
+    for job, digest in zip(finetunes, finetune_digests, strict=True):
         total["finetune"] += 1
-        if job.request.key().digest() in finished:
+        if digest in finished:
             done["finetune"] += 1
         else:
             jobs.append(job)
