@@ -62,6 +62,19 @@ def _job(data_root, workdir, *, dataset="breastmnist", backbone="test_resnet", s
 
 # -- recipes --------------------------------------------------------------------------------
 
+def test_the_package_exports_the_train_function_not_its_module():
+    """`medfm.finetune.train` is both a module and the function it exports: the package's name
+    is the function, whichever name is imported first (the API in the module docstring)."""
+    import subprocess
+    import sys
+
+    code = ("from medfm.finetune import Split, resolve_recipe, train; "
+            "assert callable(train) and train.__name__ == 'train', train; "
+            "from medfm.finetune import finetune; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.stdout.strip() == "ok", run.stderr
+
+
 def test_presets_carry_the_published_protocols():
     v2 = RECIPES["medmnist-v2"]
     assert (v2.optimizer, v2.lr_head, v2.batch_size, v2.epochs) == ("adam", 1e-3, 128, 100)

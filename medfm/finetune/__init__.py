@@ -19,8 +19,13 @@ def __getattr__(name: str):
     if name in _RUN or name in _TRAIN:
         import importlib
 
-        module = "medfm.finetune.run" if name in _RUN else "medfm.finetune.train"
-        return getattr(importlib.import_module(module), name)
+        for module, names in (("medfm.finetune.run", _RUN), ("medfm.finetune.train", _TRAIN)):
+            if name in names:
+                loaded = importlib.import_module(module)
+                # bind every name the module exports: importing medfm.finetune.train sets this
+                # package's `train` to the submodule, which would shadow the function
+                globals().update({n: getattr(loaded, n) for n in names})
+        return globals()[name]
     raise AttributeError(f"module 'medfm.finetune' has no attribute {name!r}")
 
 
