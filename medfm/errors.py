@@ -36,5 +36,9 @@ class RegistryError(MedfmError):
     """A results registry that cannot be opened or queried."""
 
 
+class DiskFullError(MedfmError):
+    """A write that failed for want of space or quota (ENOSPC, EDQUOT, EFBIG)."""
+
+
 class MedfmWarning(UserWarning):
     """Something that runs but probably not as the user wants; the CLI prints it on one line."""
