@@ -39,7 +39,7 @@ from medfm.extract.fold import fold_verified
 from medfm.preprocess import DevicePreprocessor, PreprocessRequest
 from medfm.request import StoreRequest, resolve_store_request
 from medfm.runtime import device_name, resolve_device, versions
-from medfm.store.features import FeatureStore, StoreWriter, stores_dir
+from medfm.store.features import FeatureStore, StoreWriter, store_lock, stores_dir
 
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 32}  # images per forward pass, per device type
 CHUNK_BATCHES = 8  # batches per stored chunk: the unit of resumption
@@ -185,7 +185,17 @@ def extract_request(
     if path.exists() and not force:
         store = FeatureStore(path)  # a corrupt store is reported here, by name
         return ExtractResult(path, "exists", store.summary(), 0.0)
+    # one writer per store: a second extraction of this request waits here, then finds it built
+    with store_lock(path, label=f"{request.dataset.label} {request.backbone.id}"):
+        if path.exists() and not force:
+            return ExtractResult(path, "exists", FeatureStore(path).summary(), 0.0)
+        return _build(request, path, dev, batch_size=batch_size, force=force,
+                      progress=progress, chunk_rows=chunk_rows)
 
+
+def _build(request: StoreRequest, path: Path, dev: torch.device, *, batch_size: int | None,
+           force: bool, progress: bool, chunk_rows: int | None) -> ExtractResult:
+    """Embed every split into the store at `path` (resuming its partial file), under its lock."""
     bb = create_backbone(request.backbone)
     resolved = request.backbone.data_config()  # what the request was resolved against
     if bb.data_config["input_size"] != resolved["input_size"] or (

@@ -15,19 +15,35 @@ request is one lookup. A store is built as `<name>.h5.partial`: rows land chunk 
 chunk flushed before the split's `rows_done` counter moves past it, so a killed extraction
 resumes from the last complete chunk. When every split is full the fingerprint is written and
 the file is renamed to `<name>.h5` in one atomic step: a `.h5` file is always complete.
+
+Integrity. A store's bytes are checked against its fingerprint before any of them is used: the
+first read of a store's arrays reads every split once, hashing as it goes, and a mismatch is a
+StoreError naming the store and the command that rebuilds it. A store that passed is recorded
+as verified in `$MEDFM_CACHE/verified`, keyed by its path, size, modification time and
+fingerprint, so later reads cost nothing extra; any write to the file (a flipped byte included)
+changes its modification time and the next read checks it again. Non-finite features are refused
+on every read. One writer per store: StoreWriter is used under `store_lock` (an advisory lock the
+OS releases when its holder dies), so a second extraction of the same request waits, then finds
+the store built.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from medfm.backbones.names import canonical_backbone_id
+from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.data import SPLITS
 from medfm.errors import StoreError
 from medfm.paths import resolve_workdir
@@ -37,6 +53,8 @@ from medfm.store.registry import canonical_json
 FORMAT_VERSION = 2  # 2: identified by its request (request_json); 1 (StoreKey) is upgraded
 PARTIAL_SUFFIX = ".partial"  # a store being built: <name>.h5.partial
 FLOAT16_MAX = 65504.0  # features beyond this are clipped (and counted) when stored as float16
+LOCKS_DIRNAME = ".locks"  # <workdir>/stores/.locks/<store name>.lock: one writer per store
+ARRAYS = ("features", "labels", "index")  # datasets of each split, in fingerprint order
 
 
 def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
@@ -49,9 +67,51 @@ def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _rebuild_hint(path: Path) -> str:
-    return (f"delete {path} and run `medfm extract` again (or rerun it with --force) "
-            f"to rebuild it")
+def _rebuild_hint(path: Path, request: dict | None = None) -> str:
+    """How to rebuild the store at `path`: the exact extract command when its request is known."""
+    if not request:
+        return (f"delete {path} and run `medfm extract` again (or rerun it with --force) "
+                f"to rebuild it")
+    weights = request.get("weights", "pretrained")
+    flags = [f"--dataset {request['dataset']}", f"--size {request['size']}",
+             f"--backbone {request['backbone']}",
+             f"--resize-policy {request['resize_policy']}",
+             f"--input-size {request['input_size']}", f"--normalize {request['normalize']}",
+             f"--dtype {request['dtype']}"]
+    if weights == "random":
+        flags.append("--weights random")
+    elif weights.startswith("file:"):
+        flags.append(f"--weights <the weights file with sha256 {weights[5:]}...>")
+    workdir = path.parent.parent
+    return (f"rebuild it with `medfm extract {' '.join(flags)} --workdir {workdir} --force`")
+
+
+def _verified_entry(path: Path, fingerprint: str) -> tuple[Path, str] | None:
+    """(cache file, identity) of the record saying the store at `path` matched `fingerprint`
+    as it is now (path, size, mtime); None if the file cannot be stat'ed."""
+    try:
+        resolved = path.resolve()
+        stat = resolved.stat()
+    except OSError:
+        return None
+    identity = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}|{fingerprint}"
+    return cache_dir("verified") / hashlib.sha1(identity.encode()).hexdigest(), identity
+
+
+def is_verified(path: Path, fingerprint: str) -> bool:
+    """Whether the store at `path` was checked against `fingerprint` since it last changed."""
+    entry = _verified_entry(path, fingerprint)
+    if entry is None:
+        return False
+    record = read_json(entry[0])
+    return isinstance(record, dict) and record.get("identity") == entry[1]
+
+
+def mark_verified(path: Path, fingerprint: str) -> None:
+    """Record that the store at `path`, as it is now, matches `fingerprint`."""
+    entry = _verified_entry(path, fingerprint)
+    if entry is not None:
+        write_atomic(entry[0], json.dumps({"identity": entry[1]}))
 
 
 def _decode(value):
@@ -117,6 +177,12 @@ class FeatureStore:
         self.request: dict = json.loads(attrs["request_json"])
         self.fingerprint: str = attrs["fingerprint"]
         self.weights_digest: str = attrs.get("weights_digest") or ""  # the tensors embedded with
+        self._checked = False  # bytes compared with the fingerprint (or recorded as verified)
+        self._pending: dict = {}  # (split, name) -> array read while verifying, not yet returned
+
+    def _damaged(self, why: str) -> StoreError:
+        return StoreError(f"feature store {self.path} is damaged ({why}); "
+                          f"{_rebuild_hint(self.path, self.request)}.")
 
     @property
     def attrs(self) -> dict:
@@ -145,24 +211,59 @@ class FeatureStore:
     def _read(self, split: str, name: str) -> np.ndarray:
         if split not in SPLITS:
             raise StoreError(f"split {split!r} is not one of {SPLITS}.")
-        try:
-            with h5py.File(self.path, "r") as fh:
-                return fh[split][name][()]
-        except OSError as exc:
-            raise StoreError(f"feature store {self.path} could not be read ({exc}); "
-                             f"{_rebuild_hint(self.path)}.") from None
+        if not self._checked:
+            if is_verified(self.path, self.fingerprint):
+                self._checked = True
+            else:  # the first read of an unverified store reads (and checks) all of it
+                self._pending = self._read_all()
+                self._checked = True
+        value = self._pending.pop((split, name), None)
+        if value is None:
+            try:
+                with h5py.File(self.path, "r") as fh:
+                    value = fh[split][name][()]
+            except (OSError, KeyError) as exc:
+                raise self._damaged(f"{split}/{name} could not be read: {exc}") from None
+        if name == "features" and not np.isfinite(value).all():
+            bad = int((~np.isfinite(value)).any(axis=1).sum())
+            raise self._damaged(f"{bad} row(s) of {split}/features are NaN or infinite")
+        return value
 
-    def verify(self) -> None:
-        """Recompute the content fingerprint; StoreError if the bytes changed since finalizing."""
+    def _read_all(self) -> dict:
+        """Every split's arrays, read once while hashing them; StoreError unless the hash is
+        the store's fingerprint (then the store is recorded as verified)."""
+        digest = hashlib.sha256()
+        arrays = {}
         try:
             with h5py.File(self.path, "r") as fh:
-                actual = content_fingerprint(fh)
-        except OSError as exc:
-            raise StoreError(f"feature store {self.path} could not be read ({exc}); "
-                             f"{_rebuild_hint(self.path)}.") from None
+                for split in SPLITS:
+                    for name in ARRAYS:
+                        value = fh[split][name][()]
+                        digest.update(np.ascontiguousarray(value).tobytes())
+                        arrays[(split, name)] = value
+        except (OSError, KeyError) as exc:
+            raise self._damaged(f"unreadable: {exc}") from None
+        actual = digest.hexdigest()[:16]
         if actual != self.fingerprint:
-            raise StoreError(f"feature store {self.path} fails its fingerprint check "
-                             f"({actual} != {self.fingerprint}); {_rebuild_hint(self.path)}.")
+            raise self._damaged(f"its contents hash to {actual}, not its fingerprint "
+                                f"{self.fingerprint}: bytes changed after it was finished")
+        mark_verified(self.path, self.fingerprint)
+        return arrays
+
+    def verify(self, *, force: bool = False) -> None:
+        """Check the bytes against the fingerprint (skipped when already recorded as verified,
+        unless `force`); StoreError naming the store and how to rebuild it if they differ."""
+        if force or not is_verified(self.path, self.fingerprint):
+            try:
+                with h5py.File(self.path, "r") as fh:
+                    actual = content_fingerprint(fh)
+            except (OSError, KeyError) as exc:
+                raise self._damaged(f"unreadable: {exc}") from None
+            if actual != self.fingerprint:
+                raise self._damaged(f"its contents hash to {actual}, not its fingerprint "
+                                    f"{self.fingerprint}: bytes changed after it was finished")
+            mark_verified(self.path, self.fingerprint)
+        self._checked = True
 
     def summary(self) -> dict:
         """One row for `medfm stores`."""
@@ -188,7 +289,7 @@ def content_fingerprint(fh: h5py.File) -> str:
     """sha256 (16 hex) over every split's features, labels and index bytes, in split order."""
     digest = hashlib.sha256()
     for split in SPLITS:
-        for name in ("features", "labels", "index"):
+        for name in ARRAYS:
             dset = fh[split][name]
             step = max(1, (64 << 20) // max(1, dset.dtype.itemsize * int(np.prod(dset.shape[1:]))))
             for start in range(0, dset.shape[0], step):  # 64 MB at a time
@@ -272,6 +373,14 @@ class StoreWriter:
         """Store rows [start, start + len(features)) of `split`; they must follow rows_done."""
         if start != self.rows_done(split):
             raise ValueError(f"chunk starts at {start}, store has {self.rows_done(split)} rows")
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite) + start
+            raise StoreError(
+                f"the backbone produced NaN or infinite features for {len(bad)} image(s) of "
+                f"{split} (rows {bad[0]}-{bad[-1]}); nothing was stored for them. Check the "
+                f"weights and the preprocessing of {self.path.name}; the partial store keeps "
+                f"the {start} rows before them.")
         if self.dtype == "float16":
             over = np.abs(features) > FLOAT16_MAX
             if over.any():
@@ -293,10 +402,12 @@ class StoreWriter:
             self._fh.attrs[name] = value
         self._fh.attrs["fingerprint"] = content_fingerprint(self._fh)
         self._fh.attrs["complete"] = True
+        fingerprint = self._fh.attrs["fingerprint"]
         self._fh.close()
         with open(self.partial, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(self.partial, self.path)
+        mark_verified(self.path, _decode(fingerprint))  # hashed from the bytes just written
         return self.path
 
     def close(self) -> None:
@@ -305,13 +416,58 @@ class StoreWriter:
             self._fh.close()
 
 
-def list_stores(workdir: str | os.PathLike | None = None) -> list[dict]:
-    """Summaries of every store under <workdir>/stores: complete, partial or corrupt."""
+@contextmanager
+def store_lock(path: Path, *, wait: bool = True, label: str = "") -> Iterator[None]:
+    """Hold the advisory write lock of the store at `path` (`stores/.locks/<name>.lock`).
+
+    A second holder waits (after one line saying for whom) or, with wait=False, gets a
+    StoreError. The lock is flock(2): the OS releases it when its holder exits, killed or not,
+    so a stale lock never blocks a rerun. The lock file keeps the holder's pid for the message.
+    """
+    locks = path.parent / LOCKS_DIRNAME
+    locks.mkdir(parents=True, exist_ok=True)
+    lock_path = locks / (path.name + ".lock")
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            if not wait:
+                raise StoreError(f"another process (pid {holder}) is writing {path.name}; wait "
+                                 "for it to finish, then rerun.") from None
+            print(f"waiting for pid {holder}, which is writing {label or path.name}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def list_stores(workdir: str | os.PathLike | None = None, *, verify: bool = True) -> list[dict]:
+    """Summaries of every store under <workdir>/stores: complete, partial or corrupt.
+
+    With `verify`, a finished store not recorded as verified since it last changed is read
+    once and checked against its fingerprint (a damaged one shows as corrupt); without, it
+    shows as "unverified"."""
     rows = []
     for path in sorted(stores_dir(workdir).glob("*.h5*")):
         if path.name.endswith(".h5"):
             try:
-                rows.append(FeatureStore(path).summary())
+                store = FeatureStore(path)
+                summary = store.summary()
+                if verify:
+                    store.verify()
+                elif not is_verified(path, store.fingerprint):
+                    summary["status"] = "unverified"
+                rows.append(summary)
             except StoreError as exc:
                 rows.append({"path": str(path), "status": "corrupt", "error": str(exc),
                              "bytes": path.stat().st_size})
