@@ -3,12 +3,23 @@
 One worker per visible GPU, each pinned with CUDA_VISIBLE_DEVICES, or on CPU `max_workers`
 workers (default: one per core) sharing the cores' threads. Spawned, so no CUDA or thread state
 is inherited.
+
+No orphans: a worker ends itself when its driver dies, by any signal, SIGKILL included. Each
+worker asks the kernel for SIGKILL when its parent exits (Linux PR_SET_PDEATHSIG) and, as a
+backstop on any POSIX system, watches its parent pid every ORPHAN_POLL_S seconds. Nothing is lost
+by it: a killed extract resumes from its last chunk and a killed fine-tune from its last
+checkpoint when the grid is rerun.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -28,8 +39,30 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def _init_worker(gpu_queue) -> None:
-    """Pin this worker to one GPU (if any were handed out)."""
+ORPHAN_POLL_S = 1.0  # how often a worker checks that its driver is alive
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies
+
+
+def _die_with(driver_pid: int) -> None:
+    """End this process when `driver_pid` (its parent) dies: PR_SET_PDEATHSIG on Linux, and a
+    daemon thread that polls the parent pid (reparenting means the driver is gone)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            time.sleep(ORPHAN_POLL_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if os.getppid() != driver_pid:  # the driver died before the watch began
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, daemon=True, name="medfm-orphan-watch").start()
+
+
+def _init_worker(gpu_queue, driver_pid: int) -> None:
+    """Tie this worker's life to the driver's; pin it to one GPU (if any were handed out)."""
+    _die_with(driver_pid)
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
 
@@ -65,7 +98,7 @@ class LocalExecutor:
             for i in range(workers):
                 gpu_queue.put(i % gpus)
         return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(gpu_queue,))
+                                   initargs=(gpu_queue, os.getpid()))
 
     def close(self) -> None:
         """Stop the worker processes (jobs not started yet are dropped)."""
