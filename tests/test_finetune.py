@@ -20,7 +20,7 @@ from medfm.backbones import create_backbone
 from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
 from medfm.finetune import RECIPES, finetune, finetune_job, resolve_finetune, resolve_recipe
-from medfm.finetune.run import BEST_WEIGHTS_NAME, CHECKPOINTS_DIR
+from medfm.finetune.run import BEST_WEIGHTS_NAME, CHECKPOINTS_DIR, LOCK_NAME
 from medfm.preprocess import PreprocessRequest
 from medfm.finetune.train import TaskLoss, apply_cifar_stem, augment, lr_factor, output_dim
 from medfm.sampling import SubsetSpec
@@ -282,9 +282,9 @@ def test_finetune_records_rows_and_skips_done_keys(data_root, tmp_path, monkeypa
     y_true, y_score = reg.scores(rows[0].key)
     assert y_score.shape == (N_SPLITS[2], 2) and y_true.shape == (N_SPLITS[2], 1)
     assert '"name":"medfm"' in rows[0].key.params
-    for row in rows:  # a finished job keeps its tested weights, not its resumable state
-        folder = tmp_path / CHECKPOINTS_DIR / row.key.digest()
-        assert sorted(p.name for p in folder.iterdir()) == [BEST_WEIGHTS_NAME]
+    for row in rows:  # a finished job keeps its tested weights (and its lock file), not its
+        folder = tmp_path / CHECKPOINTS_DIR / row.key.digest()  # resumable state
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME, BEST_WEIGHTS_NAME]
 
     # rerun: every key is done, so no image and no model is loaded
     def nothing(*args, **kw):

@@ -17,17 +17,30 @@ checkpoint metric, and the rest of the resolved recipe (`params`). The device it
 recorded with the row, not keyed. `finetune` skips every combination whose key is in the
 registry (one query), and a killed job resumes from `<workdir>/checkpoints/<key digest>/last.pt`;
 a finished job leaves its best weights there as `best.pt`.
+
+One writer per run. A job holds an advisory lock on `.lock` in its checkpoint folder (flock: the
+OS drops it when the process dies, however it dies) from before it resumes until its row is
+recorded and its checkpoint finished; the file holds the holder's pid. A second process asking
+for the same run says once whom it waits for, then, holding the lock, asks the registry again:
+a run recorded meanwhile is reused, not retrained. A grid job (`finetune_job`) holds the lock
+while it trains and tests; its driver records the row and takes the lock to finish the
+checkpoint, and a process that gets the lock in between finds a finished last.pt and only tests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from medfm.backbones import RANDOM, BackboneRef, create_backbone, resolve_backbone
 from medfm.data import DatasetRef, get_dataset, load_split, resolve_datasets
@@ -39,8 +52,12 @@ from medfm.finetune.train import (
     Split,
     TaskLoss,
     apply_cifar_stem,
+    load_checkpoint,
     output_dim,
     predict,
+    remove_stale_temps,
+    save_checkpoint,
+    set_aside,
     train,
 )
 from medfm.metrics import evaluate
@@ -49,10 +66,11 @@ from medfm.preprocess import DevicePreprocessor, PreprocessConfig, PreprocessReq
 from medfm.request import input_identity, run_key
 from medfm.runtime import device_name, resolve_device, versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
-from medfm.store.registry import Registry, ResultKey, ResultRow
+from medfm.store.registry import REGISTRY_FILENAME, Registry, ResultKey, ResultRow
 
 CHECKPOINTS_DIR = "checkpoints"  # under the work directory, one folder per result key digest
 BEST_WEIGHTS_NAME = "best.pt"  # the tested weights of a finished job (state dict)
+LOCK_NAME = ".lock"  # in a run's checkpoint folder: flock-ed by the process working on the run
 HEAD_INIT_STD = 0.01  # new head on a pretrained backbone: small normal weights, zero bias
 FINETUNE_VERSIONS = ("torch", "timm")  # recorded with every fine-tune row
 
@@ -147,6 +165,52 @@ def _build_model(request: FinetuneRequest):
     return model, bb.weights_digest, bb.weights
 
 
+def checkpoint_folder(workdir: str | os.PathLike | None, key: ResultKey) -> Path:
+    """`<workdir>/checkpoints/<key digest>`: a run's checkpoints, best weights and lock."""
+    return resolve_workdir(workdir) / CHECKPOINTS_DIR / key.digest()
+
+
+@contextlib.contextmanager
+def _claim(folder: Path, label: str) -> Iterator[None]:
+    """Hold the run's lock (an exclusive flock on `folder/.lock`, which gets this process's pid)
+    for the block; while another process holds it, say so on one line and wait."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            who = f"pid {holder}" if holder else "another process"
+            tqdm.write(f"waiting for {who}, which is training {label}", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _recorded(workdir: str | os.PathLike | None,
+              key: ResultKey) -> tuple[ResultRow, np.ndarray, np.ndarray] | None:
+    """(row, test scores, test labels) of a run already in the registry, else None."""
+    path = resolve_workdir(workdir) / REGISTRY_FILENAME
+    if not path.exists():
+        return None
+    reg = Registry(path)
+    try:
+        row = reg.get(key)
+        if row is None:
+            return None
+        y_true, y_score = reg.scores(key)
+        return row, y_score, y_true
+    finally:
+        reg.close()
+
+
 def finetune_job(
     request: FinetuneRequest,
     *,
@@ -159,8 +223,29 @@ def finetune_job(
 
     Returns (row, test scores (N, C) float32, test labels (N, L)); writes nothing to the registry.
     Checkpoints go to `<workdir>/checkpoints/<key digest>/`; a killed call, rerun, resumes there.
+    The call holds the run's lock (module docstring); a run that is in the registry once the
+    lock is held returns its recorded row and scores, untrained.
     `on_checkpoint(round)` runs after each checkpoint (for tests and schedulers).
     """
+    key = request.key()
+    with _claim(checkpoint_folder(workdir, key), request.label):
+        recorded = _recorded(workdir, key)
+        if recorded is not None:
+            return recorded
+        return _train_and_test(request, key, device=device, workdir=workdir, progress=progress,
+                               on_checkpoint=on_checkpoint)
+
+
+def _train_and_test(
+    request: FinetuneRequest,
+    key: ResultKey,
+    *,
+    device: str | None,
+    workdir: str | os.PathLike | None,
+    progress: bool,
+    on_checkpoint: Callable[[int], None] | None,
+) -> tuple[ResultRow, np.ndarray, np.ndarray]:
+    """`finetune_job`'s work, for a caller that holds the run's lock."""
     t0 = time.perf_counter()
     info = get_dataset(request.dataset.name)
     dev = resolve_device(device)
@@ -169,14 +254,13 @@ def finetune_job(
               for s in ("train", "val", "test")}
     subset = sample(np.asarray(splits["train"][1]), info.task, request.spec)
     model, weights_digest, source = _build_model(request)
-    key = request.key()
     t_train = time.perf_counter()
     outcome = train(
         model, recipe=request.recipe, task=info.task,
         train=Split(*splits["train"], rows=subset.indices), val=Split(*splits["val"]),
         preprocess=request.preprocess, device=dev, seed=request.spec.seed,
         primary_metric=info.primary_metric,
-        checkpoint_dir=resolve_workdir(workdir) / CHECKPOINTS_DIR / key.digest(),
+        checkpoint_dir=checkpoint_folder(workdir, key),
         progress=progress, on_checkpoint=on_checkpoint, desc=request.label)
     t_train = time.perf_counter() - t_train
     test = Split(*splits["test"])
@@ -211,15 +295,26 @@ def finetune_job(
 
 
 def finish_checkpoint(workdir: str | os.PathLike | None, key: ResultKey) -> None:
-    """After the row is recorded: keep the tested weights as best.pt, drop the resumable state."""
-    folder = resolve_workdir(workdir) / CHECKPOINTS_DIR / key.digest()
+    """After the row is recorded: keep the tested weights as best.pt, drop the resumable state
+    (holding the run's lock, so never under a process that works on the run)."""
+    folder = checkpoint_folder(workdir, key)
+    if (folder / CHECKPOINT_NAME).exists():
+        with _claim(folder, f"run {key.digest()[:12]}"):
+            _finish(folder)
+
+
+def _finish(folder: Path) -> None:
+    """`finish_checkpoint`'s work, for a caller that holds the run's lock."""
     last = folder / CHECKPOINT_NAME
-    if last.exists():
-        saved = torch.load(last, map_location="cpu", weights_only=False)
-        tmp = folder / f".{BEST_WEIGHTS_NAME}.tmp"
-        torch.save(saved["state"]["best_state"], tmp)
-        os.replace(tmp, folder / BEST_WEIGHTS_NAME)
-        last.unlink()
+    saved = load_checkpoint(last)  # None when gone meanwhile, or set aside
+    if saved is not None:
+        best = saved["state"].get("best_state") if isinstance(saved["state"], dict) else None
+        if best is None:
+            set_aside(last, "holds no best weights")
+        else:
+            save_checkpoint(best, folder / BEST_WEIGHTS_NAME)
+            last.unlink()
+    remove_stale_temps(folder)
 
 
 @dataclass(frozen=True)
@@ -256,9 +351,10 @@ def finetune(
     `datasets=None` means every MedMNIST dataset whose file is present (medfm.data
     .resolve_datasets). Subsets: every fraction and every shot count, each under every seed
     (fraction 1.0 when neither is given). Every run resolves first, so a bad name fails before
-    anything trains; runs already in the registry are skipped (one query), unless `force`, which
-    retrains them and replaces their rows. `resize_policy`, `input_size` and `normalize` override
-    the recipe's preprocessing. Rows carry per-sample test scores.
+    anything trains; runs already in the registry are skipped (one query, asked again for each run
+    once its lock is held), unless `force`, which retrains them and replaces their rows.
+    `resize_policy`, `input_size` and `normalize` override the recipe's preprocessing. Rows
+    carry per-sample test scores.
     """
     resolved = resolve_recipe(recipe, **(overrides or {}))
     preprocess = PreprocessRequest(resize_policy, input_size, normalize)
@@ -275,10 +371,15 @@ def finetune(
         if key.digest() in done:
             skipped.append(request.label)
             continue
-        row, scores, y_true = finetune_job(request, device=device, workdir=workdir,
-                                           progress=progress)
-        reg.add(row, scores=scores, y_true=y_true, replace=force)
-        finish_checkpoint(workdir, row.key)
+        folder = checkpoint_folder(workdir, key)
+        with _claim(folder, request.label):
+            if not force and reg.has(key):  # another process recorded it while this one waited
+                skipped.append(request.label)
+                continue
+            row, scores, y_true = _train_and_test(request, key, device=device, workdir=workdir,
+                                                  progress=progress, on_checkpoint=None)
+            reg.add(row, scores=scores, y_true=y_true, replace=force)
+            _finish(folder)
         ran.append(row)
     return FinetuneReport(ran=tuple(ran), skipped=tuple(skipped), missing=tuple(missing))
 

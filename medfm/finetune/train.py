@@ -21,6 +21,15 @@ curves, RNG states of torch, CUDA, numpy and Python) replaces the previous one a
 finds the checkpoint and continues from the next round; with the same seed and device it ends with
 the same weights as an uninterrupted run (CPU bit for bit; on CUDA as deterministic as its kernels).
 
+Checkpoints are caches that a rerun trusts only as data. They hold tensors and plain Python values
+only and are read with `torch.load(weights_only=True)`, which runs no code from the file; one
+that cannot be read so (truncated, garbage, or a pickle asking for anything else) is renamed
+`<name>.unreadable` with one warning, and the run starts afresh. Format-1 checkpoints (numpy's
+RNG state pickled as an array) are read with numpy's array-rebuilding globals allowed, nothing
+more, and resume. A disk that fills while a checkpoint is written leaves the previous checkpoint
+whole and raises DiskFullError; temporary files of killed writers go when the run starts again.
+One process writes a checkpoint folder at a time (finetune/run.py holds its lock).
+
 Losses per task: multi-class and ordinal: cross-entropy; multi-label: BCE with logits per label;
 binary: 2 logits + cross-entropy (`ce2`) or 1 logit + BCE (`bce1`). Scores are probabilities:
 softmax, or sigmoid (bce1 scores are written as (1 - p, p), like every other binary row).
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import math
 import os
 import random
@@ -45,7 +55,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medfm.data import Task
-from medfm.errors import InvalidArgumentError, MedfmWarning
+from medfm.errors import DiskFullError, InvalidArgumentError, MedfmWarning
 from medfm.finetune.recipes import Recipe
 from medfm.metrics import acc as acc_metric
 from medfm.metrics import auc as auc_metric
@@ -53,7 +63,12 @@ from medfm.preprocess import DevicePreprocessor, PreprocessConfig
 
 FEW_STEPS = 100  # fewer optimizer steps than this in a whole run draw a warning
 CHECKPOINT_NAME = "last.pt"  # the resumable state, replaced atomically after every round
-CHECKPOINT_FORMAT = 1  # bumped when the checkpoint layout changes; other formats start afresh
+CHECKPOINT_FORMAT = 2  # bumped when the layout changes; 2: numpy RNG state as a tensor (1 resumes)
+CHECKPOINT_PARTS = ("plan", "model", "optimizer", "scheduler", "state", "rng")  # its top-level keys
+UNREADABLE_SUFFIX = ".unreadable"  # a checkpoint that cannot be read is renamed to <name> + this
+TEMP_PATTERN = ".*.tmp"  # checkpoints being written (save_checkpoint); stale once the writer died
+WHY_CHARS = 160  # a set-aside warning quotes this much of the reason
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # out of space or quota
 DEVICE_CACHE_BYTES = 1 << 31  # training subsets up to 2 GiB are uploaded to the device once
 EVAL_BATCH_FACTOR = 2  # evaluation batches are this many training batches (no gradients kept)
 AUG_FLIP_P = 0.5  # probability of a horizontal flip
@@ -275,8 +290,25 @@ def predict(model: torch.nn.Module, split: Split, *, prep: DevicePreprocessor, l
     return np.concatenate(scores).astype(np.float32), total / len(split)
 
 
+def _numpy_array_globals() -> list:
+    """What a format-1 checkpoint's numpy RNG state (a uint32 array) needs to load: numpy's
+    array-rebuilding function under both its module names, ndarray and the dtypes. They build
+    arrays from bytes and run no other code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
 def _rng_states(device: torch.device) -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors and plain values (numpy's (624,) uint32 key as int64)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss),
+                        float(gauss)),
               "python": random.getstate()}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -285,20 +317,90 @@ def _rng_states(device: torch.device) -> dict:
 
 def _restore_rng(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    kind, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(states["python"])
     if "cuda" in states:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace: never half-written."""
+def _disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it arose from, is out of space or quota (torch.save wraps the
+    OSError of a failed write in a RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then os.replace: never half-written.
+
+    Out of space or quota, the temporary file is removed, `path` keeps its previous content and
+    DiskFullError says so.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if _disk_full(exc):
+            raise DiskFullError(
+                f"disk full writing {path}: free space and rerun; training resumes from the "
+                "last checkpoint") from None
+        raise
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files that killed writers left in a checkpoint folder (call it as the
+    folder's only writer)."""
+    for stale in folder.glob(TEMP_PATTERN):
+        stale.unlink(missing_ok=True)
+
+
+def set_aside(path: Path, why: str) -> None:
+    """Rename a checkpoint that cannot be used to `<name>.unreadable` (`.unreadable.1`, ... when
+    taken: nothing is deleted) and say so in one warning."""
+    aside, n = path.with_name(path.name + UNREADABLE_SUFFIX), 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}{UNREADABLE_SUFFIX}.{n}")
+    os.replace(path, aside)
+    why = " ".join(why.split())[:WHY_CHARS]  # one line, however long the error it quotes
+    warnings.warn(MedfmWarning(
+        f"checkpoint {path} {why}; set aside as {aside.name}, training starts afresh"),
+        stacklevel=2)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at `path` in the current format, read as data only; None when there is
+    none, or when it cannot be read (then it is set aside, see `set_aside`)."""
+    if not path.exists():
+        return None
+    allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    try:
+        with allowed(_numpy_array_globals()) if allowed else contextlib.nullcontext():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any file that does not load is set aside
+        set_aside(path, f"cannot be read as tensors and plain data ({type(exc).__name__})")
+        return None
+    if not (isinstance(saved, dict) and set(CHECKPOINT_PARTS) <= set(saved)
+            and isinstance(saved["plan"], dict)):
+        set_aside(path, "is not a medfm checkpoint")
+        return None
+    if saved["plan"].get("format") == 1 and isinstance(saved["rng"], dict):
+        # format 1 -> 2: numpy's RNG state held its key as a uint32 array
+        kind, key, *rest = saved["rng"]["numpy"]
+        saved["rng"]["numpy"] = (kind, torch.from_numpy(np.asarray(key, dtype=np.int64)), *rest)
+        saved["plan"]["format"] = CHECKPOINT_FORMAT
+    return saved
 
 
 def _is_better(value: float, best: float | None, metric: str) -> bool:
@@ -320,7 +422,7 @@ def _finite(value: float) -> float | None:
 @dataclass
 class TrainState:
     """Where a run stands after each validation round; checkpointed as a plain dict of its
-    fields (`vars`), the layout of CHECKPOINT_FORMAT 1, so older checkpoints still resume."""
+    fields (`vars`), the same in CHECKPOINT_FORMAT 1 and 2."""
 
     round: int = 0  # validation rounds done
     step: int = 0  # optimizer steps done
@@ -359,19 +461,40 @@ def _plan(recipe: Recipe, batches: _Batches, n_train: int) -> _Plan:
     return _Plan(n_train, batches.batch_size, total, recipe.eval_every or batches.per_epoch)
 
 
+def _restore(saved: dict, model, optimizer, scheduler) -> TrainState:
+    """Load a checkpoint of this plan into the RNGs, optimizer, scheduler and model, checking
+    each part first; raises (having changed nothing but RNGs, which a fresh start reseeds) when
+    a part does not fit."""
+    state = TrainState(**saved["state"])
+    weights, expected = saved["model"], model.state_dict()
+    if not isinstance(weights, dict) or set(weights) != set(expected) or any(
+            not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape
+            for k, v in expected.items()):
+        raise ValueError("weights that do not fit the model")
+    if not isinstance(saved["scheduler"], dict) or (
+            set(saved["scheduler"]) != set(scheduler.state_dict())):
+        raise ValueError("a scheduler state that does not fit")
+    _restore_rng(saved["rng"])
+    optimizer.load_state_dict(saved["optimizer"])  # checks its groups before changing any
+    scheduler.load_state_dict(saved["scheduler"])
+    model.load_state_dict(weights)
+    return state
+
+
 def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler,
             seed: int) -> tuple[TrainState, bool]:
     """(state, resumed): the checkpoint's, restored into the model, optimizer, scheduler and
     RNGs when it belongs to this plan; else a fresh state with every RNG seeded."""
-    saved = torch.load(path, map_location="cpu", weights_only=False) if (
-        path is not None and path.exists()) else None
+    saved = None
+    if path is not None:
+        remove_stale_temps(path.parent)
+        saved = load_checkpoint(path)
     if saved is not None and saved["plan"] == vars(plan):
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        _restore_rng(saved["rng"])
-        return TrainState(**saved["state"]), True
-    if saved is not None:
+        try:
+            return _restore(saved, model, optimizer, scheduler), True
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            set_aside(path, f"does not fit this run ({type(exc).__name__}: {exc})")
+    elif saved is not None:
         tqdm.write(f"{path}: checkpoint of another plan; starting afresh")
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -460,7 +583,8 @@ def train(
     """Train `model` (a timm classifier with its head built) by `recipe`; see module docstring.
 
     `primary_metric` resolves the recipe's "primary" metric. With `checkpoint_dir` the run
-    checkpoints after every round and resumes from `checkpoint_dir/last.pt` if one is there.
+    checkpoints after every round and resumes from `checkpoint_dir/last.pt` if one is there;
+    the caller makes sure no other process writes that folder meanwhile (run.py locks it).
     `on_checkpoint(round)` is called after each checkpoint is written (1-based round).
     """
     task = Task(task)
@@ -511,7 +635,7 @@ def train(
                                 f"val_{select} {values[select]:.3f}")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _save_atomic({"plan": vars(plan), "model": model.state_dict(),
+                save_checkpoint({"plan": vars(plan), "model": model.state_dict(),
                               "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "state": vars(state),
                               "rng": _rng_states(device)}, path)
