@@ -202,3 +202,34 @@ def test_no_wait_lock_is_one_line(tmp_path):
             capture_output=True, text=True, timeout=60)
     assert child.stdout.startswith("StoreError another process (pid ")
     assert str(os.getpid()) in child.stdout
+
+
+LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from medfm.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_disk_full_during_extraction_is_one_line_and_the_rerun_completes(real_root, tmp_path):
+    """A store that cannot fit (a real file-size limit, checked like the free space of a full
+    disk) stops before any image is embedded: exit 2, one line, nothing half-written; the rerun
+    with room builds the same store."""
+    argv = [*EXTRACT_ARGV, "--data-root", str(real_root), "--batch-size", "64"]
+    reference = extract(dataset="breastmnist", size=28, data_root=real_root,
+                        workdir=tmp_path / "ref", progress=False, batch_size=64, **TINY).path
+    limit = reference.stat().st_size // 2
+    failed = subprocess.run([sys.executable, "-c", LIMITED, str(limit), *argv, "--workdir",
+                             str(tmp_path / "w")], capture_output=True, text=True, timeout=300)
+    err = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(err) == 1, failed.stderr
+    assert "file-size limit" in err[0] and "rerun" in err[0]
+    stores = tmp_path / "w" / "stores"
+    assert list(stores.glob("*.h5*")) == []
+    assert main([*argv, "--workdir", str(tmp_path / "w")]) == 0
+    built = next(stores.glob("*.h5"))
+    assert FeatureStore(built).fingerprint == FeatureStore(reference).fingerprint
+    assert not list(stores.glob("*.partial"))

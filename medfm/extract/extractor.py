@@ -39,7 +39,8 @@ from medfm.extract.fold import fold_verified
 from medfm.preprocess import DevicePreprocessor, PreprocessRequest
 from medfm.request import StoreRequest, resolve_store_request
 from medfm.runtime import device_name, resolve_device, versions
-from medfm.store.features import FeatureStore, StoreWriter, store_lock, stores_dir
+from medfm.store.features import (FeatureStore, StoreWriter, disk_full_is_one_line,
+                                  store_lock, stores_dir)
 
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 32}  # images per forward pass, per device type
 CHUNK_BATCHES = 8  # batches per stored chunk: the unit of resumption
@@ -205,24 +206,25 @@ def _build(request: StoreRequest, path: Path, dev: torch.device, *, batch_size: 
     splits = {s: load_split(request.dataset.name, request.dataset.size, s,
                             request.dataset.path.parent) for s in SPLITS}
     labels = {s: np.asarray(y) for s, (_, y) in splits.items()}
-    writer = StoreWriter(path, request.identity(), dim=bb.feature_dim, labels=labels,
-                         attrs=_provenance(request, bb), restart=force)
     embed = _Embedder(bb, DevicePreprocessor(request.preprocess, dev), dev,
                       batch_size or DEFAULT_BATCH_SIZE[dev.type])
-    try:
-        computed, elapsed, wall = _embed_splits(writer, splits, embed, chunk_rows, progress,
-                                                f"{request.dataset.label} {bb.arch}")
-    except BaseException:
-        writer.close()  # the partial file stays, ready to resume
-        raise
-    writer.finalize({
-        "device": device_name(dev),
-        "batch_size": embed.batch_size,
-        "bn_folded": int(embed.bn_folded or 0),
-        "elapsed_s_json": json.dumps(elapsed),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-    })
+    with disk_full_is_one_line(path):
+        writer = StoreWriter(path, request.identity(), dim=bb.feature_dim, labels=labels,
+                             attrs=_provenance(request, bb), restart=force)
+        try:
+            computed, elapsed, wall = _embed_splits(writer, splits, embed, chunk_rows, progress,
+                                                    f"{request.dataset.label} {bb.arch}")
+        except BaseException:
+            writer.close()  # the partial file stays, ready to resume
+            raise
+        writer.finalize({
+            "device": device_name(dev),
+            "batch_size": embed.batch_size,
+            "bn_folded": int(embed.bn_folded or 0),
+            "elapsed_s_json": json.dumps(elapsed),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+        })
     store = FeatureStore(path)
     status = "resumed" if writer.resumed else "built"
     return ExtractResult(path, status, store.summary(), computed / wall if wall > 0 else 0.0)

@@ -45,7 +45,7 @@ import numpy as np
 from medfm.backbones.names import canonical_backbone_id
 from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.data import SPLITS
-from medfm.errors import StoreError
+from medfm.errors import DiskFullError, StoreError
 from medfm.paths import resolve_workdir
 from medfm.request import STORES_DIRNAME, store_digest
 from medfm.store.registry import canonical_json
@@ -342,6 +342,10 @@ class StoreWriter:
 
     def _create(self, labels: dict[str, np.ndarray], attrs: dict) -> None:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
+        rows = sum(len(y) for y in labels.values())
+        needed = (rows * self.dim * np.dtype(self.dtype).itemsize
+                  + sum(y.nbytes for y in labels.values()) + rows * 8 + SPACE_MARGIN)
+        _check_space(self.partial, needed)
         fh = h5py.File(self.partial, "w")
         for name, value in attrs.items():
             fh.attrs[name] = value
@@ -365,6 +369,24 @@ class StoreWriter:
             group.attrs["rows_done"] = 0
         fh.flush()
         self._fh = fh
+        self._reserve()
+
+    def _reserve(self) -> None:
+        """Allocate the partial file's blocks now (it is created at full size, but sparse), so
+        a disk that fills up later cannot fail a chunk write halfway through the extraction."""
+        try:
+            with open(self.partial, "r+b") as raw:
+                os.posix_fallocate(raw.fileno(), 0, os.fstat(raw.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return  # a filesystem that cannot preallocate: writes allocate as they go
+            if not is_disk_full(exc):
+                raise
+            self._fh.close()
+            self.partial.unlink(missing_ok=True)
+            raise DiskFullError(
+                f"not enough space in {self.partial.parent} to reserve {self.path.name} at its "
+                "full size; free space there (or write to another --workdir) and rerun.") from None
 
     def rows_done(self, split: str) -> int:
         return int(self._fh[split].attrs["rows_done"])
@@ -414,6 +436,55 @@ class StoreWriter:
         """Close without finalizing (the partial file stays, ready to resume)."""
         if self._fh.id.valid:
             self._fh.close()
+
+
+SPACE_MARGIN = 1 << 20  # bytes of HDF5 metadata and attributes beyond a store's arrays
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# how HDF5 reports them: its OSError carries the C errno in the message, not in .errno
+DISK_FULL_TEXTS = ("errno = 28,", "errno = 122,", "errno = 27,", "No space left",
+                   "Disk quota exceeded", "File too large")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a write that failed for want of space, quota or file-size limit."""
+    return isinstance(exc, OSError) and (exc.errno in DISK_FULL_ERRNOS or any(
+        text in str(exc) for text in DISK_FULL_TEXTS))
+
+
+def _check_space(path: Path, needed: int) -> None:
+    """DiskFullError before anything is written if a file of `needed` bytes cannot fit at
+    `path`: the filesystem's free space for this user, and this process's file-size limit."""
+    usage = os.statvfs(path.parent)
+    free = room = usage.f_bavail * usage.f_frsize
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            room = min(free, limit)
+    except (ImportError, OSError, ValueError):
+        pass
+    if needed > room:
+        what = "free space" if room == free else "the file-size limit (ulimit -f)"
+        raise DiskFullError(
+            f"{path.name} needs {needed / 1e6:.1f} MB but {what} in {path.parent} leaves "
+            f"{room / 1e6:.1f} MB; free space there (or write to another --workdir) and rerun.")
+
+
+@contextmanager
+def disk_full_is_one_line(path: Path) -> Iterator[None]:
+    """Turn a failed write of the store at `path` for want of space into one DiskFullError
+    line; the partial file stays, and a rerun resumes it from its last complete chunk (a torn
+    partial is detected then and started afresh)."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFullError(
+            f"disk full while writing {path.name} in {path.parent} "
+            f"({str(exc).splitlines()[0][:120]}); free space there and rerun: the store "
+            "resumes from its last complete chunk.") from None
 
 
 @contextmanager
