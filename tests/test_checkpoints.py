@@ -98,15 +98,22 @@ def test_a_crafted_checkpoint_runs_no_code_and_is_set_aside(synthetic_root, tmp_
     assert not row.extra["resumed"] and row.extra["steps"] == STEPS  # trained from scratch
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("damage, why", [
+    ("truncated", "cannot be read as tensors and plain data"),
+    ("garbage", "cannot be read as tensors and plain data"),
+    ("foreign", "is not a medfm checkpoint"),  # loads, but holds other things
+])
 def test_an_unreadable_checkpoint_is_set_aside_and_the_run_retrains(synthetic_root, tmp_path,
-                                                                     damage):
+                                                                     damage, why):
     last = _killed_after_first_round(synthetic_root, tmp_path)
     data = last.read_bytes()
-    last.write_bytes(data[:len(data) // 2] if damage == "truncated" else os.urandom(4096))
+    if damage == "foreign":
+        torch.save({"state_dict": {"fc.weight": torch.ones(2, 2)}}, last)
+    else:
+        last.write_bytes(data[:len(data) // 2] if damage == "truncated" else os.urandom(4096))
 
     row, _, notices = _job(synthetic_root, tmp_path)
-    assert len(notices) == 1 and "cannot be read as tensors and plain data" in notices[0]
+    assert len(notices) == 1 and why in notices[0]
     assert last.with_name(last.name + UNREADABLE_SUFFIX).is_file()
     assert not row.extra["resumed"] and row.extra["steps"] == STEPS
     assert [c["round"] for c in row.extra["curves"]] == [1, 2]

@@ -391,15 +391,19 @@ def load_checkpoint(path: Path) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - any file that does not load is set aside
         set_aside(path, f"cannot be read as tensors and plain data ({type(exc).__name__})")
         return None
-    if not (isinstance(saved, dict) and set(CHECKPOINT_PARTS) <= set(saved)
-            and isinstance(saved["plan"], dict)):
+    try:
+        if not (isinstance(saved, dict) and set(CHECKPOINT_PARTS) <= set(saved)
+                and isinstance(saved["plan"], dict)):
+            raise ValueError("not the parts of a checkpoint")
+        if saved["plan"].get("format") == 1:
+            # format 1 -> 2: numpy's RNG state held its key as a uint32 array
+            kind, key, *rest = saved["rng"]["numpy"]
+            key = torch.from_numpy(np.asarray(key, dtype=np.uint32).astype(np.int64))
+            saved["rng"]["numpy"] = (kind, key, *rest)
+            saved["plan"]["format"] = CHECKPOINT_FORMAT
+    except (AttributeError, KeyError, TypeError, ValueError):
         set_aside(path, "is not a medfm checkpoint")
         return None
-    if saved["plan"].get("format") == 1 and isinstance(saved["rng"], dict):
-        # format 1 -> 2: numpy's RNG state held its key as a uint32 array
-        kind, key, *rest = saved["rng"]["numpy"]
-        saved["rng"]["numpy"] = (kind, torch.from_numpy(np.asarray(key, dtype=np.int64)), *rest)
-        saved["plan"]["format"] = CHECKPOINT_FORMAT
     return saved
 
 
@@ -492,7 +496,8 @@ def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler,
     if saved is not None and saved["plan"] == vars(plan):
         try:
             return _restore(saved, model, optimizer, scheduler), True
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError,
+                ValueError) as exc:
             set_aside(path, f"does not fit this run ({type(exc).__name__}: {exc})")
     elif saved is not None:
         tqdm.write(f"{path}: checkpoint of another plan; starting afresh")
@@ -636,9 +641,9 @@ def train(
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_checkpoint({"plan": vars(plan), "model": model.state_dict(),
-                              "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "state": vars(state),
-                              "rng": _rng_states(device)}, path)
+                                 "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "state": vars(state),
+                                 "rng": _rng_states(device)}, path)
             if on_checkpoint is not None:
                 on_checkpoint(state.round)
     finally:
