@@ -18,17 +18,27 @@ from __future__ import annotations
 import difflib
 import enum
 import importlib.util
+import json
+import numbers
 import os
 import sys
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medfm.cache import file_digest
-from medfm.errors import DataFileMissingError, InvalidArgumentError, UnknownDatasetError
+from medfm.cache import cache_dir, file_digest, read_json, write_atomic
+from medfm.errors import (
+    DataFileMissingError,
+    InvalidArgumentError,
+    InvalidDataFileError,
+    MedfmWarning,
+    UnknownDatasetError,
+)
 from medfm.paths import resolve_data_root
 
 SIZES = (28, 64, 128, 224)  # the sizes MedMNIST+ publishes for every 2D dataset
@@ -147,15 +157,17 @@ def get_dataset(flag: str) -> DatasetInfo:
 
 
 def check_size(size: int) -> int:
-    """`size` as an int if MedMNIST publishes it, else a clear error."""
-    try:
-        size = int(size)
-    except (TypeError, ValueError):
+    """`size` as an int if MedMNIST publishes it, else a clear error (True and 28.5 are not
+    sizes; "28" is)."""
+    value = size
+    if isinstance(size, str):
+        value = int(size.strip()) if size.strip().isdigit() else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
         raise InvalidArgumentError(
-            f"image size {size!r} is not a number; use one of {SIZES}.") from None
-    if size not in SIZES:
-        raise InvalidArgumentError(f"image size {size} is not published; use one of {SIZES}.")
-    return size
+            f"image size {size!r} is not a whole number; use one of {SIZES}.")
+    if int(value) not in SIZES:
+        raise InvalidArgumentError(f"image size {size!r} is not published; use one of {SIZES}.")
+    return int(value)
 
 
 def offline() -> bool:
@@ -209,11 +221,25 @@ class DatasetRef:
 
 def resolve_dataset(flag: str, size: int,
                     data_root: str | os.PathLike | None = None) -> DatasetRef:
-    """The identity of (flag, size): its file (downloaded if absent and allowed) and content MD5."""
+    """The identity of (flag, size): its file (downloaded if absent and allowed) and content MD5.
+
+    The file is checked against INFO first (`check_npz`), so a broken file is one clear error
+    before any model loads; a file with the official split sizes whose MD5 is not the official
+    one (damaged or re-saved) gets one MedfmWarning.
+    """
     info = get_dataset(flag)
     size = check_size(size)
     path = data_file(info.flag, size, data_root)
-    return DatasetRef(info.flag, size, file_digest(path, "md5"), path)
+    digest = file_digest(path, "md5")
+    rows = check_npz(path, info.flag, size, digest=digest)
+    official = info.md5(size)
+    if digest != official and rows == info.n_samples:
+        warnings.warn(MedfmWarning(
+            f"{path} has the official split sizes but MD5 {digest}, not the official {official} "
+            f"(a damaged or re-saved download?); its results are kept apart from the official "
+            f"file's: to compare with published numbers, fetch it again from {info.url(size)}"),
+            stacklevel=2)
+    return DatasetRef(info.flag, size, digest, path)
 
 
 def resolve_datasets(flags: Sequence[str] | None, sizes: Sequence[int],
@@ -320,20 +346,118 @@ def load_split(
     """
     if split not in SPLITS:
         raise InvalidArgumentError(f"split {split!r} is not one of {SPLITS}.")
+    info = get_dataset(flag)
     size = check_size(size)
-    path = data_file(flag, size, data_root)
+    path = data_file(info.flag, size, data_root)
     use_mmap = size >= MMAP_MIN_SIZE if mmap is None else mmap
-    try:
+    with _reading(path, info, size):
         with np.load(path) as npz:
             labels = npz[f"{split}_labels"]
             images = None if use_mmap else npz[f"{split}_images"]
         if use_mmap:
             images = _mmap_npz_member(path, f"{split}_images")
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-        raise DataFileMissingError(
-            f"{path} is not a readable MedMNIST npz ({exc}); delete it and fetch it again "
-            f"(MD5 {get_dataset(flag).md5(size)})."
-        ) from None
+    _check_split(path, info, size, split, images.shape, images.dtype, labels)
     return images, labels
+
+
+# --- checking a file against INFO ---------------------------------------------------------------
+
+NPZ_CHECK_VERSION = 1  # part of every cached verdict's name: bump when _check_split changes
+
+
+def _refetch_hint(info: DatasetInfo, size: int) -> str:
+    return (f"delete it and fetch the official {info.filename(size)} from {info.url(size)} "
+            f"(MD5 {info.md5(size)}), or write it in the official layout")
+
+
+@contextmanager
+def _reading(path: Path, info: DatasetInfo, size: int) -> Iterator[None]:
+    """Turn the ways numpy and zipfile fail on a broken npz into one InvalidDataFileError."""
+    try:
+        yield
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # a file-system failure (permission, disk), not a broken file
+        why = str(exc).strip("'\"") or type(exc).__name__
+        raise InvalidDataFileError(f"{path} is not a readable MedMNIST npz ({why}); "
+                                   f"{_refetch_hint(info, size)}.") from None
+
+
+def _check_split(path: Path, info: DatasetInfo, size: int, split: str, image_shape: tuple,
+                 image_dtype: np.dtype, labels: np.ndarray) -> None:
+    """One split as INFO describes it: images uint8 (N, S, S) or (N, S, S, 3), N >= 1; labels
+    integer (N, 1) class ids in [0, classes) or (N, L) 0/1 multi-labels."""
+    def bad(what: str) -> InvalidDataFileError:
+        return InvalidDataFileError(f"{path}: {what}; {_refetch_hint(info, size)}.")
+
+    side = (size, size) if info.n_channels == 1 else (size, size, 3)
+    wanted = f"uint8 (N, {', '.join(map(str, side))})"
+    if np.dtype(image_dtype) != np.uint8 or tuple(image_shape[1:]) != side:
+        raise bad(f"{split}_images is {np.dtype(image_dtype)} {tuple(image_shape)}, not {wanted} "
+                  f"as {info.flag}@{size} ({info.n_channels} channel(s)) has")
+    n = image_shape[0]
+    if n == 0:
+        raise bad(f"{split}_images holds no image")
+    multi_label = info.task is Task.MULTI_LABEL
+    columns = info.n_classes if multi_label else 1
+    if labels.shape != (n, columns):
+        raise bad(f"{split}_labels is shaped {labels.shape}, not ({n}, {columns}): one row of "
+                  f"{columns} label(s) per image of {split}_images")
+    if labels.dtype.kind not in "iu":
+        raise bad(f"{split}_labels are {labels.dtype}, not integers")
+    if multi_label:
+        if not np.isin(labels, (0, 1)).all():
+            raise bad(f"{split}_labels hold values other than 0 and 1 ({info.task.value})")
+    elif labels.min() < 0 or labels.max() >= info.n_classes:
+        raise bad(f"{split}_labels range over {labels.min()}..{labels.max()}, not class ids "
+                  f"0..{info.n_classes - 1} of {info.flag}")
+
+
+def _npy_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """array name -> (shape, dtype) of every .npy member of an npz, from headers only."""
+    headers = {}
+    with zipfile.ZipFile(path) as zf:
+        for member in zf.infolist():
+            if member.filename.endswith(".npy"):
+                with zf.open(member) as stream:
+                    shape, _, dtype = _read_npy_header(stream)
+                headers[member.filename[:-len(".npy")]] = (shape, dtype)
+    return headers
+
+
+def check_npz(path: str | os.PathLike, flag: str, size: int, *,
+              digest: str | None = None) -> dict[str, int]:
+    """Rows per split of `path` after checking it holds (`flag`, `size`) as INFO describes it:
+    every split's arrays, images uint8 of the right side and channels, one label row per image
+    with INFO's label count and class range. InvalidDataFileError (one line, what to do) if not.
+
+    Reads the arrays' headers and labels, never the images. A file that passed is remembered
+    under its MD5 (`digest`, found if not given) in $MEDFM_CACHE/npz-checks, so a file is
+    checked once per content.
+    """
+    path, info, size = Path(path), get_dataset(flag), check_size(size)
+    digest = digest or file_digest(path, "md5")
+    entry = cache_dir("npz-checks") / f"{info.flag}_{size}_{digest}_v{NPZ_CHECK_VERSION}.json"
+    cached = read_json(entry)
+    if isinstance(cached, dict) and isinstance(cached.get("rows"), dict):
+        return cached["rows"]
+    with _reading(path, info, size):
+        headers = _npy_headers(path)
+        missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")
+                   if f"{s}_{kind}" not in headers]
+        if missing:
+            raise InvalidDataFileError(f"{path} lacks {', '.join(missing)}; "
+                                       f"{_refetch_hint(info, size)}.")
+        with np.load(path) as npz:
+            labels = {s: npz[f"{s}_labels"] for s in SPLITS}
+    for s in SPLITS:
+        shape, dtype = headers[f"{s}_images"]
+        _check_split(path, info, size, s, shape, dtype, labels[s])
+    rows = {s: int(headers[f"{s}_images"][0][0]) for s in SPLITS}
+    try:
+        write_atomic(entry, json.dumps({"rows": rows}))
+    except OSError:
+        pass  # a cache that cannot be written only costs the check again next time
+    return rows
 
 

@@ -16,6 +16,11 @@ class DataFileMissingError(MedfmError):
     """An npz file that is not on disk and could not be downloaded."""
 
 
+class InvalidDataFileError(MedfmError):
+    """An npz file that is there but does not hold the dataset MedMNIST's INFO describes
+    (unreadable, a missing array, wrong shape, dtype, label count or label range)."""
+
+
 class UnknownBackboneError(MedfmError):
     """A backbone name that neither timm nor medfm's aliases know."""
 
