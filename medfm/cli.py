@@ -10,6 +10,8 @@ finished chunk, so rerunning the same command resumes.
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -20,18 +22,31 @@ from medfm.probe.solvers import SOLVERS
 
 EXIT_USER_ERROR = 2  # bad input, missing file, corrupt store...
 EXIT_INTERRUPTED = 130  # Ctrl-C
+STORAGE_ERRNOS = {  # OSErrors the CLI reports on one line (exit 2) instead of a traceback
+    errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
+    errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
 
 
-def _csv(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _csv(text: str | None, option: str) -> list[str] | None:
+    """The items of a comma-separated option, or None when it was not given; a given option
+    with an empty item ("", "a,,b") is an error, never "no filter"."""
+    if text is None:
+        return None
+    items = [part.strip() for part in text.split(",")]
+    if not all(items):
+        raise InvalidArgumentError(f"{option} {text!r} has an empty item; give a "
+                                   f"comma-separated list, or leave the option out.")
+    return items
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        return [int(part) for part in _csv(text)]
-    except ValueError:
-        raise InvalidArgumentError(f"--size {text!r} must be comma-separated integers, "
-                                   f"e.g. 28,224.") from None
+def _sizes(text: str | None) -> list[int] | None:
+    """--size as published MedMNIST sizes, or None when it was not given."""
+    from medfm.data import check_size
+
+    items = _csv(text, "--size")
+    return None if items is None else [check_size(item) for item in items]
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -65,8 +80,7 @@ def _datasets(args, sizes: list[int]):
     with one line each on stderr)."""
     from medfm.data import resolve_datasets
 
-    refs, skipped = resolve_datasets(_csv(args.dataset) if args.dataset else None, sizes,
-                                     args.data_root)
+    refs, skipped = resolve_datasets(_csv(args.dataset, "--dataset"), sizes, args.data_root)
     for line in skipped:
         print(f"medfm {args.verb}: {line}", file=sys.stderr)
     return refs
@@ -98,7 +112,8 @@ def _run_extract(args) -> int:
     preprocess = PreprocessRequest(args.resize_policy, args.input_size, args.normalize)
     requests = [resolve_store_request(dataset=ref, backbone=backbone, weights=args.weights,
                                       preprocess=preprocess, dtype=args.dtype)
-                for ref in _datasets(args, _sizes(args.size)) for backbone in _csv(args.backbone)]
+                for ref in _datasets(args, _sizes(args.size))
+                for backbone in _csv(args.backbone, "--backbone")]
     for request in requests:
         result = extract_request(request, batch_size=args.batch_size, device=args.device,
                                  workdir=args.workdir, force=args.force,
@@ -163,17 +178,20 @@ def _run_probe(args) -> int:
     from medfm.sampling import parse_fractions, parse_seeds, parse_shots
     from medfm.store.registry import Registry
 
-    fractions = parse_fractions(args.fractions) if args.fractions else None
-    shots = parse_shots(args.shots) if args.shots else None
+    fractions = parse_fractions(args.fractions) if args.fractions is not None else None
+    shots = parse_shots(args.shots) if args.shots is not None else None
     seeds = parse_seeds(args.seeds)
     options = {o.name: getattr(args, o.name) for o in get_method(args.method).options
                if getattr(args, o.name) is not None}
+    if args.store is not None and not args.store.strip():
+        raise InvalidArgumentError("--store '' names no file; give a store's path, or leave "
+                                   "it out to probe every matching store.")
     targets = [dict(store=args.store)] if args.store else [
         dict(dataset=d, backbone=b, size=s)
-        for d in (_csv(args.dataset) if args.dataset else [None])
-        for b in (_csv(args.backbone) if args.backbone else [None])
-        for s in (_sizes(args.size) if args.size else [None])]
-    digests, computed, skipped, wall = [], 0, 0, 0.0
+        for d in _csv(args.dataset, "--dataset") or [None]
+        for b in _csv(args.backbone, "--backbone") or [None]
+        for s in _sizes(args.size) or [None]]
+    digests, computed, skipped, wall = [], 0, 0, 0.0  # computed: rows this process inserted
     for target in targets:
         report = probe(**target, fractions=fractions, shots=shots, seeds=seeds,
                        method=args.method, selection=args.selection, solver=args.solver,
@@ -241,10 +259,11 @@ def _run_finetune(args) -> int:
     from medfm.store.registry import Registry
 
     report = finetune(
-        datasets=_csv(args.dataset) if args.dataset else None, backbones=_csv(args.backbone),
+        datasets=_csv(args.dataset, "--dataset"), backbones=_csv(args.backbone, "--backbone"),
         sizes=_sizes(args.size),
-        fractions=parse_fractions(args.fractions) if args.fractions else None,
-        shots=parse_shots(args.shots) if args.shots else None, seeds=parse_seeds(args.seeds),
+        fractions=parse_fractions(args.fractions) if args.fractions is not None else None,
+        shots=parse_shots(args.shots) if args.shots is not None else None,
+        seeds=parse_seeds(args.seeds),
         recipe=args.recipe, overrides=_overrides(args), resize_policy=args.resize_policy,
         input_size=args.input_size, normalize=args.normalize, weights=args.weights,
         device=args.device, workdir=args.workdir, data_root=args.data_root, force=args.force,
@@ -275,11 +294,25 @@ def _add_filters(p) -> None:
 
 
 def _filters(args) -> dict:
+    """Registry filters of `results` and `report`; a dataset, size or method that cannot exist
+    is an error (not an empty table)."""
+    from medfm.data import get_dataset
+    from medfm.grid.spec import FINETUNE
+    from medfm.probe.methods import probe_methods
+
     filters = {}
-    for name in ("dataset", "backbone", "method"):
-        if getattr(args, name):
-            filters[name] = _csv(getattr(args, name))
-    if args.size:
+    if args.dataset is not None:
+        filters["dataset"] = [get_dataset(d).flag for d in _csv(args.dataset, "--dataset")]
+    if args.backbone is not None:
+        filters["backbone"] = _csv(args.backbone, "--backbone")
+    if args.method is not None:
+        known = (*probe_methods(), FINETUNE)
+        filters["method"] = _csv(args.method, "--method")
+        for method in filters["method"]:
+            if method not in known:
+                raise InvalidArgumentError(f"--method {method!r} is not one of "
+                                           f"{', '.join(known)}.")
+    if args.size is not None:
         filters["size"] = _sizes(args.size)
     return filters
 
@@ -359,7 +392,9 @@ def _add_grid(sub) -> None:
             if "type" in option.metadata:  # options with a command-line form
                 options.setdefault(option.name, option)
     for name, option in options.items():
-        p.add_argument(option_flag(name), dest=f"executor_{name}", type=option.metadata["type"],
+        kind = option.metadata["type"]
+        p.add_argument(option_flag(name), dest=f"executor_{name}",
+                       type=_non_negative(kind) if kind in (int, float) else kind,
                        default=argparse.SUPPRESS, help=option.metadata["help"])
     p.add_argument("--data-root", help="default: the spec's, else $MEDFM_DATA_ROOT")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
@@ -367,19 +402,30 @@ def _add_grid(sub) -> None:
     p.set_defaults(run=_run_grid)
 
 
+def _non_negative(kind: type) -> Callable[[str], int | float]:
+    """An argparse type for an executor's counts and durations: finite and >= 0."""
+    def parse(text: str):
+        value = kind(text)  # ValueError: argparse says "invalid int value"
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _run_grid(args) -> int:
     import dataclasses
 
     from medfm.grid import load_spec, preset_spec, run_grid
 
-    if bool(args.spec) == bool(args.preset):
+    if (args.spec is None) == (args.preset is None):
         raise InvalidArgumentError("give either a grid spec file or --preset NAME.")
     spec = load_spec(args.spec) if args.spec else preset_spec(args.preset)
     if args.data_root is not None:
         spec = dataclasses.replace(spec, data_root=str(args.data_root))
-    spec = spec.narrowed(datasets=_csv(args.dataset) if args.dataset else None,
-                         backbones=_csv(args.backbone) if args.backbone else None,
-                         sizes=_sizes(args.size) if args.size else None)
+    spec = spec.narrowed(datasets=_csv(args.dataset, "--dataset"),
+                         backbones=_csv(args.backbone, "--backbone"), sizes=_sizes(args.size))
     options = {name.removeprefix("executor_"): value for name, value in vars(args).items()
                if name.startswith("executor_")}
     result = run_grid(spec, workdir=args.workdir, executor=args.executor,
@@ -394,8 +440,15 @@ VERBS: list[Callable] = [_add_extract, _add_stores, _add_probe, _add_finetune, _
                          _add_report, _add_grid]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (`medfm VERB: error: ...`), exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="medfm", description="Benchmark pretrained backbones on MedMNIST: extract features, "
         "probe them, fine-tune, report.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -404,12 +457,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_not_empty(args) -> None:
+    """An option given as "" is an error, never the default it would silently fall back to."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and not value.strip():
+            flag = "grid spec" if name == "spec" else "--" + name.removeprefix(
+                "executor_").replace("_", "-")
+            raise InvalidArgumentError(f"{flag} {value!r} is empty; give a value, or leave the "
+                                       f"option out for its default.")
+
+
+def _storage_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` (itself or a cause) if it is out of space or quota, a read-only
+    file system or a permission refusal: a state of the machine, not a bug."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", MedfmWarning)
             warnings.showwarning = _one_line_warning(args.verb)
+            _check_not_empty(args)
             return args.run(args)
     except MedfmError as exc:
         print(f"medfm {args.verb}: error: {exc}", file=sys.stderr)
@@ -418,6 +494,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medfm {args.verb}: interrupted; finished work is kept, rerun the same command "
               f"to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # last resort: only a full, read-only or forbidden disk
+        cause = _storage_error(exc)
+        if cause is None:
+            raise  # a bug: keep the traceback
+        what = STORAGE_ERRNOS[cause.errno]
+        where = cause.filename or "a file"
+        print(f"medfm {args.verb}: error: {what} writing {where}: "
+              f"{cause.strerror or cause}; finished work is kept, free space or fix the "
+              f"permissions, then rerun the same command to resume.", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def _one_line_warning(verb: str):

@@ -6,8 +6,11 @@ explicit argument, then environment variable, then default.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+from medfm.errors import InvalidArgumentError
 
 WORKDIR_ENV = "MEDFM_WORKDIR"  # where stores/, registry.sqlite, checkpoints/ live
 DATA_ROOT_ENV = "MEDFM_DATA_ROOT"  # where the MedMNIST npz files live
@@ -15,10 +18,27 @@ DEFAULT_WORKDIR = "medfm-work"  # relative to the current directory
 
 
 def resolve_workdir(workdir: str | os.PathLike | None = None) -> Path:
-    """`workdir` if given, else $MEDFM_WORKDIR, else ./medfm-work (created on demand)."""
-    chosen = workdir or os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR
+    """`workdir` if given, else $MEDFM_WORKDIR, else ./medfm-work (created on demand).
+
+    A path that is a file, or lies under one, is an InvalidArgumentError naming where it came
+    from; a folder that cannot be created for want of permission or space raises the OSError
+    (the CLI prints those on one line).
+    """
+    if workdir:
+        chosen, source = workdir, "--workdir"
+    elif os.environ.get(WORKDIR_ENV):
+        chosen, source = os.environ[WORKDIR_ENV], f"${WORKDIR_ENV}"
+    else:
+        chosen, source = DEFAULT_WORKDIR, "the default work directory"
     path = Path(chosen).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, FileNotFoundError) as exc:
+        raise InvalidArgumentError(
+            f"work directory {path} ({source}) cannot be used: {exc.strerror}; point "
+            f"--workdir or ${WORKDIR_ENV} at a folder (it is created if missing).") from None
     return path
 
 

@@ -16,6 +16,8 @@ result's identity.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -61,11 +63,12 @@ class PreprocessRequest:
             raise InvalidArgumentError(
                 f"normalization {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}.")
         if self.input_size is not None:
-            if isinstance(self.input_size, bool) or int(self.input_size) != self.input_size or (
-                    self.input_size <= 0):
+            size = self.input_size
+            if isinstance(size, bool) or not isinstance(size, numbers.Real) or (
+                    not math.isfinite(size)) or int(size) != size or size <= 0:
                 raise InvalidArgumentError(
                     f"input size {self.input_size!r} must be a positive integer.")
-            object.__setattr__(self, "input_size", int(self.input_size))
+            object.__setattr__(self, "input_size", int(size))
 
     def merged(self, override: PreprocessRequest | None) -> PreprocessRequest:
         """This request with every field that `override` sets replaced by the override's."""
@@ -106,12 +109,15 @@ def resolve_preprocess(
     possibly overridden by a medfm alias (e.g. DINOv2 at 518 px). `native` feeds `source_size`.
     """
     policy = check_resize_policy(resize_policy or DEFAULT_RESIZE_POLICY)
+    if input_size is not None:  # 0 or -1 is an error, never "the backbone's size"
+        input_size = PreprocessRequest(input_size=input_size).input_size
     if policy == "native":
         if source_size is None:
             raise InvalidArgumentError("resize policy 'native' needs the source image size.")
         size = int(source_size)
     else:
-        size = int(input_size or data_config.get("input_size", (3, 224, 224))[-1])
+        size = int(input_size if input_size is not None
+                   else data_config.get("input_size", (3, 224, 224))[-1])
     if size <= 0:
         raise InvalidArgumentError(f"input size {size} must be positive.")
     if policy == "pad" and source_size is not None and source_size > size:

@@ -33,7 +33,10 @@ Presets build the published grids (see PRESETS); `datasets`, `backbones` and `si
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -132,6 +135,66 @@ def _tuple(name: str, value: Any) -> tuple:
     raise InvalidArgumentError(f"spec field {name!r} must be a list, got {value!r}")
 
 
+# what each listed field holds: YAML gives any type, and True is not the number 1 here
+FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "datasets": ("MedMNIST flags, e.g. [breastmnist]", lambda v: isinstance(v, str)),
+    "sizes": ("whole numbers among 28, 64, 128, 224", lambda v: _is_int(v)),
+    "backbones": ("backbone names, e.g. [resnet18]", lambda v: isinstance(v, str)),
+    "fractions": ("numbers in (0, 1], e.g. [0.01, 0.1, 1.0]",
+                  lambda v: _is_real(v) or _is_number_text(v)),
+    "shots": ("whole numbers >= 1, e.g. [1, 5, 10]", lambda v: _is_int(v)),
+    "seeds": ("whole numbers >= 0, e.g. [0, 1, 2]", lambda v: _is_int(v)),
+    "methods": ("method names, e.g. [logreg, finetune]", lambda v: isinstance(v, str)),
+}
+SCALAR_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {  # None is always allowed
+    "weights": ("'random' or a checkpoint path", lambda v: isinstance(v, str)),
+    "solver": ("a solver name", lambda v: isinstance(v, str)),
+    "selection": ("val or holdout", lambda v: isinstance(v, str)),
+    "resize_policy": ("a resize policy", lambda v: isinstance(v, str)),
+    "input_size": ("a whole number of pixels", lambda v: _is_int(v)),
+    "normalize": ("backbone or half", lambda v: isinstance(v, str)),
+    "dtype": ("float16 or float32", lambda v: isinstance(v, str)),
+    "device": ("cpu or cuda", lambda v: isinstance(v, str)),
+    "data_root": ("a folder", lambda v: isinstance(v, (str, os.PathLike))),
+    "recipe": ("a recipe name", lambda v: isinstance(v, str)),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_number_text(value: Any) -> bool:
+    """A number PyYAML leaves as text: YAML 1.1 reads 1e-2 (no dot) as a string."""
+    try:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _check_types(spec: GridSpec) -> None:
+    """Every field holds values of its type (FIELD_TYPES, SCALAR_TYPES), before any is used."""
+    for name, (wanted, ok) in FIELD_TYPES.items():
+        values = getattr(spec, name)
+        if values is None and name == "datasets":
+            continue
+        if not isinstance(values, (list, tuple)):
+            raise InvalidArgumentError(f"spec field {name!r} must be a list of {wanted}; "
+                                       f"got {values!r}")
+        for value in values:
+            if not ok(value):
+                raise InvalidArgumentError(f"spec field {name!r} holds {value!r}; it takes "
+                                           f"{wanted}")
+    for name, (wanted, ok) in SCALAR_TYPES.items():
+        value = getattr(spec, name)
+        if value is not None and not ok(value):
+            raise InvalidArgumentError(f"spec field {name!r} is {value!r}; it takes {wanted}")
+
+
 def _choice(name: str, value: Any, choices) -> str:
     if value not in choices:
         raise InvalidArgumentError(
@@ -145,11 +208,12 @@ def validate(spec: GridSpec) -> GridSpec:
 
     Names are resolved (datasets, backbones) when the grid is planned, before anything runs.
     """
+    _check_types(spec)
     for name in REQUIRED:
         if not getattr(spec, name):
             raise InvalidArgumentError(f"spec field {name!r} is empty; list at least one value")
     datasets = None if spec.datasets is None else tuple(get_dataset(d).flag for d in spec.datasets)
-    sizes = tuple(check_size(int(s)) for s in spec.sizes)
+    sizes = tuple(check_size(s) for s in spec.sizes)
     methods = probe_methods()
     for method in spec.methods:
         _choice("methods", method, (*methods, FINETUNE))
@@ -223,8 +287,12 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
         raise InvalidArgumentError(f"grid spec {path} does not exist; pass a YAML file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"grid spec {path} is not UTF-8 text (byte {exc.start}: "
+                                   f"{exc.reason}); save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
-        raise InvalidArgumentError(f"grid spec {path} is not valid YAML ({exc})") from exc
+        why = " ".join(str(exc).split())  # PyYAML's message spans several lines
+        raise InvalidArgumentError(f"grid spec {path} is not valid YAML ({why})") from None
     spec = spec_from_dict(raw)
     if spec.data_root is not None and not Path(spec.data_root).expanduser().is_absolute():
         spec = replace(spec, data_root=str((path.parent / spec.data_root).resolve()))

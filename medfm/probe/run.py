@@ -116,8 +116,9 @@ class StoreArrays:
 class ProbeReport:
     """What one `probe` call did."""
 
-    computed: list  # ResultRow of each run fitted now
-    skipped: list  # ResultKey of each planned run already in the registry
+    computed: list  # ResultRow of each run fitted now and recorded by this call
+    skipped: list  # ResultKey of each planned run already in the registry (also one another
+    #                process recorded first while this call fitted it: its row is kept)
     wall_s: float  # seconds for the whole call
 
     @property
@@ -218,6 +219,8 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
             arrays = {s.path: StoreArrays.load(s)}  # one store in memory at a time
         row, scores, y_test = probe_job(s, spec=spec, probe=request, arrays=arrays[s.path],
                                         shared_fits=shared_fits)
-        registry.add(row, scores=scores, y_true=y_test, replace=force)
-        computed.append(row)
+        if registry.add(row, scores=scores, y_true=y_test, replace=force):
+            computed.append(row)
+        else:  # another process recorded this key since the registry was asked
+            skipped.append(row.key)
     return ProbeReport(computed=computed, skipped=skipped, wall_s=time.perf_counter() - start)

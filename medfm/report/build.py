@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfm.errors import RegistryError
+from medfm.errors import InvalidArgumentError, RegistryError
 from medfm.paths import resolve_workdir
 from medfm.report import plots as plotting
 from medfm.report.guideline import build_guideline, guideline_html, guideline_markdown
@@ -37,6 +37,17 @@ from medfm.store.registry import Registry
 REPORT_DIRNAME = "report"  # default output folder inside the work directory
 GUIDELINE_METRIC = "auc"  # threshold-free, and meaningful for ChestMNIST (its ACC is not)
 TITLE = "medfm benchmark report"
+
+
+def _check_out(out_dir: Path) -> None:
+    """`out_dir` and every folder above it is a folder or absent: never overwrite a file."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise InvalidArgumentError(
+                    f"report folder {out_dir} cannot be made: {path} is a file; pass --out a "
+                    f"folder (created if missing)")
+            return
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,9 @@ def report(
     """
     if metric not in METRICS:
         raise RegistryError(f"guideline metric {metric!r} is not one of {', '.join(METRICS)}")
+    out_dir = Path(out).expanduser() if out is not None else (resolve_workdir(workdir)
+                                                             / REPORT_DIRNAME)
+    _check_out(out_dir)
     registry = Registry.in_workdir(workdir)
     frame = registry.to_dataframe(**filters)
     if frame.empty:
@@ -75,10 +89,14 @@ def report(
             f"no results{where} in {registry.path}; run `medfm probe` or `medfm finetune` "
             "(or `medfm grid SPEC.yaml`) first, or loosen the filters"
         )
-    out_dir = Path(out) if out is not None else resolve_workdir(workdir) / REPORT_DIRNAME
     table_dir, plot_dir = out_dir / "tables", out_dir / "plots"
-    table_dir.mkdir(parents=True, exist_ok=True)
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        table_dir.mkdir(parents=True, exist_ok=True)
+        plot_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise InvalidArgumentError(f"cannot write the report into {out_dir} ({exc.strerror}: "
+                                   f"{exc.filename}); move that file or pass --out another "
+                                   f"folder") from None
 
     summary = summarize(annotate(frame))
     means = mean_over_datasets(summary)

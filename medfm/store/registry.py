@@ -314,6 +314,11 @@ class Registry:
                     f"results registry {self.path} stayed locked for {BUSY_TIMEOUT_S:.0f} s "
                     f"({exc}); check that no medfm process is stuck writing to it, then retry"
                 ) from exc
+            if "full" in str(exc):  # SQLITE_FULL: "database or disk is full"
+                raise RegistryError(
+                    f"disk full writing results registry {self.path} ({exc}); finished runs are "
+                    "kept: free space, then rerun the same command to resume"
+                ) from exc
             raise RegistryError(
                 f"cannot use results registry {self.path} ({exc}); check that the file and its "
                 "folder are readable and writable"
