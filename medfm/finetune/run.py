@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 
 from medfm.backbones import RANDOM, BackboneRef, create_backbone, resolve_backbone
 from medfm.data import DatasetRef, get_dataset, load_split, resolve_datasets
-from medfm.errors import InvalidArgumentError
+from medfm.errors import InvalidArgumentError, MedfmError
 from medfm.finetune.recipes import Recipe, resolve_recipe
 from medfm.finetune.train import (
     CHECKPOINT_NAME,
@@ -196,19 +197,28 @@ def _claim(folder: Path, label: str) -> Iterator[None]:
 
 def _recorded(workdir: str | os.PathLike | None,
               key: ResultKey) -> tuple[ResultRow, np.ndarray, np.ndarray] | None:
-    """(row, test scores, test labels) of a run already in the registry, else None."""
+    """(row, test scores, test labels) of a run already in the registry, else None.
+
+    Workers call this, and the registry is the driver's: it is read only when the run's folder
+    holds best.pt (written only after the row was recorded), and a registry that cannot be read
+    from here (SQLite over a network filesystem) counts as "not recorded": the run then resumes
+    from its checkpoint, which costs a test pass at most, never a wrong row.
+    """
     path = resolve_workdir(workdir) / REGISTRY_FILENAME
-    if not path.exists():
+    if not path.exists() or not (checkpoint_folder(workdir, key) / BEST_WEIGHTS_NAME).exists():
         return None
-    reg = Registry(path)
     try:
-        row = reg.get(key)
-        if row is None:
-            return None
-        y_true, y_score = reg.scores(key)
-        return row, y_score, y_true
-    finally:
-        reg.close()
+        reg = Registry(path)
+        try:
+            row = reg.get(key)
+            if row is None:
+                return None
+            y_true, y_score = reg.scores(key)
+            return row, y_score, y_true
+        finally:
+            reg.close()
+    except (sqlite3.Error, MedfmError, OSError):
+        return None
 
 
 def finetune_job(
