@@ -499,10 +499,12 @@ def main(argv: list[str] | None = None) -> int:
         if cause is None:
             raise  # a bug: keep the traceback
         what = STORAGE_ERRNOS[cause.errno]
-        where = cause.filename or "a file"
-        print(f"medfm {args.verb}: error: {what} writing {where}: "
-              f"{cause.strerror or cause}; finished work is kept, free space or fix the "
-              f"permissions, then rerun the same command to resume.", file=sys.stderr)
+        where = f" {cause.filename}" if cause.filename else ""
+        fix = ("free space" if cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+               else "make it writable (or pass another --workdir / --out)")
+        print(f"medfm {args.verb}: error: {what} writing{where} ({cause.strerror or cause}); "
+              f"finished work is kept: {fix}, then rerun the same command to resume.",
+              file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -319,6 +319,11 @@ class Registry:
                     f"disk full writing results registry {self.path} ({exc}); finished runs are "
                     "kept: free space, then rerun the same command to resume"
                 ) from exc
+            if "readonly" in str(exc):  # SQLITE_READONLY: a read-only file or file system
+                raise RegistryError(
+                    f"results registry {self.path} is read-only ({exc}); make it and its folder "
+                    "writable, or pass another --workdir"
+                ) from exc
             raise RegistryError(
                 f"cannot use results registry {self.path} ({exc}); check that the file and its "
                 "folder are readable and writable"

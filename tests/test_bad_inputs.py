@@ -1,0 +1,345 @@
+"""Every user error is one line and exit 2, and leaves finished work as it was.
+
+A table of bad inputs, one per row, each run through the CLI (in process; a few rows through a
+real `python -m medfm` subprocess) against a work directory holding one finished store and
+registry row. Each row asserts exit code 2, exactly one non-empty line on stderr naming the
+problem, no traceback, no *.partial / *.tmp file left behind, and the finished store, data files
+and registry rows unchanged (bytes, modification times, rows). Inputs are real files: npz files
+written with numpy, YAML files, a file where a folder should be; the read-only and disk-full
+rows run in a private mount namespace (a read-only bind mount, a 64 KiB tmpfs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medfm.cli import main
+from medfm.data import SPLITS
+from medfm.synthetic import synthetic_arrays, write_synthetic_npz
+
+TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--input-size", "32",
+        "--quiet"]
+N_ROWS = (48, 16, 24)  # train, val, test rows of the synthetic BreastMNIST
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, _session_cache) -> dict:
+    """A data root with a good BreastMNIST-28 and a work directory holding its finished store
+    and one registry row (built before any bad input is tried)."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    data, work = root / "data", root / "work"
+    write_synthetic_npz(data, "breastmnist", 28, n=N_ROWS)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MEDFM_CACHE", str(_session_cache))
+        env.setenv("MEDFM_NPY_CACHE", str(root / "npy"))
+        env.setenv("MEDFM_OFFLINE", "1")
+        assert main(["extract", "--dataset", "breastmnist", "--size", "28", "--data-root",
+                     str(data), "--workdir", str(work), *TINY]) == 0
+        assert main(["probe", "--workdir", str(work), "--fractions", "1.0", "--seeds", "0",
+                     "--quiet"]) == 0
+    return {"root": root, "data": data, "work": work}
+
+
+def _arrays() -> dict:
+    """The arrays of a good synthetic breastmnist.npz, to spoil one at a time."""
+    arrays = {}
+    for i, (split, n) in enumerate(zip(SPLITS, N_ROWS, strict=True)):
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = synthetic_arrays(
+            "breastmnist", 28, n, seed=i)
+    return arrays
+
+
+def _bad_npz(folder: Path, spoil) -> Path:
+    """`folder` holding a breastmnist.npz whose arrays `spoil(arrays)` changed; returns folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = _arrays()
+    spoil(arrays)
+    np.savez(folder / "breastmnist.npz", **arrays)
+    return folder
+
+
+def _yaml(path: Path, body: str | bytes, data: Path) -> Path:
+    head = (f"datasets: [breastmnist]\nbackbones: [test_efficientnet]\nweights: random\n"
+            f"input_size: 32\nmethods: [logreg]\ndata_root: {data}\n")
+    path.write_bytes(head.encode() + (body if isinstance(body, bytes) else body.encode()))
+    return path
+
+
+def _extract_from(data: Path, work: Path) -> list[str]:
+    return ["extract", "--dataset", "breastmnist", "--size", "28", "--data-root", str(data),
+            "--workdir", str(work), *TINY]
+
+
+def _set(arrays, key, value):
+    arrays[key] = value
+
+
+# --- the table ----------------------------------------------------------------------------------
+# id -> (make argv from (finished, tmp_path), words the one stderr line must contain)
+NPZ_ROWS = {  # extract with a broken data file: refused before any model loads
+    "npz-too-few-labels": (lambda a: _set(a, "train_labels", a["train_labels"][:-3]),
+                           "train_labels is shaped (45, 1), not (48, 1)"),
+    "npz-too-many-labels": (lambda a: _set(a, "train_labels",
+                                           np.concatenate([a["train_labels"]] * 2)),
+                            "train_labels is shaped (96, 1), not (48, 1)"),
+    "npz-2d-images": (lambda a: _set(a, "train_images", a["train_images"].reshape(48, -1)),
+                      "train_images is uint8 (48, 784)"),
+    "npz-float-images": (lambda a: _set(a, "train_images", a["train_images"] / 255.0),
+                         "train_images is float64"),
+    "npz-rgb-for-grayscale": (lambda a: _set(a, "val_images",
+                                             np.stack([a["val_images"]] * 3, axis=-1)),
+                              "(16, 28, 28, 3), not uint8 (N, 28, 28)"),
+    "npz-wrong-side": (lambda a: _set(a, "test_images", a["test_images"][:, :20, :20]),
+                       "test_images is uint8 (24, 20, 20)"),
+    "npz-1d-labels": (lambda a: _set(a, "train_labels", a["train_labels"][:, 0]),
+                      "train_labels is shaped (48,)"),
+    "npz-label-out-of-range": (lambda a: a["test_labels"].__setitem__(0, 7),
+                               "test_labels range over 0..7, not class ids 0..1"),
+    "npz-float-labels": (lambda a: _set(a, "val_labels", a["val_labels"].astype(np.float32)),
+                         "val_labels are float32, not integers"),
+    "npz-missing-array": (lambda a: a.pop("val_images"), "lacks val_images"),
+}
+
+GRID_YAML = {  # grid --dry-run with a spec field of the wrong type
+    "yaml-sizes-text": ('sizes: "twenty"\n', "'sizes' holds 'twenty'"),
+    "yaml-seeds-text": ('sizes: [28]\nseeds: ["a"]\n', "'seeds' holds 'a'"),
+    "yaml-fractions-text": ('sizes: [28]\nfractions: ["abc"]\n', "'fractions' holds 'abc'"),
+    "yaml-fraction-bool": ("sizes: [28]\nfractions: [true]\n", "'fractions' holds True"),
+    "yaml-seed-float": ("sizes: [28]\nseeds: [1.5]\n", "'seeds' holds 1.5"),
+    "yaml-sizes-nested": ("sizes: [[28]]\n", "'sizes' holds [28]"),
+    "yaml-not-utf8": (b"sizes: [28]\nseeds: [0] # \xff\xfe\n", "is not UTF-8"),
+}
+
+
+def _rows() -> dict:
+    rows = {}
+    for name, (spoil, needle) in NPZ_ROWS.items():
+        rows[name] = (lambda f, t, spoil=spoil: _extract_from(_bad_npz(t / "data", spoil),
+                                                              f["work"]), needle)
+    rows["npz-empty-file"] = (
+        lambda f, t: _extract_from(_empty_npz(t / "data"), f["work"]),
+        "is not a readable MedMNIST npz")
+    for name, (body, needle) in GRID_YAML.items():
+        rows[name] = (lambda f, t, body=body: ["grid", str(_yaml(t / "g.yaml", body, f["data"])),
+                                               "--dry-run", "--workdir", str(f["work"])], needle)
+    rows.update({
+        "grid-unknown-backbone": (
+            lambda f, t: ["grid", str(_yaml(t / "g.yaml", "sizes: [28]\n", f["data"])),
+                          "--backbone", "no_such_net", "--dry-run", "--workdir", str(f["work"])],
+            "unknown backbone 'no_such_net'"),
+        "grid-executor-nan": (
+            lambda f, t: ["grid", str(_yaml(t / "g.yaml", "sizes: [28]\n", f["data"])),
+                          "--executor", "slurm", "--poll-s", "nan", "--dry-run",
+                          "--workdir", str(f["work"])], "--poll-s"),
+        "report-out-is-a-file": (
+            lambda f, t: ["report", "--workdir", str(f["work"]), "--out", str(_file(t / "x"))],
+            "is a file"),
+        "report-out-under-a-file": (
+            lambda f, t: ["report", "--workdir", str(f["work"]), "--out",
+                          str(_file(t / "x") / "rep")], "is a file"),
+        "workdir-is-a-file": (
+            lambda f, t: ["probe", "--workdir", str(_file(t / "w"))], "is a file"),
+        "extract-empty-dataset": (
+            lambda f, t: ["extract", "--dataset", "", "--size", "28", "--data-root",
+                          str(f["data"]), "--workdir", str(f["work"]), *TINY], "--dataset ''"),
+        "extract-empty-size": (
+            lambda f, t: ["extract", "--dataset", "breastmnist", "--size", "", "--data-root",
+                          str(f["data"]), "--workdir", str(f["work"]), *TINY], "--size ''"),
+        "extract-empty-size-item": (
+            lambda f, t: ["extract", "--dataset", "breastmnist", "--size", "28,", "--data-root",
+                          str(f["data"]), "--workdir", str(f["work"]), *TINY], "empty item"),
+        "probe-empty-dataset": (
+            lambda f, t: ["probe", "--dataset", "", "--workdir", str(f["work"]), "--quiet"],
+            "--dataset ''"),
+        "probe-empty-workdir": (lambda f, t: ["probe", "--workdir", ""], "--workdir ''"),
+        "results-unpublished-size": (
+            lambda f, t: ["results", "--size", "29", "--workdir", str(f["work"])],
+            "not published"),
+        "results-unknown-dataset": (
+            lambda f, t: ["results", "--dataset", "nosuchmnist", "--workdir", str(f["work"])],
+            "unknown dataset"),
+        "results-unknown-method": (
+            lambda f, t: ["results", "--method", "svm", "--workdir", str(f["work"])],
+            "--method 'svm'"),
+        "argparse-unknown-option": (
+            lambda f, t: ["probe", "--no-such-option", "--workdir", str(f["work"])],
+            "unrecognized arguments"),
+        "argparse-bad-choice": (
+            lambda f, t: ["probe", "--method", "svm", "--workdir", str(f["work"])],
+            "invalid choice"),
+    })
+    return rows
+
+
+def _empty_npz(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "breastmnist.npz").write_bytes(b"")
+    return folder
+
+
+def _file(path: Path) -> Path:
+    path.write_text("not a folder\n")
+    return path
+
+
+ROWS = _rows()
+
+
+# --- what "nothing changed" means -----------------------------------------------------------------
+
+def _registry_rows(work: Path) -> list[tuple]:
+    with sqlite3.connect(f"file:{work / 'registry.sqlite'}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT * FROM results ORDER BY digest").fetchall()
+
+
+def _finished_files(finished: dict) -> dict[str, tuple]:
+    """Bytes digest and mtime of every finished file (stores, data), registry rows aside."""
+    files = {}
+    for folder in (finished["work"] / "stores", finished["data"]):
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.name.endswith(".lock"):
+                stat = path.stat()
+                files[str(path)] = (hashlib.sha256(path.read_bytes()).hexdigest(),
+                                    stat.st_mtime_ns)
+    return files
+
+
+def _half_written(*folders: Path) -> set[str]:
+    return {str(p) for folder in folders for pattern in ("*.partial", "*.tmp*")
+            for p in folder.rglob(pattern)}
+
+
+def _state(finished: dict, tmp_path: Path) -> tuple:
+    cache = Path(os.environ["MEDFM_CACHE"])
+    return (_finished_files(finished), _registry_rows(finished["work"]),
+            _half_written(finished["root"], tmp_path, cache))
+
+
+def _assert_one_line(code: int, err: str, needle: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0], err
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(row, finished, tmp_path, capsys):
+    make_argv, needle = ROWS[row]
+    argv = make_argv(finished, tmp_path)
+    before = _state(finished, tmp_path)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors exit from inside parse_args
+        code = exc.code
+    _assert_one_line(code, capsys.readouterr().err, needle)
+    assert _state(finished, tmp_path) == before
+
+
+def _medfm(*argv: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python -m medfm ARGV` in a real process (after `prefix`, e.g. a mount namespace)."""
+    command = [*prefix, sys.executable, "-m", "medfm", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ)
+
+
+@pytest.mark.parametrize("row", ["npz-empty-file", "yaml-sizes-text", "argparse-unknown-option"])
+def test_a_real_process_exits_2_with_one_line(row, finished, tmp_path):
+    make_argv, needle = ROWS[row]
+    argv = make_argv(finished, tmp_path)
+    before = _state(finished, tmp_path)
+    done = _medfm(*argv)
+    _assert_one_line(done.returncode, done.stderr, needle)
+    assert _state(finished, tmp_path) == before
+
+
+def _namespace_or_skip() -> tuple[str, ...]:
+    """`unshare -m`: a private mount namespace, so mounts made in it vanish with the process."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs none "$(mktemp -d)"'],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount in a private namespace here: {probe.stderr.decode().strip()}")
+    return ("unshare", "-m", "sh", "-c", 'eval "$MOUNT" && exec "$@"', "sh")
+
+
+@pytest.mark.parametrize("verb", ["extract", "report", "stores"])
+def test_read_only_workdir_is_one_line(verb, finished, tmp_path, monkeypatch):
+    """A read-only bind mount of the work directory (real EROFS, as root too)."""
+    prefix = _namespace_or_skip()
+    work = finished["work"]
+    monkeypatch.setenv("MOUNT", f"mount --bind {work} {work} && "
+                                f"mount -o remount,bind,ro {work}")
+    argv = {"extract": [*_extract_from(finished["data"], work), "--input-size", "48"],  # new
+            "report": ["report", "--workdir", str(work), "--out", str(work / "report-ro")],
+            "stores": ["stores", "--workdir", str(work / "new")]}[verb]
+    before = _state(finished, tmp_path)
+    done = _medfm(*argv, prefix=prefix)
+    _assert_one_line(done.returncode, done.stderr, "read-only")
+    assert _state(finished, tmp_path) == before
+
+
+def test_disk_full_is_one_line(finished, tmp_path, monkeypatch):
+    """A full 64 KiB tmpfs as the report folder (real ENOSPC)."""
+    prefix = _namespace_or_skip()
+    full = tmp_path / "full"
+    full.mkdir()
+    monkeypatch.setenv("MOUNT", f"mount -t tmpfs -o size=64k none {full} && "
+                                f"dd if=/dev/zero of={full}/fill bs=4k count=64 2>/dev/null; true")
+    before = _state(finished, tmp_path)
+    done = _medfm("report", "--workdir", str(finished["work"]), "--out", str(full / "rep"),
+                  prefix=prefix)
+    _assert_one_line(done.returncode, done.stderr, "disk full")
+    assert "finished work is kept" in done.stderr
+    assert _state(finished, tmp_path) == before
+
+
+def test_official_sizes_with_another_md5_warn_once(tmp_path, capsys):
+    """A breastmnist.npz with the official split sizes but not the official bytes runs, with
+    exactly one warning line naming both MD5s (it used to pass silently)."""
+    data = tmp_path / "data"
+    write_synthetic_npz(data, "breastmnist", 28, n=(546, 78, 156))  # INFO's split sizes
+    argv = ["grid", str(_yaml(tmp_path / "g.yaml", "sizes: [28]\n", data)), "--dry-run",
+            "--workdir", str(tmp_path / "work")]
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "warning" in lines[0], lines
+    assert "750601b1f35ba3300ea97c75c52ff8f6" in lines[0]  # the official MD5
+
+
+def test_input_size_zero_is_refused_not_the_default():
+    from medfm.errors import InvalidArgumentError
+    from medfm.preprocess import resolve_preprocess
+
+    for size in (0, -1):
+        with pytest.raises(InvalidArgumentError, match="positive integer"):
+            resolve_preprocess({"input_size": (3, 224, 224)}, input_size=size)
+
+
+def test_a_probe_that_lost_the_insert_race_reports_nothing_fitted(finished, tmp_path, capsys,
+                                                                  monkeypatch):
+    """Another process recorded the run between this probe's registry query and its insert:
+    the probe says 0 fitted, 1 already in the registry, and the registry keeps the first row.
+    (The race is staged by answering the query as it was before the other insert landed.)"""
+    from medfm.store.registry import Registry
+
+    work = tmp_path / "work"
+    shutil.copytree(finished["work"], work)
+    rows = _registry_rows(work)
+    monkeypatch.setattr(Registry, "done_keys", lambda self, keys: set())
+    assert main(["probe", "--workdir", str(work), "--fractions", "1.0", "--seeds", "0",
+                 "--quiet"]) == 0
+    assert "0 run(s) fitted, 1 already in the registry" in capsys.readouterr().out
+    assert _registry_rows(work) == rows
