@@ -3,8 +3,10 @@
     medfm extract --dataset breastmnist --backbone tf_efficientnet_lite0.in1k --size 28
     medfm stores
 
-User errors (MedfmError) print one line and exit with code 2; Ctrl-C exits 130 and keeps every
-finished chunk, so rerunning the same command resumes.
+User errors (MedfmError, argparse's usage errors, an option given as "") print one line and
+exit with code 2, as does a full, read-only or forbidden disk (STORAGE_ERRNOS); any other
+exception is a bug and keeps its traceback. Ctrl-C exits 130 and keeps every finished chunk, so
+rerunning the same command resumes.
 """
 
 from __future__ import annotations
