@@ -130,15 +130,19 @@ def _run_extract(args) -> int:
 
 
 def _add_stores(sub) -> None:
-    p = sub.add_parser("stores", help="list feature stores (complete, partial, corrupt)")
+    p = sub.add_parser("stores", help="list feature stores (complete, partial, corrupt); a "
+                       "store changed since it was last checked is checked against its "
+                       "fingerprint")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not read stores to check them (unchecked ones show as unverified)")
     p.set_defaults(run=_run_stores)
 
 
 def _run_stores(args) -> int:
     from medfm.store.features import list_stores
 
-    rows = list_stores(args.workdir)
+    rows = list_stores(args.workdir, verify=not args.no_verify)
     _print_table(rows, ["dataset", "size", "backbone", "policy", "dtype", "dims", "rows",
                         "bytes", "status"])
     return 0
@@ -438,8 +442,20 @@ def _run_grid(args) -> int:
 
 # --- entry point ------------------------------------------------------------------------------
 
-VERBS: list[Callable] = [_add_extract, _add_stores, _add_probe, _add_finetune, _add_results,
-                         _add_report, _add_grid]
+def _add_import(sub) -> None:
+    from medfm.imported.cli import add_import
+
+    add_import(sub)
+
+
+def _add_datasets_verb(sub) -> None:
+    from medfm.imported.cli import add_datasets
+
+    add_datasets(sub)
+
+
+VERBS: list[Callable] = [_add_import, _add_datasets_verb, _add_extract, _add_stores, _add_probe,
+                         _add_finetune, _add_results, _add_report, _add_grid]
 
 
 class _Parser(argparse.ArgumentParser):

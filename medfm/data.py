@@ -11,6 +11,13 @@ PathMNIST-224 (16 GB) never has to fit in memory.
 
 A dataset enters a run's identity as a `DatasetRef`: flag, size and the MD5 of the file's bytes
 (the official MD5 for official files), found once per file and cached (medfm.cache).
+
+Imported collections (`medfm import`, medfm.imported) are datasets too: `NAME.npz` /
+`NAME_{64,128,224}.npz` in the same layout beside a dataset card `NAME.card.json`, which stands
+in for medmnist's INFO. A name that is not a MedMNIST flag is looked up as a card in the data
+root, then among the cards this machine has seen ($MEDFM_CACHE/datasets, a copy written on
+import and whenever a card is read), so a probe or a grid worker knows the dataset's task
+without being given the data root.
 """
 
 from __future__ import annotations
@@ -69,6 +76,12 @@ class DatasetInfo:
     n_channels: int  # 1 (grayscale) or 3 (RGB)
     n_samples: dict  # {"train": n, "val": n, "test": n}
     license: str  # "CC BY 4.0" (DermaMNIST: "CC BY-NC 4.0")
+    card: dict | None = field(default=None, compare=False, repr=False)  # imported: its card
+
+    @property
+    def imported(self) -> bool:
+        """An imported collection (medfm.imported), not a MedMNIST dataset."""
+        return self.card is not None
 
     @property
     def n_classes(self) -> int:
@@ -86,12 +99,25 @@ class DatasetInfo:
         return f"{self.flag}.npz" if size == 28 else f"{self.flag}_{size}.npz"
 
     def url(self, size: int) -> str:
-        """Official download URL (Zenodo) of the file for `size`."""
+        """Official download URL (Zenodo) of the file for `size` ("" for an imported one)."""
+        if self.imported:
+            return ""
         return _medmnist_info()[self.flag]["url" + _size_suffix(size)]
 
     def md5(self, size: int) -> str:
-        """Official MD5 of the file for `size`."""
+        """Official MD5 of the file for `size` (imported: the MD5 its card recorded, "" if it
+        was not imported at that size)."""
+        if self.imported:
+            return self.card.get("sizes", {}).get(str(size), {}).get("md5", "")
         return _medmnist_info()[self.flag]["MD5" + _size_suffix(size)]
+
+    def fetch_hint(self, size: int) -> str:
+        """How to get the file for `size` again."""
+        if self.imported:
+            return (f"import it again with `medfm import {self.flag} SOURCE --sizes {size} "
+                    f"--force` (source was {self.card.get('source', {}).get('path')})")
+        return (f"fetch the official {self.filename(size)} from {self.url(size)} "
+                f"(MD5 {self.md5(size)})")
 
 
 def _size_suffix(size: int) -> str:
@@ -144,15 +170,52 @@ def _build_registry() -> dict[str, DatasetInfo]:
 DATASETS: dict[str, DatasetInfo] = _build_registry()
 
 
-def get_dataset(flag: str) -> DatasetInfo:
-    """The entry for `flag` (case-insensitive); unknown flags get an error with close matches."""
+IMPORTED: dict[str, DatasetInfo] = {}  # imported collections this process has read
+CARD_SUFFIX = ".card.json"  # an imported dataset's card: <data root>/<name>.card.json
+
+
+def register_card(path: str | os.PathLike) -> DatasetInfo:
+    """Read an imported dataset's card, remember it in this process and in this machine's
+    cache ($MEDFM_CACHE/datasets), and return its DatasetInfo."""
+    from medfm.imported import read_card
+
+    card = read_card(Path(path))
+    info = DatasetInfo(flag=card["name"], python_class="", task=Task(card["task"]),
+                       label_names=tuple(card["label_names"]),
+                       n_channels=int(card["n_channels"]), n_samples=dict(card["n_samples"]),
+                       license=card.get("license", ""), card=card)
+    IMPORTED[info.flag] = info
+    copy = cache_dir("datasets") / f"{info.flag}{CARD_SUFFIX}"
+    text = json.dumps(card, indent=1)
+    try:
+        if not copy.exists() or copy.read_text(encoding="utf-8") != text:
+            write_atomic(copy, text)
+    except OSError:
+        pass  # the copy only saves passing --data-root later
+    return info
+
+
+def get_dataset(flag: str, data_root: str | os.PathLike | None = None) -> DatasetInfo:
+    """The entry for `flag` (case-insensitive): a MedMNIST dataset, else an imported one (its
+    card in `data_root` or the default data root, else the copy this machine last saw).
+    Unknown names get an error with close matches."""
     key = flag.strip().lower()
     if key in DATASETS:
         return DATASETS[key]
-    close = difflib.get_close_matches(key, DATASETS, n=3, cutoff=0.5)
+    if data_root is None and key in IMPORTED:
+        return IMPORTED[key]
+    if key and all(c.isalnum() or c in "_-" for c in key):
+        for folder in (resolve_data_root(data_root), cache_dir("datasets")):
+            card = folder / f"{key}{CARD_SUFFIX}"
+            if card.is_file():
+                return register_card(card)
+        if key in IMPORTED:
+            return IMPORTED[key]
+    close = difflib.get_close_matches(key, [*DATASETS, *IMPORTED], n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UnknownDatasetError(
-        f"unknown dataset {flag!r}.{hint} Known: {', '.join(DATASETS)}."
+        f"unknown dataset {flag!r}.{hint} Known: {', '.join(DATASETS)}; imported datasets are "
+        f"found by their card (NAME{CARD_SUFFIX}) in --data-root: see `medfm datasets`."
     )
 
 
@@ -181,11 +244,14 @@ def data_file(flag: str, size: int, data_root: str | os.PathLike | None = None) 
     With no network (or $MEDFM_OFFLINE set), the error names the file, its URL and MD5, and
     where to put it.
     """
-    info = get_dataset(flag)
+    info = get_dataset(flag, data_root)
     root = resolve_data_root(data_root)
     path = root / info.filename(size)
     if path.exists():
         return path
+    if info.imported:
+        raise DataFileMissingError(f"{info.filename(size)} is not in {root}: "
+                                   f"{info.fetch_hint(size)}.")
     if not offline():
         try:
             import medmnist
@@ -227,13 +293,19 @@ def resolve_dataset(flag: str, size: int,
     before any model loads; a file with the official split sizes whose MD5 is not the official
     one (damaged or re-saved) gets one MedfmWarning.
     """
-    info = get_dataset(flag)
+    info = get_dataset(flag, data_root)
     size = check_size(size)
     path = data_file(info.flag, size, data_root)
     digest = file_digest(path, "md5")
     rows = check_npz(path, info.flag, size, digest=digest)
     official = info.md5(size)
-    if digest != official and rows == info.n_samples:
+    if info.imported:
+        if digest != official:
+            warnings.warn(MedfmWarning(
+                f"{path} changed since it was imported (MD5 {digest}, card says "
+                f"{official or 'not imported at this size'}); its results are kept apart: "
+                f"{info.fetch_hint(size)}"), stacklevel=2)
+    elif digest != official and rows == info.n_samples:
         warnings.warn(MedfmWarning(
             f"{path} has the official split sizes but MD5 {digest}, not the official {official} "
             f"(a damaged or re-saved download?); its results are kept apart from the official "
@@ -253,7 +325,7 @@ def resolve_datasets(flags: Sequence[str] | None, sizes: Sequence[int],
     error too.
     """
     named = flags is not None
-    chosen = [get_dataset(f).flag for f in flags] if named else list(DATASETS)
+    chosen = [get_dataset(f, data_root).flag for f in flags] if named else list(DATASETS)
     refs, skipped = [], []
     for flag in chosen:
         for size in sizes:
@@ -346,7 +418,7 @@ def load_split(
     """
     if split not in SPLITS:
         raise InvalidArgumentError(f"split {split!r} is not one of {SPLITS}.")
-    info = get_dataset(flag)
+    info = get_dataset(flag, data_root)
     size = check_size(size)
     path = data_file(info.flag, size, data_root)
     use_mmap = size >= MMAP_MIN_SIZE if mmap is None else mmap
@@ -366,8 +438,9 @@ NPZ_CHECK_VERSION = 1  # part of every cached verdict's name: bump when _check_s
 
 
 def _refetch_hint(info: DatasetInfo, size: int) -> str:
-    return (f"delete it and fetch the official {info.filename(size)} from {info.url(size)} "
-            f"(MD5 {info.md5(size)}), or write it in the official layout")
+    if info.imported:
+        return f"delete it and {info.fetch_hint(size)}"
+    return f"delete it and {info.fetch_hint(size)}, or write it in the official layout"
 
 
 @contextmanager
@@ -435,7 +508,8 @@ def check_npz(path: str | os.PathLike, flag: str, size: int, *,
     under its MD5 (`digest`, found if not given) in $MEDFM_CACHE/npz-checks, so a file is
     checked once per content.
     """
-    path, info, size = Path(path), get_dataset(flag), check_size(size)
+    path = Path(path)
+    info, size = get_dataset(flag, path.parent), check_size(size)
     digest = digest or file_digest(path, "md5")
     entry = cache_dir("npz-checks") / f"{info.flag}_{size}_{digest}_v{NPZ_CHECK_VERSION}.json"
     cached = read_json(entry)

@@ -1,0 +1,181 @@
+"""Decoding one image file to uint8 pixels, the way every imported collection is decoded.
+
+    pixels, kind = decode(path, data)   # (H, W) or (H, W, 3) uint8; kind "gray" or "color"
+
+Formats: PNG, JPEG, TIFF, BMP through Pillow; DICOM through pydicom (the `dicom` extra).
+
+Rules (recorded in every dataset card as RULES):
+- 8-bit grayscale (Pillow L, DICOM 8-bit) is kept as it is; RGB as it is; palette images are
+  expanded; an alpha channel is dropped; 1-bit images become 0/255.
+- More than 8 bits (16-bit PNG/TIFF, 12/16-bit DICOM): the full range the pixel format can hold
+  maps linearly onto 0..255 (v * 255 / (2^bits - 1), rounded), so intensities stay comparable
+  across images (no per-image stretching).
+- DICOM grayscale: the modality LUT (RescaleSlope/Intercept or a Modality LUT) is applied, then
+  the VOI LUT or the first window (WindowCenter/Width) if the file has one (pydicom's
+  apply_voi_lut); the output range those define (pydicom's: the stored bit depth through the
+  modality rescale, or the VOI LUT's bit depth) maps linearly onto 0..255; MONOCHROME1 is
+  inverted so that 255 is always bright. Colour DICOM (RGB, YBR_*) is converted to RGB.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOM_MAGIC_OFFSET = 128  # "DICM" follows a 128-byte preamble in a DICOM Part 10 file
+
+RULES = {
+    "bit_depth": "more than 8 bits: the format's full range maps linearly onto 0..255 "
+                 "(v * 255 / (2^bits - 1), rounded); no per-image stretching",
+    "dicom": "modality LUT, then VOI LUT or first window if present (pydicom apply_voi_lut); "
+             "that output range maps linearly onto 0..255; MONOCHROME1 inverted",
+    "color": "palette expanded, alpha dropped, 1-bit -> 0/255",
+}
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be decoded (its message says why; the path is added later)."""
+
+
+def is_dicom(path: Path, head: bytes) -> bool:
+    """DICOM by suffix, or by the "DICM" magic after the preamble (DICOM often has no suffix)."""
+    return (path.suffix.lower() in DICOM_SUFFIXES
+            or head[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM")
+
+
+def supported(path: Path, head: bytes) -> bool:
+    return path.suffix.lower() in PIL_SUFFIXES or is_dicom(path, head)
+
+
+def decode(path: Path, data: bytes) -> tuple[np.ndarray, str]:
+    """(pixels, kind): (H, W) uint8 "gray" or (H, W, 3) uint8 "color"."""
+    if is_dicom(path, data):
+        return _decode_dicom(data)
+    if path.suffix.lower() not in PIL_SUFFIXES:
+        raise ImageReadError(f"unsupported format {path.suffix or '(no suffix)'}: use PNG, "
+                             "JPEG, TIFF, BMP or DICOM")
+    return _decode_pil(data)
+
+
+def _scale_bits(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map [lo, hi] linearly onto 0..255, rounded and clipped, as uint8."""
+    if hi <= lo:
+        raise ImageReadError(f"empty intensity range [{lo}, {hi}]")
+    scaled = (values.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _decode_pil(data: bytes) -> tuple[np.ndarray, str]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            mode = image.mode
+            if mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+                mode = image.mode
+            if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+                return np.asarray(image.convert("RGB"), dtype=np.uint8), "color"
+            if mode in ("L", "LA"):
+                return np.asarray(image.getchannel(0), dtype=np.uint8), "gray"
+            if mode == "1":
+                return np.asarray(image.convert("L"), dtype=np.uint8), "gray"
+            if mode.startswith("I;16") or mode == "I":
+                values = np.asarray(image)
+                bits = 16 if mode.startswith("I;16") or values.max(initial=0) < 65536 else 32
+                return _scale_bits(values, 0, 2 ** bits - 1), "gray"
+            raise ImageReadError(f"unsupported pixel mode {mode}")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"not a readable image ({exc})") from None
+
+
+def _dicom():
+    try:
+        import pydicom
+    except ImportError:
+        from medfm.errors import MedfmError
+
+        raise MedfmError("DICOM files need pydicom: pip install 'medfm[dicom]'") from None
+    return pydicom
+
+
+def _decode_dicom(data: bytes) -> tuple[np.ndarray, str]:
+    pydicom = _dicom()
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom fails in many ways on a bad file
+        raise ImageReadError(f"not a readable DICOM image ({type(exc).__name__}: {exc})") from None
+    if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
+        raise ImageReadError(f"a multi-frame DICOM ({pixels.shape[0]} frames); import 2D "
+                             "images, one frame per file")
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        photometric = str(ds.get("PhotometricInterpretation", "RGB"))
+        if photometric.startswith("YBR"):
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        bits = int(ds.get("BitsStored", 8))
+        return (pixels.astype(np.uint8) if bits <= 8 else
+                _scale_bits(pixels, 0, 2 ** bits - 1)), "color"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
+    lo, hi = _dicom_range(ds)
+    gray = _scale_bits(values, lo, hi)
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    return gray, "gray"
+
+
+def _dicom_range(ds) -> tuple[float, float]:
+    """The intensity range the modality and VOI transforms produce (pydicom's convention)."""
+    if ds.get("VOILUTSequence"):
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return 0.0, 2.0 ** bits - 1
+    bits = int(ds.get("BitsStored", 8))
+    if ds.get("ModalityLUTSequence"):
+        bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        lo, hi = 0.0, 2.0 ** bits - 1
+    elif int(ds.get("PixelRepresentation", 0)) == 0:
+        lo, hi = 0.0, 2.0 ** bits - 1
+    else:
+        lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None and not ds.get("ModalityLUTSequence"):
+        lo, hi = lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
+    return lo, hi
+
+
+def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Gray (H, W) <-> colour (H, W, 3): gray is replicated; colour becomes ITU-R 601 luma
+    (Pillow's "L" conversion)."""
+    if channels == 3 and pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    if channels == 1 and pixels.ndim == 3:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(pixels).convert("L"), dtype=np.uint8)
+    return pixels
+
+
+def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square (the longer side trimmed evenly), then resize to size x size
+    with Pillow's bicubic filter (antialiased when shrinking); a size x size image is kept
+    byte for byte."""
+    h, w = pixels.shape[:2]
+    if h == w == size:
+        return pixels
+    from PIL import Image
+
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = pixels[top:top + side, left:left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    image = Image.fromarray(np.ascontiguousarray(square))
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
