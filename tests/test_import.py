@@ -381,3 +381,26 @@ def test_reimport_with_other_options_needs_force(breast, tmp_path):
     with pytest.raises(InvalidDataFileError):
         import_dataset("nothing", tmp_path / "missing", data_root=tmp_path / "root",
                        progress=False)
+
+
+def test_grid_finetune_and_report_run_on_an_imported_dataset(breast, tmp_path):
+    """The whole pipeline on an imported name: a grid (extract, logreg, fine-tune) through the
+    local executor's spawned workers, then the report."""
+    from medfm.grid import run_grid, spec_from_dict
+    from medfm.report import report
+
+    export_folder(breast, tmp_path / "src")
+    import_dataset("mine", tmp_path / "src", sizes=(28,), data_root=tmp_path / "root",
+                   progress=False)
+    spec = spec_from_dict({
+        "datasets": ["mine"], "sizes": [28], "backbones": ["test_resnet"], "weights": "random",
+        "fractions": [1.0], "seeds": [0], "methods": ["logreg", "finetune"],
+        "resize_policy": "native", "device": "cpu", "data_root": str(tmp_path / "root"),
+        "finetune": {"recipe": "medfm", "overrides": {"epochs": 1, "batch_size": 64,
+                                                      "augment": False}}})
+    result = run_grid(spec, workdir=tmp_path / "work", executor="local", progress=False,
+                      max_workers=1)
+    assert result.ok and result.rows_added == 2, result.failed
+    out = report(workdir=tmp_path / "work", out=tmp_path / "report")
+    assert "mine" in (tmp_path / "report" / "report.html").read_text()
+    assert out is not None

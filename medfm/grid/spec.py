@@ -212,7 +212,8 @@ def validate(spec: GridSpec) -> GridSpec:
     for name in REQUIRED:
         if not getattr(spec, name):
             raise InvalidArgumentError(f"spec field {name!r} is empty; list at least one value")
-    datasets = None if spec.datasets is None else tuple(get_dataset(d).flag for d in spec.datasets)
+    datasets = None if spec.datasets is None else tuple(
+        get_dataset(d, spec.data_root).flag for d in spec.datasets)
     sizes = tuple(check_size(s) for s in spec.sizes)
     methods = probe_methods()
     for method in spec.methods:
