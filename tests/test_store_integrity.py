@@ -233,3 +233,10 @@ def test_disk_full_during_extraction_is_one_line_and_the_rerun_completes(real_ro
     built = next(stores.glob("*.h5"))
     assert FeatureStore(built).fingerprint == FeatureStore(reference).fingerprint
     assert not list(stores.glob("*.partial"))
+
+
+def test_a_stores_path_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "stores").write_text("not a folder")
+    assert main(["stores", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0]

@@ -388,8 +388,11 @@ def finetune(
                 continue
             row, scores, y_true = _train_and_test(request, key, device=device, workdir=workdir,
                                                   progress=progress, on_checkpoint=None)
-            reg.add(row, scores=scores, y_true=y_true, replace=force)
+            inserted = reg.add(row, scores=scores, y_true=y_true, replace=force)
             _finish(folder)
-        ran.append(row)
+        if inserted:
+            ran.append(row)
+        else:  # another writer (a grid driver) recorded the run first
+            skipped.append(request.label)
     return FinetuneReport(ran=tuple(ran), skipped=tuple(skipped), missing=tuple(missing))
 

@@ -8,10 +8,11 @@ MedMNIST flag (`medfm import NAME SOURCE`).
 What it writes, under the data root: `NAME.npz` (28 px) and `NAME_{64,128,224}.npz` in the
 MedMNIST layout (`{split}_images` uint8 (N, S, S) or (N, S, S, 3), `{split}_labels` uint8 (N, 1)
 or (N, L)), and the dataset card `NAME.card.json`: task, class names, counts per split and class,
-how the splits were made, the resize and intensity rules, the source files' digest and the images
-skipped. The card is written last, so a dataset without its card does not exist for medfm; the
-npz members are stored uncompressed (memory-mapped as they are) with fixed zip timestamps, so
-the same images always give the same bytes (and the same data digest in every run's identity).
+how the splits were made, the resize and intensity rules, the source files' digest (sha256 over
+every file's sha256, in row order) and the images skipped. The card is written last, so a
+dataset without its card does not exist for medfm; the npz members are stored uncompressed
+(memory-mapped as they are) with fixed zip timestamps, so the same images always give the same
+bytes (and the same data digest in every run's identity).
 
 Large collections stream: images are decoded by a thread pool, in order, straight into
 memory-mapped arrays in `DATA_ROOT/.import-NAME/`, whose progress file is moved only after the
@@ -194,7 +195,7 @@ class _Work:
         if state is None:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            state = {"plan": plan, "done": dict.fromkeys(SPLITS, 0), "bad": [], "digests": []}
+            state = {"plan": plan, "done": dict.fromkeys(SPLITS, 0), "bad": []}
             self.resumed = False
         else:
             self.resumed = any(state["done"].values())
@@ -207,9 +208,15 @@ class _Work:
                 mode = "r+" if path.exists() and self.resumed else "w+"
                 self.arrays[(size, split)] = np.lib.format.open_memmap(
                     path, mode=mode, dtype=np.uint8, shape=shape)
+        self.digests = {}  # split -> (N, 32) sha256 of each source file, row by row
+        for split in SPLITS:
+            path = folder / f"sha256_{split}.npy"
+            mode = "r+" if path.exists() and self.resumed else "w+"
+            self.digests[split] = np.lib.format.open_memmap(
+                path, mode=mode, dtype=np.uint8, shape=(counts[split], 32))
 
     def commit(self) -> None:
-        for array in self.arrays.values():
+        for array in [*self.arrays.values(), *self.digests.values()]:
             array.flush()
         write_atomic(self.folder / "progress.json", json.dumps(self.state))
 
@@ -227,7 +234,7 @@ def _read_one(item, channels: int, sizes: tuple[int, ...]):
     pixels = to_channels(pixels, channels)
     if min(pixels.shape[:2]) < 1:
         return None, "has no pixels"
-    return hashlib.sha256(data).hexdigest(), {s: resize_square(pixels, s) for s in sizes}
+    return hashlib.sha256(data).digest(), {s: resize_square(pixels, s) for s in sizes}
 
 
 def import_dataset(
@@ -309,7 +316,7 @@ def import_dataset(
                         continue
                     for size in sizes:
                         work.arrays[(size, split)][lo + offset] = result[size]
-                    work.state["digests"].append(digest)
+                    work.digests[split][lo + offset] = np.frombuffer(digest, np.uint8)
                 decoded += len(chunk)
                 work.state["done"][split] = lo + len(chunk)
                 work.commit()
@@ -336,7 +343,8 @@ def import_dataset(
         files[size] = (tmp, root / fname)
     for tmp, final in files.values():
         os.replace(tmp, final)
-    content = hashlib.sha256("\n".join(sorted(work.state["digests"])).encode()).hexdigest()
+    content = hashlib.sha256(b"".join(work.digests[s][keep[s]].tobytes()
+                                      for s in SPLITS)).hexdigest()
     card = {
         "format": CARD_FORMAT,
         "name": name,

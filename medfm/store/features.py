@@ -62,7 +62,11 @@ def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
     from medfm.store.migrate import upgrade_stores
 
     path = resolve_workdir(workdir) / STORES_DIRNAME
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StoreError(f"{path} is not a folder; move that file away (the work directory "
+                         "keeps its feature stores there).") from None
     upgrade_stores(path)
     return path
 
