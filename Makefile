@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,dist]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps medmnistc==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -258,12 +258,12 @@ def _embed_splits(writer: StoreWriter, splits: dict, embed: _Embedder, chunk_row
     wall seconds)."""
     rows_per_chunk = chunk_rows or embed.batch_size * CHUNK_BATCHES
     total = sum(len(images) for images, _ in splits.values())
-    already = sum(writer.rows_done(s) for s in SPLITS)
+    already = sum(writer.rows_done(s) for s in splits)
     elapsed = {}
     t0 = time.perf_counter()
     with tqdm(total=total, initial=already, unit="img", disable=not progress, desc=desc,
               dynamic_ncols=True) as bar:
-        for split in SPLITS:
+        for split in splits:
             ts = time.perf_counter()
             bar.set_postfix_str(split)
             pin = embed.device.type == "cuda"
@@ -273,3 +273,124 @@ def _embed_splits(writer: StoreWriter, splits: dict, embed: _Embedder, chunk_row
                 bar.update(len(chunk))
             elapsed[split] = round(time.perf_counter() - ts, 3)
     return total - already, elapsed, time.perf_counter() - t0
+
+
+# --- corrupted test splits (MedMNIST-C) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class CorruptedResult:
+    """What one corrupted-split extraction did."""
+
+    path: Path  # the finished sibling store
+    status: str  # "built", "resumed" or "exists"
+    pairs: list  # (corruption, severity) stored
+    skipped: list  # corruptions that cannot apply at this size, with why
+
+
+class _CorruptedImages:
+    """The test images with one corruption at one severity, corrupted chunk by chunk as the
+    loader thread slices them (deterministic per image, so resuming at any row is exact)."""
+
+    def __init__(self, images: np.ndarray, dataset: str, corruption: str, severity: int,
+                 seed: int, base: str | None):
+        self.images, self.args = images, (dataset, corruption, severity)
+        self.seed, self.base = seed, base
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        from medfm.corrupt import corrupt
+
+        start = rows.start or 0
+        return corrupt(np.asarray(self.images[rows]), *self.args, seed=self.seed,
+                       base=self.base, start=start)
+
+
+def extract_corrupted(
+    request: StoreRequest,
+    *,
+    corruptions: str | list[str] | None = None,
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+    seed: int = 0,
+    base: str | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    workdir: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = True,
+    chunk_rows: int | None = None,
+) -> CorruptedResult:
+    """Embed the request's test split under MedMNIST-C corruptions (medfm.corrupt) into a
+    sibling of its store (medfm.store.corrupted), building the store first if needed.
+
+    `corruptions`: "medmnist-c" / None (every corruption defined for the dataset) or names;
+    `severities` 1..5; `seed` makes the corrupted images reproducible; `base` lends an imported
+    dataset a MedMNIST dataset's corruption set. A corruption that cannot be applied at the
+    store's size is skipped and named in the result.
+    """
+    from medfm.corrupt import NotApplicable, corrupt, package_version, resolve_corruptions
+    from medfm.store.corrupted import corrupted_identity, corrupted_path, group_name
+
+    main = extract_request(request, batch_size=batch_size, device=device, workdir=workdir,
+                           progress=progress, chunk_rows=chunk_rows)
+    store = FeatureStore(main.path)
+    dataset = request.dataset.name
+    pairs = resolve_corruptions(dataset, corruptions, severities, base)
+    corruption_set = corruptions if isinstance(corruptions, str) else ",".join(
+        corruptions or ["medmnist-c"])
+    identity = corrupted_identity(store, pairs, seed=seed, corruption_set=corruption_set,
+                                  base=base, version=package_version())
+    path = corrupted_path(store, identity)
+    if path.exists() and not force:
+        from medfm.store.corrupted import CorruptedStore
+
+        done = CorruptedStore(path)
+        return CorruptedResult(path, "exists", done.pairs, done.skipped)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images, labels = load_split(dataset, request.dataset.size, "test",
+                                request.dataset.path.parent)
+    skipped, kept = [], []
+    probe_image = np.asarray(images[:1])
+    for name in dict.fromkeys(c for c, _ in pairs):
+        try:  # the strongest severity asked for, on one image: does it apply at this size?
+            corrupt(probe_image, dataset, name, max(s for c, s in pairs if c == name),
+                    seed=seed, base=base)
+            kept.append(name)
+        except NotApplicable as exc:
+            skipped.append({"corruption": name, "reason": str(exc)})
+    pairs = [(c, s) for c, s in pairs if c in kept]
+    if not pairs:
+        raise InvalidArgumentError(
+            f"none of the corruptions asked for applies to {request.dataset.label} images "
+            f"({'; '.join(s['reason'] for s in skipped)}).")
+    with store_lock(path, label=f"{request.dataset.label} corrupted test splits"):
+        if path.exists() and not force:
+            from medfm.store.corrupted import CorruptedStore
+
+            done = CorruptedStore(path)
+            return CorruptedResult(path, "exists", done.pairs, done.skipped)
+        bb = create_backbone(request.backbone)
+        dev = resolve_device(device)
+        groups = {group_name(c, s): (_CorruptedImages(images, dataset, c, s, seed, base),
+                                     np.asarray(labels)) for c, s in pairs}
+        embed = _Embedder(bb, DevicePreprocessor(request.preprocess, dev), dev,
+                          batch_size or DEFAULT_BATCH_SIZE[dev.type])
+        attrs = {"pairs_json": json.dumps(pairs), "skipped_json": json.dumps(skipped),
+                 "main_store": store.path.name, "corruption_seed": seed,
+                 "medmnistc_version": identity["medmnistc"]}
+        with disk_full_is_one_line(path):
+            writer = StoreWriter(path, identity, dim=bb.feature_dim,
+                                 labels={g: y for g, (_, y) in groups.items()}, attrs=attrs,
+                                 restart=force)
+            try:
+                _embed_splits(writer, groups, embed, chunk_rows, progress,
+                              f"{request.dataset.label} {bb.arch} corrupted")
+            except BaseException:
+                writer.close()
+                raise
+            writer.finalize({"device": device_name(dev),
+                             "created_at": datetime.now(timezone.utc).isoformat(
+                                 timespec="seconds")})
+        status = "resumed" if writer.resumed else "built"
+    return CorruptedResult(path, status, pairs, skipped)

@@ -65,9 +65,14 @@ def _record(registry: Registry, outcome: JobOutcome, workdir: str) -> int:
     fine-tune's tested weights and drop its resumable state; returns how many rows were new."""
     from medfm.finetune import finish_checkpoint  # torch: only once there is a row to record
 
+    from medfm.probe.robust import record
+
     added = 0
-    for row, scores, y_true in outcome.rows:
-        added += registry.add(row, scores=scores, y_true=y_true)
+    for scored in outcome.rows:
+        row, scores, y_true = scored
+        if registry.add(row, scores=scores, y_true=y_true):
+            added += 1
+            record(registry, workdir, scored)  # a probe's corrupted evaluations and its state
         if outcome.job.kind == "finetune":
             finish_checkpoint(workdir, row.key)
     return added

@@ -34,10 +34,12 @@ from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.methods import get_method
+from medfm.probe.robust import ScoredRow, load_state, record, save_state, score_pairs
 from medfm.probe.solvers import SOLVERS, resolve_solver
 from medfm.request import run_key
 from medfm.runtime import versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
+from medfm.store.corrupted import available_pairs
 from medfm.store.features import FeatureStore, find_stores
 from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
 
@@ -120,6 +122,7 @@ class ProbeReport:
     skipped: list  # ResultKey of each planned run already in the registry (also one another
     #                process recorded first while this call fitted it: its row is kept)
     wall_s: float  # seconds for the whole call
+    corrupted_filled: int = 0  # corrupted-split evaluations added to runs recorded before
 
     @property
     def planned(self) -> int:
@@ -138,12 +141,15 @@ def _check_classes(arrays: StoreArrays, task: Task, n_classes: int) -> None:
 
 def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
               arrays: StoreArrays | None = None, shared_fits: dict | None = None,
-              ) -> tuple[ResultRow, np.ndarray, np.ndarray]:
-    """One probe run, writing nothing: sample the training subset, fit, score the test split.
+              corrupted: dict | None = None) -> ScoredRow:
+    """One probe run, writing nothing: sample the training subset, fit, score the test split
+    and every corrupted test split of the store (medfm.probe.robust).
 
-    Returns (row, float32 test scores, test labels), what `Registry.add` records. `arrays` passes
-    features already read; `shared_fits` (a dict the caller keeps) lets runs with identical
-    training data and settings share one fit and its evaluation.
+    Returns a ScoredRow: it unpacks as (row, float32 test scores, test labels), what
+    `Registry.add` records, and carries the corrupted evaluations and the fitted state to keep.
+    `arrays` passes features already read; `shared_fits` (a dict the caller keeps) lets runs
+    with identical training data and settings share one fit and its evaluation; `corrupted`
+    passes the store's corrupted splits already found (available_pairs).
     """
     start = time.perf_counter()
     key = probe.key(store, spec)
@@ -166,11 +172,33 @@ def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
         if shared_fits is not None:
             shared_fits[fit_id] = (fitted, metrics, key.digest())
         extra = fitted.extra
+    if corrupted is None:
+        corrupted = available_pairs(store)
+    evaluations = (score_pairs(fitted.model, store, corrupted, info.task, arrays.labels["test"])
+                   if corrupted and fitted.model is not None else [])
+    state = (method.save_state(fitted.model)
+             if method.save_state is not None and fitted.model is not None else None)
     row = ResultRow.scored(
         key, subset, metrics, chosen_C=fitted.chosen_C, solver=fitted.solver,
         device=fitted.device, weights_digest=store.weights_digest,
         extra=extra, versions=versions(*PROBE_VERSIONS), wall_s=time.perf_counter() - start)
-    return row, fitted.scores, arrays.labels["test"]
+    return ScoredRow(row, fitted.scores, arrays.labels["test"], evaluations, state)
+
+
+def fill_corrupted(store: FeatureStore, spec: SubsetSpec, probe: ProbeRequest, key: ResultKey,
+                   missing: dict, *, workdir, arrays: StoreArrays | None = None) -> tuple:
+    """Score a recorded run on corrupted splits it lacks (`missing`: pair -> sibling store):
+    from its kept state when there is one, else by refitting it once (same subset, same
+    deterministic fit; its row is not touched). Returns (evaluations, state to keep or None
+    when it was loaded)."""
+    method = get_method(probe.method)
+    info = get_dataset(key.dataset)
+    state = load_state(workdir, key.digest()) if method.load_state is not None else None
+    if state is not None:
+        y_test = store.labels("test")
+        return score_pairs(method.load_state(state), store, missing, info.task, y_test), None
+    scored = probe_job(store, spec=spec, probe=probe, arrays=arrays, corrupted=missing)
+    return scored.evaluations, scored.state
 
 
 def matching_stores(*, dataset: str | None = None, backbone: str | None = None,
@@ -213,14 +241,55 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
     skipped = [key for _, _, key in plan if key.digest() in done]
     pending = [(s, spec) for s, spec, key in plan if key.digest() not in done]
     request = request.for_work(pending)
-    computed, arrays, shared_fits = [], {}, {}
+    computed, arrays, shared_fits, corrupted = [], {}, {}, {}
     for s, spec in tqdm(pending, desc="probe", disable=not progress or not pending):
         if s.path not in arrays:
             arrays = {s.path: StoreArrays.load(s)}  # one store in memory at a time
-        row, scores, y_test = probe_job(s, spec=spec, probe=request, arrays=arrays[s.path],
-                                        shared_fits=shared_fits)
+            corrupted = {s.path: available_pairs(s)}
+        scored = probe_job(s, spec=spec, probe=request, arrays=arrays[s.path],
+                           shared_fits=shared_fits, corrupted=corrupted[s.path])
+        row, scores, y_test = scored
         if registry.add(row, scores=scores, y_true=y_test, replace=force):
             computed.append(row)
+            record(registry, workdir, scored)
         else:  # another process recorded this key since the registry was asked
             skipped.append(row.key)
-    return ProbeReport(computed=computed, skipped=skipped, wall_s=time.perf_counter() - start)
+    filled = _fill_recorded(registry, [(s, spec, key) for s, spec, key in plan
+                                       if key.digest() in done], request, workdir, progress)
+    return ProbeReport(computed=computed, skipped=skipped, wall_s=time.perf_counter() - start,
+                       corrupted_filled=filled)
+
+
+def _fill_recorded(registry: Registry, recorded: list, request: ProbeRequest, workdir,
+                   progress: bool) -> int:
+    """Score recorded runs on the corrupted splits their stores gained since; returns how many
+    evaluations were added."""
+    from tqdm.auto import tqdm
+
+    pairs_of = {}
+    for s, _, _ in recorded:
+        if s.path not in pairs_of:
+            pairs_of[s.path] = available_pairs(s)
+    recorded = [item for item in recorded if pairs_of[item[0].path]]
+    if not recorded:
+        return 0
+    have = registry.evaluated([key for _, _, key in recorded])
+    todo = []
+    for s, spec, key in recorded:
+        missing = {p: sib for p, sib in pairs_of[s.path].items()
+                   if p not in have.get(key.digest(), set())}
+        if missing:
+            todo.append((s, spec, key, missing))
+    added, arrays = 0, {}
+    for s, spec, key, missing in tqdm(todo, desc="corrupted splits",
+                                      disable=not progress or not todo):
+        if s.path not in arrays:
+            arrays = {s.path: StoreArrays.load(s)}
+        evaluations, state = fill_corrupted(s, spec, request, key, missing, workdir=workdir,
+                                            arrays=arrays[s.path])
+        if state is not None:
+            save_state(workdir, key.digest(), state)
+        for ev in evaluations:
+            added += registry.add_evaluation(key, ev.corruption, ev.severity, ev.metrics,
+                                             ev.scores)
+    return added

@@ -289,10 +289,10 @@ def _request_columns(request: dict) -> dict:
             "dtype": request["dtype"]}
 
 
-def content_fingerprint(fh: h5py.File) -> str:
+def content_fingerprint(fh: h5py.File, splits: tuple[str, ...] = SPLITS) -> str:
     """sha256 (16 hex) over every split's features, labels and index bytes, in split order."""
     digest = hashlib.sha256()
-    for split in SPLITS:
+    for split in splits:
         for name in ARRAYS:
             dset = fh[split][name]
             step = max(1, (64 << 20) // max(1, dset.dtype.itemsize * int(np.prod(dset.shape[1:]))))
@@ -306,7 +306,8 @@ class StoreWriter:
 
     `rows_done(split)` says where to continue; `write(split, start, features)` stores rows
     [start, start + n) and flushes before moving the split's counter; `finalize()` fingerprints
-    the file and renames it to `path` atomically.
+    the file and renames it to `path` atomically. The splits are the keys of `labels`, in order
+    (train, val, test for a store; one per corruption and severity for a corrupted sibling).
     """
 
     def __init__(self, path: Path, request: dict, *, dim: int, labels: dict[str, np.ndarray],
@@ -316,12 +317,13 @@ class StoreWriter:
         self.request_json = canonical_json(request)
         self.dtype = request["dtype"]
         self.dim = dim
+        self.splits = tuple(labels)  # SPLITS for a store; corruption sets for a sibling
         self.resumed = False
         if restart and self.partial.exists():
             self.partial.unlink()
         if self.partial.exists() and self._can_resume(labels):
             self._fh = h5py.File(self.partial, "r+")
-            self.resumed = any(self.rows_done(s) for s in SPLITS)
+            self.resumed = any(self.rows_done(s) for s in self.splits)
         else:
             self.partial.unlink(missing_ok=True)
             self._create(labels, attrs)
@@ -358,8 +360,8 @@ class StoreWriter:
         fh.attrs["request_digest"] = store_digest(json.loads(self.request_json))
         fh.attrs["complete"] = False
         fh.attrs["dim"] = self.dim
-        fh.attrs["rows_json"] = json.dumps({s: len(labels[s]) for s in SPLITS})
-        for split in SPLITS:
+        fh.attrs["rows_json"] = json.dumps({s: len(labels[s]) for s in self.splits})
+        for split in self.splits:
             n = len(labels[split])
             group = fh.create_group(split)
             # contiguous and allocated up front: chunk writes touch raw data, not file metadata
@@ -420,13 +422,13 @@ class StoreWriter:
 
     def finalize(self, attrs: dict | None = None) -> Path:
         """Fingerprint, mark complete, close and rename to the final path atomically."""
-        for split in SPLITS:
+        for split in self.splits:
             n = self._fh[split]["features"].shape[0]
             if self.rows_done(split) != n:
                 raise ValueError(f"split {split} has {self.rows_done(split)} of {n} rows")
         for name, value in (attrs or {}).items():
             self._fh.attrs[name] = value
-        self._fh.attrs["fingerprint"] = content_fingerprint(self._fh)
+        self._fh.attrs["fingerprint"] = content_fingerprint(self._fh, self.splits)
         self._fh.attrs["complete"] = True
         fingerprint = self._fh.attrs["fingerprint"]
         self._fh.close()

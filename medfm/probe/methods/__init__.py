@@ -50,6 +50,7 @@ class Fitted:
     extra: dict  # method details recorded with the row (path, iterations, effective k...)
     solver: str  # what fitted it ("" when nothing is fitted)
     device: str  # device type it computed on
+    model: Any = None  # the fitted estimator (predict_proba), to score more splits later
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class ProbeMethod:
     reads_store: bool = True  # fitted on a feature store (every probe so far)
     seed_changes_fit: Callable[[str], bool] = field(default=lambda selection: False)
     # (selection) -> whether the seed changes the fit beyond the subset (holdout draws)
+    save_state: Callable[[Any], dict] | None = None  # fitted model -> arrays to keep
+    load_state: Callable[[dict], Any] | None = None  # those arrays -> a model that predicts
+    # (None: the method keeps nothing; scoring a new split refits it, as cheap as loading)
 
     def resolve_options(self, options: dict) -> dict:
         """`options` checked against this method's, with defaults filled in."""

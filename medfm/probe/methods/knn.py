@@ -85,7 +85,8 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
     model = KNNProbe(k=params["k"], metric=params["metric"], device=device)
     model.fit(features["train"][train_rows], labels["train"][train_rows])
     scores = model.predict_proba(features["test"]).astype(np.float32)
-    return Fitted(scores, None, {"k_effective": model.k_}, "", probe_device(device))
+    return Fitted(scores, None, {"k_effective": model.k_}, "", probe_device(device),
+                  model=model)
 
 
 METHOD = register(ProbeMethod(
