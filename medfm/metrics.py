@@ -1,8 +1,9 @@
-"""MedMNIST-exact ACC and AUC, balanced accuracy, and percentile bootstrap confidence intervals.
+"""MedMNIST-exact ACC and AUC, balanced accuracy, calibration (ECE, Brier, NLL), and percentile
+bootstrap confidence intervals of each.
 
     from medfm.metrics import evaluate
     m = evaluate(y_true, y_score, Task.MULTI_CLASS)  # y_true (N, 1), y_score (N, C) probabilities
-    m.acc, m.auc, m.balanced_acc, m.acc_ci, m.auc_ci
+    m.acc, m.auc, m.balanced_acc, m.ece, m.brier, m.nll, m.acc_ci, ..., m.nll_ci
 
 Definitions (identical to `medmnist.evaluator.getAUC` / `getACC` on the same scores):
 
@@ -19,20 +20,40 @@ Definitions (identical to `medmnist.evaluator.getAUC` / `getACC` on the same sco
 - Balanced accuracy (not in medmnist). Mean over the classes present in `y_true` of the recall
   of that class, on the same predictions as ACC at 0.5 (sklearn's `balanced_accuracy_score`).
   Multi-label: the mean over labels of each label's balanced accuracy.
+- Expected calibration error (ECE; lower is better), top-label with `ECE_BINS` = 15 equal-width
+  bins: each sample's confidence is the probability of its predicted class (multi-class and
+  ordinal: the largest score, predicted class its argmax; binary: max(p, 1 - p) with p the
+  probability of class 1 and the prediction p > 0.5, as ACC). Bin b holds the confidences in
+  (b / 15, (b + 1) / 15] (bin 0 also takes 0). ECE = sum over bins of (share of samples in the
+  bin) * |accuracy in the bin - mean confidence in the bin| = (1 / N) * sum over bins of
+  |sum over its samples of (correct - confidence)|. Multi-label: the mean over labels of each
+  label's binary ECE (on that label's probability, as binary).
+- Brier score (lower is better). Multi-class and ordinal: mean over samples of the sum over
+  classes of (p_c - onehot_c)^2 (in [0, 2]). Binary: mean of (p - y)^2 on the probability of
+  class 1 (in [0, 1]; scikit-learn's `brier_score_loss`; half the two-column sum). Multi-label:
+  the mean over labels of each label's binary Brier score.
+- Negative log-likelihood (NLL, natural log, lower is better): mean over samples of -log of the
+  probability given to the true class; binary: -(y log p + (1 - y) log(1 - p)); multi-label: the
+  mean over labels of each label's binary NLL. Probabilities are clipped to [1e-12, 1 - 1e-12]
+  (`NLL_CLIP`; multi-class: the true class's probability to [1e-12, 1], rows are not
+  renormalized), so one confidently wrong sample costs at most -log(1e-12) = 27.6.
 - Confidence intervals. Percentile bootstrap over test samples: `n_bootstrap` resamples of N
   samples drawn with replacement from a seeded generator; the interval is the
   ((1 - ci) / 2, (1 + ci) / 2) quantiles of the metric over the resamples. Resamples where the
   metric is undefined (an AUC column with a class missing) are skipped. `evaluate` scores all
   resamples at once as per-sample counts (a duplicated sample is a weight of 2), which gives
-  exactly the numbers that `bootstrap_ci` gets by re-indexing, in a fraction of the time.
+  exactly the numbers that `bootstrap_ci` gets by re-indexing, in a fraction of the time: Brier and
+  NLL are count-weighted means of per-sample terms, ECE is the count-weighted per-bin sum of
+  (correct - confidence), and balanced accuracy is count-weighted per-class recalls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
@@ -41,17 +62,27 @@ DEFAULT_THRESHOLD = 0.5  # binary and multi-label decision threshold (medmnist's
 DEFAULT_N_BOOTSTRAP = 1000  # bootstrap resamples per confidence interval
 DEFAULT_CI = 0.95  # confidence level of the percentile intervals
 BOOTSTRAP_CHUNK = 64  # resamples scored together: a (64, N) weight matrix at a time
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+NLL_CLIP = 1e-12  # probabilities are clipped to [NLL_CLIP, 1 - NLL_CLIP] before the log
 
 
 @dataclass(frozen=True)
 class Metrics:
-    """Test-split metrics of one set of scores, as fractions in [0, 1]."""
+    """Metrics of one set of test scores (definitions in the module docstring); ACC, AUC,
+    balanced accuracy and ECE are fractions in [0, 1]."""
 
     acc: float  # MedMNIST ACC (primary metric for all but ChestMNIST)
     auc: float  # MedMNIST AUC (primary metric for ChestMNIST)
     balanced_acc: float  # mean per-class recall (multi-label: mean over labels)
     acc_ci: tuple[float, float]  # percentile bootstrap interval of acc
     auc_ci: tuple[float, float]  # percentile bootstrap interval of auc
+    balanced_acc_ci: tuple[float, float]  # percentile bootstrap interval of balanced_acc
+    ece: float  # expected calibration error, 15 equal-width bins of top-label confidence
+    brier: float  # Brier score (binary and multi-label: on the class-1 probability)
+    nll: float  # mean negative log-likelihood, natural log, probabilities clipped at 1e-12
+    ece_ci: tuple[float, float]  # percentile bootstrap interval of ece
+    brier_ci: tuple[float, float]  # percentile bootstrap interval of brier
+    nll_ci: tuple[float, float]  # percentile bootstrap interval of nll
 
 
 def _true_and_score(
@@ -195,6 +226,143 @@ def balanced_acc(y_true: np.ndarray, y_score: np.ndarray, task: Task) -> float:
     return _balanced_accuracy_1d(true, pred)
 
 
+def _top_label(
+    y_true: np.ndarray, y_score: np.ndarray, task: Task
+) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of the predicted class, (N, L) for multi-label, (N, 1) otherwise.
+
+    Binary and multi-label: confidence max(p, 1 - p) of the prediction p > 0.5 (ACC's); multi-class
+    and ordinal: the largest score and whether its argmax is the label.
+    """
+    y_true, y_score = _true_and_score(y_true, y_score, task)
+    if Task(task) in (Task.MULTI_LABEL, Task.BINARY):
+        pred = y_score > DEFAULT_THRESHOLD
+        confidence = np.where(pred, y_score, 1.0 - y_score)
+        correct = pred == (y_true == 1)
+    else:
+        confidence = y_score.max(axis=1)
+        correct = np.argmax(y_score, axis=1) == y_true
+    n = y_true.shape[0]
+    return confidence.reshape(n, -1), correct.reshape(n, -1).astype(np.float64)
+
+
+def _confidence_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin index of each confidence: (b / n_bins, (b + 1) / n_bins], 0 included in bin 0."""
+    return np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+
+
+def _ece_terms(y_true: np.ndarray, y_score: np.ndarray, task: Task) -> scipy.sparse.csr_array:
+    """(L * ECE_BINS, N) sparse: each sample's (correct - confidence) in its label's bin row.
+
+    For sample weights w (B, N): ECE = mean over labels of sum over bins of |terms @ w.T| / sum(w)
+    (one non-zero per sample and label, so a resample costs N * L, not N * L * ECE_BINS).
+    """
+    confidence, correct = _top_label(y_true, y_score, task)
+    n, n_labels = confidence.shape
+    rows = _confidence_bins(confidence, ECE_BINS) + ECE_BINS * np.arange(n_labels)  # (N, L)
+    columns = np.repeat(np.arange(n), n_labels)
+    return scipy.sparse.csr_array(
+        ((correct - confidence).ravel(), (rows.ravel(), columns)),
+        shape=(n_labels * ECE_BINS, n),
+    )
+
+
+def _ece_of(terms: scipy.sparse.csr_array, weights: np.ndarray) -> np.ndarray:
+    """ECE per row of integer sample weights (B, N), each row summing to N."""
+    sums = (terms @ weights.T.astype(np.float64, copy=False)).T  # (B, L * ECE_BINS)
+    per_label = np.abs(sums).reshape(sums.shape[0], -1, ECE_BINS).sum(axis=2)  # (B, L)
+    return per_label.mean(axis=1) / terms.shape[1]
+
+
+def _brier_and_nll_terms(
+    y_true: np.ndarray, y_score: np.ndarray, task: Task
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) per-sample Brier and NLL terms whose means are the task's Brier score and NLL."""
+    y_true, y_score = _true_and_score(y_true, y_score, task)
+    if Task(task) in (Task.MULTI_LABEL, Task.BINARY):
+        p = np.clip(y_score, NLL_CLIP, 1.0 - NLL_CLIP)
+        brier = (y_score - y_true) ** 2
+        nll = -(y_true * np.log(p) + (1 - y_true) * np.log1p(-p))
+        if brier.ndim == 2:  # multi-label: mean over labels
+            return brier.mean(axis=1), nll.mean(axis=1)
+        return brier, nll
+    onehot = np.eye(y_score.shape[1])[y_true]
+    brier = ((y_score - onehot) ** 2).sum(axis=1)
+    p_true = np.take_along_axis(y_score, y_true[:, None], axis=1)[:, 0]
+    return brier, -np.log(np.clip(p_true, NLL_CLIP, 1.0))
+
+
+def ece(y_true: np.ndarray, y_score: np.ndarray, task: Task) -> float:
+    """Expected calibration error, top-label, ECE_BINS equal-width bins (module docstring)."""
+    terms = _ece_terms(y_true, y_score, task)
+    return float(_ece_of(terms, np.ones((1, terms.shape[1]), dtype=np.int64))[0])
+
+
+def brier(y_true: np.ndarray, y_score: np.ndarray, task: Task) -> float:
+    """Brier score: multi-class sum over classes; binary and multi-label on P(class 1)."""
+    return float(_brier_and_nll_terms(y_true, y_score, task)[0].mean())
+
+
+def nll(y_true: np.ndarray, y_score: np.ndarray, task: Task) -> float:
+    """Mean negative log-likelihood of the true labels (probabilities clipped at NLL_CLIP)."""
+    return float(_brier_and_nll_terms(y_true, y_score, task)[1].mean())
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin calibration of a set of scores: what a reliability diagram draws."""
+
+    edges: np.ndarray  # (ECE_BINS + 1,) bin edges on the confidence axis, 0 to 1
+    confidence: np.ndarray  # (ECE_BINS,) mean confidence in each bin (NaN when empty)
+    accuracy: np.ndarray  # (ECE_BINS,) share of correct predictions in each bin (NaN when empty)
+    count: np.ndarray  # (ECE_BINS,) samples (multi-label: sample-label pairs) in each bin
+
+
+def reliability_bins(y_true: np.ndarray, y_score: np.ndarray, task: Task) -> ReliabilityBins:
+    """The ECE's bins of top-label confidence and accuracy; multi-label pools all labels."""
+    confidence, correct = _top_label(y_true, y_score, task)
+    bins = _confidence_bins(confidence, ECE_BINS).ravel()
+    count = np.bincount(bins, minlength=ECE_BINS)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(bins, confidence.ravel(), ECE_BINS) / count
+        accuracy = np.bincount(bins, correct.ravel(), ECE_BINS) / count
+    return ReliabilityBins(np.linspace(0.0, 1.0, ECE_BINS + 1), mean_conf, accuracy, count)
+
+
+class _WeightedBalancedAccuracy:
+    """Balanced accuracy under per-sample integer weights (B, N), one value per weight row.
+
+    Each (label, class) pair present in y_true contributes its recall, weighted hits over
+    weighted members; a class with no weight in a resample is absent from it, as it would be
+    from the re-indexed labels.
+    """
+
+    def __init__(self, y_true: np.ndarray, y_score: np.ndarray, task: Task) -> None:
+        true, pred = _predictions(y_true, y_score, task, DEFAULT_THRESHOLD)
+        true, pred = true.reshape(true.shape[0], -1), pred.reshape(pred.shape[0], -1)
+        members, hits, self.label_of = [], [], []
+        for label in range(true.shape[1]):
+            for cls in np.unique(true[:, label]):
+                member = true[:, label] == cls
+                members.append(member)
+                hits.append(member & (pred[:, label] == cls))
+                self.label_of.append(label)
+        # float64 so the products run on BLAS (exact: integer sums far below 2**53)
+        self.members = np.stack(members, axis=1).astype(np.float64)  # (N, K)
+        self.hits = np.stack(hits, axis=1).astype(np.float64)  # (N, K)
+        self.label_of = np.asarray(self.label_of)
+        self.n_labels = true.shape[1]
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        weights = weights.astype(np.float64, copy=False)
+        size = weights @ self.members  # (B, K)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = np.where(size > 0, (weights @ self.hits) / size, np.nan)
+        per_label = [np.nanmean(recall[:, self.label_of == label], axis=1)
+                     for label in range(self.n_labels)]
+        return np.mean(per_label, axis=0)
+
+
 def _check_bootstrap(n_bootstrap: int, ci: float) -> None:
     if int(n_bootstrap) != n_bootstrap or n_bootstrap < 1:
         raise InvalidArgumentError(f"n_bootstrap must be a positive integer; got {n_bootstrap}.")
@@ -252,6 +420,74 @@ def bootstrap_ci(
     return _percentile_interval(values, ci)
 
 
+METRIC_NAMES = ("acc", "auc", "balanced_acc", "ece", "brier", "nll")  # what `evaluate` scores
+
+
+def _weighted_scorers(
+    y_true: np.ndarray, y_score: np.ndarray, task: Task, names: Iterable[str]
+) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Per metric name, a function of integer sample weights (B, N) -> (B,) metric values.
+
+    ACC is weights @ correct labels per sample / (N * L); Brier and NLL are weights @ per-sample
+    terms / N; ECE sums per-bin terms under the weights; AUC and balanced accuracy weight their
+    classes' members.
+    """
+    names = tuple(names)
+    unknown = set(names) - set(METRIC_NAMES)
+    if unknown:
+        raise InvalidArgumentError(f"unknown metric(s) {sorted(unknown)}; use {METRIC_NAMES}")
+    scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    if "acc" in names:
+        true, pred = _predictions(y_true, y_score, task, DEFAULT_THRESHOLD)
+        correct = (true == pred).reshape(true.shape[0], -1)  # (N, L), L = 1 unless multi-label
+        n_correct = correct.sum(axis=1)  # (N,) correct labels per sample
+        scorers["acc"] = lambda w: w @ n_correct / correct.size
+    if "auc" in names:
+        scorers["auc"] = _WeightedAUC(y_true, y_score, task)
+    if "balanced_acc" in names:
+        scorers["balanced_acc"] = _WeightedBalancedAccuracy(y_true, y_score, task)
+    if "ece" in names:
+        ece_terms = _ece_terms(y_true, y_score, task)  # (L * ECE_BINS, N) sparse
+        scorers["ece"] = lambda w: _ece_of(ece_terms, w)
+    if {"brier", "nll"} & set(names):
+        brier_nll = np.stack(_brier_and_nll_terms(y_true, y_score, task), axis=1)  # (N, 2)
+        scorers["brier"] = lambda w: w @ brier_nll[:, 0] / brier_nll.shape[0]
+        scorers["nll"] = lambda w: w @ brier_nll[:, 1] / brier_nll.shape[0]
+    return {name: scorers[name] for name in names}
+
+
+def bootstrap_metrics(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    task: Task,
+    names: Iterable[str] = METRIC_NAMES,
+    *,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+    seed: int = 0,
+    ci: float = DEFAULT_CI,
+) -> dict[str, tuple[float, tuple[float, float]]]:
+    """(point estimate, percentile interval) of each named metric, all on the same resamples.
+
+    A subset of names costs only what those metrics cost and gives exactly the numbers that
+    `evaluate` gives for them (e.g. calibration added to rows whose AUC is already stored).
+    """
+    _check_bootstrap(n_bootstrap, ci)
+    scorers = _weighted_scorers(y_true, y_score, task, names)
+    n = np.asarray(y_true).shape[0]
+    values: dict[str, list[np.ndarray]] = {name: [] for name in scorers}
+    for indices in _resample_indices(n, n_bootstrap, seed):
+        counts = _counts(indices, n)  # (b, N) integer weights
+        weights = counts.astype(np.float64)  # exact, and the products run on BLAS
+        for name, scorer in scorers.items():
+            values[name].append(scorer(counts if name == "auc" else weights))
+    ones = np.ones((1, n), dtype=np.int64)
+    return {
+        name: (float(scorer(ones if name == "auc" else ones.astype(np.float64))[0]),
+               _percentile_interval(np.concatenate(values[name]), ci))
+        for name, scorer in scorers.items()
+    }
+
+
 def evaluate(
     y_true: np.ndarray,
     y_score: np.ndarray,
@@ -261,26 +497,9 @@ def evaluate(
     seed: int = 0,
     ci: float = DEFAULT_CI,
 ) -> Metrics:
-    """ACC, AUC, balanced accuracy and bootstrap CIs of ACC and AUC (same resamples for both).
-
-    Resamples are scored as integer count matrices: ACC of a resample is counts @ correct labels
-    per sample / (N * L), and AUC is the count-weighted Mann-Whitney statistic.
-    """
-    _check_bootstrap(n_bootstrap, ci)
-    true, pred = _predictions(y_true, y_score, task, DEFAULT_THRESHOLD)
-    correct = (true == pred).reshape(true.shape[0], -1)  # (N, L), L = 1 unless multi-label
-    n, n_labels = correct.shape
-    n_correct = correct.sum(axis=1)  # (N,) correct labels per sample
-    weighted_auc = _WeightedAUC(y_true, y_score, task)
-    acc_values, auc_values = [], []
-    for indices in _resample_indices(n, n_bootstrap, seed):
-        counts = _counts(indices, n)  # (b, N)
-        acc_values.append(counts @ n_correct / (n * n_labels))
-        auc_values.append(weighted_auc(counts))
+    """Every metric of the module docstring with its bootstrap CI (the same resamples for all)."""
+    scored = bootstrap_metrics(y_true, y_score, task, n_bootstrap=n_bootstrap, seed=seed, ci=ci)
     return Metrics(
-        acc=acc(y_true, y_score, task),
-        auc=float(weighted_auc(np.ones((1, n), dtype=np.int64))[0]),
-        balanced_acc=balanced_acc(y_true, y_score, task),
-        acc_ci=_percentile_interval(np.concatenate(acc_values), ci),
-        auc_ci=_percentile_interval(np.concatenate(auc_values), ci),
+        **{name: point for name, (point, _) in scored.items()},
+        **{f"{name}_ci": interval for name, (_, interval) in scored.items()},
     )

@@ -353,3 +353,192 @@ def test_extra_and_versions_are_json(tmp_path):
     reg.add(make_row(make_key(), extra={"curve": [0.5, 0.75]}))
     raw = sqlite3.connect(tmp_path / "r.sqlite").execute("SELECT extra FROM results").fetchone()
     assert json.loads(raw[0]) == {"curve": [0.5, 0.75]}
+
+
+# -- calibration columns (schema 3) and corrupted evaluations ----------------------------------
+
+
+def _scored_row(key: ResultKey, seed: int = 0, n: int = 120, shift: float = 0.0):
+    """(row, y_score, y_true) of real binary scores, as a probe would record them."""
+    from medfm.data import Task
+    from medfm.metrics import evaluate
+
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
+    logit = 2.0 * (y_true[:, 0] - 0.5) + rng.normal(size=n) + shift
+    p1 = 1.0 / (1.0 + np.exp(-logit))
+    y_score = np.stack([1 - p1, p1], axis=1).astype(np.float32)
+    metrics = evaluate(y_true, y_score, Task.BINARY, n_bootstrap=200)
+
+    class Subset:  # what ResultRow.scored reads of a sampling.Subset
+        n, digest = 54, "ef" * 32
+
+    return ResultRow.scored(key, Subset, metrics, wall_s=1.0), y_score, y_true, metrics
+
+
+def test_scored_rows_carry_calibration_and_its_cis(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    row, y_score, y_true, metrics = _scored_row(make_key())
+    reg.add(row, y_score, y_true)
+    got = reg.get(row.key)
+    assert (got.ece, got.brier, got.nll) == (metrics.ece, metrics.brier, metrics.nll)
+    assert (got.ece_ci_low, got.ece_ci_high) == metrics.ece_ci
+    assert (got.nll_ci_low, got.nll_ci_high) == metrics.nll_ci
+    assert (got.balanced_acc_ci_low, got.balanced_acc_ci_high) == metrics.balanced_acc_ci
+    assert 0 < got.ece < 1 and got.brier > 0 and got.nll > 0
+
+
+def _as_schema_2(path) -> None:
+    """Turn a registry written by this code into the schema-2 file medfm wrote before
+    calibration: no calibration columns, no evaluations table, user_version 2."""
+    con = sqlite3.connect(path)
+    for name in ("balanced_acc_ci_low", "balanced_acc_ci_high", "ece", "ece_ci_low",
+                 "ece_ci_high", "brier", "brier_ci_low", "brier_ci_high", "nll", "nll_ci_low",
+                 "nll_ci_high"):
+        con.execute(f"ALTER TABLE results DROP COLUMN {name}")
+    con.execute("DROP TABLE evaluations")
+    con.execute("PRAGMA user_version = 2")
+    con.commit()
+    con.close()
+
+
+def test_schema_2_registry_gains_calibration_from_its_stored_scores(tmp_path):
+    from medfm.data import Task
+    from medfm.metrics import evaluate
+
+    path = tmp_path / "r.sqlite"
+    reg = Registry(path)
+    scored = [_scored_row(make_key(seed=s), seed=s) for s in range(3)]
+    for row, y_score, y_true, _ in scored:
+        reg.add(row, y_score, y_true)
+    no_scores = make_row(make_key(seed=9))
+    reg.add(no_scores)
+    reg.close()
+    _as_schema_2(path)
+
+    migrated = Registry(path)  # opening migrates 2 -> 3
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 0
+    con.close()
+    for row, y_score, y_true, metrics in scored:
+        got = migrated.get(row.key)
+        # the stored float32 scores give what a rerun gives (evaluate's 1000 resamples, seed 0)
+        rerun = evaluate(y_true, y_score, Task.BINARY)
+        assert got.ece == pytest.approx(rerun.ece, abs=1e-12) and got.ece == pytest.approx(
+            metrics.ece, abs=1e-6)
+        assert (got.brier, got.nll) == (pytest.approx(rerun.brier), pytest.approx(rerun.nll))
+        assert (got.ece_ci_low, got.ece_ci_high) == pytest.approx(rerun.ece_ci)
+        assert (got.brier_ci_low, got.nll_ci_high) == pytest.approx(
+            (rerun.brier_ci[0], rerun.nll_ci[1]))
+        assert (got.balanced_acc_ci_low, got.balanced_acc_ci_high) == pytest.approx(
+            rerun.balanced_acc_ci)
+        assert got.acc == row.acc and got.auc_ci_low == row.auc_ci_low  # kept as stored
+    left = migrated.get(no_scores.key)
+    assert math.isnan(left.ece) and math.isnan(left.nll) and left.acc == no_scores.acc
+    frame = migrated.to_dataframe()
+    assert frame["ece"].notna().sum() == 3
+
+
+def test_evaluations_are_stored_once_and_read_back(tmp_path):
+    from medfm.data import Task
+    from medfm.metrics import evaluate
+
+    reg = Registry(tmp_path / "r.sqlite")
+    row, y_score, y_true, _ = _scored_row(make_key())
+    reg.add(row, y_score, y_true)
+    stored = {}
+    for corruption, severity in (("pixelate", 1), ("pixelate", 5), ("gaussian_noise", 3)):
+        noisy = np.clip(y_score + 0.1 * severity * np.random.default_rng(severity).normal(
+            size=y_score.shape), 0.01, 0.99)
+        metrics = evaluate(y_true, noisy, Task.BINARY, n_bootstrap=50)
+        assert reg.add_evaluation(row.key, corruption, severity, metrics, noisy) is True
+        stored[(corruption, severity)] = (metrics, noisy)
+    again = stored[("pixelate", 1)]
+    assert reg.add_evaluation(row.key.digest(), "pixelate", 1, *again) is False  # a no-op
+
+    got = reg.evaluations(row.key)
+    assert [(e["corruption"], e["severity"]) for e in got] == [
+        ("gaussian_noise", 3), ("pixelate", 1), ("pixelate", 5)]
+    for e in got:
+        metrics, noisy = stored[(e["corruption"], e["severity"])]
+        assert (e["ece"], e["brier_ci_high"], e["auc"]) == (
+            metrics.ece, metrics.brier_ci[1], metrics.auc)
+        assert e["y_score"].dtype == np.float32
+        np.testing.assert_array_equal(e["y_score"], noisy.astype(np.float32))
+
+    other = make_key(seed=5)
+    assert reg.evaluated([row.key, other, "f" * 64]) == {
+        row.key.digest(): {("gaussian_noise", 3), ("pixelate", 1), ("pixelate", 5)},
+        other.digest(): set(), "f" * 64: set()}
+    assert reg.evaluations(other) == []
+
+    # a refit replaces the model: its old corrupted scores go with the old row
+    assert reg.add(row, y_score, y_true, replace=True)
+    assert reg.evaluations(row.key) == [] and reg.evaluated([row.key]) == {
+        row.key.digest(): set()}
+
+
+def test_add_evaluation_refuses_what_cannot_be_right(tmp_path):
+    reg = Registry(tmp_path / "r.sqlite")
+    row, y_score, y_true, metrics = _scored_row(make_key())
+    with pytest.raises(RegistryError, match="add its clean row first"):
+        reg.add_evaluation(row.key, "pixelate", 1, metrics, y_score)
+    reg.add(row, y_score, y_true)
+    with pytest.raises(InvalidArgumentError, match="one score row per test image"):
+        reg.add_evaluation(row.key, "pixelate", 1, metrics, y_score[:-1])
+    for bad in (0, 1.5, True):
+        with pytest.raises(InvalidArgumentError, match="severity"):
+            reg.add_evaluation(row.key, "pixelate", bad, metrics, y_score)
+    with pytest.raises(InvalidArgumentError, match="corruption"):
+        reg.add_evaluation(row.key, " ", 1, metrics, y_score)
+    assert reg.evaluations(row.key) == []
+
+
+def test_dataframe_and_cli_show_evaluations_only_when_asked(tmp_path, capsys):
+    from medfm.cli import main
+
+    reg = Registry.in_workdir(tmp_path / "work")
+    first, second = (_scored_row(make_key(seed=s), seed=s) for s in (0, 1))
+    for row, y_score, y_true, _ in (first, second):
+        reg.add(row, y_score, y_true)
+    row, y_score, y_true, _ = first
+    worse = _scored_row(make_key(seed=0), seed=0, shift=1.5)[3]  # shifted scores: other numbers
+    reg.add_evaluation(row.key, "jpeg_compression", 2, worse, y_score)
+    reg.add_evaluation(row.key, "jpeg_compression", 1, worse, y_score)
+
+    clean = reg.to_dataframe()
+    assert len(clean) == 2 and clean["corruption"].isna().all() and clean["severity"].isna().all()
+    frame = reg.to_dataframe(corruptions=True)
+    assert list(frame.columns) == list(DATAFRAME_COLUMNS)
+    shown = [(d[:8], c, None if s is pd_na() else s)
+             for d, c, s in zip(frame["digest"], frame["corruption"], frame["severity"],
+                                strict=True)]
+    ours, theirs = row.key.digest()[:8], second[0].key.digest()[:8]
+    assert shown == [(ours, None, None), (ours, "jpeg_compression", 1),
+                     (ours, "jpeg_compression", 2), (theirs, None, None)]
+    assert frame["ece"].iloc[1] == worse.ece and frame["ece"].iloc[0] == first[3].ece
+    assert frame["seed"].iloc[2] == 0 and frame["n_train"].iloc[2] == 54  # the run's key fields
+    assert len(reg.to_dataframe(corruptions=True, seed=1)) == 1
+
+    workdir = ["--workdir", str(tmp_path / "work")]
+    assert main(["results", "--format", "json", *workdir]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and all(r["corruption"] is None and r["severity"] is None for r in rows)
+    assert {"ece", "brier", "nll", "ece_ci_low", "nll_ci_high"} <= set(rows[0])
+    assert rows[0]["ece"] == pytest.approx(first[3].ece)
+    assert main(["results", "--format", "json", "--corruptions", *workdir]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["corruption"], r["severity"]) for r in rows] == [
+        (None, None), ("jpeg_compression", 1), ("jpeg_compression", 2), (None, None)]
+    assert main(["results", "--corruptions", *workdir]) == 0
+    table = capsys.readouterr().out
+    assert "corruption" in table and "jpeg_compression" in table and "ece" in table
+    assert main(["results", *workdir]) == 0
+    assert "corruption" not in capsys.readouterr().out
+
+
+def pd_na():
+    import pandas as pd
+
+    return pd.NA

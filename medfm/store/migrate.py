@@ -12,6 +12,11 @@ code that opens them: nothing in them is recomputed.
   Scores and fine-tune checkpoint folders follow their rows. Rows that turn out to be the same
   run (one request fitted by two solvers, or trained on two devices) are merged: the oldest stays,
   the others are kept in table `results_v1_merged` without their scores.
+- Registry (schema 2 -> 3). Every row with stored per-sample test scores gets its calibration
+  (ECE, Brier, NLL) and the bootstrap CI of its balanced accuracy, computed from those scores
+  exactly as `medfm.metrics.evaluate` computes them for a new run (same resamples: 1000, seed
+  0), so its numbers equal a rerun's; its stored ACC/AUC are kept. Rows saved without scores
+  keep NULL there (NaN when read).
 
 Where an old row does not say everything (a fine-tune row does not record its data file's MD5;
 a probe row whose store was deleted does not record how its weights were chosen), the migration
@@ -28,15 +33,17 @@ import sqlite3
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from medfm.backbones.names import FILE_DIGEST_CHARS, FILE_PREFIX, PRETRAINED, RANDOM
 from medfm.cache import file_digest
-from medfm.data import get_dataset
+from medfm.data import Task, get_dataset
+from medfm.errors import UnknownDatasetError
 from medfm.preprocess import DEFAULT_NORMALIZATION
 from medfm.request import FEATURE_KIND, run_key, store_digest, store_filename
 from medfm.sampling import SubsetSpec
 from medfm.store.features import PARTIAL_SUFFIX
-from medfm.store.registry import canonical_json
+from medfm.store.registry import _from_npy, canonical_json
 
 LAYOUT_FILE = ".layout"  # in <workdir>/stores: the layout version the folder is in
 LAYOUT_VERSION = "2"
@@ -254,3 +261,34 @@ def _move_checkpoints(folder: Path, moved: dict[str, str]) -> None:
         source, target = folder / old_digest, folder / new_digest
         if source.is_dir() and not target.exists():
             os.replace(source, target)
+
+
+def _task_of(dataset: str, y_true: np.ndarray, y_score: np.ndarray) -> Task:
+    """The dataset's task; for an imported dataset whose card is gone, what the arrays say."""
+    try:
+        return get_dataset(dataset).task
+    except UnknownDatasetError:
+        if y_true.ndim == 2 and y_true.shape[1] > 1:
+            return Task.MULTI_LABEL
+        return Task.BINARY if y_score.ndim == 1 or y_score.shape[1] <= 2 else Task.MULTI_CLASS
+
+
+def add_calibration_v2(conn: sqlite3.Connection, workdir: Path, columns: tuple[str, ...]) -> None:
+    """Fill `columns` (schema 3's metric columns) of every results row from its stored scores;
+    runs inside the caller's transaction (module docstring)."""
+    from medfm.metrics import bootstrap_metrics  # deferred: opening a registry stays light
+
+    names = sorted({name.removesuffix("_ci_low").removesuffix("_ci_high") for name in columns})
+    rows = conn.execute(
+        "SELECT results.digest, results.dataset, scores.y_true, scores.y_score "
+        "FROM results JOIN scores ON scores.digest = results.digest").fetchall()
+    for row in rows:
+        y_true, y_score = _from_npy(row["y_true"]), _from_npy(row["y_score"])
+        scored = bootstrap_metrics(y_true, y_score, _task_of(row["dataset"], y_true, y_score),
+                                   names)
+        values = {}
+        for name, (point, (low, high)) in scored.items():
+            values.update({name: point, f"{name}_ci_low": low, f"{name}_ci_high": high})
+        conn.execute(
+            f"UPDATE results SET {', '.join(f'{c} = ?' for c in columns)} WHERE digest = ?",
+            (*(values[c] for c in columns), row["digest"]))

@@ -17,14 +17,22 @@ filtered), metrics with their CIs, how the run was computed (`solver`, `device`,
 `weights_digest`), and JSON columns `extra` and `versions`. Table `scores` holds
 the per-sample test scores beside the row, keyed by the same digest: two `.npy`-serialized BLOBs,
 `y_true` (labels, dtype and shape as given) and `y_score` (float32). Row and scores are written in
-one transaction, so a reader never sees one without the other.
+one transaction, so a reader never sees one without the other. Table `evaluations` holds the same
+run scored on corrupted copies of its test split (MedMNIST-C): one record per (digest,
+corruption, severity) with the metrics as JSON (the names of the results columns, METRIC_FIELDS)
+and the per-sample scores (float32 .npy BLOB; the labels are the clean split's, in `scores`).
+
+    reg.add_evaluation(key, "pixelate", 3, evaluate(y_true, y_score, task), y_score)
+    reg.evaluated(keys)            # {digest: {("pixelate", 3), ...}}: what is already scored
+    reg.to_dataframe(corruptions=True)  # clean rows, then one row per stored evaluation
 
 Concurrency. WAL journal (readers never block the writer), 30 s busy timeout, and every write in a
 `BEGIN IMMEDIATE` transaction with `INSERT ... ON CONFLICT DO NOTHING`: several processes adding at
 once neither lose nor duplicate rows, and exactly one of them wins each key. A `Registry` opened
 before a fork reconnects in the child. The schema version lives in `PRAGMA user_version`;
 `_MIGRATIONS` upgrades older files in place on open, in one transaction (schema 1 -> 2 re-keys
-every row by its resolved request; medfm.store.migrate).
+every row by its resolved request; 2 -> 3 adds the calibration columns, computed from each row's
+stored scores, and the `evaluations` table; medfm.store.migrate).
 """
 
 from __future__ import annotations
@@ -53,12 +61,30 @@ from medfm.paths import resolve_workdir
 if TYPE_CHECKING:
     import pandas
 
+    from medfm.metrics import Metrics
+
 REGISTRY_FILENAME = "registry.sqlite"  # inside the work directory
 BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write lock
 WAL_RETRY_S = 0.05  # pause between attempts to switch a fresh file to WAL
 METRIC_FIELDS = (  # ResultRow floats that may be NaN (e.g. AUC with one class in the test set)
     "acc", "auc", "balanced_acc", "acc_ci_low", "acc_ci_high", "auc_ci_low", "auc_ci_high",
+    "balanced_acc_ci_low", "balanced_acc_ci_high", "ece", "ece_ci_low", "ece_ci_high",
+    "brier", "brier_ci_low", "brier_ci_high", "nll", "nll_ci_low", "nll_ci_high",
 )
+METRICS_V3 = METRIC_FIELDS[7:]  # the columns schema 3 added (computed from stored scores)
+CORRUPTION_FIELDS = ("corruption", "severity")  # what tells an evaluation from the clean row
+
+
+def metric_values(metrics: Metrics) -> dict[str, float]:
+    """A metrics.Metrics as METRIC_FIELDS values: `x_ci` becomes `x_ci_low` and `x_ci_high`."""
+    values = {}
+    for name in METRIC_FIELDS:
+        if name.endswith(("_ci_low", "_ci_high")):
+            base, bound = name.rsplit("_", 1)
+            values[name] = float(getattr(metrics, base)[0 if bound == "low" else 1])
+        else:
+            values[name] = float(getattr(metrics, name))
+    return values
 
 
 def canonical_json(value: Any) -> str:
@@ -146,6 +172,17 @@ class ResultRow:
     acc_ci_high: float
     auc_ci_low: float  # bootstrap 95% CI of auc
     auc_ci_high: float
+    balanced_acc_ci_low: float = math.nan  # bootstrap 95% CI of balanced_acc
+    balanced_acc_ci_high: float = math.nan
+    ece: float = math.nan  # expected calibration error (medfm.metrics), in [0, 1]
+    ece_ci_low: float = math.nan
+    ece_ci_high: float = math.nan
+    brier: float = math.nan  # Brier score (binary/multi-label: on P(class 1))
+    brier_ci_low: float = math.nan
+    brier_ci_high: float = math.nan
+    nll: float = math.nan  # mean negative log-likelihood (natural log)
+    nll_ci_low: float = math.nan
+    nll_ci_high: float = math.nan
     solver: str = ""  # what fitted it: sklearn | scipy | torch | cuml ("" when nothing to fit)
     device: str = ""  # device type it computed on: cpu | cuda
     weights_digest: str = ""  # sha256 of the backbone tensors actually loaded ("" unknown)
@@ -155,12 +192,10 @@ class ResultRow:
     created_at: str = ""  # ISO-8601 UTC; filled on insert when empty
 
     @classmethod
-    def scored(cls, key: ResultKey, subset, metrics, **fields: Any) -> ResultRow:
+    def scored(cls, key: ResultKey, subset, metrics: Metrics, **fields: Any) -> ResultRow:
         """A row from a sampling.Subset and a metrics.Metrics (the test-split evaluation)."""
         return cls(key=key, n_train=subset.n, subset_digest=subset.digest,
-                   acc=metrics.acc, auc=metrics.auc, balanced_acc=metrics.balanced_acc,
-                   acc_ci_low=metrics.acc_ci[0], acc_ci_high=metrics.acc_ci[1],
-                   auc_ci_low=metrics.auc_ci[0], auc_ci_high=metrics.auc_ci[1], **fields)
+                   **metric_values(metrics), **fields)
 
 
 PROVENANCE_FIELDS = ("solver", "device", "weights_digest")  # ResultRow strings beside the key
@@ -169,8 +204,8 @@ _ROW_COLUMNS = (
     "versions", "wall_s", "created_at",
 )
 _ALL_COLUMNS = ("digest", *RESULT_KEY_FIELDS, *_ROW_COLUMNS)
-DATAFRAME_COLUMNS = (  # to_dataframe's columns, in order
-    *RESULT_KEY_FIELDS, *METRIC_FIELDS, "n_train", "subset_digest", "chosen_C",
+DATAFRAME_COLUMNS = (  # to_dataframe's columns, in order (corruption, severity: None when clean)
+    *RESULT_KEY_FIELDS, *CORRUPTION_FIELDS, *METRIC_FIELDS, "n_train", "subset_digest", "chosen_C",
     *PROVENANCE_FIELDS, "wall_s", "created_at", "digest",
 )
 
@@ -192,6 +227,17 @@ _RESULTS_TABLE = """
     )
 """  # schema 2 (`{table}`: the migration builds it beside the old one, then renames it)
 _RESULTS_INDEX = "CREATE INDEX results_by_run ON results (dataset, size, backbone, method)"
+_EVALUATIONS_TABLE = """
+    CREATE TABLE evaluations (
+        digest TEXT NOT NULL REFERENCES results (digest),
+        corruption TEXT NOT NULL,
+        severity INTEGER NOT NULL,
+        metrics TEXT NOT NULL,
+        y_score BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (digest, corruption, severity)
+    )
+"""  # schema 3
 
 
 def _migrate_to_v2(conn: sqlite3.Connection, workdir: Path) -> None:
@@ -199,6 +245,16 @@ def _migrate_to_v2(conn: sqlite3.Connection, workdir: Path) -> None:
     from medfm.store.migrate import migrate_results_v1
 
     migrate_results_v1(conn, workdir, _RESULTS_TABLE, _RESULTS_INDEX)
+
+
+def _migrate_to_v3(conn: sqlite3.Connection, workdir: Path) -> None:
+    """Schema 2 -> 3: calibration columns, filled from each row's stored scores; `evaluations`."""
+    from medfm.store.migrate import add_calibration_v2
+
+    for name in METRICS_V3:
+        conn.execute(f"ALTER TABLE results ADD COLUMN {name} REAL")
+    conn.execute(_EVALUATIONS_TABLE)
+    add_calibration_v2(conn, workdir, METRICS_V3)
 
 
 # _MIGRATIONS[v] takes a file from schema version v to v + 1 (PRAGMA user_version; 0 = empty):
@@ -226,6 +282,7 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection, Path], None], ...] = (
     );
     """,
     _migrate_to_v2,
+    _migrate_to_v3,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -382,7 +439,8 @@ class Registry:
         """Insert `row` and its per-sample test scores in one transaction.
 
         Returns False, writing nothing, when the key is already there and `replace` is False.
-        With `replace=True` the old row and its scores are dropped first. `scores` (N, C) are
+        With `replace=True` the old row, its scores and its corrupted evaluations are dropped
+        first (they scored the model being replaced). `scores` (N, C) are
         stored as float32; `y_true` (N, ...) as given.
         """
         if (scores is None) != (y_true is None):
@@ -402,6 +460,7 @@ class Registry:
         placeholders = ", ".join("?" * len(_ALL_COLUMNS))
         with self._write() as conn:
             if replace:
+                conn.execute("DELETE FROM evaluations WHERE digest = ?", (digest,))
                 conn.execute("DELETE FROM scores WHERE digest = ?", (digest,))
                 conn.execute("DELETE FROM results WHERE digest = ?", (digest,))
             inserted = conn.execute(
@@ -414,6 +473,53 @@ class Registry:
                     "INSERT INTO scores (digest, y_true, y_score) VALUES (?, ?, ?)",
                     (digest, *blobs),
                 )
+        return bool(inserted)
+
+    def add_evaluation(
+        self,
+        key: ResultKey | str,
+        corruption: str,
+        severity: int,
+        metrics: Metrics,
+        y_score: np.ndarray,
+    ) -> bool:
+        """Record a stored run scored on a corrupted copy of its test split, in one transaction.
+
+        `corruption` is the corruption's name (MedMNIST-C's, e.g. "pixelate"), `severity` its
+        level (1-5 in MedMNIST-C), `metrics` what metrics.evaluate gives on the corrupted
+        scores, `y_score` those per-sample scores (N, C) in the clean test split's order
+        (stored as float32). Returns False, writing nothing, when this (run, corruption,
+        severity) is already there. The run itself must be in the registry.
+        """
+        digest = _digest_of(key)
+        if not isinstance(corruption, str) or not corruption.strip():
+            raise InvalidArgumentError(
+                f"corruption must be a non-empty name such as 'pixelate'; got {corruption!r}")
+        if isinstance(severity, bool) or int(severity) != severity or severity < 1:
+            raise InvalidArgumentError(
+                f"severity must be a positive integer (MedMNIST-C: 1-5); got {severity!r}")
+        scores = np.asarray(y_score, dtype=np.float32)
+        values = canonical_json({
+            name: None if math.isnan(value) else value
+            for name, value in metric_values(metrics).items()
+        })
+        created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM results WHERE digest = ?", (digest,)).fetchone() is None:
+                raise RegistryError(
+                    f"run {digest[:12]} is not in {self.path}; add its clean row first "
+                    "(Registry.add), then its corrupted evaluations")
+            clean = conn.execute("SELECT y_score FROM scores WHERE digest = ?",
+                                 (digest,)).fetchone()
+            if clean is not None and len(_from_npy(clean["y_score"])) != len(scores):
+                raise InvalidArgumentError(
+                    f"y_score has {len(scores)} samples but run {digest[:12]}'s test split has "
+                    f"{len(_from_npy(clean['y_score']))}; pass one score row per test image")
+            inserted = conn.execute(
+                "INSERT INTO evaluations (digest, corruption, severity, metrics, y_score, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (digest, corruption, int(severity), values, _to_npy(scores), created_at),
+            ).rowcount
         return bool(inserted)
 
     @staticmethod
@@ -501,6 +607,33 @@ class Registry:
             )
         return _from_npy(found["y_true"]), _from_npy(found["y_score"])
 
+    def evaluations(self, key: ResultKey | str) -> list[dict[str, Any]]:
+        """The corrupted evaluations of a run, by corruption then severity: dicts with
+        `corruption`, `severity`, every METRIC_FIELDS value (NaN where undefined), `y_score`
+        (float32 (N, C)) and `created_at`. Empty when none is stored."""
+        with self._translate_errors():
+            records = self._conn.execute(
+                "SELECT corruption, severity, metrics, y_score, created_at FROM evaluations "
+                "WHERE digest = ? ORDER BY corruption, severity", (_digest_of(key),)
+            ).fetchall()
+        return [{"corruption": r["corruption"], "severity": r["severity"],
+                 **_metrics_from_json(r["metrics"]), "y_score": _from_npy(r["y_score"]),
+                 "created_at": r["created_at"]} for r in records]
+
+    def evaluated(self, keys: Iterable[ResultKey | str]) -> dict[str, set[tuple[str, int]]]:
+        """Per digest of `keys`, the (corruption, severity) pairs already stored (an empty set
+        when none), in one query: what a run still needs scored."""
+        digests = [_digest_of(key) for key in keys]
+        found: dict[str, set[tuple[str, int]]] = {digest: set() for digest in digests}
+        with self._translate_errors():
+            records = self._conn.execute(
+                "SELECT digest, corruption, severity FROM evaluations "
+                "WHERE digest IN (SELECT value FROM json_each(?))", (json.dumps(digests),)
+            ).fetchall()
+        for record in records:
+            found[record["digest"]].add((record["corruption"], record["severity"]))
+        return found
+
     def _select(self, columns: Iterable[str], filters: dict[str, Any]) -> list[sqlite3.Row]:
         """Records matching `filters` (field=value, field=[values], field=None), oldest first."""
         allowed = (*RESULT_KEY_FIELDS, *PROVENANCE_FIELDS, "digest")
@@ -538,14 +671,56 @@ class Registry:
         """
         return [self._to_row(record) for record in self._select(_ALL_COLUMNS, filters)]
 
-    def to_dataframe(self, **filters: Any) -> pandas.DataFrame:
-        """Matching rows as one flat table with columns DATAFRAME_COLUMNS (filters as `query`)."""
+    def to_dataframe(self, *, corruptions: bool = False, **filters: Any) -> pandas.DataFrame:
+        """Matching rows as one flat table with columns DATAFRAME_COLUMNS (filters as `query`).
+
+        Clean rows have `corruption` and `severity` None. With `corruptions=True` each row is
+        followed by one row per stored evaluation (by corruption, then severity): the run's
+        key and provenance, the evaluation's metrics, corruption, severity and created_at.
+        """
         import pandas  # deferred: workers that only add rows never pay for it
 
-        records = self._select(DATAFRAME_COLUMNS, filters)
+        selected = [f"NULL AS {name}" if name in CORRUPTION_FIELDS else name
+                    for name in DATAFRAME_COLUMNS]
+        records = [dict(record) for record in self._select(selected, filters)]
+        if corruptions and records:
+            records = self._with_evaluations(records)
         frame = pandas.DataFrame.from_records(
-            [tuple(record) for record in records], columns=list(DATAFRAME_COLUMNS)
+            [tuple(record[name] for name in DATAFRAME_COLUMNS) for record in records],
+            columns=list(DATAFRAME_COLUMNS),
         )
         floats = [*METRIC_FIELDS, "fraction", "chosen_C", "wall_s"]
         frame[floats] = frame[floats].astype(float)  # NULL -> NaN, even in an all-NULL column
+        frame["severity"] = frame["severity"].astype("Int64")  # integer, <NA> for clean rows
+        frame["corruption"] = frame["corruption"].astype(object).where(
+            frame["corruption"].notna(), None)  # None for clean rows (not NaN)
         return frame
+
+    def _with_evaluations(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`records` (results rows as dicts), each followed by a copy per stored evaluation."""
+        with self._translate_errors():
+            stored = self._conn.execute(
+                "SELECT digest, corruption, severity, metrics, created_at FROM evaluations "
+                "WHERE digest IN (SELECT value FROM json_each(?)) "
+                "ORDER BY digest, corruption, severity",
+                (json.dumps([r["digest"] for r in records]),),
+            ).fetchall()
+        by_digest: dict[str, list[sqlite3.Row]] = {}
+        for evaluation in stored:
+            by_digest.setdefault(evaluation["digest"], []).append(evaluation)
+        out = []
+        for record in records:
+            out.append(record)
+            for evaluation in by_digest.get(record["digest"], []):
+                out.append({**record, **_metrics_from_json(evaluation["metrics"]),
+                            "corruption": evaluation["corruption"],
+                            "severity": evaluation["severity"],
+                            "created_at": evaluation["created_at"]})
+        return out
+
+
+def _metrics_from_json(text: str) -> dict[str, float]:
+    """An evaluation's stored metrics as METRIC_FIELDS floats (null, or absent, -> NaN)."""
+    stored = json.loads(text)
+    return {name: math.nan if stored.get(name) is None else float(stored[name])
+            for name in METRIC_FIELDS}
