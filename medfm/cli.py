@@ -287,7 +287,8 @@ def _run_finetune(args) -> int:
 # --- results ----------------------------------------------------------------------------------
 
 RESULT_COLUMNS = ["dataset", "size", "backbone", "weights", "method", "fraction", "shots", "seed",
-                  "n_train", "acc", "auc", "balanced_acc"]  # what `medfm results` shows
+                  "n_train", "acc", "auc", "balanced_acc", "ece"]  # what `medfm results` shows
+PERCENT_COLUMNS = ("acc", "auc", "balanced_acc", "ece")  # shown in % in table and md
 
 
 def _add_filters(p) -> None:
@@ -327,35 +328,44 @@ def _add_results(sub) -> None:
     p = sub.add_parser("results", help="query the results registry")
     _add_filters(p)
     p.add_argument("--format", choices=["table", "csv", "json", "md"], default="table")
+    p.add_argument("--corruptions", action="store_true",
+                   help="also one row per corrupted-split evaluation, with its corruption and "
+                   "severity (clean rows: empty, null in json)")
     p.set_defaults(run=_run_results)
 
 
 def _run_results(args) -> int:
     from medfm.store.registry import Registry
 
-    _print_results(Registry.in_workdir(args.workdir).to_dataframe(**_filters(args)), args.format)
+    registry = Registry.in_workdir(args.workdir)
+    _print_results(registry.to_dataframe(corruptions=args.corruptions, **_filters(args)),
+                   args.format)
     return 0
 
 
 def _print_results(frame, fmt: str) -> None:
-    """Registry rows as a table, Markdown, CSV or JSON (metrics in % except in csv/json)."""
+    """Registry rows as a table, Markdown, CSV or JSON (ACC/AUC/ECE in % except in csv/json);
+    corruption and severity columns where the rows include corrupted evaluations."""
     if fmt == "json":
         print(frame.to_json(orient="records", indent=1))
         return
     if fmt == "csv":
         print(frame.to_csv(index=False), end="")
         return
-    shown = frame[RESULT_COLUMNS].copy()
-    for col in ("acc", "auc", "balanced_acc"):
+    columns = list(RESULT_COLUMNS)
+    if frame["corruption"].notna().any():
+        columns[columns.index("n_train"):columns.index("n_train")] = ["corruption", "severity"]
+    shown = frame[columns].copy()
+    for col in PERCENT_COLUMNS:
         shown[col] = (100 * shown[col]).round(2)
     shown = shown.astype(object).where(shown.notna(), "")
     if fmt == "md":
-        print("| " + " | ".join(RESULT_COLUMNS) + " |")
-        print("|" + "---|" * len(RESULT_COLUMNS))
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
         for row in shown.itertuples(index=False):
             print("| " + " | ".join(str(v) for v in row) + " |")
         return
-    _print_table(shown.to_dict("records"), RESULT_COLUMNS)
+    _print_table(shown.to_dict("records"), columns)
 
 
 # --- report / grid ----------------------------------------------------------------------------
