@@ -102,6 +102,13 @@ def _add_extract(sub) -> None:
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.add_argument("--data-root", help="default: $MEDFM_DATA_ROOT or ~/.medmnist")
     p.add_argument("--force", action="store_true", help="recompute finished stores")
+    p.add_argument("--corruptions", help="also embed corrupted test splits: medmnist-c (every "
+                   "MedMNIST-C corruption of the dataset) or some of them, comma-separated")
+    p.add_argument("--severities", default="1..5", help="MedMNIST-C severities (default 1..5)")
+    p.add_argument("--corruption-seed", type=int, default=0,
+                   help="seed of the corrupted images (default 0)")
+    p.add_argument("--corruption-base", help="an imported dataset: the MedMNIST dataset whose "
+                   "corruption set to use")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_extract)
 
@@ -126,7 +133,26 @@ def _run_extract(args) -> int:
                 "built": "built", "resumed": "resumed and finished"}[result.status]
         print(f"{s['dataset']}@{s['size']} {s['backbone']} ({s['policy']}): {verb} -> "
               f"{result.path} [{s['rows']} rows x {s['dims']} dims{rate}]")
+        if args.corruptions:
+            _extract_corrupted(request, args)
     return 0
+
+
+def _extract_corrupted(request, args) -> None:
+    from medfm.corrupt import parse_severities
+    from medfm.extract.extractor import extract_corrupted
+
+    result = extract_corrupted(
+        request, corruptions=args.corruptions, severities=parse_severities(args.severities),
+        seed=args.corruption_seed, base=args.corruption_base, batch_size=args.batch_size,
+        device=args.device, workdir=args.workdir, force=args.force, progress=not args.quiet)
+    verb = {"exists": "already extracted, nothing to do", "built": "built",
+            "resumed": "resumed and finished"}[result.status]
+    names = sorted({c for c, _ in result.pairs})
+    print(f"  corrupted test splits ({len(names)} corruptions x "
+          f"{len(result.pairs) // max(1, len(names))} severities): {verb} -> {result.path}")
+    for skipped in result.skipped:
+        print(f"  skipped {skipped['corruption']}: {skipped['reason']}")
 
 
 def _add_stores(sub) -> None:
@@ -198,6 +224,7 @@ def _run_probe(args) -> int:
         for b in _csv(args.backbone, "--backbone") or [None]
         for s in _sizes(args.size) or [None]]
     digests, computed, skipped, wall = [], 0, 0, 0.0  # computed: rows this process inserted
+    filled = 0  # corrupted-split evaluations added to runs recorded before
     for target in targets:
         report = probe(**target, fractions=fractions, shots=shots, seeds=seeds,
                        method=args.method, selection=args.selection, solver=args.solver,
@@ -206,11 +233,15 @@ def _run_probe(args) -> int:
         digests += [r.key.digest() for r in report.computed] + [k.digest() for k in report.skipped]
         computed += len(report.computed)
         skipped += len(report.skipped)
+        filled += report.corrupted_filled
         wall += report.wall_s
     frame = Registry.in_workdir(args.workdir).to_dataframe(digest=digests)
     _print_results(frame, "table")
     print(f"{computed} run(s) fitted, {skipped} already in the registry "
           f"({'nothing needed recomputing, ' if not computed else ''}{wall:.1f} s)")
+    if filled:
+        print(f"{filled} corrupted-split evaluation(s) added to recorded runs (no refit where "
+              "the fitted probe was kept)")
     return 0
 
 

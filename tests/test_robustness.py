@@ -165,3 +165,29 @@ def test_extract_cli_with_corruptions(real_root, tmp_path, capsys):
                  str(real_root), "--workdir", str(tmp_path), "--corruptions", "bubble",
                  "--quiet"]) == 2
     assert "not defined for breastmnist" in capsys.readouterr().err
+
+
+def test_finetunes_are_scored_on_the_corrupted_splits_of_their_data(real_root, tmp_path):
+    """A fine-tune is scored on the corruptions extracted for its dataset file (the images are
+    corrupted the same way), and a recorded one gets later corruptions from its best.pt."""
+    from medfm.finetune import finetune
+
+    work = tmp_path / "work"
+    request = _request(real_root)
+    extract_corrupted(request, corruptions="pixelate", severities=(5,), workdir=work,
+                      progress=False)
+    args = dict(backbones=["test_resnet"], sizes=[28], datasets=["breastmnist"],
+                fractions=[0.3], seeds=[0], weights="random", data_root=real_root,
+                workdir=work, progress=False, resize_policy="native",
+                overrides={"epochs": 1, "batch_size": 64, "augment": False})
+    report = finetune(**args)
+    (row,) = report.ran
+    registry = Registry.in_workdir(work)
+    assert [(e["corruption"], e["severity"]) for e in registry.evaluations(row.key)] == [
+        ("pixelate", 5)]
+    extract_corrupted(request, corruptions="contrast_down", severities=(2,), workdir=work,
+                      progress=False)
+    again = finetune(**args)
+    assert again.ran == () and again.corrupted_filled == 1
+    assert {(e["corruption"], e["severity"]) for e in registry.evaluations(row.key)} == {
+        ("pixelate", 5), ("contrast_down", 2)}

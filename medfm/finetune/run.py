@@ -64,6 +64,7 @@ from medfm.finetune.train import (
 from medfm.metrics import evaluate
 from medfm.paths import resolve_workdir
 from medfm.preprocess import DevicePreprocessor, PreprocessConfig, PreprocessRequest
+from medfm.probe.robust import ScoredRow, record
 from medfm.request import input_identity, run_key
 from medfm.runtime import device_name, resolve_device, versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
@@ -279,6 +280,9 @@ def _train_and_test(
     scores, test_loss = predict(outcome.model, test, prep=prep,
                                 loss=TaskLoss(info.task, request.recipe, 0.0), batch_size=batch)
     y_true = np.asarray(test.labels)
+    evaluations = evaluate_corrupted(
+        outcome.model, request, corrupted_pairs(request.dataset, workdir), test, prep=prep,
+        loss=TaskLoss(info.task, request.recipe, 0.0), batch_size=batch)
     row = ResultRow.scored(
         key, subset, evaluate(y_true, scores, info.task), solver="", device=dev.type,
         weights_digest=weights_digest,
@@ -301,7 +305,84 @@ def _train_and_test(
         # training time summed over resumed calls
         wall_s=time.perf_counter() - t0 - t_train + outcome.train_seconds,
     )
-    return row, scores, y_true
+    return ScoredRow(row, scores, y_true, evaluations)
+
+
+def corrupted_pairs(dataset: DatasetRef, workdir) -> dict:
+    """(corruption, severity) -> (seed, base) of every corrupted test split extracted in the
+    work directory for this dataset file (any backbone: the images are the same), so a
+    fine-tune is scored on the corruptions its probes are."""
+    from medfm.store.corrupted import CORRUPTED_DIRNAME, CorruptedStore
+
+    folder = resolve_workdir(workdir) / "stores" / CORRUPTED_DIRNAME
+    pairs: dict = {}
+    for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
+        try:
+            sibling = CorruptedStore(path)
+        except MedfmError:
+            continue  # a damaged sibling is reported when a probe reads it
+        store = sibling.identity.get("store", {})
+        if (store.get("dataset"), store.get("size"), store.get("data_digest")) == (
+                dataset.name, dataset.size, dataset.digest):
+            for pair in sibling.pairs:
+                pairs.setdefault(tuple(pair), (sibling.identity["seed"],
+                                               sibling.identity.get("base")))
+    return pairs
+
+
+def evaluate_corrupted(model, request: FinetuneRequest, pairs: dict, test: Split, *, prep,
+                       loss, batch_size: int) -> list:
+    """The trained model on each corrupted test split (images corrupted as the stores' were:
+    medfm.corrupt with the same seed), as medfm.probe.robust.Evaluation objects."""
+    if not pairs:
+        return []
+    from medfm.corrupt import corrupt
+    from medfm.probe.robust import Evaluation
+
+    info = get_dataset(request.dataset.name)
+    images, labels = np.asarray(test.images), np.asarray(test.labels)
+    out = []
+    for (corruption, severity), (seed, base) in sorted(pairs.items()):
+        corrupted = corrupt(images, info.flag, corruption, severity, seed=seed, base=base)
+        scores, _ = predict(model, Split(corrupted, labels), prep=prep, loss=loss,
+                            batch_size=batch_size)
+        out.append(Evaluation(corruption, severity, evaluate(labels, scores, info.task),
+                              scores))
+    return out
+
+
+def fill_corrupted(request: FinetuneRequest, *, device: str | None = None,
+                   workdir=None) -> list:
+    """A recorded fine-tune scored, from its tested weights (best.pt), on the corrupted test
+    splits it lacks; [] when it has them all or its weights were not kept."""
+    key = request.key()
+    best = checkpoint_folder(workdir, key) / BEST_WEIGHTS_NAME
+    pairs = corrupted_pairs(request.dataset, workdir)
+    if not pairs or not best.exists():
+        return []
+    reg = Registry.in_workdir(workdir)
+    try:
+        have = reg.evaluated([key]).get(key.digest(), set())
+    finally:
+        reg.close()
+    missing = {p: v for p, v in pairs.items() if p not in have}
+    if not missing:
+        return []
+    try:
+        weights = torch.load(best, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable best.pt: nothing to score from
+        return []
+    model, _, _ = _build_model(request)
+    model.load_state_dict(weights)
+    dev = resolve_device(device)
+    model.to(dev)
+    info = get_dataset(request.dataset.name)
+    test = Split(*load_split(info.flag, request.dataset.size, "test",
+                             request.dataset.path.parent))
+    prep = DevicePreprocessor(request.preprocess, dev, channels_last=True)
+    return evaluate_corrupted(model, request, missing, test, prep=prep,
+                              loss=TaskLoss(info.task, request.recipe, 0.0),
+                              batch_size=request.recipe.batch_size * EVAL_BATCH_FACTOR)
 
 
 def finish_checkpoint(workdir: str | os.PathLike | None, key: ResultKey) -> None:
@@ -334,6 +415,7 @@ class FinetuneReport:
     ran: tuple[ResultRow, ...]  # rows trained and added in this call
     skipped: tuple[str, ...]  # labels of the runs already in the registry
     missing: tuple[str, ...] = ()  # default datasets skipped for want of their file
+    corrupted_filled: int = 0  # corrupted-split evaluations added to runs recorded before
 
 
 def finetune(
@@ -375,24 +457,31 @@ def finetune(
                 for spec in expand_subsets(fractions, shots, seeds)]
     reg = Registry.in_workdir(workdir)
     done = set() if force else reg.done_keys([r.key() for r in requests])
-    ran, skipped = [], []
+    ran, skipped, filled = [], [], 0
     for request in requests:
         key = request.key()
         if key.digest() in done:
             skipped.append(request.label)
+            for ev in fill_corrupted(request, device=device, workdir=workdir):
+                filled += reg.add_evaluation(key, ev.corruption, ev.severity, ev.metrics,
+                                             ev.scores)
             continue
         folder = checkpoint_folder(workdir, key)
         with _claim(folder, request.label):
             if not force and reg.has(key):  # another process recorded it while this one waited
                 skipped.append(request.label)
                 continue
-            row, scores, y_true = _train_and_test(request, key, device=device, workdir=workdir,
-                                                  progress=progress, on_checkpoint=None)
+            scored = _train_and_test(request, key, device=device, workdir=workdir,
+                                     progress=progress, on_checkpoint=None)
+            row, scores, y_true = scored
             inserted = reg.add(row, scores=scores, y_true=y_true, replace=force)
+            if inserted:
+                record(reg, workdir, scored)  # its corrupted-split evaluations
             _finish(folder)
         if inserted:
             ran.append(row)
         else:  # another writer (a grid driver) recorded the run first
             skipped.append(request.label)
-    return FinetuneReport(ran=tuple(ran), skipped=tuple(skipped), missing=tuple(missing))
+    return FinetuneReport(ran=tuple(ran), skipped=tuple(skipped), missing=tuple(missing),
+                          corrupted_filled=filled)
 
