@@ -10,6 +10,7 @@ ECE is checked against cases computed by hand; Brier and NLL against scikit-lear
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.linear_model import LogisticRegression
@@ -151,3 +152,78 @@ def test_calibration_metrics_rank_tempered_scores():
     assert fair.nll < under.nll < over.nll
     top = reliability_bins(y, s ** 50 / (s ** 50).sum(axis=1, keepdims=True), Task.MULTI_CLASS)
     assert top.count[-1] > 0.9 * len(y) and top.accuracy[-1] < top.confidence[-1]
+
+
+# -- in the report: calibration tables and reliability diagrams ------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated_report(tmp_path_factory):
+    """A registry built through the API with real score arrays (tests/test_report.py's
+    MODELS: resnet_a logreg calibrated, vit_b logreg and the fine-tune overconfident)."""
+    from medfm.report import report
+    from tests.test_report import build_scored_registry
+
+    workdir = tmp_path_factory.mktemp("calibrated") / "work"
+    registry = build_scored_registry(workdir, corrupted=False)
+    return registry, report(workdir=workdir)
+
+
+def _seed_mean(registry, backbone: str, method: str, field: str) -> float:
+    return float(np.mean([getattr(r, field) for r in registry.query(backbone=backbone,
+                                                                     method=method)]))
+
+
+def test_calibration_tables_hold_seed_means_and_cis_lowest_bold(calibrated_report):
+    registry, files = calibrated_report
+    md = (files.out / "tables" / "calibration_ece.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| breastmnist | 28 |"))
+    mean, low, high = (_seed_mean(registry, "resnet_a", "logreg", f) * 100
+                       for f in ("ece", "ece_ci_low", "ece_ci_high"))
+    assert f"**{mean:.1f} [{low:.1f}, {high:.1f}]**" in row  # calibrated: lowest ECE, bold
+    assert row.count("**") == 2
+    for metric in ("brier", "nll"):
+        text = (files.out / "tables" / f"calibration_{metric}.md").read_text()
+        mean = _seed_mean(registry, "vit_b", "logreg", metric)
+        assert f"{mean:.3f} [" in text
+        assert (files.out / "tables" / f"calibration_{metric}.tex").read_text().count(
+            r"\textbf{") == 1
+    summary = pd.read_csv(files.out / "tables" / "summary.csv")
+    logreg = summary[summary["variant"] == "vit_b · logreg"].iloc[0]
+    assert logreg["nll_mean"] == pytest.approx(_seed_mean(registry, "vit_b", "logreg", "nll"))
+    assert logreg["ece_ci_high"] == pytest.approx(
+        _seed_mean(registry, "vit_b", "logreg", "ece_ci_high"))
+    assert "Calibration" in files.html.read_text()
+
+
+def test_reliability_diagram_is_drawn_from_stored_scores(calibrated_report, monkeypatch,
+                                                         tmp_path):
+    import matplotlib.image
+
+    from medfm.report import plots, report
+
+    registry, files = calibrated_report
+    path = files.out / "plots" / "reliability_breastmnist_28.png"
+    assert path in files.plots and path.stat().st_size > 5_000
+    pixels = matplotlib.image.imread(path)[..., :3]
+    assert (np.abs(pixels - pixels[0, 0]).sum(axis=-1) > 0.05).mean() > 0.01
+
+    drawn, draw = [], plots.reliability_diagram
+    monkeypatch.setattr(plots, "reliability_diagram",
+                        lambda curves, title, out: drawn.append(curves) or draw(curves, title, out))
+    report(workdir=registry.path.parent, out=tmp_path / "again")
+    (curves,) = drawn
+    assert [label.split(":")[0] for label, _, _ in curves] == ["probe", "fine-tune"]
+    (probe_label, probe_bins, probe_ece), (_, tuned_bins, tuned_ece) = curves
+    assert "resnet_a · logreg" in probe_label  # the best probe by AUC
+    # both seeds' stored test scores, pooled
+    scores = [registry.scores(r.key) for r in registry.query(backbone="resnet_a",
+                                                             method="logreg")]
+    y_true = np.concatenate([t for t, _ in scores])
+    y_score = np.concatenate([s for _, s in scores])
+    assert probe_bins.count.sum() == len(y_true) == 2 * 400
+    assert probe_ece == pytest.approx(ece(y_true, y_score, Task.BINARY))
+    # overconfident fine-tune: its accuracy falls short of its confidence in the top bins
+    filled = tuned_bins.count > 0
+    assert (tuned_bins.accuracy[filled] <= tuned_bins.confidence[filled] + 0.02).mean() > 0.7
+    assert tuned_ece > probe_ece

@@ -206,3 +206,183 @@ def test_html_is_self_contained(filled, tmp_path):
     assert "<b>80.0 ± 1.0</b>" in page
     assert "Model-selection guideline" in page and "<b>resnet_a · logreg</b>" in page
     assert 'src="plots/' not in page and "http" not in page
+
+
+# -- robustness (corrupted evaluations), calibration and the guideline beyond accuracy -------
+# Real registries through the API: binary scores whose calibration and corruption sensitivity
+# are known by construction. A sample's evidence is x = s * (2y - 1) + N(0, 1); P(y = 1 | x) =
+# sigmoid(2 s x), so a model scoring sigmoid(k * 2 s x) is calibrated at k = 1 and overconfident
+# for k > 1. Corruptions shrink s by `fragility` per severity (the model keeps its clean mapping).
+
+N_TEST = 400
+CORRUPTIONS = ("pixelate", "gaussian_noise")  # BreastMNIST has an AlexNet baseline for pixelate
+# (backbone, method) -> (clean signal s, overconfidence k, signal lost per severity)
+MODELS = {
+    ("resnet_a", "logreg"): (1.5, 1.0, 0.15),  # best on clean, calibrated, fragile
+    ("vit_b", "logreg"): (1.2, 4.0, 0.03),  # behind on clean, overconfident, robust
+    ("resnet_a", "finetune"): (1.0, 2.0, None),  # no corrupted evaluations
+}
+BOOTSTRAP = 100
+
+
+def _scores(y: np.ndarray, signal: float, k: float, seed: int) -> np.ndarray:
+    x = signal * (2.0 * y - 1.0) + np.random.default_rng(seed).normal(size=y.shape)
+    p1 = 1.0 / (1.0 + np.exp(-2.0 * k * signal * x))
+    return np.stack([1.0 - p1, p1], axis=1)
+
+
+def build_scored_registry(workdir, *, corrupted: bool = True) -> Registry:
+    """MODELS x seeds (0, 1) on BreastMNIST-28 at 100%, with per-sample scores; with
+    `corrupted`, every logreg run scored on CORRUPTIONS at severities 1-5."""
+    from types import SimpleNamespace
+
+    from medfm.data import Task
+    from medfm.metrics import evaluate
+
+    registry = Registry.in_workdir(workdir)
+    for ((backbone, method), (signal, k, fragility)), seed in itertools.product(
+            MODELS.items(), (0, 1)):
+        y = np.random.default_rng(100 + seed).integers(0, 2, size=(N_TEST, 1))
+        key = ResultKey(
+            dataset="breastmnist", size=28, data_digest="d" * 32, backbone=backbone,
+            weights="pretrained", resize_policy="bilinear", input_size=224,
+            normalize="backbone", feature_kind="" if method == "finetune" else "prelogits",
+            method=method, selection="val", select_metric="acc", fraction=1.0, seed=seed,
+            params=canonical_json({"C_grid": [1.0]}), store_fingerprint="f" * 16)
+        clean = _scores(y[:, 0], signal, k, seed)
+        metrics = evaluate(y, clean, Task.BINARY, n_bootstrap=BOOTSTRAP)
+        registry.add(ResultRow.scored(key, SimpleNamespace(n=100, digest="0" * 16), metrics,
+                                      wall_s=1.0), clean, y)
+        if not corrupted or fragility is None:
+            continue
+        for c, corruption in enumerate(CORRUPTIONS):
+            for severity in range(1, 6):
+                shrunk = signal * (1.0 - fragility * severity)
+                p1 = 1.0 / (1.0 + np.exp(-2.0 * k * signal * (
+                    shrunk * (2.0 * y[:, 0] - 1.0)
+                    + np.random.default_rng([seed, c, severity]).normal(size=N_TEST))))
+                scores = np.stack([1.0 - p1, p1], axis=1)
+                registry.add_evaluation(key, corruption, severity,
+                                        evaluate(y, scores, Task.BINARY, n_bootstrap=BOOTSTRAP),
+                                        scores)
+    return registry
+
+
+@pytest.fixture(scope="module")
+def scored_report(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("scored") / "work"
+    registry = build_scored_registry(workdir)
+    return registry, report(workdir=workdir)
+
+
+def _md_rows(path, n_labels: int = 5) -> dict[tuple[str, ...], dict[str, str]]:
+    """A Markdown table's body rows, keyed by their `n_labels` leading cells, as
+    {column header: cell} (cells stripped)."""
+    lines = path.read_text().splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    rows = {}
+    for line in lines[4:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[tuple(cells[:n_labels])] = dict(zip(header, cells, strict=True))
+    return rows
+
+
+def _be(registry, backbone, corruption=None, severity=None) -> list[float]:
+    """BE of each seed's logreg run on a corruption (None: clean), from the registry API."""
+    values = []
+    for row in registry.query(backbone=backbone, method="logreg"):
+        if corruption is None:
+            values.append(1.0 - row.balanced_acc)
+            continue
+        found = [e for e in registry.evaluations(row.key)
+                 if (e["corruption"], e["severity"]) == (corruption, severity)]
+        values.append(1.0 - found[0]["balanced_acc"])
+    return values
+
+
+def test_robustness_tables_hold_balanced_error_per_corruption_and_severity(scored_report):
+    registry, files = scored_report
+    rows = _md_rows(files.out / "tables" / "robustness_be.md")
+    resnet, vit = "resnet_a · logreg", "vit_b · logreg"
+    worst = rows[("breastmnist", "28", "100%", "pixelate", "5")]
+    be = _be(registry, "resnet_a", "pixelate", 5)
+    assert worst[resnet] == f"{np.mean(be) * 100:.1f} ± {np.std(be, ddof=1) * 100:.1f}"
+    assert worst[vit].startswith("**")  # the robust model has the lowest error there
+    clean = rows[("breastmnist", "28", "100%", "clean", "—")]
+    assert clean[resnet].startswith(f"**{np.mean(_be(registry, 'resnet_a')) * 100:.1f}")
+    assert "resnet_a · finetune" not in rows[("breastmnist", "28", "100%", "clean", "—")]
+    assert len(rows) == 1 + len(CORRUPTIONS) * 5
+    # severity makes the fragile model worse, monotonically on average
+    by_severity = [np.mean(_be(registry, "resnet_a", "pixelate", s)) for s in range(1, 6)]
+    assert by_severity[-1] > by_severity[0] + 0.1
+
+    frame = pd.read_csv(files.out / "tables" / "robustness.csv")
+    assert len(frame) == 2 * len(CORRUPTIONS) * 5
+    assert set(frame["family"]) == {"digital", "noise"}
+
+
+def test_rbe_follows_medmnistc_with_its_alexnet_baseline(scored_report):
+    from medfm.report.robustness import MEDMNISTC_ALEXNET
+
+    registry, files = scored_report
+    alexnet_clean, alexnet = MEDMNISTC_ALEXNET["breastmnist"]
+    assert (alexnet_clean, alexnet["pixelate"]) == (0.14536340852130336, 0.46127819548872184)
+    expected = []
+    for seed_row in registry.query(backbone="resnet_a", method="logreg"):
+        be_c = np.mean([1.0 - e["balanced_acc"] for e in registry.evaluations(seed_row.key)
+                        if e["corruption"] == "pixelate"])
+        expected.append((be_c - (1.0 - seed_row.balanced_acc))
+                        / (alexnet["pixelate"] - alexnet_clean))
+    relative = pd.read_csv(files.out / "tables" / "robustness_relative.csv")
+    got = relative[(relative["variant"] == "resnet_a · logreg")
+                   & (relative["corruption"] == "pixelate")]
+    assert got["rbe"].iloc[0] == pytest.approx(np.mean(expected), rel=1e-12)
+    noise = relative[relative["corruption"] == "gaussian_noise"]
+    assert noise["rbe"].isna().all()  # no AlexNet baseline for it on BreastMNIST
+    rows = _md_rows(files.out / "tables" / "robustness_rbe.md", n_labels=4)
+    assert rows[("breastmnist", "28", "100%", "pixelate")]["resnet_a · logreg"] == (
+        f"{np.mean(expected):.2f}")
+    assert rows[("breastmnist", "28", "100%", "gaussian_noise")]["vit_b · logreg"] == "—"
+    mean_row = rows[("breastmnist", "28", "100%", "mean rBE")]
+    assert mean_row["vit_b · logreg"].startswith("**")
+
+
+def test_auc_drop_per_family_and_severity(scored_report):
+    registry, files = scored_report
+    drops = []
+    for row in registry.query(backbone="resnet_a", method="logreg"):
+        found = [e for e in registry.evaluations(row.key)
+                 if (e["corruption"], e["severity"]) == ("gaussian_noise", 5)]
+        drops.append(row.auc - found[0]["auc"])
+    rows = _md_rows(files.out / "tables" / "robustness_auc_drop.md")
+    cell = rows[("breastmnist", "28", "100%", "noise", "5")]["resnet_a · logreg"]
+    assert cell == f"{np.mean(drops) * 100:.1f}" and np.mean(drops) > 0.05
+
+
+def test_guideline_names_clean_robust_and_calibrated_winners(scored_report):
+    _, files = scored_report
+    text = files.guideline.read_text()
+    sentence = next(line for line in text.splitlines() if line.startswith("- At 28 px"))
+    assert "use **resnet_a · logreg**" in sentence
+    assert "Most robust: **vit_b · logreg** (mean BE" in sentence
+    assert "best calibrated: **resnet_a · logreg**" in sentence
+    assert "not the same: the most robust differs from the best on clean data" in sentence
+    row = next(line for line in text.splitlines() if line.startswith("| 28 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[11] == "vit_b · logreg" and cells[13] == "resnet_a · logreg"
+    assert cells[15] == "no"
+    page = files.html.read_text()
+    assert "Robustness (MedMNIST-C)" in page and "Relative balanced error rBE" in page
+
+
+def test_without_corrupted_evaluations_every_section_says_so(tmp_path):
+    build_scored_registry(tmp_path / "work", corrupted=False)
+    files = report(workdir=tmp_path / "work")
+    combined = (files.out / "report.md").read_text()
+    assert "No corrupted evaluations in the registry: robustness not measured" in combined
+    assert not (files.out / "tables" / "robustness_be.md").exists()
+    assert (files.out / "tables" / "calibration_ece.md").exists()
+    sentence = next(line for line in files.guideline.read_text().splitlines()
+                    if line.startswith("- At 28 px"))
+    assert "No corrupted evaluations, so robustness is not measured" in sentence
+    assert "best calibrated: **resnet_a · logreg**" in sentence

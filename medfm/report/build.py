@@ -6,10 +6,15 @@
 
     medfm report --out medfm-work/report --dataset breastmnist
 
-Reads only the registry (filters as `Registry.to_dataframe`). Writes under `out`:
-`tables/{per_dataset,mean_over_datasets}_{acc,auc}.{md,tex}`, `tables/summary.csv` (one row per
-condition and variant) and `tables/mean_over_datasets.csv`, `plots/*.png`, `guideline.md`,
-`report.md` (everything, images linked) and `report.html` (everything, images inlined).
+Reads only the registry (filters as `Registry.to_dataframe`), including its per-sample scores
+(reliability diagrams) and corrupted-split evaluations (robustness). Writes under `out`:
+`tables/{per_dataset,mean_over_datasets}_{acc,auc}.{md,tex}`, `tables/calibration_{ece,brier,nll}`,
+`tables/robustness_{be,rbe,auc_drop}.{md,tex}` (when corrupted evaluations exist),
+`tables/summary.csv` (one row per condition and variant, with calibration and mean corrupted BE),
+`tables/mean_over_datasets.csv`, `tables/robustness.csv` (per corruption and severity) and
+`tables/robustness_relative.csv` (nBE, rBE per corruption), `plots/*.png` (incl.
+`reliability_<dataset>_<size>.png`), `guideline.md`, `report.md` (everything, images linked)
+and `report.html` (everything, images inlined).
 """
 
 from __future__ import annotations
@@ -19,24 +24,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from medfm.errors import InvalidArgumentError, RegistryError
+from medfm.metrics import ece, reliability_bins
 from medfm.paths import resolve_workdir
 from medfm.report import plots as plotting
+from medfm.report import robustness
 from medfm.report.guideline import build_guideline, guideline_html, guideline_markdown
 from medfm.report.html import write_html
 from medfm.report.tables import (
+    CALIBRATION_METRICS,
+    FINETUNE,
     METRICS,
     annotate,
+    calibration_table,
+    is_probe,
     mean_over_datasets,
     mean_table,
     per_dataset_table,
     summarize,
 )
-from medfm.store.registry import Registry
+from medfm.store.registry import Registry, stored_task
 
 REPORT_DIRNAME = "report"  # default output folder inside the work directory
 GUIDELINE_METRIC = "auc"  # threshold-free, and meaningful for ChestMNIST (its ACC is not)
 TITLE = "medfm benchmark report"
+NO_CORRUPTIONS = ("No corrupted evaluations in the registry: robustness not measured (run "
+                  "`medfm extract ... --corruptions medmnist-c`, then `medfm probe` again).")
+NO_CALIBRATION = ("No calibration stored for these runs (rows saved without per-sample scores); "
+                  "calibration tables left out.")
 
 
 def _check_out(out_dir: Path) -> None:
@@ -82,7 +100,9 @@ def report(
                                                              / REPORT_DIRNAME)
     _check_out(out_dir)
     registry = Registry.in_workdir(workdir)
-    frame = registry.to_dataframe(**filters)
+    everything = registry.to_dataframe(corruptions=True, **filters)
+    frame = everything[everything["corruption"].isna()].reset_index(drop=True)
+    corrupted = everything[everything["corruption"].notna()].reset_index(drop=True)
     if frame.empty:
         where = f" matching {filters}" if filters else ""
         raise RegistryError(
@@ -98,17 +118,36 @@ def report(
                                    f"{exc.filename}); move that file or pass --out another "
                                    f"folder") from None
 
-    summary = summarize(annotate(frame))
+    annotated = annotate(frame)
+    summary = summarize(annotated)
+    robust_notes, robust_tables = [NO_CORRUPTIONS], []
+    csv = [table_dir / "summary.csv", table_dir / "mean_over_datasets.csv"]
+    if not corrupted.empty:
+        runs = robustness.corrupted_runs(annotated, corrupted)
+        severities = robustness.severity_summary(runs)
+        relative = robustness.relative_errors(runs)
+        robust_notes = [robustness.__doc__.split("Method. ", 1)[1].strip().replace("\n", " ")]
+        robust_tables = [robustness.be_table(severities, summary), robustness.rbe_table(relative),
+                         robustness.auc_drop_table(severities)]
+        summary = summary.merge(robustness.mean_be(runs), on=robustness.GROUP, how="left")
+        csv += [table_dir / "robustness.csv", table_dir / "robustness_relative.csv"]
+        severities.drop(columns="regime_order").to_csv(csv[2], index=False)
+        relative.drop(columns="regime_order").to_csv(csv[3], index=False)
     means = mean_over_datasets(summary)
     tables = [mean_table(means, m) for m in METRICS] + [per_dataset_table(summary, m)
                                                         for m in METRICS]
+    calibrated = summary["ece_mean"].notna().any()
+    sections = [  # (heading, notes, tables) after the accuracy tables
+        ("Calibration", [] if calibrated else [NO_CALIBRATION],
+         [calibration_table(summary, m) for m in CALIBRATION_METRICS] if calibrated else []),
+        ("Robustness (MedMNIST-C)", robust_notes, robust_tables),
+    ]
     markdown, latex = [], []
-    for table in tables:
+    for table in [*tables, *(t for _, _, section in sections for t in section)]:
         markdown.append(table_dir / f"{table.name}.md")
         markdown[-1].write_text(table.to_markdown(), encoding="utf-8")
         latex.append(table_dir / f"{table.name}.tex")
         latex[-1].write_text(table.to_latex(), encoding="utf-8")
-    csv = [table_dir / "summary.csv", table_dir / "mean_over_datasets.csv"]
     summary.drop(columns="regime_order").to_csv(csv[0], index=False)
     means.drop(columns="regime_order", errors="ignore").to_csv(csv[1], index=False)
 
@@ -116,23 +155,71 @@ def report(
         *plotting.fraction_curves(summary, plot_dir),
         *plotting.size_curves(summary, plot_dir),
         *plotting.probe_vs_finetune(summary, plot_dir),
+        *_reliability_diagrams(registry, annotated, summary, metric, plot_dir),
     ]
     entries = build_guideline(summary, metric)
     guideline = out_dir / "guideline.md"
     guideline.write_text(guideline_markdown(entries), encoding="utf-8")
 
     notes = [f"{len(frame)} runs from {registry.path}" + (f", filtered by {filters}"
-                                                           if filters else "") + "."]
+                                                           if filters else "")
+             + f"; {len(corrupted)} corrupted-split evaluations."]
     combined = out_dir / "report.md"
     combined.write_text(
         f"# {TITLE}\n\n{notes[0]}\n\n" + guideline_markdown(entries) + "\n"
         + "\n".join(t.to_markdown() for t in tables) + "\n"
+        + "".join(f"## {heading}\n\n" + "".join(f"{n}\n\n" for n in section_notes)
+                  + "\n".join(t.to_markdown() for t in section_tables) + "\n"
+                  for heading, section_notes, section_tables in sections)
         + "\n".join(f"![{p.stem}](plots/{p.name})" for p in figures) + "\n",
         encoding="utf-8",
     )
     page = write_html(out_dir / "report.html", title=TITLE, guideline=guideline_html(entries),
-                      tables=tables, plots=figures, notes=notes)
+                      tables=tables, plots=figures, notes=notes, sections=sections)
     return ReportFiles(
         out=out_dir, html=page, markdown=(combined, guideline, *markdown), latex=tuple(latex),
         csv=tuple(csv), plots=tuple(figures), guideline=guideline, n_runs=len(frame),
     )
+
+
+def _reliability_diagrams(registry: Registry, runs: pd.DataFrame, summary: pd.DataFrame,
+                          metric: str, out: Path) -> list[Path]:
+    """Per (dataset, size): `reliability_<dataset>_<size>.png` of the best probe and the best
+    fine-tune (highest seed mean of `metric`, then the larger regime), their seeds' stored test
+    scores pooled. Runs saved without scores are left out; a cell with none has no plot."""
+    paths = []
+    for (dataset, size), cell in summary.groupby(["dataset", "size"], sort=True):
+        curves = []
+        for kind, wanted in (("probe", is_probe), (FINETUNE[1], lambda m: m == FINETUNE[0])):
+            candidates = cell[cell["method"].map(wanted) & cell[f"{metric}_mean"].notna()]
+            if candidates.empty:
+                continue
+            order = candidates["regime_order"].map(lambda o: o[0] * 1e9 + o[1])
+            best = candidates.assign(_order=order).sort_values(
+                [f"{metric}_mean", "_order"]).iloc[-1]
+            digests = runs.loc[(runs["dataset"] == dataset) & (runs["size"] == size)
+                               & (runs["regime"] == best["regime"])
+                               & (runs["variant"] == best["variant"]), "digest"]
+            pooled = [_stored_scores(registry, d) for d in digests]
+            pooled = [p for p in pooled if p is not None]
+            if not pooled:
+                continue
+            y_true = np.concatenate([t for t, _ in pooled])
+            y_score = np.concatenate([s for _, s in pooled])
+            task = stored_task(dataset, y_true, y_score)
+            curves.append((f"{kind}: {best['variant']} @ {best['regime']} ({len(pooled)} "
+                           f"seed(s))", reliability_bins(y_true, y_score, task),
+                           ece(y_true, y_score, task)))
+        if curves:
+            paths.append(plotting.reliability_diagram(
+                curves, f"{dataset} @ {size} px: reliability (seeds pooled)",
+                out / f"reliability_{dataset}_{size}.png"))
+    return paths
+
+
+def _stored_scores(registry: Registry, digest: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(y_true, y_score) of a run, or None when it was saved without them."""
+    try:
+        return registry.scores(digest)
+    except RegistryError:
+        return None

@@ -9,7 +9,11 @@ mean of the chosen metric. The winner is the top score and the gap is its lead o
 runner-up, in percentage points. The gap *exceeds the seed spread* when it is larger than both
 candidates' seed standard deviation (averaged over conditions); the *bootstrap CIs separate*
 when the winner's mean lower 95% bound is above the runner-up's mean upper bound. A win that
-passes both is called clear; one that passes neither is a tie within noise.
+passes both is called clear; one that passes neither is a tie within noise. Beside the best on
+clean data, each cell names the *most robust* candidate, the lowest mean balanced error over the
+corrupted test splits (MedMNIST-C; medfm.report.robustness), and the *best calibrated*, the
+lowest test ECE, each compared the same way on the conditions all its candidates share, and
+says whether one candidate is all three.
 """
 
 from __future__ import annotations
@@ -51,6 +55,23 @@ class GuidelineEntry:
     ci_separate: bool | None  # winner CI low > runner-up CI high (None when alone)
     n_conditions: int  # shared (dataset, fraction/shots) conditions compared
     datasets: tuple[str, ...]  # datasets among them
+    most_robust: str | None = None  # lowest mean BE on corrupted splits (None: none evaluated)
+    robust_be: float = math.nan  # its mean balanced error over corrupted splits, in [0, 1]
+    best_calibrated: str | None = None  # lowest mean test ECE (None: no ECE stored)
+    calibrated_ece: float = math.nan  # its mean ECE, in [0, 1]
+
+    @property
+    def agreement(self) -> str:
+        """Whether the best on clean data is also the most robust and the best calibrated."""
+        named = {"most robust": self.most_robust, "best calibrated": self.best_calibrated}
+        known = {k: v for k, v in named.items() if v is not None}
+        if not known:
+            return "robustness and calibration not measured"
+        if all(v == self.winner for v in known.values()):
+            return ("the same candidate is best on clean data and "
+                    + " and ".join(known))
+        differs = [k for k, v in known.items() if v != self.winner]
+        return f"not the same: the {' and the '.join(differs)} differs from the best on clean data"
 
     @property
     def verdict(self) -> str:
@@ -68,11 +89,22 @@ class GuidelineEntry:
                 f"({self.paradigm}; mean {name} {self.score * PERCENT:.1f}% over "
                 f"{self.n_conditions} condition(s) on {', '.join(self.datasets)})")
         if self.runner_up is None:
-            return lead + "; it was the only candidate."
+            return lead + "; it was the only candidate." + self._beyond_accuracy()
         spread = ("n/a" if math.isnan(self.seed_spread)
                   else f"{self.seed_spread * PERCENT:.1f} pp")
         return (f"{lead}: it leads {self.runner_up} by {self.gap * PERCENT:.1f} pp "
-                f"(seed spread {spread}) — {self.verdict}.")
+                f"(seed spread {spread}) — {self.verdict}.{self._beyond_accuracy()}")
+
+    def _beyond_accuracy(self) -> str:
+        """The robustness and calibration clause of the sentence."""
+        robust = ("no corrupted evaluations, so robustness is not measured"
+                  if self.most_robust is None else
+                  f"most robust: **{self.most_robust}** (mean BE "
+                  f"{self.robust_be * PERCENT:.1f}% on corrupted splits)")
+        calibrated = ("no ECE stored" if self.best_calibrated is None else
+                      f"best calibrated: **{self.best_calibrated}** (ECE "
+                      f"{self.calibrated_ece * PERCENT:.1f}%)")
+        return f" {robust[0].upper()}{robust[1:]}; {calibrated}; {self.agreement}."
 
 
 def fraction_bucket(fraction: float | None) -> str:
@@ -97,9 +129,26 @@ def _shared_conditions(cell: pd.DataFrame) -> pd.DataFrame:
         cell = cell[cell["variant"] != weakest]
 
 
+def _lowest(cell: pd.DataFrame, column: str) -> tuple[str | None, float]:
+    """The variant with the lowest mean of `column` over the conditions all candidates with a
+    value share, and that mean; (None, NaN) when no candidate has one."""
+    cell = cell[cell[column].notna()]
+    if cell.empty:
+        return None, math.nan
+    means = _shared_conditions(cell).groupby("variant")[column].mean().sort_values()
+    return str(means.index[0]), float(means.iloc[0])
+
+
 def build_guideline(summary: pd.DataFrame, metric: str = "auc") -> list[GuidelineEntry]:
-    """One GuidelineEntry per (size, regime) cell, ordered by size then regime."""
+    """One GuidelineEntry per (size, regime) cell, ordered by size then regime.
+
+    `summary` is tables.summarize's, with `ece_mean` and, where corrupted evaluations exist,
+    `be_mean` (robustness.mean_be); a summary without them names no robust/calibrated winner.
+    """
     frame = summary.assign(bucket=[fraction_bucket(f) for f in summary["fraction"]])
+    for optional in ("be_mean", "ece_mean"):
+        if optional not in frame:
+            frame[optional] = math.nan
     frame = frame[frame[f"{metric}_mean"].notna()]
     order = {name: i for i, name in enumerate([FEW_SHOT, *(n for _, n in FRACTION_BUCKETS)])}
     entries = []
@@ -123,6 +172,8 @@ def build_guideline(summary: pd.DataFrame, metric: str = "auc") -> list[Guidelin
             spread = max(spreads) if spreads else math.nan
             exceeds = None if not spreads else bool(gap > spread)
             separate = bool(best["ci_low"] > runner["ci_high"])
+        most_robust, robust_be = _lowest(cell, "be_mean")
+        best_calibrated, calibrated_ece = _lowest(cell, "ece_mean")
         entries.append(GuidelineEntry(
             size=int(size), regime=bucket, metric=metric, winner=str(scores.index[0]),
             paradigm=paradigm(best["method"]), score=float(best["score"]),
@@ -130,6 +181,8 @@ def build_guideline(summary: pd.DataFrame, metric: str = "auc") -> list[Guidelin
             seed_spread=spread, exceeds_spread=exceeds, ci_separate=separate,
             n_conditions=int(shared["condition"].nunique()),
             datasets=tuple(sorted(shared["dataset"].unique())),
+            most_robust=most_robust, robust_be=robust_be, best_calibrated=best_calibrated,
+            calibrated_ece=calibrated_ece,
         ))
     return entries
 
@@ -138,10 +191,17 @@ def _yes_no(value: bool | None) -> str:
     return "n/a" if value is None else ("yes" if value else "no")
 
 
+def _same(entry: GuidelineEntry) -> str:
+    """yes / no / n/a: one candidate best on clean data, robustness and calibration alike."""
+    named = [v for v in (entry.most_robust, entry.best_calibrated) if v is not None]
+    return "n/a" if not named else _yes_no(all(v == entry.winner for v in named))
+
+
 def guideline_table(entries: list[GuidelineEntry]) -> Table:
     """The guideline as a Table (winner cells bold)."""
     header = ("size", "regime", "winner", "paradigm", "score (%)", "runner-up", "gap (pp)",
-              "seed spread (pp)", "gap > spread", "CIs separate", "verdict")
+              "seed spread (pp)", "gap > spread", "CIs separate", "verdict", "most robust",
+              "mean BE (%)", "best calibrated", "ECE (%)", "same?")
     rows = []
     for e in entries:
         rows.append((
@@ -149,6 +209,11 @@ def guideline_table(entries: list[GuidelineEntry]) -> Table:
             e.runner_up or "—", "—" if math.isnan(e.gap) else f"{e.gap * PERCENT:.1f}",
             "—" if math.isnan(e.seed_spread) else f"{e.seed_spread * PERCENT:.1f}",
             _yes_no(e.exceeds_spread), _yes_no(e.ci_separate), e.verdict,
+            e.most_robust or "—",
+            "—" if math.isnan(e.robust_be) else f"{e.robust_be * PERCENT:.1f}",
+            e.best_calibrated or "—",
+            "—" if math.isnan(e.calibrated_ece) else f"{e.calibrated_ece * PERCENT:.1f}",
+            _same(e),
         ))
     bold = tuple((False, False, True) + (False,) * (len(header) - 3) for _ in rows)
     metric = METRIC_LABELS[entries[0].metric] if entries else ""

@@ -24,12 +24,18 @@ def png_data_uri(path: Path) -> str:
 
 
 def write_html(path: Path, *, title: str, guideline: str, tables: list[Table],
-               plots: list[Path], notes: list[str]) -> Path:
-    """Write the page: notes, guideline fragment, every table, every plot inline."""
+               plots: list[Path], notes: list[str],
+               sections: list[tuple[str, list[str], list[Table]]] = ()) -> Path:
+    """Write the page: notes, guideline fragment, every table, each section (heading, notes,
+    tables), every plot inline."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(note)}</p>" for note in notes]
     parts += ["<h2>Model-selection guideline</h2>", guideline, "<h2>Tables</h2>"]
     parts += [table.to_html() for table in tables]
+    for heading, section_notes, section_tables in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts += [f"<p>{html.escape(note)}</p>" for note in section_notes]
+        parts += [table.to_html() for table in section_tables]
     parts.append("<h2>Plots</h2>")
     parts += [
         f'<figure><img alt="{html.escape(p.stem)}" src="{png_data_uri(p)}">'

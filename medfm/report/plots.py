@@ -6,6 +6,9 @@
   has, for datasets evaluated at two sizes or more.
 - `probe_vs_finetune`: for every backbone with both, the best probe's seed mean against the
   fine-tune seed mean on the same conditions, with the diagonal (points above: fine-tuning wins).
+- `reliability_diagram`: per (dataset, size), accuracy against mean confidence in the ECE's
+  bins (medfm.metrics.reliability_bins) for the best probe and the best fine-tune, the diagonal
+  (perfect calibration), and the share of samples per bin below.
 """
 
 from __future__ import annotations
@@ -152,3 +155,29 @@ def probe_vs_finetune(summary: pd.DataFrame, out: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize="small")
     return [_save(fig, out / "probe_vs_finetune.png")]
+
+
+def reliability_diagram(curves: list[tuple[str, object, float]], title: str,
+                        path: Path) -> Path:
+    """`path`: one reliability diagram. `curves` are (label, metrics.ReliabilityBins, ECE)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(PANEL_SIZE[0], PANEL_SIZE[1] * 1.6),
+                                      sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    top.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
+    colors = _colors(label for label, _, _ in curves)
+    for label, bins, ece in curves:
+        filled = bins.count > 0
+        top.plot(bins.confidence[filled], bins.accuracy[filled], marker="o",
+                 color=colors[label], label=f"{label} (ECE {ece * PERCENT:.1f}%)")
+        share = bins.count / max(1, bins.count.sum())
+        bottom.stairs(share, bins.edges, color=colors[label])
+    top.set_ylabel("accuracy in bin")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_title(title, fontsize="small")
+    top.grid(True, alpha=0.3)
+    bottom.set_xlabel("confidence of the predicted class")
+    bottom.set_ylabel("share of samples")
+    bottom.set_ylim(0, 1)
+    bottom.grid(True, alpha=0.3)
+    _legend_below(fig, top)
+    return _save(fig, path)

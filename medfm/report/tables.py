@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import pandas as pd
 
 METRICS = ("acc", "auc")  # metrics tabulated and plotted, as registry columns
-METRIC_LABELS = {"acc": "ACC", "auc": "AUC"}
+CALIBRATION_METRICS = ("ece", "brier", "nll")  # lower is better; tables of their own
+SUMMARIZED = (*METRICS, "balanced_acc", *CALIBRATION_METRICS)  # seed-summarized columns
+METRIC_LABELS = {"acc": "ACC", "auc": "AUC", "balanced_acc": "balanced accuracy", "ece": "ECE",
+                 "brier": "Brier score", "nll": "NLL"}
 FINETUNE = ("finetune", "fine-tune", "--")  # method, how reports name it, its line style
 # key fields that may tell two otherwise identical runs apart; shown in a variant's label
 VARIANT_FIELDS = (
@@ -86,7 +89,7 @@ class Table:
         return sum(1 for h in self.header if h not in _ROW_LABELS)
 
 
-_ROW_LABELS = ("dataset", "size", "regime", "datasets")
+_ROW_LABELS = ("dataset", "size", "regime", "datasets", "corruption", "severity", "family")
 
 
 def _md_row(cells) -> str:
@@ -200,8 +203,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (condition, variant): seed mean/std of each metric and mean CI bounds.
 
     Columns: dataset, size, regime, regime_order, fraction, shots, variant, backbone, method,
-    paradigm, n_seeds, {acc,auc}_mean, {acc,auc}_std, {acc,auc}_ci_low, {acc,auc}_ci_high
-    (metrics as fractions).
+    paradigm, n_seeds, and for each of SUMMARIZED (acc, auc, balanced_acc, ece, brier, nll)
+    {m}_mean, {m}_std, {m}_ci_low, {m}_ci_high (metrics as fractions; NaN where not stored).
     """
     keys = ["dataset", "size", "regime", "variant"]
     rows = []
@@ -214,7 +217,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             "method": first["method"], "paradigm": first["paradigm"],
             "n_seeds": int(runs["seed"].nunique()),
         }
-        for metric in METRICS:
+        for metric in SUMMARIZED:
             row[f"{metric}_mean"] = runs[metric].mean()
             row[f"{metric}_std"] = runs[metric].std(ddof=1) if len(runs) > 1 else math.nan
             row[f"{metric}_ci_low"] = runs[f"{metric}_ci_low"].mean()
@@ -303,3 +306,45 @@ def mean_table(means: pd.DataFrame, metric: str) -> Table:
              "(a variant is shown only where it covers every dataset); best per row in bold")
     return _table(f"mean_over_datasets_{metric}", title, ["size", "regime", "datasets"],
                   variants, rows)
+
+
+def ranked_table(name: str, title: str, frame: pd.DataFrame, row_keys: list[str], *,
+                 value: str, cell, lower_is_better: bool) -> Table:
+    """Rows `row_keys` x columns variant from a long frame (one record per row and variant):
+    `cell(record)` is the text, `value` the column ranked; the best of each row is bold."""
+    variants = sorted(frame["variant"].unique())
+    out_rows, out_bold = [], []
+    for labels, group in frame.groupby(row_keys, sort=False):
+        labels = labels if isinstance(labels, tuple) else (labels,)
+        records = {r["variant"]: r for r in group.to_dict("records")}
+        values = [records[v][value] for v in variants
+                  if v in records and not _missing(records[v][value])]
+        best = (min(values) if lower_is_better else max(values)) if values else math.nan
+        out_rows.append(tuple(str(x) for x in labels)
+                        + tuple(cell(records[v]) if v in records else "—" for v in variants))
+        out_bold.append((False,) * len(labels) + tuple(
+            v in records and records[v][value] == best for v in variants))
+    return Table(name, title, tuple(row_keys) + tuple(variants), tuple(out_rows),
+                 tuple(out_bold))
+
+
+CALIBRATION_UNITS = {"ece": (PERCENT, 1, " (%)"), "brier": (1.0, 3, ""), "nll": (1.0, 3, "")}
+
+
+def calibration_table(summary: pd.DataFrame, metric: str) -> Table:
+    """Rows (dataset, size, regime) x variant: seed mean of ECE, Brier or NLL with the seed mean
+    of its bootstrap 95% CI bounds, "mean [low, high]"; lowest per row in bold."""
+    scale, digits, unit = CALIBRATION_UNITS[metric]
+    frame = summary.assign(_order=summary["regime_order"].map(lambda o: o[0] * 1e9 + o[1]))
+    frame = frame.sort_values(["dataset", "size", "_order", "variant"])
+
+    def cell(r) -> str:
+        if _missing(r[f"{metric}_mean"]):
+            return "—"
+        low, high = (r[f"{metric}_ci_{b}"] * scale for b in ("low", "high"))
+        return f"{r[f'{metric}_mean'] * scale:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+    return ranked_table(
+        f"calibration_{metric}", f"Test {METRIC_LABELS[metric]}{unit} (lower is better), mean "
+        "over seeds [mean bootstrap 95% CI]; lowest per row in bold", frame,
+        ["dataset", "size", "regime"], value=f"{metric}_mean", cell=cell, lower_is_better=True)

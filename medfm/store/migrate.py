@@ -33,17 +33,15 @@ import sqlite3
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from medfm.backbones.names import FILE_DIGEST_CHARS, FILE_PREFIX, PRETRAINED, RANDOM
 from medfm.cache import file_digest
-from medfm.data import Task, get_dataset
-from medfm.errors import UnknownDatasetError
+from medfm.data import get_dataset
 from medfm.preprocess import DEFAULT_NORMALIZATION
 from medfm.request import FEATURE_KIND, run_key, store_digest, store_filename
 from medfm.sampling import SubsetSpec
 from medfm.store.features import PARTIAL_SUFFIX
-from medfm.store.registry import _from_npy, canonical_json
+from medfm.store.registry import _from_npy, canonical_json, stored_task
 
 LAYOUT_FILE = ".layout"  # in <workdir>/stores: the layout version the folder is in
 LAYOUT_VERSION = "2"
@@ -263,16 +261,6 @@ def _move_checkpoints(folder: Path, moved: dict[str, str]) -> None:
             os.replace(source, target)
 
 
-def _task_of(dataset: str, y_true: np.ndarray, y_score: np.ndarray) -> Task:
-    """The dataset's task; for an imported dataset whose card is gone, what the arrays say."""
-    try:
-        return get_dataset(dataset).task
-    except UnknownDatasetError:
-        if y_true.ndim == 2 and y_true.shape[1] > 1:
-            return Task.MULTI_LABEL
-        return Task.BINARY if y_score.ndim == 1 or y_score.shape[1] <= 2 else Task.MULTI_CLASS
-
-
 def add_calibration_v2(conn: sqlite3.Connection, workdir: Path, columns: tuple[str, ...]) -> None:
     """Fill `columns` (schema 3's metric columns) of every results row from its stored scores;
     runs inside the caller's transaction (module docstring)."""
@@ -284,7 +272,7 @@ def add_calibration_v2(conn: sqlite3.Connection, workdir: Path, columns: tuple[s
         "FROM results JOIN scores ON scores.digest = results.digest").fetchall()
     for row in rows:
         y_true, y_score = _from_npy(row["y_true"]), _from_npy(row["y_score"])
-        scored = bootstrap_metrics(y_true, y_score, _task_of(row["dataset"], y_true, y_score),
+        scored = bootstrap_metrics(y_true, y_score, stored_task(row["dataset"], y_true, y_score),
                                    names)
         values = {}
         for name, (point, (low, high)) in scored.items():

@@ -61,6 +61,7 @@ from medfm.paths import resolve_workdir
 if TYPE_CHECKING:
     import pandas
 
+    from medfm.data import Task
     from medfm.metrics import Metrics
 
 REGISTRY_FILENAME = "registry.sqlite"  # inside the work directory
@@ -285,6 +286,21 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection, Path], None], ...] = (
     _migrate_to_v3,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def stored_task(dataset: str, y_true: np.ndarray, y_score: np.ndarray) -> Task:
+    """The task a stored run's scores answer: its dataset's, or, for an imported dataset whose
+    card this machine no longer has, what the arrays say (several label columns: multi-label;
+    at most two score columns: binary; else multi-class, which ordinal scores the same)."""
+    from medfm.data import Task, get_dataset
+    from medfm.errors import UnknownDatasetError
+
+    try:
+        return get_dataset(dataset).task
+    except UnknownDatasetError:
+        if y_true.ndim == 2 and y_true.shape[1] > 1:
+            return Task.MULTI_LABEL
+        return Task.BINARY if y_score.ndim == 1 or y_score.shape[1] <= 2 else Task.MULTI_CLASS
 
 
 def _to_npy(array: np.ndarray) -> bytes:
