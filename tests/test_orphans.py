@@ -83,3 +83,14 @@ def test_sigkilled_driver_takes_its_workers_and_the_rerun_finishes(tmp_path):
     rows = registry.query()
     registry.close()
     assert len(rows) == 1 and rows[0].extra["resumed"] is True
+
+
+def test_gpu_pinning_follows_the_drivers_visible_devices():
+    """Issue 15.5: workers are pinned to the GPUs the driver sees, as it names them."""
+    from medfm.grid.executors.local import gpu_assignments
+
+    assert gpu_assignments(2, 2, "2,3") == ["2", "3"]
+    assert gpu_assignments(3, 2, "2,3") == ["2", "3", "2"]
+    assert gpu_assignments(2, 2, None) == ["0", "1"]
+    assert gpu_assignments(2, 2, "") == ["0", "1"]
+    assert gpu_assignments(1, 1, "GPU-5f1c,GPU-77aa") == ["GPU-5f1c"]

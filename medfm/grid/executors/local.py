@@ -39,6 +39,17 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+def gpu_assignments(workers: int, gpus: int, visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value of each worker: the driver's visible devices in turn
+    (so with CUDA_VISIBLE_DEVICES=2,3 the workers get 2 and 3, not 0 and 1), else 0..gpus-1.
+    Entries may be indices or GPU UUIDs; they are passed on as written."""
+    ids = [part.strip() for part in (visible or "").split(",") if part.strip()]
+    if not ids:
+        ids = [str(i) for i in range(gpus)]
+    ids = ids[:gpus] if gpus else ids
+    return [ids[i % len(ids)] for i in range(workers)]
+
+
 ORPHAN_POLL_S = 1.0  # how often a worker checks that its driver is alive
 PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies
 
@@ -95,8 +106,8 @@ class LocalExecutor:
         gpu_queue = None
         if gpus:
             gpu_queue = ctx.Queue()
-            for i in range(workers):
-                gpu_queue.put(i % gpus)
+            for device in gpu_assignments(workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES")):
+                gpu_queue.put(device)
         return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                    initargs=(gpu_queue, os.getpid()))
 
