@@ -24,9 +24,10 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
-from medfm.backbones.names import PRETRAINED, RANDOM, BackboneRef, resolve_backbone
+from medfm.backbones.hub import parse_source_name
+from medfm.backbones.names import PRETRAINED, RANDOM, REGISTRY, BackboneRef, resolve_backbone
 from medfm.backbones.sources import OFFLINE_WEIGHTS, WEIGHTS_HINT
-from medfm.errors import WeightsError
+from medfm.errors import InvalidArgumentError, WeightsError
 
 CREATION_SEED = 0  # torch seed around every model creation: same name -> same init and digest
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -40,9 +41,10 @@ SHOWN_KEYS = 5  # mismatched keys quoted in a WeightsError
 class Backbone:
     """A created timm model with where its weights came from and how to feed it."""
 
-    model: torch.nn.Module  # timm model, eval mode, on CPU
+    model: torch.nn.Module  # timm model (or an encoders.PooledEncoder), eval mode, on CPU
     ref: BackboneRef  # the identity it was built for (canonical id, weights identity)
-    weights: str  # where the weights came from: "offline:<source>", "hub", "file:<path>", "random"
+    weights: str  # where the weights came from: "offline:<source>", "hub", "file:<path>",
+    # "random", or "<format>:<folder or hub repo>" for a checkpoint (medfm.backbones.hub)
     weights_digest: str  # sha256 hex of the model's state dict (keys, dtypes, shapes, bytes)
     data_config: dict  # timm's resolved data config with alias overrides
     feature_dim: int  # width of forward_head(..., pre_logits=True)
@@ -179,6 +181,9 @@ def create_backbone(
     `init_seed` seeds every freshly initialised weight (fine-tuning passes the run's seed).
     """
     ref = backbone if isinstance(backbone, BackboneRef) else resolve_backbone(backbone, weights)
+    if ref.format != REGISTRY:
+        return _create_checkpoint(ref, num_classes=num_classes, in_chans=in_chans,
+                                  init_seed=init_seed, **timm_kwargs)
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     seeded = dict(pretrained=False, init_seed=init_seed)
     if ref.weights == PRETRAINED and ref.id in OFFLINE_WEIGHTS:
@@ -197,8 +202,12 @@ def create_backbone(
         model = _seeded_create(ref.id, **seeded, **kwargs)
         _load_strict(model, read_checkpoint(path), origin=f"file {path}")
         label = f"file:{path}"
+    return _finish(model, ref, label, resolve_model_data_config(model))
+
+
+def _finish(model: torch.nn.Module, ref: BackboneRef, label: str, data_config: dict) -> Backbone:
     model.eval()
-    data_config = resolve_model_data_config(model)
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
     if ref.input_size is not None:
         channels = data_config["input_size"][0]
         data_config["input_size"] = (channels, ref.input_size, ref.input_size)
@@ -212,3 +221,37 @@ def create_backbone(
         # layer); timm names that width head_hidden_size
         feature_dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
     )
+
+
+def _create_checkpoint(ref: BackboneRef, *, num_classes: int, in_chans: int, init_seed: int,
+                       **timm_kwargs) -> Backbone:
+    """A hub or local-folder checkpoint (medfm.backbones.hub), built by its format's own code:
+    timm.create_model("hf-hub:..."/"local-dir:..."), else encoders.build_encoder."""
+    source = parse_source_name(ref.name)
+    where = source.repo or ref.folder or "/".join(source.builtin or ())
+    label = RANDOM if ref.weights == RANDOM else f"{ref.format}:{where}"
+    if ref.format == "timm":
+        timm_name = f"hf-hub:{source.repo}" if source.repo else f"local-dir:{ref.folder}"
+        kwargs = dict(num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+        try:
+            if ref.path is not None:
+                model = _seeded_create(timm_name, pretrained=False, init_seed=init_seed,
+                                       **kwargs)
+                _load_strict(model, read_checkpoint(Path(ref.path)), origin=f"file {ref.path}")
+                label = f"file:{ref.path}"
+            else:
+                model = _seeded_create(timm_name, pretrained=ref.weights != RANDOM,
+                                       init_seed=init_seed, **kwargs)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            raise WeightsError(f"timm cannot build {ref.name!r} from its files "
+                               f"({type(err).__name__}: {str(err).splitlines()[0][:200]})."
+                               ) from err
+        return _finish(model, ref, label, resolve_model_data_config(model))
+    if in_chans != 3 or timm_kwargs:
+        raise InvalidArgumentError(f"{ref.name!r} takes 3-channel input and no timm options.")
+    from medfm.backbones.encoders import build_encoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = build_encoder(ref, num_classes=num_classes)
+    return _finish(model, ref, label, ref.data_config())

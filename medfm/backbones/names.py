@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from medfm.backbones import hub
 from medfm.backbones.sources import OFFLINE_WEIGHTS, WEIGHTS_HINT
 from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.errors import UnknownBackboneError, WeightsError
 
 PRETRAINED = "pretrained"  # the timm id's published weights (offline source or hub)
 RANDOM = "random"  # timm's own init under a fixed seed
+REGISTRY = "registry"  # BackboneRef.format of a model named in timm's registry
 RANDOM_WEIGHTS = ("random", "none")  # `weights` values that mean "no pretrained weights"
 FILE_PREFIX = "file:"  # "file:<first 16 hex digits of the checkpoint's sha256>"
 FILE_DIGEST_CHARS = 16
@@ -89,18 +91,25 @@ class BackboneRef:
     path: str | None = field(default=None, compare=False)  # the checkpoint behind "file:"
     name: str = field(default="", compare=False)  # what the user typed
     input_size: int | None = field(default=None, compare=False)  # alias input-size override
+    format: str = field(default="registry", compare=False)  # "registry" (timm's), else a
+    # checkpoint format of medfm.backbones.hub.FORMATS: "timm", "open_clip", "hf"
+    folder: str | None = field(default=None, compare=False)  # where a checkpoint's files are
+    source_config: dict | None = field(default=None, compare=False)  # its data config
 
     @property
     def arch(self) -> str:
-        return self.id.partition(".")[0]
+        return self.id.partition(".")[0] if self.format == REGISTRY else self.id.partition("?")[0]
 
     @property
     def tag(self) -> str:
-        return self.id.partition(".")[2]
+        return self.id.partition(".")[2] if self.format == REGISTRY else ""
 
     def data_config(self) -> dict:
         """timm's data config for this id (input_size (C, H, W), mean, std, ...), with the alias
-        override: what `timm.data.resolve_model_data_config` gives for the created model."""
+        override: what `timm.data.resolve_model_data_config` gives for the created model; for a
+        checkpoint, the one read from its own files (medfm.backbones.hub)."""
+        if self.format != REGISTRY:
+            return dict(self.source_config)
         config = dict(_snapshot_config(self.id))
         if self.input_size is not None:
             config["input_size"] = (config["input_size"][0], self.input_size, self.input_size)
@@ -209,12 +218,20 @@ def resolve_name(name: str) -> tuple[str, str, BackboneAlias | None]:
     pretrained tag ("" if timm has no weights for it); a tag must be one timm knows.
     """
     name = name.strip()
+    if hub.is_source_name(name):
+        raise UnknownBackboneError(f"{name!r} names a checkpoint, not a timm registry model; "
+                                   "resolve it with resolve_backbone.")
     alias = ALIASES.get(name)
     arch, _, tag = (alias.timm_id if alias else name).partition(".")
     snapshot = timm_snapshot()
     entry = snapshot["archs"].get(arch) or _live_arch(arch)
     if entry is None:
         known = [*ALIASES, *snapshot["archs"], *snapshot["configs"]]
+        if "/" in name:  # a hub repo id or a folder without its format prefix
+            raise UnknownBackboneError(
+                f"unknown backbone {name!r}: a hub repo or folder needs its format: "
+                f"hf-hub:{name} (timm), open_clip:hf-hub:{name} (OpenCLIP) or hf:{name} "
+                "(Transformers); folders: local-dir:/path, open_clip:/path, hf:/path.")
         raise _unknown(name, "neither a medfm alias nor a timm model", known)
     if tag and tag not in entry["tags"]:
         raise _unknown(name, f"timm has no pretrained tag {tag!r} for {arch}",
@@ -240,8 +257,29 @@ def weights_identity(weights: str | None, timm_id: str) -> tuple[str, str | None
     return f"{FILE_PREFIX}{digest}", str(path)
 
 
+def resolve_checkpoint(name: str, weights: str | None = None) -> BackboneRef:
+    """The identity of a hub or local-folder checkpoint (medfm.backbones.hub): its canonical id
+    and weights identity: `sha256:` of its files, RANDOM, or a timm-format model's weights file
+    ("file:" digest)."""
+    located = hub.locate(name, need_weights=weights is None)
+    if weights is None:
+        identity, path = hub.files_digest(list(located.files)), None
+    else:
+        identity, path = weights_identity(weights, "")
+        if path is not None and located.name.format.name != "timm":
+            raise WeightsError(
+                f"--weights FILE loads into timm-format models only; for {name!r} put the "
+                "weights in a folder in its format's own layout and name that folder.")
+    return BackboneRef(id=located.name.canonical_id(), weights=identity, path=path,
+                       name=name.strip(), format=located.name.format.name,
+                       folder=str(located.folder) if located.folder else None,
+                       source_config=located.data_config)
+
+
 def resolve_backbone(name: str, weights: str | None = None) -> BackboneRef:
     """The canonical identity of backbone `name` with `weights` (see the module docstring)."""
+    if hub.is_source_name(name):
+        return resolve_checkpoint(name, weights)
     arch, tag, alias = resolve_name(name)
     timm_id = f"{arch}.{tag}" if tag else arch
     identity, path = weights_identity(weights, timm_id)
@@ -253,6 +291,8 @@ def canonical_backbone_id(name: str) -> str:
     """The canonical timm id for any spelling (a filter value); a name that resolves to nothing
     is returned as given, so rows of models this timm no longer has stay reachable."""
     try:
+        if hub.is_source_name(name):
+            return hub.canonical_source_id(name)
         arch, tag, _ = resolve_name(name)
     except UnknownBackboneError:
         return name.strip()
