@@ -1,15 +1,21 @@
-"""Wall time of a full probe (C sweep, 3 fractions x 3 seeds) per solver, beside a naive baseline.
+"""Wall time of a full probe (C search, 3 fractions x 3 seeds) per solver, early-stopped vs the
+exhaustive walk of the same rule, beside a naive baseline.
 
     python benchmarks/probe_bench.py                       # both workloads, every solver
     python benchmarks/probe_bench.py --skip-real --solvers auto,torch
+    python benchmarks/probe_bench.py --store S.h5 --solvers torch --skip-naive
 
 Workloads: (a) the real PneumoniaMNIST Lite0 store (tf_efficientnet_lite0.in1k, 28 px source,
 built with medfm.extract into the benchmark workdir if missing; needs $MEDFM_DATA_ROOT), and
 (b) synthetic features shaped like PathMNIST (89,996 / 10,004 / 7,180 x 1280, 9 classes, float16
-store). The naive baseline fits a fresh scikit-learn LogisticRegression at every C of the same
-grid with no warm start, on seed 0 of each fraction, and is multiplied by the number of seeds
-(seeds only change which images are drawn). Targets on the 2-core CPU: (a) < 10 s, (b) < 120 s,
-and >= 3x faster than the naive baseline.
+store). Each solver runs twice, each time in a fresh process (imports count, as for a user):
+as `medfm probe` runs it (C by val log-loss, the walk stopped once PATIENCE C values in a row are
+worse than the best; medfm.probe.methods.logreg) and with the same rule over the whole grid
+("exhaustive"); the stopped run's chosen C and test metrics are compared run by run with the
+exhaustive run of the same solver. The naive baseline fits a fresh scikit-learn
+LogisticRegression at every C of the grid with no warm start, on seed 0 of each fraction, and is
+multiplied by the number of seeds (seeds only change which images are drawn). Targets on the
+2-core CPU (issue 9): (b) < 25 s process wall with the exhaustive walk's C and test metrics.
 """
 
 from __future__ import annotations
@@ -27,13 +33,13 @@ import numpy as np
 
 from medfm.data import SPLITS
 from medfm.probe import C_GRID, StoreArrays
+from medfm.probe.methods.logreg import PATIENCE
 from medfm.probe.solvers import cuda_available, cuml_available
 from medfm.sampling import SubsetSpec, sample
 from medfm.store.features import FeatureStore, find_stores
 from medfm.synthetic import write_feature_store
 
 FRACTIONS = (0.01, 0.1, 1.0)
-REFERENCE = "sklearn"  # the solver every other one is compared with: `auto` on a CPU before 2026-11
 SEEDS = (0, 1, 2)
 PATH_ROWS = {"train": 89_996, "val": 10_004, "test": 7_180}  # PathMNIST split sizes
 PATH_DIM, PATH_CLASSES = 1280, 9  # EfficientNet-Lite0 / -B0 pooled width, PathMNIST classes
@@ -95,18 +101,23 @@ RUN = """
 import json, sys, time
 t = time.perf_counter()
 from medfm.probe import probe
+import medfm.probe.methods.logreg as logreg
+logreg.PATIENCE = {patience!r}  # None: the exhaustive walk (a different params, so its own key)
 report = probe(store={store!r}, fractions={fractions!r}, seeds={seeds!r}, solver={solver!r},
                workdir={workdir!r}, force=True, progress=False)
 rows = [dict(fraction=r.key.fraction, seed=r.key.seed, C=r.chosen_C, acc=r.acc, auc=r.auc,
-             solver=r.solver) for r in report.computed]
+             solver=r.solver, walked=len(r.extra["path"])) for r in report.computed]
 print(json.dumps(dict(probe_s=report.wall_s, process_s=time.perf_counter() - t, rows=rows)))
 """
 
 
-def run_solver(store: FeatureStore, solver: str, workdir: Path) -> dict:
-    """A full probe with `solver` in a fresh process (its imports count, as for a user)."""
+def run_solver(store: FeatureStore, solver: str, workdir: Path, *, exhaustive: bool) -> dict:
+    """A full probe with `solver` in a fresh process (its imports count, as for a user), the
+    walk stopped as `medfm probe` stops it or (exhaustive) over the whole grid."""
+    patience = None if exhaustive else PATIENCE
     code = RUN.format(store=str(store.path), fractions=FRACTIONS, seeds=SEEDS, solver=solver,
-                      workdir=str(workdir / f"registry-{solver}"))
+                      patience=patience,
+                      workdir=str(workdir / f"registry-{solver}-{patience}"))
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
@@ -125,6 +136,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medfm-bench"))
     parser.add_argument("--solvers", default=None,
                         help="comma list (default: auto, then every available solver)")
+    parser.add_argument("--store", help="probe this store only (.h5)")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
@@ -134,25 +146,29 @@ def main() -> None:
     workloads = {"(b) synthetic PathMNIST 90k x 1280 x 9": synthetic_pathmnist}
     if not args.skip_real:
         workloads = {"(a) PneumoniaMNIST Lite0 (real)": real_pneumonia, **workloads}
-    print(f"grid {len(C_GRID)} C values; fractions {FRACTIONS} x seeds {SEEDS}; "
-          f"cuda={cuda_available()}; each solver in a fresh process")
+    if args.store:
+        workloads = {Path(args.store).name.split("__")[0]: lambda _: FeatureStore(args.store)}
+    print(f"grid {len(C_GRID)} C values, stopped after {PATIENCE} worse; fractions {FRACTIONS} "
+          f"x seeds {SEEDS}; cuda={cuda_available()}; each run in a fresh process")
     for name, build in workloads.items():
         store = build(workdir)
-        results = {solver: run_solver(store, solver, workdir) for solver in solvers}
-        ref_name = REFERENCE if REFERENCE in results else solvers[0]
-        reference = _choices(results[ref_name])
-        for solver, result in results.items():
-            chosen = _choices(result)
+        for solver in solvers:
+            stopped = run_solver(store, solver, workdir, exhaustive=False)
+            full = run_solver(store, solver, workdir, exhaustive=True)
+            chosen, reference = _choices(stopped), _choices(full)
             same_c = sum(chosen[k][0] == reference[k][0] for k in reference)
             d_acc = max(abs(chosen[k][1] - reference[k][1]) for k in reference) * 100
             d_auc = max(abs(chosen[k][2] - reference[k][2]) for k in reference) * 100
-            used = sorted({r["solver"] for r in result["rows"]})
-            full = chosen[(1.0, SEEDS[0])]
-            print(f"{name:40s} {solver:8s} {result['wall_s']:6.1f} s process "
-                  f"({result['probe_s']:.1f} s in probe; fitted by {'+'.join(used)})  "
-                  f"fraction 1.0: C {full[0]:g} ACC {100 * full[1]:.2f} AUC {100 * full[2]:.2f}"
-                  f"  vs {ref_name}: same C {same_c}/{len(reference)}, max |dACC| {d_acc:.2f} pp,"
-                  f" max |dAUC| {d_auc:.2f} pp")
+            used = sorted({r["solver"] for r in stopped["rows"]})
+            walked = sum(r["walked"] for r in stopped["rows"])
+            walked_full = sum(r["walked"] for r in full["rows"])
+            one = chosen[(1.0, SEEDS[0])]
+            print(f"{name:40s} {solver:8s} stopped {stopped['wall_s']:6.1f} s process "
+                  f"({stopped['probe_s']:.1f} s in probe, {walked} fits) vs exhaustive "
+                  f"{full['wall_s']:6.1f} s ({full['probe_s']:.1f} s, {walked_full} fits); "
+                  f"fitted by {'+'.join(used)}; fraction 1.0: C {one[0]:g} ACC "
+                  f"{100 * one[1]:.2f} AUC {100 * one[2]:.2f}; same C {same_c}/{len(reference)},"
+                  f" max |dACC| {d_acc:.2f} pp, max |dAUC| {d_auc:.2f} pp", flush=True)
         if not args.skip_naive:
             print(f"{name:40s} {'naive':8s} {naive_seconds(store):6.1f} s (sklearn, fresh fit "
                   f"per C, seed 0 x {len(SEEDS)})")

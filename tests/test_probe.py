@@ -14,7 +14,9 @@ from sklearn.base import clone
 from medfm.data import Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import auc
-from medfm.probe import KNNProbe, LogisticProbe, probe, probe_methods
+from medfm.probe import C_GRID, KNNProbe, LogisticProbe, probe, probe_methods
+from medfm.probe.methods import get_method
+from medfm.probe.methods.logreg import LOSS_MARGIN, PATIENCE
 from medfm.probe.solvers import cuml_available, make_solver, resolve_solver
 from medfm.store.registry import Registry
 from medfm.synthetic import write_feature_store
@@ -36,6 +38,13 @@ def _blobs(task: Task, n: int, seed: int, n_classes: int = 3, dim: int = DIM):
 
 
 CASES = {Task.BINARY: 2, Task.MULTI_CLASS: 4, Task.MULTI_LABEL: 3}
+
+
+def _noisy(n: int, seed: int, n_classes: int = 3, dim: int = 60):
+    """Classes that overlap (label noise): the val loss falls, then rises as C overfits."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    return X, np.argmax(2 * X[:, :n_classes] + rng.normal(size=(n, n_classes)), axis=1)
 
 
 @pytest.mark.parametrize("task", list(CASES))
@@ -86,16 +95,77 @@ def test_binary_proba_has_two_columns_and_original_class_ids():
     assert set(fitted.predict(X)) <= {5, 6} and fitted.coef_.shape == (1, DIM)
 
 
-def test_C_is_the_grid_point_with_the_best_val_metric():
-    X, y = _blobs(Task.MULTI_CLASS, 150, 0, 3, dim=60)
-    Xv, yv = _blobs(Task.MULTI_CLASS, 400, 1, 3, dim=60)
-    fitted = LogisticProbe(solver="torch").fit(X, y, Xv, yv)
-    scores = [p["score"] for p in fitted.path_]
-    best = int(np.argmax(scores))
-    assert fitted.C_ == fitted.path_[best]["C"]
-    assert len(set(scores)) > 1  # the choice was not a tie-break
+def _loss_rule(path: list[dict], margin: float = LOSS_MARGIN) -> int:
+    """The index the loss rule should choose on a walked path (logreg module docstring)."""
+    best = 0
+    for i, step in enumerate(path):
+        if step["loss"] < path[best]["loss"] * (1 - margin):
+            best = i
+    return best
+
+
+def test_C_is_chosen_by_val_loss_by_default():
+    """The default rule: a weaker C replaces the best only if it lowers the val log-loss by
+    more than LOSS_MARGIN; the path records the val loss and ACC, and C_ is the rule's pick."""
+    X, y = _noisy(150, 0)
+    Xv, yv = _noisy(400, 1)
+    fitted = LogisticProbe(solver="torch", patience=None).fit(X, y, Xv, yv)
+    assert (fitted.select_by, fitted.select_metric_) == ("loss", "loss")
+    losses = [p["loss"] for p in fitted.path_]
+    assert len(losses) == len(C_GRID) and len(set(losses)) > 1
+    assert fitted.C_ == C_GRID[_loss_rule(fitted.path_)]
+    assert fitted.C_ != C_GRID[int(np.argmax([p["acc"] for p in fitted.path_]))]  # not by ACC
+    proba = fitted.predict_proba(Xv)  # the model kept is the one scored at C_
+    nll = -np.mean(np.log(proba[np.arange(len(yv)), yv]))
+    assert nll == pytest.approx(losses[C_GRID.index(fitted.C_)], rel=1e-6)
+
+
+def test_the_margin_keeps_the_stronger_C_when_a_weaker_one_gains_little():
+    X, y = _blobs(Task.BINARY, 1200, 0, 2)
+    Xv, yv = _blobs(Task.BINARY, 300, 1, 2)
+    plain = LogisticProbe(solver="sklearn", loss_margin=0.0, patience=None).fit(X, y, Xv, yv)
+    margin = LogisticProbe(solver="sklearn", patience=None).fit(X, y, Xv, yv)
+    losses = [p["loss"] for p in plain.path_]
+    assert plain.C_ == C_GRID[int(np.argmin(losses))]
+    # the weak-regularization plateau: the lowest loss is less than LOSS_MARGIN below the
+    # margin rule's choice, which is the strongest C within reach of it
+    chosen = C_GRID.index(margin.C_)
+    assert margin.C_ < plain.C_ and losses[chosen] * (1 - LOSS_MARGIN) <= min(losses)
+
+
+def test_the_old_rule_is_still_selectable():
+    """select_by="primary": the first C with the best val ACC over the whole grid (the rule of
+    registry rows with select_metric "acc"); params without select_by (such rows) mean it."""
+    X, y = _noisy(150, 0)
+    Xv, yv = _noisy(400, 1)
+    fitted = LogisticProbe(solver="torch", select_by="primary").fit(X, y, Xv, yv)
+    accs = [p["acc"] for p in fitted.path_]
+    assert len(accs) == len(C_GRID) and fitted.select_metric_ == "acc"  # never stopped early
+    assert fitted.C_ == C_GRID[int(np.argmax(accs))] and len(set(accs)) > 1
     refit = LogisticProbe(solver="torch", Cs=(fitted.C_,)).fit(X, y)
-    assert np.mean(refit.predict(Xv) == yv) == pytest.approx(max(scores))
+    assert np.mean(refit.predict(Xv) == yv) == pytest.approx(max(accs))
+    old_params = {"C_grid": list(C_GRID), "max_iter": 100, "tol": 1e-4,
+                  "standardize": "train-subset"}  # what rows fitted before issue 12 record
+    features = {"train": X, "val": Xv, "test": Xv}
+    old = get_method("logreg").fit(features, {"train": y, "val": yv}, Task.MULTI_CLASS,
+                                   np.arange(len(y)), params=old_params, selection="val",
+                                   seed=0, solver="torch", device=None)
+    assert old.chosen_C == fitted.C_ and len(old.extra["path"]) == len(C_GRID)
+    with pytest.raises(InvalidArgumentError, match="selection rule"):
+        LogisticProbe(select_by="auc").fit(X, y, Xv, yv)
+
+
+def test_the_walk_stops_once_the_loss_has_turned_and_keeps_its_choice():
+    """patience=PATIENCE stops after that many C values that do not replace the best; the walk
+    up to there is the whole walk's, so the choice and the model are the same."""
+    X, y = _noisy(150, 0)
+    Xv, yv = _noisy(400, 1)
+    whole = LogisticProbe(solver="sklearn", patience=None).fit(X, y, Xv, yv)
+    stopped = LogisticProbe(solver="sklearn").fit(X, y, Xv, yv)
+    best = C_GRID.index(whole.C_)
+    assert len(stopped.path_) == best + 1 + PATIENCE < len(C_GRID)
+    assert stopped.path_ == whole.path_[:len(stopped.path_)] and stopped.C_ == whole.C_
+    np.testing.assert_array_equal(stopped.predict_proba(Xv), whole.predict_proba(Xv))
 
 
 def test_holdout_selection_needs_no_val_and_ignores_it():
@@ -105,7 +175,7 @@ def test_holdout_selection_needs_no_val_and_ignores_it():
     same = LogisticProbe(solver="torch", selection="holdout", random_state=1).fit(
         X, y, garbage_val, np.zeros(5))
     np.testing.assert_array_equal(fitted.predict_proba(X), same.predict_proba(X))
-    assert np.isfinite([p["score"] for p in fitted.path_]).all()
+    assert np.isfinite([p["loss"] for p in fitted.path_]).all()
     np.testing.assert_allclose(fitted.mean_, X.mean(0), rtol=1e-5, atol=1e-6)  # refit on all
 
 
@@ -195,7 +265,11 @@ def test_probe_every_task_writes_rows_then_a_rerun_computes_nothing(tmp_path, mo
         assert (row.solver, row.device) == ("torch", "cpu")
         assert row.auc > 0.75, (row.key.dataset, row.auc)
         assert row.acc_ci_low <= row.acc <= row.acc_ci_high
-        assert len(row.extra["path"]) == len(json.loads(row.key.params)["C_grid"])
+        assert row.key.select_metric == "loss"  # the default rule, in the key
+        params = json.loads(row.key.params)
+        assert (params["select_by"], params["loss_margin"], params["patience"]) == (
+            "loss", LOSS_MARGIN, PATIENCE)
+        assert 1 <= len(row.extra["path"]) <= len(params["C_grid"])
     half = [r for r in rows if r.key.dataset == "bloodmnist" and r.key.fraction == 0.5]
     assert half[0].subset_digest != half[1].subset_digest and half[0].n_train == 120
     full = [r for r in rows if r.key.dataset == "bloodmnist" and r.key.fraction == 1.0]

@@ -6,12 +6,21 @@ chosen on validation.
     probe.C_, probe.path_, probe.predict_proba(X_test)
 
 Protocol. Features are standardized with the mean and standard deviation of the training subset
-(a constant feature keeps scale 1). For every C of the grid (`C_GRID`, log-spaced, walked from
-strong to weak regularization, each fit warm-started from the previous one) the model minimizes
+(a constant feature keeps scale 1). The C grid (`C_GRID`, log-spaced) is walked from strong to
+weak regularization, each fit warm-started from the previous one; at every C the model minimizes
 C * sum(logloss) + 0.5 * ||W||^2 with an unpenalized intercept (scikit-learn's objective, in
-every solver) and is scored on a selection split by the dataset's primary metric: MedMNIST ACC,
-or mean per-label AUC for multi-label (ChestMNIST). The first C with the best score wins (ties go
-to the stronger regularization). Selection splits:
+every solver) and is scored on a selection split. C is chosen by `select_by`
+(medfm.probe.targets):
+- `loss` (default since issue 12): the C with the lowest log-loss on the selection split. The
+  walk stops once PATIENCE C values in a row score worse than the best so far: the loss falls
+  and then rises along the path, and on every real and synthetic store studied the stopped walk
+  chose the C of the full walk (docs/probe_selection.md), at a fraction of the cost (the fits
+  at weak regularization are the slow ones).
+- `primary`: the first C with the best primary metric (MedMNIST ACC, or mean per-label AUC for
+  multi-label ChestMNIST), ties to the stronger regularization, over the whole grid. This was the
+  rule before issue 12 (registry rows with select_metric "acc"/"auc"); on small val splits ACC
+  is flat over many C values and the choice follows solver noise.
+Selection splits:
 - `val`: the official validation split; the model fitted at the chosen C is kept.
 - `holdout`: HOLDOUT_FRACTION of the training subset, drawn stratified by medfm.sampling (seeded
   by `random_state`, >= 1 image of each class kept for training), so a small fraction never sees
@@ -21,7 +30,8 @@ Tasks: binary fits one sigmoid logit (predict_proba (N, 2)); multi-class and ord
 multinomial softmax (MedMNIST scores ordinal as multi-class); multi-label fits one independent
 binary probe per label; a label with a single value in training gets a constant probe
 (zero weights, intercept +-CONSTANT_LOGIT).
-The grid, the per-C selection score, iterations and convergence are kept in `path_`.
+The C values walked, with the selection split's loss and primary metric, iterations and
+convergence at each, are kept in `path_`.
 """
 
 from __future__ import annotations
@@ -35,7 +45,15 @@ from medfm.errors import InvalidArgumentError
 from medfm.probe.estimator import ProbeEstimator
 from medfm.probe.methods import Fitted, ProbeMethod, register
 from medfm.probe.solvers import DEFAULT_MAX_ITER, DEFAULT_TOL, Solution, make_solver
-from medfm.probe.targets import Targets, encode_like, encode_targets, selection_score
+from medfm.probe.targets import (
+    SELECT_BY,
+    Targets,
+    encode_like,
+    encode_targets,
+    primary_metric,
+    select_metric,
+    selection_metrics,
+)
 from medfm.sampling import SubsetSpec, sample
 
 # 1e-4 .. 1e2, half a decade apart: with standardized ~1k-d features, C * n spans strongly
@@ -45,6 +63,10 @@ SELECTIONS = ("val", "holdout")  # where C is chosen
 HOLDOUT_FRACTION = 0.2  # share of the training subset held out under selection="holdout"
 CONSTANT_LOGIT = 13.8  # logit of a label seen with one value only: probability 1 - 1e-6
 STANDARDIZE_ROWS = 8192  # rows per block when computing a feature's mean and std
+LOSS_MARGIN = 0.02  # select_by="loss": a weaker regularization replaces the best C only if it
+#                    lowers the selection log-loss by more than this share (solver noise is less)
+PATIENCE = 2  # select_by="loss": the walk stops after this many C values in a row that do not
+#               replace the best (None: the whole grid)
 
 
 def _kind(task: Task) -> str:
@@ -83,17 +105,24 @@ class LogisticProbe(ProbeEstimator):
     """Standardize, walk a C grid with warm starts, choose C on val or a holdout (module doc).
 
     Learned: `coef_` (K', D) and `intercept_` (K',) in standardized space, `mean_`/`scale_`
-    (D,), `classes_`, `C_`, `path_` (per C: C, score, n_iter, converged), `task_`, and how it
-    was fitted: `solver_` (the concrete solver) and `device_`.
+    (D,), `classes_`, `C_`, `path_` (per C walked: C, loss, acc or auc, n_iter, converged),
+    `task_`, and how it was fitted: `solver_` (the concrete solver) and `device_`.
+    `patience` (select_by="loss" only) stops the walk after that many worse C values in a row;
+    None walks the whole grid.
     """
 
     def __init__(self, *, Cs: Sequence[float] | None = None, solver: str = "auto",
-                 selection: str = "val", holdout_fraction: float = HOLDOUT_FRACTION,
+                 selection: str = "val", select_by: str = SELECT_BY[0],
+                 loss_margin: float = LOSS_MARGIN, patience: int | None = PATIENCE,
+                 holdout_fraction: float = HOLDOUT_FRACTION,
                  max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
                  random_state: int = 0, device: str | None = None):
         self.Cs = Cs
         self.solver = solver
         self.selection = selection
+        self.select_by = select_by
+        self.loss_margin = loss_margin
+        self.patience = patience
         self.holdout_fraction = holdout_fraction
         self.max_iter = max_iter
         self.tol = tol
@@ -111,6 +140,14 @@ class LogisticProbe(ProbeEstimator):
         if self.selection not in SELECTIONS:
             raise InvalidArgumentError(
                 f"unknown selection {self.selection!r}; use one of {', '.join(SELECTIONS)}.")
+        metric = select_metric(self.select_by, targets.task)  # validates select_by
+        if not 0.0 <= self.loss_margin < 1.0:
+            raise InvalidArgumentError(
+                f"loss_margin must be in [0, 1); got {self.loss_margin!r}.")
+        if self.patience is not None and (int(self.patience) != self.patience
+                                          or self.patience < 1):
+            raise InvalidArgumentError(
+                f"patience must be a positive integer or None; got {self.patience!r}.")
         if self.selection == "holdout":
             fit_rows, held = self._holdout_split(targets)
             X_sel, y_sel = X[held], targets.encoded[held]
@@ -129,18 +166,25 @@ class LogisticProbe(ProbeEstimator):
         Z_sel = None if X_sel is None else (X_sel - mean) / scale
         solver, active = self._solver(Z, sub)
         self.solver_, self.device_ = solver.name, solver.device_type
-        path, solutions = [], []
-        for C in grid:
+        # "better" is strict (loss: by more than loss_margin), so ties go to the stronger
+        # regularization; NaN is never better
+        sign = 1.0 if metric == "loss" else -1.0  # minimize sign * value
+        keep = 1.0 - self.loss_margin if metric == "loss" else 1.0  # of the best, to beat it
+        patience = self.patience if metric == "loss" else None
+        path, best, best_value, final = [], 0, np.inf, None
+        for i, C in enumerate(grid):
             solution = self._expand(solver.fit(C), active, sub)
-            score = (float("nan") if Z_sel is None else selection_score(
-                y_sel, _proba(Z_sel, solution.coef, solution.intercept, targets.task),
-                targets.task))
-            path.append({"C": C, "score": score, "n_iter": solution.n_iter,
+            scores = ({"loss": float("nan"), primary_metric(targets.task): float("nan")}
+                      if Z_sel is None else selection_metrics(
+                          y_sel, _proba(Z_sel, solution.coef, solution.intercept, targets.task),
+                          targets.task))
+            path.append({"C": C, **scores, "n_iter": solution.n_iter,
                          "converged": solution.converged})
-            solutions.append(solution)
-        scores = np.array([p["score"] for p in path])
-        best = int(np.argmax(np.nan_to_num(scores, nan=-np.inf)))
-        final = solutions[best]
+            value = sign * scores[metric] if not np.isnan(scores[metric]) else np.inf
+            if final is None or value < best_value * keep:
+                best, best_value, final = i, value, solution
+            elif patience is not None and i - best >= patience:
+                break  # the loss has turned or flattened: `patience` C values did not beat it
         if self.selection == "holdout":  # refit on the whole training subset at the chosen C
             mean, scale, Z = _standardize(X)
             solver, active = self._solver(Z, targets)
@@ -154,6 +198,7 @@ class LogisticProbe(ProbeEstimator):
         self.C_ = grid[best]
         self.n_iter_, self.converged_ = final.n_iter, final.converged
         self.path_ = path
+        self.select_metric_ = metric
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -226,8 +271,11 @@ def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # -- the method --------------------------------------------------------------------------------
 
 def _params(selection: str, options: dict) -> dict:
+    """The settings in a run's key. Rows fitted before issue 12 (C by the primary metric over the
+    whole grid) have no select_by/patience: a missing select_by means "primary"."""
     params = {"C_grid": list(C_GRID), "max_iter": DEFAULT_MAX_ITER, "tol": DEFAULT_TOL,
-              "standardize": "train-subset"}
+              "standardize": "train-subset", "select_by": "loss", "loss_margin": LOSS_MARGIN,
+              "patience": PATIENCE}
     if selection == "holdout":
         params["holdout_fraction"] = HOLDOUT_FRACTION
     return params
@@ -236,6 +284,9 @@ def _params(selection: str, options: dict) -> dict:
 def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, params: dict,
          selection: str, seed: int, solver: str, device: str | None) -> Fitted:
     model = LogisticProbe(Cs=params["C_grid"], solver=solver, selection=selection,
+                          select_by=params.get("select_by", "primary"),
+                          loss_margin=params.get("loss_margin", 0.0),
+                          patience=params.get("patience"),
                           holdout_fraction=params.get("holdout_fraction", HOLDOUT_FRACTION),
                           max_iter=params["max_iter"], tol=params["tol"], random_state=seed,
                           device=device)
@@ -253,6 +304,6 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
 
 METHOD = register(ProbeMethod(
     name="logreg", paradigm="linear probe", line_style="-", selections=SELECTIONS,
-    params=_params, select_metric=lambda task: "auc" if task is Task.MULTI_LABEL else "acc",
+    params=_params, select_metric=lambda task: select_metric("loss", task),
     fit=_fit, uses_solver=True, seed_changes_fit=lambda selection: selection == "holdout",
 ))
