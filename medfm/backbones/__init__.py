@@ -1,9 +1,12 @@
 """Backbones: names resolved to one identity (`names`, light), models created from it (`create`,
-imports torch and timm), and weights shipped in Python packages (`sources`).
+imports torch and timm), weights shipped in Python packages (`sources`), checkpoints from the hub
+or a local folder in timm, OpenCLIP and Transformers formats (`hub`, light), and the wrapper that
+gives OpenCLIP and Transformers encoders timm's feature API (`encoders`).
 
     from medfm.backbones import resolve_backbone, create_backbone
     ref = resolve_backbone("dinov2_vitb14", weights="random")   # no torch, no timm import
     bb = create_backbone(ref)                                   # the model, its data config
+    bb = create_backbone("hf:facebook/dinov2-small?features=mean")   # any format (hub.py)
     f = bb.model.forward_head(bb.model.forward_features(x), pre_logits=True)  # (B, bb.feature_dim)
 """
 

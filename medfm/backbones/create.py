@@ -7,11 +7,17 @@ against. Imports torch and timm (seconds); names resolve in `medfm.backbones.nam
     bb = create_backbone("resnet18.a1_in1k", weights="ckpt.safetensors", num_classes=5)
     f = bb.model.forward_head(bb.model.forward_features(x), pre_logits=True)  # (B, bb.feature_dim)
 
-Weights, in the order `create_backbone` tries them when `weights` is None: a registered offline
-source for the resolved timm id (no network), else timm's hub download. `weights="random"` builds
-timm's own init under a fixed seed; a path loads a local checkpoint strictly. Every model is built
-under `torch.manual_seed(CREATION_SEED)` (caller's RNG state restored), so a new head and a random
-init are the same on every run, and `weights_digest` identifies exactly the tensors loaded.
+Checkpoints named with a format prefix (`hf-hub:`, `local-dir:`, `open_clip:`, `hf:`; see
+medfm.backbones.hub) are built by that format's own code: timm.create_model for timm's format,
+medfm.backbones.encoders for OpenCLIP and Transformers encoders (a new Linear head on the pooled
+features, so extraction and fine-tuning use them like any timm model).
+
+Weights of a timm registry name, in the order `create_backbone` tries them when `weights` is None:
+a registered offline source for the resolved timm id (no network), else timm's hub download.
+`weights="random"` builds timm's own init under a fixed seed; a path loads a local checkpoint
+strictly. Every model is built under `torch.manual_seed(CREATION_SEED)` (caller's RNG state
+restored), so a new head and a random init are the same on every run, and `weights_digest`
+identifies exactly the tensors loaded.
 """
 
 from __future__ import annotations
