@@ -264,6 +264,18 @@ def _add_finetune(sub) -> None:
     p.add_argument("--freeze-backbone", action="store_true",
                    help="train only the head through the frozen backbone (the references' "
                         "'linear probing')")
+    lora = p.add_argument_group(
+        "LoRA", "train low-rank adapters (peft) and the head; every pretrained weight and "
+                "BatchNorm statistic stays frozen. Any --lora-* option implies --lora")
+    lora.add_argument("--lora", action="store_true",
+                      help="adapt the backbone with LoRA instead of fine-tuning all of it")
+    lora.add_argument("--lora-rank", help="adapters' rank (default 8)")
+    lora.add_argument("--lora-alpha", help="update scale numerator: alpha / rank (default 16)")
+    lora.add_argument("--lora-dropout", help="dropout on the adapters' input (default 0.1)")
+    lora.add_argument("--lora-targets",
+                      help="'auto' (attention qkv/proj of transformers; dense Conv2d and Linear "
+                           "layers of CNNs) or module names, e.g. qkv,proj (default auto)")
+    lora.add_argument("--lora-lr", help="adapters' peak learning rate (default 1e-3)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any recipe field, e.g. --set lr_head=1e-3 (repeatable)")
     p.add_argument("--weights", help="local checkpoint, or 'random'")
@@ -282,7 +294,9 @@ def _overrides(args) -> dict:
         if not sep or not field.strip():
             raise InvalidArgumentError(f"--set {item!r} must look like FIELD=VALUE.")
         overrides[field.strip().replace("-", "_")] = value.strip()
-    for name in ("epochs", "batch_size"):
+    from medfm.finetune.recipes import LORA_FIELDS
+
+    for name in ("epochs", "batch_size", *LORA_FIELDS):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.freeze_backbone:
@@ -292,6 +306,7 @@ def _overrides(args) -> dict:
 
 def _run_finetune(args) -> int:
     from medfm.finetune import finetune
+    from medfm.finetune.recipes import LORA_FIELDS
     from medfm.sampling import parse_fractions, parse_seeds, parse_shots
     from medfm.store.registry import Registry
 
@@ -303,6 +318,7 @@ def _run_finetune(args) -> int:
         seeds=parse_seeds(args.seeds),
         recipe=args.recipe, overrides=_overrides(args), resize_policy=args.resize_policy,
         input_size=args.input_size, normalize=args.normalize, weights=args.weights,
+        lora=args.lora or any(getattr(args, o) is not None for o in LORA_FIELDS),
         device=args.device, workdir=args.workdir, data_root=args.data_root, force=args.force,
         progress=not args.quiet)
     for line in report.missing:

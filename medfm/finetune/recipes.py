@@ -21,6 +21,11 @@ Presets (numbers from docs/ANCHORS.md):
 
 Overriding `epochs` on an iteration-based recipe (seed-paper) switches it to epochs, validated
 once per epoch, so `--epochs N` means N passes over the data for every preset.
+
+LoRA (`lora_rank` > 0, any preset with pretrained weights): low-rank adapters (peft) on the
+backbone's layers chosen by `lora_targets` (medfm.finetune.lora), trained at `lora_lr` with the
+new head; every pretrained weight and BatchNorm statistic stays frozen. Such a run is its own
+method, "lora", and its key holds the four LoRA fields; a run without adapters keys none of them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ PREPROCESS_FIELDS = ("resize_policy", "input_size", "normalize")  # the recipe's
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 NONE_WORDS = ("", "none", "null", "default")
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
+LORA_RANK = 8  # the rank `--lora` (or finetune(lora=True)) gives a recipe without one
+LORA_AUTO = "auto"  # lora_targets: each backbone family's default layers (lora.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,11 @@ class Recipe:
     input_size: int | None  # model input side; None = the backbone's (or the source size, native)
     normalize: str  # one of NORMALIZATIONS
     stem: str  # one of STEMS
+    lora_rank: int  # rank of the LoRA adapters; 0 = none (the backbone trains in full, or frozen)
+    lora_alpha: float  # adapters' updates are scaled by lora_alpha / lora_rank
+    lora_dropout: float  # dropout on the adapters' input while training, in [0, 1)
+    lora_targets: str  # LORA_AUTO, or comma-separated module names (or name endings) to adapt
+    lora_lr: float  # peak learning rate of the adapters (the head keeps lr_head)
 
     def __post_init__(self) -> None:
         """Check every choice and range, so a bad recipe fails before any data or model loads."""
@@ -114,10 +127,40 @@ class Recipe:
                     f"recipe field {name} must be in [0, 1); got {getattr(self, name)}.")
         if not 0.0 < self.gamma <= 1.0:
             raise InvalidArgumentError(f"recipe field gamma must be in (0, 1]; got {self.gamma}.")
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or self.lora_lr <= 0:
+            raise InvalidArgumentError(
+                f"recipe fields lora_rank >= 0, lora_alpha > 0 and lora_lr > 0; got "
+                f"{self.lora_rank}, {self.lora_alpha} and {self.lora_lr}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise InvalidArgumentError(
+                f"recipe field lora_dropout must be in [0, 1); got {self.lora_dropout}.")
+        if self.lora_rank:
+            self._check_lora()
         if any(not 0.0 < m < 1.0 for m in self.milestones):
             raise InvalidArgumentError(
                 f"recipe field milestones are shares of training in (0, 1), e.g. 0.5,0.75; "
                 f"got {self.milestones}.")
+
+    def _check_lora(self) -> None:
+        """LoRA adapts pretrained weights that stay as they are: nothing else may train them."""
+        if not self.lora_targets.strip(" ,"):
+            raise InvalidArgumentError(
+                f"recipe field lora_targets is empty; use {LORA_AUTO!r} or module names.")
+        for clash, why in (
+            (self.freeze_backbone, "freezes the backbone already; drop freeze_backbone"),
+            (not self.pretrained, "adapts pretrained weights, but this recipe trains from "
+                                  "scratch (pretrained=false); pick another recipe"),
+            (self.stem != "default", "keeps the backbone's own layers; the cifar stem is a new, "
+                                     "untrained one: override stem=default"),
+        ):
+            if clash:
+                raise InvalidArgumentError(f"LoRA (lora_rank={self.lora_rank}) {why}.")
+
+    @property
+    def method(self) -> str:
+        """The paradigm a run of this recipe is recorded as: "lora" with adapters, else
+        "finetune" (a frozen backbone is a fine-tune setting, `freeze_backbone`)."""
+        return "lora" if self.lora_rank else "finetune"
 
     def to_params(self) -> dict:
         """The recipe as a plain dict (JSON-ready)."""
@@ -127,8 +170,10 @@ class Recipe:
 
     def key_params(self) -> dict:
         """What a result's `params` records: every field but the preprocessing, which the key
-        holds resolved (resize policy, input size, normalization)."""
-        return {k: v for k, v in self.to_params().items() if k not in PREPROCESS_FIELDS}
+        holds resolved (resize policy, input size, normalization), and the LoRA fields only for
+        a LoRA recipe (so the keys of runs without adapters are those of earlier medfm)."""
+        left_out = PREPROCESS_FIELDS + (() if self.lora_rank else LORA_FIELDS)
+        return {k: v for k, v in self.to_params().items() if k not in left_out}
 
     @property
     def preprocess(self) -> PreprocessRequest:
@@ -148,7 +193,8 @@ _MEDFM = Recipe(
     gamma=1.0, decay_every=1, label_smoothing=0.1, augment=True, grad_clip=1.0, eval_every=0,
     select_metric="primary", patience=10, monitor="primary", binary_head="ce2",
     freeze_backbone=False, pretrained=True, resize_policy=None, input_size=None,
-    normalize="backbone", stem="default",
+    normalize="backbone", stem="default", lora_rank=0, lora_alpha=16.0, lora_dropout=0.1,
+    lora_targets=LORA_AUTO, lora_lr=1e-3,
 )
 
 RECIPES: dict[str, Recipe] = {
@@ -200,6 +246,8 @@ def _parse(name: str, value: object, kind: str) -> object:
         if base == "str":
             if not isinstance(value, str):
                 raise ValueError
+            if name == "lora_targets":
+                return lora_targets(value)
             return value.strip().lower()
         if base == "tuple[float, ...]":
             items = value.split(",") if isinstance(value, str) else list(value)
@@ -207,6 +255,15 @@ def _parse(name: str, value: object, kind: str) -> object:
     except (TypeError, ValueError):
         pass
     raise InvalidArgumentError(f"recipe field {name}={value!r} is not a valid {kind}.")
+
+
+def lora_targets(value: str) -> str:
+    """`lora_targets` spelled one way: LORA_AUTO, or the module names sorted, comma-separated
+    (their order does not change a run; their case does)."""
+    names = sorted({n.strip() for n in value.split(",") if n.strip()})
+    if [n.lower() for n in names] == [LORA_AUTO]:
+        return LORA_AUTO
+    return ",".join(names)
 
 
 def resolve_recipe(name: str | Recipe, **overrides: object) -> Recipe:

@@ -13,7 +13,10 @@ Preprocessing is one request (medfm.preprocess): the recipe's, with every field 
 grid spec) sets in its place. A run resolves to a `FinetuneRequest` before any model or image
 loads, and its key (medfm.request.run_key) holds everything that changes the result: the dataset
 file, the backbone and weights identity, the resolved preprocessing, the subset and seed, the
-checkpoint metric, and the rest of the resolved recipe (`params`). The device it trains on is
+checkpoint metric, the method ("finetune", or "lora" when the recipe trains LoRA adapters: its own
+paradigm in results and reports) and the rest of the resolved recipe (`params`, LoRA's rank,
+alpha, dropout, targets and lr among them). Every row records the model's total and trainable
+parameter counts and the layers LoRA adapted (`extra`). The device it trains on is
 recorded with the row, not keyed. `finetune` skips every combination whose key is in the
 registry (one query), and a killed job resumes from `<workdir>/checkpoints/<key digest>/last.pt`;
 a finished job leaves its best weights there as `best.pt`.
@@ -46,7 +49,8 @@ from tqdm.auto import tqdm
 from medfm.backbones import RANDOM, BackboneRef, create_backbone, resolve_backbone
 from medfm.data import DatasetRef, get_dataset, load_split, resolve_datasets
 from medfm.errors import InvalidArgumentError, MedfmError
-from medfm.finetune.recipes import Recipe, resolve_recipe
+from medfm.finetune.lora import adapted_modules, apply_lora
+from medfm.finetune.recipes import LORA_RANK, Recipe, resolve_recipe
 from medfm.finetune.train import (
     CHECKPOINT_NAME,
     EVAL_BATCH_FACTOR,
@@ -54,6 +58,7 @@ from medfm.finetune.train import (
     TaskLoss,
     apply_cifar_stem,
     load_checkpoint,
+    load_model_state,
     output_dim,
     predict,
     remove_stale_temps,
@@ -97,7 +102,8 @@ class FinetuneRequest:
     def key(self) -> ResultKey:
         return run_key(store=input_identity(self.dataset, self.backbone, self.preprocess,
                                             self.recipe.normalize),
-                       feature_kind="", method="finetune", params=self.recipe.key_params(),
+                       feature_kind="", method=self.recipe.method,
+                       params=self.recipe.key_params(),
                        selection="val", select_metric=self.select_metric, spec=self.spec)
 
     @property
@@ -164,6 +170,8 @@ def _build_model(request: FinetuneRequest):
         init_head(model, seed=request.spec.seed)
     if request.recipe.stem == "cifar":
         model = apply_cifar_stem(model, seed=request.spec.seed)
+    if request.recipe.lora_rank:
+        model = apply_lora(model, request.recipe, seed=request.spec.seed)
     return model, bb.weights_digest, bb.weights
 
 
@@ -299,6 +307,7 @@ def _train_and_test(
             "resumed": outcome.resumed,
             "train_images_per_s": round(outcome.images_per_s, 2),
             "test_loss": test_loss,
+            **_parameter_counts(outcome.model),
             "curves": outcome.curves,
         },
         versions=versions(*FINETUNE_VERSIONS),
@@ -306,6 +315,14 @@ def _train_and_test(
         wall_s=time.perf_counter() - t0 - t_train + outcome.train_seconds,
     )
     return ScoredRow(row, scores, y_true, evaluations)
+
+
+def _parameter_counts(model: torch.nn.Module) -> dict:
+    """What a row records of the model's size: parameters in all, those trained, and the
+    layers LoRA adapted (0 without adapters; their tensors count in both totals)."""
+    return {"total_params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "lora_modules": adapted_modules(model)}
 
 
 def corrupted_pairs(dataset: DatasetRef, workdir) -> dict:
@@ -373,7 +390,7 @@ def fill_corrupted(request: FinetuneRequest, *, device: str | None = None,
     except Exception:  # noqa: BLE001 - an unreadable best.pt: nothing to score from
         return []
     model, _, _ = _build_model(request)
-    model.load_state_dict(weights)
+    load_model_state(model, weights, request.recipe)
     dev = resolve_device(device)
     model.to(dev)
     info = get_dataset(request.dataset.name)
@@ -432,6 +449,7 @@ def finetune(
     input_size: int | None = None,
     normalize: str | None = None,
     weights: str | None = None,
+    lora: bool = False,
     device: str | None = None,
     workdir: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
@@ -445,10 +463,15 @@ def finetune(
     (fraction 1.0 when neither is given). Every run resolves first, so a bad name fails before
     anything trains; runs already in the registry are skipped (one query, asked again for each run
     once its lock is held), unless `force`, which retrains them and replaces their rows.
-    `resize_policy`, `input_size` and `normalize` override the recipe's preprocessing. Rows
-    carry per-sample test scores.
+    `resize_policy`, `input_size` and `normalize` override the recipe's preprocessing. `lora`
+    trains LoRA adapters instead of the whole backbone (recipe fields lora_*; rank LORA_RANK
+    unless the recipe or `overrides` set one). Rows carry per-sample test scores.
     """
     resolved = resolve_recipe(recipe, **(overrides or {}))
+    if lora and not resolved.lora_rank:
+        if "lora_rank" in (overrides or {}):
+            raise InvalidArgumentError("LoRA needs lora_rank >= 1; drop --lora-rank 0, or --lora.")
+        resolved = resolve_recipe(resolved, lora_rank=LORA_RANK)
     preprocess = PreprocessRequest(resize_policy, input_size, normalize)
     refs, missing = resolve_datasets(datasets, sizes, data_root)
     requests = [resolve_finetune(dataset=ref, backbone=backbone, spec=spec, recipe=resolved,

@@ -28,7 +28,9 @@ that cannot be read so (truncated, garbage, or a pickle asking for anything else
 RNG state pickled as an array) are read with numpy's array-rebuilding globals allowed, nothing
 more, and resume. A disk that fills while a checkpoint is written leaves the previous checkpoint
 whole and raises DiskFullError; temporary files of killed writers go when the run starts again.
-One process writes a checkpoint folder at a time (finetune/run.py holds its lock).
+One process writes a checkpoint folder at a time (finetune/run.py holds its lock). A LoRA run's
+checkpoints and best state hold only what it trains (adapters and head, `model_state`): the
+frozen weights come back from their source when the model is rebuilt.
 
 Losses per task: multi-class and ordinal: cross-entropy; multi-label: BCE with logits per label;
 binary: 2 logits + cross-entropy (`ce2`) or 1 logit + BCE (`bce1`). Scores are probabilities:
@@ -56,6 +58,7 @@ from tqdm.auto import tqdm
 
 from medfm.data import Task
 from medfm.errors import DiskFullError, InvalidArgumentError, MedfmWarning
+from medfm.finetune.lora import mark_trainable
 from medfm.finetune.recipes import Recipe
 from medfm.metrics import acc as acc_metric
 from medfm.metrics import auc as auc_metric
@@ -209,11 +212,15 @@ def _head_parameter_ids(model: torch.nn.Module) -> set[int]:
 
 
 def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW (or Adam) over two groups, backbone and head, each with its own peak lr."""
+    """AdamW (or Adam) over two groups, each with its own peak lr: the head, and the backbone
+    (LoRA: its adapters, at lora_lr; none when the backbone is frozen)."""
     head_ids = _head_parameter_ids(model)
     head = [p for p in model.parameters() if id(p) in head_ids]
     groups = [{"params": head, "lr": recipe.lr_head, "name": "head"}]
-    if not recipe.freeze_backbone:
+    if recipe.lora_rank:
+        adapters = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups.insert(0, {"params": adapters, "lr": recipe.lora_lr, "name": "adapters"})
+    elif not recipe.freeze_backbone:
         body = [p for p in model.parameters() if id(p) not in head_ids]
         groups.insert(0, {"params": body, "lr": recipe.lr_backbone, "name": "backbone"})
     cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
@@ -221,12 +228,45 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 
 def _set_train_mode(model: torch.nn.Module, recipe: Recipe) -> None:
-    """Train mode; a frozen backbone stays in eval mode (its BatchNorm statistics do not move)."""
+    """Train mode; a frozen backbone stays in eval mode (its BatchNorm statistics do not move);
+    with LoRA only the BatchNorm layers do (the adapters' dropout trains)."""
     if recipe.freeze_backbone:
         model.eval()
         model.get_classifier().train()
     else:
         model.train()
+    if recipe.lora_rank:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _partial_state(recipe: Recipe) -> bool:
+    """Whether checkpoints hold only the trained tensors (LoRA: adapters + head; the frozen
+    pretrained weights are rebuilt from their source) rather than the whole state dict."""
+    return bool(recipe.lora_rank)
+
+
+def model_state(model: torch.nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model (live tensors; callers copy them)."""
+    if _partial_state(recipe):
+        return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    return model.state_dict()
+
+
+def _check_state(model: torch.nn.Module, weights: object, recipe: Recipe) -> None:
+    """Raise ValueError unless `weights` has exactly `model_state`'s names and shapes."""
+    expected = model_state(model, recipe)
+    if not isinstance(weights, dict) or set(weights) != set(expected) or any(
+            not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape
+            for k, v in expected.items()):
+        raise ValueError("weights that do not fit the model")
+
+
+def load_model_state(model: torch.nn.Module, weights: dict, recipe: Recipe) -> None:
+    """Load what `model_state` kept; raises ValueError when it does not fit the model."""
+    _check_state(model, weights, recipe)
+    model.load_state_dict(weights, strict=not _partial_state(recipe))
 
 
 class _Batches:
@@ -465,28 +505,25 @@ def _plan(recipe: Recipe, batches: _Batches, n_train: int) -> _Plan:
     return _Plan(n_train, batches.batch_size, total, recipe.eval_every or batches.per_epoch)
 
 
-def _restore(saved: dict, model, optimizer, scheduler) -> TrainState:
+def _restore(saved: dict, model, optimizer, scheduler, recipe: Recipe) -> TrainState:
     """Load a checkpoint of this plan into the RNGs, optimizer, scheduler and model, checking
     each part first; raises (having changed nothing but RNGs, which a fresh start reseeds) when
     a part does not fit."""
     state = TrainState(**saved["state"])
-    weights, expected = saved["model"], model.state_dict()
-    if not isinstance(weights, dict) or set(weights) != set(expected) or any(
-            not isinstance(weights[k], torch.Tensor) or weights[k].shape != v.shape
-            for k, v in expected.items()):
-        raise ValueError("weights that do not fit the model")
+    weights = saved["model"]
+    _check_state(model, weights, recipe)
     if not isinstance(saved["scheduler"], dict) or (
             set(saved["scheduler"]) != set(scheduler.state_dict())):
         raise ValueError("a scheduler state that does not fit")
     _restore_rng(saved["rng"])
     optimizer.load_state_dict(saved["optimizer"])  # checks its groups before changing any
     scheduler.load_state_dict(saved["scheduler"])
-    model.load_state_dict(weights)
+    load_model_state(model, weights, recipe)
     return state
 
 
-def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler,
-            seed: int) -> tuple[TrainState, bool]:
+def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler, seed: int,
+            recipe: Recipe) -> tuple[TrainState, bool]:
     """(state, resumed): the checkpoint's, restored into the model, optimizer, scheduler and
     RNGs when it belongs to this plan; else a fresh state with every RNG seeded."""
     saved = None
@@ -495,7 +532,7 @@ def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler,
         saved = load_checkpoint(path)
     if saved is not None and saved["plan"] == vars(plan):
         try:
-            return _restore(saved, model, optimizer, scheduler), True
+            return _restore(saved, model, optimizer, scheduler, recipe), True
         except (AttributeError, IndexError, KeyError, RuntimeError, TypeError,
                 ValueError) as exc:
             set_aside(path, f"does not fit this run ({type(exc).__name__}: {exc})")
@@ -557,12 +594,12 @@ class _Loop:
 
 
 def _record_round(state: TrainState, values: dict, *, select: str, monitor: str,
-                  model: torch.nn.Module) -> None:
+                  model: torch.nn.Module, recipe: Recipe) -> None:
     """Keep the best weights by `select`, count rounds without a `monitor` improvement."""
     if _is_better(values[select], state.best_value, select):
         state.best_value, state.best_round = values[select], state.round
         state.best_state = {k: v.detach().to("cpu", copy=True)
-                            for k, v in model.state_dict().items()}
+                            for k, v in model_state(model, recipe).items()}
     if _is_better(values[monitor], state.monitor_best, monitor):
         state.monitor_best, state.bad_rounds = values[monitor], 0
     else:
@@ -596,7 +633,9 @@ def train(
     select = primary_metric if recipe.select_metric == "primary" else recipe.select_metric
     monitor = primary_metric if recipe.monitor == "primary" else recipe.monitor
     model = model.to(device, memory_format=torch.channels_last)
-    if recipe.freeze_backbone:
+    if recipe.lora_rank:
+        mark_trainable(model)  # adapters (injected by lora.apply_lora) and head
+    elif recipe.freeze_backbone:
         head_ids = _head_parameter_ids(model)
         for p in model.parameters():
             p.requires_grad_(id(p) in head_ids)
@@ -606,7 +645,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan.total_steps, recipe))
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    state, resumed = _resume(path, plan, model, optimizer, scheduler, seed)
+    state, resumed = _resume(path, plan, model, optimizer, scheduler, seed, recipe)
     bar = tqdm(total=plan.total_steps * plan.batch_size, initial=state.step * plan.batch_size,
                unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     loop = _Loop(model, recipe, TaskLoss(task, recipe, recipe.label_smoothing),
@@ -622,7 +661,8 @@ def train(
             state.step, state.round = last, state.round + 1
             state.train_images += seen
             state.train_compute_s += compute_s
-            _record_round(state, values, select=select, monitor=monitor, model=model)
+            _record_round(state, values, select=select, monitor=monitor, model=model,
+                          recipe=recipe)
             state.train_seconds += time.perf_counter() - t_round
             state.curves.append({
                 "round": state.round, "step": last,
@@ -640,7 +680,7 @@ def train(
                                 f"val_{select} {values[select]:.3f}")
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                save_checkpoint({"plan": vars(plan), "model": model.state_dict(),
+                save_checkpoint({"plan": vars(plan), "model": model_state(model, recipe),
                                  "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "state": vars(state),
                                  "rng": _rng_states(device)}, path)
@@ -649,7 +689,7 @@ def train(
     finally:
         bar.close()
 
-    model.load_state_dict(state.best_state)
+    load_model_state(model, state.best_state, recipe)
     model.eval()
     return TrainOutcome(
         model=model, best_round=state.best_round, best_value=float(state.best_value),
