@@ -65,6 +65,38 @@ def test_default_targets_per_family():
     assert all(m.groups == 1 and type(m) is torch.nn.Conv2d for m in picked)
 
 
+class _FusedAttention(torch.nn.Module):
+    """A tower as OpenCLIP builds one: torch's MultiheadAttention, then an MLP and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 2)
+
+    def get_classifier(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.mlp(self.attn(x, x, x, need_weights=False)[0]).mean(1))
+
+
+def test_fused_attention_is_adapted_as_a_whole():
+    """Its out_proj Linear is never called (the module uses its weights): adapting it would be a
+    silent no-op, so the attention module itself is the target, and naming out_proj is refused."""
+    model = _FusedAttention()
+    assert default_targets(model) == ["attn"]
+    with pytest.raises(InvalidArgumentError, match="cannot adapt attn.out_proj"):
+        resolve_targets(model, "out_proj")
+    x = torch.rand(2, 5, 16)
+    before = model(x)
+    adapted = apply_lora(model, resolve_recipe("medfm", lora_rank=4), seed=0)
+    assert torch.allclose(before, adapted(x))
+    adapted(x).sum().backward()
+    assert float(adapted.attn.lora_B["default"].weight.grad.abs().sum()) > 0  # in-projection
+    assert not adapted.mlp.weight.requires_grad
+
+
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet", "test_vit"])
 def test_adapters_start_at_the_pretrained_function(backbone):
     """B = 0: the adapted model computes what the original did, before any step."""

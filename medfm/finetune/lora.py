@@ -12,14 +12,16 @@ adapters' updates are small against). `lora_dropout` drops the adapters' input w
 
 Which layers (`lora_targets`). `auto`, per family: a transformer (any Linear inside a module
 named `attn`/`attention`: timm ViT/DeiT/Swin/EVA `attn.qkv` and `attn.proj`, Transformers'
-`query`/`key`/`value`/`output.dense`) gets its attention projections, as in the LoRA paper; a
+`query`/`key`/`value`/`output.dense`, a torch MultiheadAttention as in OpenCLIP's towers: its
+in- and out-projections) gets its attention projections, as in the LoRA paper; a
 network without attention (ResNet, EfficientNet, ConvNeXt, ...) gets every dense Conv2d and
 Linear outside its head (pointwise and full convs, ConvNeXt's MLP), since its depthwise convs
 hold few weights and peft adapts a grouped conv only when the rank divides its groups.
 Otherwise, comma-separated module names, each matching a module of that name or whose dotted
 path ends with it (`qkv,proj`, `conv_pw`), as peft matches them. A layer is adaptable when peft
-mirrors it exactly: a Linear, or a Conv2d with one group, zero padding mode and Conv2d's own
-forward (timm's dynamic-padding `Conv2dSame` pads inside its forward, which an adapter would not).
+mirrors it exactly: a Linear, a Conv2d with one group, zero padding mode and Conv2d's own
+forward (timm's dynamic-padding `Conv2dSame` pads inside its forward, which an adapter would not),
+or a MultiheadAttention (not the Linear inside it, whose forward it never calls).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ SHOWN_NAMES = 4  # an error lists this many module names
 
 def _adaptable(module: torch.nn.Module) -> bool:
     """Whether peft's LoRA layer computes exactly what `module` does, plus the update."""
+    if isinstance(module, torch.nn.MultiheadAttention):  # OpenCLIP towers: peft adapts its
+        return True  # fused in-projection and its out-projection
     if isinstance(module, torch.nn.Linear):
         return type(module).forward is torch.nn.Linear.forward
     if isinstance(module, torch.nn.Conv2d):
@@ -50,14 +54,25 @@ def _head_names(model: torch.nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if id(m) in head}
 
 
+def _inside_fused_attention(model: torch.nn.Module) -> set[str]:
+    """Names of the Linear layers inside a MultiheadAttention, whose weights it uses without
+    calling them: an adapter there would never run (the attention module is the target)."""
+    fused = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.MultiheadAttention)]
+    return {name for name, _ in model.named_modules()
+            if any(name.startswith(f + ".") for f in fused)}
+
+
 def default_targets(model: torch.nn.Module) -> list[str]:
     """The `auto` layers (module docstring): attention projections if any, else every dense
     Conv2d and Linear outside the head."""
-    head = _head_names(model)
+    skipped = _head_names(model) | _inside_fused_attention(model)
     candidates = [(name, m) for name, m in model.named_modules()
-                  if name not in head and _adaptable(m)]
-    attention = [name for name, m in candidates if isinstance(m, torch.nn.Linear)
-                 and any(w in part for part in name.split(".")[:-1] for w in ATTENTION_WORDS)]
+                  if name not in skipped and _adaptable(m)]
+    attention = [name for name, m in candidates
+                 if isinstance(m, torch.nn.MultiheadAttention) or (
+                     isinstance(m, torch.nn.Linear) and any(
+                         w in part for part in name.split(".")[:-1] for w in ATTENTION_WORDS))]
     return attention or [name for name, _ in candidates]
 
 
@@ -85,7 +100,7 @@ def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
                 raise InvalidArgumentError(
                     f"LoRA target {wanted!r} is the classifier head ({name}), which trains in "
                     "full; name backbone layers.")
-            if not _adaptable(modules[name]):
+            if not _adaptable(modules[name]) or name in _inside_fused_attention(model):
                 raise InvalidArgumentError(
                     f"LoRA cannot adapt {name} of {kind} ({type(modules[name]).__name__}): "
                     "peft adapts Linear layers and Conv2d layers with one group and their own "
