@@ -49,6 +49,7 @@ NONE_WORDS = ("", "none", "null", "default")
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_lr")
 LORA_RANK = 8  # the rank `--lora` (or finetune(lora=True)) gives a recipe without one
 LORA_AUTO = "auto"  # lora_targets: each backbone family's default layers (lora.py)
+METHODS = ("finetune", "lora")  # how fine-tunes are recorded: whole (or frozen) backbone, LoRA
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Recipe:
     def method(self) -> str:
         """The paradigm a run of this recipe is recorded as: "lora" with adapters, else
         "finetune" (a frozen backbone is a fine-tune setting, `freeze_backbone`)."""
-        return "lora" if self.lora_rank else "finetune"
+        return METHODS[1] if self.lora_rank else METHODS[0]
 
     def to_params(self) -> dict:
         """The recipe as a plain dict (JSON-ready)."""
