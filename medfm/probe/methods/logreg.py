@@ -299,11 +299,27 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
         model.fit(X, y)
     extra = {"path": model.path_, "n_iter": model.n_iter_, "converged": bool(model.converged_)}
     return Fitted(model.predict_proba(features["test"]).astype(np.float32), model.C_, extra,
-                  model.solver_, model.device_)
+                  model.solver_, model.device_, model=model)
+
+
+def _save_state(model: LogisticProbe) -> dict:
+    """What scores new features: standardization, weights, task and classes (a few KB)."""
+    return {"mean": model.mean_, "scale": model.scale_, "coef": model.coef_,
+            "intercept": model.intercept_, "classes": np.asarray(model.classes_),
+            "task": np.array(model.task_.value)}
+
+
+def _load_state(state: dict) -> LogisticProbe:
+    model = LogisticProbe()
+    model.mean_, model.scale_ = state["mean"], state["scale"]
+    model.coef_, model.intercept_ = state["coef"], state["intercept"]
+    model.classes_, model.task_ = state["classes"], Task(str(state["task"]))
+    return model
 
 
 METHOD = register(ProbeMethod(
     name="logreg", paradigm="linear probe", line_style="-", selections=SELECTIONS,
     params=_params, select_metric=lambda task: select_metric("loss", task),
     fit=_fit, uses_solver=True, seed_changes_fit=lambda selection: selection == "holdout",
+    save_state=_save_state, load_state=_load_state,
 ))
