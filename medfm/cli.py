@@ -351,7 +351,7 @@ def _filters(args) -> dict:
     """Registry filters of `results` and `report`; a dataset, size or method that cannot exist
     is an error (not an empty table)."""
     from medfm.data import get_dataset
-    from medfm.grid.spec import FINETUNE
+    from medfm.finetune.recipes import METHODS as FINETUNE_METHODS
     from medfm.probe.methods import probe_methods
 
     filters = {}
@@ -360,7 +360,7 @@ def _filters(args) -> dict:
     if args.backbone is not None:
         filters["backbone"] = _csv(args.backbone, "--backbone")
     if args.method is not None:
-        known = (*probe_methods(), FINETUNE)
+        known = (*probe_methods(), *FINETUNE_METHODS)
         filters["method"] = _csv(args.method, "--method")
         for method in filters["method"]:
             if method not in known:

@@ -73,6 +73,12 @@ def test_the_package_exports_the_train_function_not_its_module():
             "from medfm.finetune import finetune; print('ok')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.strip() == "ok", run.stderr
+    # the other order: the run module (which imports the train module) first
+    code = ("import medfm.finetune.run; from medfm.finetune import train; "
+            "from medfm.finetune.train import CHECKPOINT_NAME; "
+            "assert callable(train) and train.__name__ == 'train', train; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.stdout.strip() == "ok", run.stderr
 
 
 def test_presets_carry_the_published_protocols():

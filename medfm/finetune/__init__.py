@@ -8,6 +8,9 @@ Recipes load with the package (they are plain data); the training code imports t
 so it loads on first use.
 """
 
+import sys
+import types
+
 from medfm.finetune.recipes import RECIPES, Recipe, resolve_recipe
 
 _RUN = ("FinetuneReport", "FinetuneRequest", "finetune", "finetune_job", "finish_checkpoint",
@@ -28,5 +31,19 @@ def __getattr__(name: str):
         return globals()[name]
     raise AttributeError(f"module 'medfm.finetune' has no attribute {name!r}")
 
+
+class _Package(types.ModuleType):
+    """This package, whose `train` is always the function: importing the submodule
+    medfm.finetune.train (as medfm.finetune.run does) would otherwise set the package's `train`
+    to the module (the import system binds submodules on their parent); it stays importable
+    through sys.modules."""
+
+    def __setattr__(self, name, value):
+        if name == "train" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["RECIPES", "Recipe", "resolve_recipe", *_RUN, *_TRAIN]

@@ -26,6 +26,7 @@ SUMMARIZED = (*METRICS, "balanced_acc", *CALIBRATION_METRICS)  # seed-summarized
 METRIC_LABELS = {"acc": "ACC", "auc": "AUC", "balanced_acc": "balanced accuracy", "ece": "ECE",
                  "brier": "Brier score", "nll": "NLL"}
 FINETUNE = ("finetune", "fine-tune", "--")  # method, how reports name it, its line style
+LORA = ("lora", "LoRA", ":")  # fine-tuning low-rank adapters (medfm finetune --lora)
 # key fields that may tell two otherwise identical runs apart; shown in a variant's label
 VARIANT_FIELDS = (
     "data_digest", "weights", "resize_policy", "input_size", "normalize", "feature_kind",
@@ -117,12 +118,16 @@ def _method(name: str):
 def paradigm(method: str) -> str:
     """How reports name a method: "linear probe", "kNN", "fine-tune", ..."""
     found = _method(method)
+    if found is None and method == LORA[0]:
+        return LORA[1]
     return found.paradigm if found else FINETUNE[1] if method == FINETUNE[0] else method
 
 
 def line_style(method: str) -> str:
     """The matplotlib line style of a method's curves."""
     found = _method(method)
+    if found is None and method == LORA[0]:
+        return LORA[2]
     return found.line_style if found else FINETUNE[2] if method == FINETUNE[0] else "-."
 
 
