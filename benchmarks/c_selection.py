@@ -17,9 +17,9 @@ then picks a C from each walk:
 - `loss>m`: walking from strong to weak regularization, a C replaces the best so far only if it
   lowers the val log-loss by more than a share m of the best (LOSS_MARGIN; `--margins` adds
   others), over the whole grid;
-- `loss>m/stop`: the same, the walk stopped once PATIENCE C values in a row have not replaced
-  the best (what `medfm probe` computes: medfm.probe.methods.logreg); it agrees with `loss>m`
-  unless a C after the stop would have replaced the best.
+- `loss>m/stop`: the same, the walk stopped once the loss has risen PATIENCE C values in a row
+  (what `medfm probe` computes: medfm.probe.methods.logreg); it agrees with `loss>m` unless a C
+  after the stop would have replaced the best.
 
 Printed per rule: how often the three walks (sklearn warm, torch warm, sklearn cold) choose the
 same C, and the mean (and spread over seeds) of the test ACC/AUC at the C the sklearn warm walk
@@ -73,11 +73,12 @@ def walk(how: str, tol: float, Z, y, Z_val, y_val, Z_test, y_test, task: Task) -
 
 def sequential(loss: np.ndarray, margin: float, patience: int | None) -> int:
     """The index the probe's loss rule chooses on one walk's val log-losses."""
-    best = 0
+    best = rising = 0
     for i in range(1, len(loss)):
+        rising = rising + 1 if loss[i] > loss[i - 1] else 0
         if loss[i] < loss[best] * (1.0 - margin):
             best = i
-        elif patience is not None and i - best >= patience:
+        elif patience is not None and rising >= patience:
             break
     return best
 

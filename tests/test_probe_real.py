@@ -1,4 +1,5 @@
-"""The probe on real features: PneumoniaMNIST (official file) through the pretrained Lite0."""
+"""The probe on real features: PneumoniaMNIST and BreastMNIST (official files) through the
+pretrained Lite0."""
 
 import subprocess
 import sys
@@ -8,8 +9,12 @@ import pytest
 from medmnist import Evaluator
 
 from medfm.cli import main
+from medfm.data import Task
 from medfm.extract import extract
-from medfm.probe import probe
+from medfm.probe import C_GRID, LogisticProbe, StoreArrays, probe
+from medfm.probe.methods.logreg import PATIENCE
+from medfm.sampling import SubsetSpec, sample
+from medfm.store.features import find_stores
 from medfm.store.registry import Registry
 
 
@@ -22,6 +27,14 @@ def pneumonia_workdir(real_root, tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="module")
+def breast_workdir(real_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("breast")
+    extract(dataset="breastmnist", size=28, backbone="tf_efficientnet_lite0.in1k",
+            resize_policy="native", data_root=real_root, workdir=workdir, progress=False)
+    return workdir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", ["sklearn", "torch"])
 def test_full_fraction_probe_equals_medmnist_evaluator(pneumonia_workdir, real_root, solver):
@@ -30,6 +43,7 @@ def test_full_fraction_probe_equals_medmnist_evaluator(pneumonia_workdir, real_r
                    workdir=pneumonia_workdir, force=True, progress=False)
     (row,) = report.computed
     assert row.solver == solver
+    assert row.key.select_metric == "loss"  # C chosen by val log-loss (issue 12)
     y_true, y_score = Registry.in_workdir(pneumonia_workdir).scores(row.key)
     official = Evaluator("pneumoniamnist", "test", root=str(real_root)).evaluate(y_score)
     np.testing.assert_array_equal(y_true.ravel(), Evaluator(
@@ -65,3 +79,30 @@ def test_immediate_rerun_recomputes_nothing(pneumonia_workdir, capsys, monkeypat
     assert run.returncode == 0, run.stderr
     assert "nothing needed recomputing" in run.stdout
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["sklearn", "torch"])
+def test_stopped_walk_chooses_the_whole_walks_C_on_real_stores(pneumonia_workdir, breast_workdir,
+                                                                solver):
+    """The val-loss walk stopped after PATIENCE C values that do not beat the best chooses the
+    same C (and so the same model) as the walk over the whole grid, on real features at every
+    fraction; and it does stop early, which is what makes it worth having."""
+    fits = {"stopped": 0, "whole": 0}
+    for workdir, dataset in ((breast_workdir, "breastmnist"),
+                             (pneumonia_workdir, "pneumoniamnist")):
+        (store,) = find_stores(workdir, dataset=dataset)
+        arrays = StoreArrays.load(store)
+        for fraction, seed in ((0.1, 0), (0.1, 1), (0.3, 0), (1.0, 0)):
+            rows = sample(arrays.labels["train"], Task.BINARY,
+                          SubsetSpec(fraction=fraction, seed=seed)).indices
+            args = (arrays.features["train"][rows], arrays.targets["train"][rows],
+                    arrays.features["val"], arrays.targets["val"])
+            whole = LogisticProbe(solver=solver, patience=None).fit(*args)
+            stopped = LogisticProbe(solver=solver, patience=PATIENCE).fit(*args)
+            assert stopped.C_ == whole.C_, (dataset, fraction, seed)
+            np.testing.assert_array_equal(stopped.predict_proba(arrays.features["test"]),
+                                          whole.predict_proba(arrays.features["test"]))
+            fits["stopped"] += len(stopped.path_)
+            fits["whole"] += len(whole.path_)
+    assert fits["whole"] == 8 * len(C_GRID) and fits["stopped"] < 0.8 * fits["whole"]

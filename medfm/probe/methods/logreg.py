@@ -11,11 +11,12 @@ weak regularization, each fit warm-started from the previous one; at every C the
 C * sum(logloss) + 0.5 * ||W||^2 with an unpenalized intercept (scikit-learn's objective, in
 every solver) and is scored on a selection split. C is chosen by `select_by`
 (medfm.probe.targets):
-- `loss` (default since issue 12): the C with the lowest log-loss on the selection split. The
-  walk stops once PATIENCE C values in a row score worse than the best so far: the loss falls
-  and then rises along the path, and on every real and synthetic store studied the stopped walk
-  chose the C of the full walk (docs/probe_selection.md), at a fraction of the cost (the fits
-  at weak regularization are the slow ones).
+- `loss` (default since issue 12): walking from strong to weak regularization, a C replaces the
+  best so far only if it lowers the log-loss on the selection split by more than LOSS_MARGIN
+  (2%) of the best: a smaller gain is within solver noise where the loss flattens. The walk
+  stops once the loss has risen PATIENCE C values in a row: it falls and then rises along the
+  path, and on every real and synthetic store studied the stopped walk chose the C of the whole
+  walk (docs/probe_selection.md), without the slow fits at weak regularization.
 - `primary`: the first C with the best primary metric (MedMNIST ACC, or mean per-label AUC for
   multi-label ChestMNIST), ties to the stronger regularization, over the whole grid. This was the
   rule before issue 12 (registry rows with select_metric "acc"/"auc"); on small val splits ACC
@@ -65,8 +66,8 @@ CONSTANT_LOGIT = 13.8  # logit of a label seen with one value only: probability 
 STANDARDIZE_ROWS = 8192  # rows per block when computing a feature's mean and std
 LOSS_MARGIN = 0.02  # select_by="loss": a weaker regularization replaces the best C only if it
 #                    lowers the selection log-loss by more than this share (solver noise is less)
-PATIENCE = 2  # select_by="loss": the walk stops after this many C values in a row that do not
-#               replace the best (None: the whole grid)
+PATIENCE = 2  # select_by="loss": the walk stops once the loss has risen this many C values in
+#               a row (None: the whole grid)
 
 
 def _kind(task: Task) -> str:
@@ -107,8 +108,8 @@ class LogisticProbe(ProbeEstimator):
     Learned: `coef_` (K', D) and `intercept_` (K',) in standardized space, `mean_`/`scale_`
     (D,), `classes_`, `C_`, `path_` (per C walked: C, loss, acc or auc, n_iter, converged),
     `task_`, and how it was fitted: `solver_` (the concrete solver) and `device_`.
-    `patience` (select_by="loss" only) stops the walk after that many worse C values in a row;
-    None walks the whole grid.
+    `patience` (select_by="loss" only) stops the walk once the loss has risen that many C values
+    in a row; None walks the whole grid.
     """
 
     def __init__(self, *, Cs: Sequence[float] | None = None, solver: str = "auto",
@@ -171,7 +172,7 @@ class LogisticProbe(ProbeEstimator):
         sign = 1.0 if metric == "loss" else -1.0  # minimize sign * value
         keep = 1.0 - self.loss_margin if metric == "loss" else 1.0  # of the best, to beat it
         patience = self.patience if metric == "loss" else None
-        path, best, best_value, final = [], 0, np.inf, None
+        path, best, best_value, final, rising = [], 0, np.inf, None, 0
         for i, C in enumerate(grid):
             solution = self._expand(solver.fit(C), active, sub)
             scores = ({"loss": float("nan"), primary_metric(targets.task): float("nan")}
@@ -181,10 +182,11 @@ class LogisticProbe(ProbeEstimator):
             path.append({"C": C, **scores, "n_iter": solution.n_iter,
                          "converged": solution.converged})
             value = sign * scores[metric] if not np.isnan(scores[metric]) else np.inf
+            rising = rising + 1 if i and value > sign * path[-2][metric] else 0
             if final is None or value < best_value * keep:
                 best, best_value, final = i, value, solution
-            elif patience is not None and i - best >= patience:
-                break  # the loss has turned or flattened: `patience` C values did not beat it
+            elif patience is not None and rising >= patience:
+                break  # the loss has turned: it rose `patience` C values in a row
         if self.selection == "holdout":  # refit on the whole training subset at the chosen C
             mean, scale, Z = _standardize(X)
             solver, active = self._solver(Z, targets)
