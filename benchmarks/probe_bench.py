@@ -9,8 +9,8 @@ Workloads: (a) the real PneumoniaMNIST Lite0 store (tf_efficientnet_lite0.in1k, 
 built with medfm.extract into the benchmark workdir if missing; needs $MEDFM_DATA_ROOT), and
 (b) synthetic features shaped like PathMNIST (89,996 / 10,004 / 7,180 x 1280, 9 classes, float16
 store). Each solver runs twice, each time in a fresh process (imports count, as for a user):
-as `medfm probe` runs it (C by val log-loss, the walk stopped once PATIENCE C values in a row are
-worse than the best; medfm.probe.methods.logreg) and with the same rule over the whole grid
+as `medfm probe` runs it (C by val log-loss, the walk stopped once the loss has risen PATIENCE
+C values in a row; medfm.probe.methods.logreg) and with the same rule over the whole grid
 ("exhaustive"); the stopped run's chosen C and test metrics are compared run by run with the
 exhaustive run of the same solver. The naive baseline fits a fresh scikit-learn
 LogisticRegression at every C of the grid with no warm start, on seed 0 of each fraction, and is
@@ -148,8 +148,8 @@ def main() -> None:
         workloads = {"(a) PneumoniaMNIST Lite0 (real)": real_pneumonia, **workloads}
     if args.store:
         workloads = {Path(args.store).name.split("__")[0]: lambda _: FeatureStore(args.store)}
-    print(f"grid {len(C_GRID)} C values, stopped after {PATIENCE} worse; fractions {FRACTIONS} "
-          f"x seeds {SEEDS}; cuda={cuda_available()}; each run in a fresh process")
+    print(f"grid {len(C_GRID)} C values, stopped once the loss rose {PATIENCE}x; fractions "
+          f"{FRACTIONS} x seeds {SEEDS}; cuda={cuda_available()}; each run in a fresh process")
     for name, build in workloads.items():
         store = build(workdir)
         for solver in solvers:
