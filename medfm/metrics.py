@@ -53,7 +53,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
@@ -251,7 +250,7 @@ def _confidence_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
     return np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
 
 
-def _ece_terms(y_true: np.ndarray, y_score: np.ndarray, task: Task) -> scipy.sparse.csr_array:
+def _ece_terms(y_true: np.ndarray, y_score: np.ndarray, task: Task):
     """(L * ECE_BINS, N) sparse: each sample's (correct - confidence) in its label's bin row.
 
     For sample weights w (B, N): ECE = mean over labels of sum over bins of |terms @ w.T| / sum(w)
@@ -261,13 +260,15 @@ def _ece_terms(y_true: np.ndarray, y_score: np.ndarray, task: Task) -> scipy.spa
     n, n_labels = confidence.shape
     rows = _confidence_bins(confidence, ECE_BINS) + ECE_BINS * np.arange(n_labels)  # (N, L)
     columns = np.repeat(np.arange(n), n_labels)
+    import scipy.sparse  # only when calibration is scored: a rerun imports no SciPy
+
     return scipy.sparse.csr_array(
         ((correct - confidence).ravel(), (rows.ravel(), columns)),
         shape=(n_labels * ECE_BINS, n),
     )
 
 
-def _ece_of(terms: scipy.sparse.csr_array, weights: np.ndarray) -> np.ndarray:
+def _ece_of(terms, weights: np.ndarray) -> np.ndarray:
     """ECE per row of integer sample weights (B, N), each row summing to N."""
     sums = (terms @ weights.T.astype(np.float64, copy=False)).T  # (B, L * ECE_BINS)
     per_label = np.abs(sums).reshape(sums.shape[0], -1, ECE_BINS).sum(axis=2)  # (B, L)

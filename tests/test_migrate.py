@@ -23,13 +23,14 @@ from medfm.store.registry import SCHEMA_VERSION, Registry
 FIXTURE = Path(__file__).parent / "fixtures" / "workdir-v1"
 OLD_STORE = "breastmnist_28__test_resnet.r160_in1k__bilinear32__prelogits-float16__1d126fa57859.h5"
 TINY = ["--backbone", "test_resnet", "--weights", "random", "--input-size", "32"]
-# the commands that made the fixture (fixtures/workdir-v1/README.md); --backend is --solver now
+# the commands that made the fixture (fixtures/workdir-v1/README.md); --backend is --solver now,
+# and the probe's C rule of then is `--select-by primary` since val log-loss became the default
 COMMANDS = [
     (["extract", "--dataset", "breastmnist", "--size", "28", *TINY], "already extracted"),
-    (["probe", "--dataset", "breastmnist", "--fractions", "0.1,1.0", "--seeds", "0,1"],
-     "0 run(s) fitted, 4 already in the registry"),
+    (["probe", "--dataset", "breastmnist", "--fractions", "0.1,1.0", "--seeds", "0,1",
+      "--select-by", "primary"], "0 run(s) fitted, 4 already in the registry"),
     (["probe", "--dataset", "breastmnist", "--fractions", "0.1", "--seeds", "0", "--backend",
-      "torch"], "0 run(s) fitted, 1 already in the registry"),
+      "torch", "--select-by", "primary"], "0 run(s) fitted, 1 already in the registry"),
     (["probe", "--dataset", "breastmnist", "--method", "knn", "--fractions", "1.0", "--seeds",
       "0"], "0 run(s) fitted, 1 already in the registry"),
     (["finetune", "--dataset", "breastmnist", "--size", "28", *TINY, "--epochs", "1",

@@ -348,7 +348,7 @@ def test_a_new_method_is_one_registration(tmp_path):
     register(ProbeMethod(
         name="centroid", paradigm="nearest centroid", line_style="-.", selections=("none",),
         params=lambda selection, options: {"sharpness": options["sharpness"]},
-        select_metric=lambda task: "", fit=fit,
+        select_metric=lambda task, params: "", fit=fit,
         options=(MethodOption("sharpness", 0.1, (), "softmax temperature"),)))
     try:
         assert "centroid" in probe_methods()

@@ -73,7 +73,8 @@ class ProbeRequest:
         return run_key(store=store.request, store_fingerprint=store.fingerprint,
                        method=self.method, params=json.loads(self.params),
                        selection=self.selection,
-                       select_metric=get_method(self.method).select_metric(task), spec=spec)
+                       select_metric=get_method(self.method).select_metric(
+                           task, json.loads(self.params)), spec=spec)
 
 
 def _work(store: FeatureStore, spec: SubsetSpec) -> int:

@@ -62,7 +62,8 @@ class ProbeMethod:
     line_style: str  # matplotlib line style of its curves in report plots
     selections: tuple[str, ...]  # model-selection rules it accepts; the first is the default
     params: Callable[[str, dict], dict]  # (selection, options) -> settings that enter the key
-    select_metric: Callable[[Task], str]  # what its selection maximizes for a task ("" if none)
+    select_metric: Callable[[Task, dict], str]  # (task, params) -> what its selection
+    #                                              optimizes: acc | auc | loss | "" (none)
     fit: Callable[..., Fitted]  # (features, labels, task, train_rows, *, params, selection,
     #                              seed, solver, device) -> Fitted
     options: tuple[MethodOption, ...] = ()  # extra keywords / flags

@@ -92,7 +92,7 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
 METHOD = register(ProbeMethod(
     name="knn", paradigm="kNN", line_style=":", selections=("none",),
     params=lambda selection, options: {"k": KNN_K, "metric": options["knn_metric"]},
-    select_metric=lambda task: "", fit=_fit,
+    select_metric=lambda task, params: "", fit=_fit,
     options=(MethodOption("knn_metric", "cosine", KNN_METRICS,
                           "kNN distance (default cosine; k = 11 as MedMNIST+)"),),
 ))

@@ -44,7 +44,7 @@ import numpy as np
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
 from medfm.probe.estimator import ProbeEstimator
-from medfm.probe.methods import Fitted, ProbeMethod, register
+from medfm.probe.methods import Fitted, MethodOption, ProbeMethod, register
 from medfm.probe.solvers import DEFAULT_MAX_ITER, DEFAULT_TOL, Solution, make_solver
 from medfm.probe.targets import (
     SELECT_BY,
@@ -274,10 +274,12 @@ def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _params(selection: str, options: dict) -> dict:
     """The settings in a run's key. Rows fitted before issue 12 (C by the primary metric over the
-    whole grid) have no select_by/patience: a missing select_by means "primary"."""
+    whole grid) have no select_by/patience: a missing select_by means "primary", and
+    `--select-by primary` builds exactly those settings, so such rows are found again."""
     params = {"C_grid": list(C_GRID), "max_iter": DEFAULT_MAX_ITER, "tol": DEFAULT_TOL,
-              "standardize": "train-subset", "select_by": "loss", "loss_margin": LOSS_MARGIN,
-              "patience": PATIENCE}
+              "standardize": "train-subset"}
+    if options.get("select_by", SELECT_BY[0]) == "loss":
+        params.update(select_by="loss", loss_margin=LOSS_MARGIN, patience=PATIENCE)
     if selection == "holdout":
         params["holdout_fraction"] = HOLDOUT_FRACTION
     return params
@@ -321,7 +323,11 @@ def _load_state(state: dict) -> LogisticProbe:
 
 METHOD = register(ProbeMethod(
     name="logreg", paradigm="linear probe", line_style="-", selections=SELECTIONS,
-    params=_params, select_metric=lambda task: select_metric("loss", task),
+    params=_params,
+    select_metric=lambda task, params: select_metric(params.get("select_by", "primary"), task),
+    options=(MethodOption("select_by", SELECT_BY[0], SELECT_BY,
+                          "logreg: choose C by val log-loss (default) or by the dataset's "
+                          "primary metric, ACC/AUC (the rule before 2026-11-28)"),),
     fit=_fit, uses_solver=True, seed_changes_fit=lambda selection: selection == "holdout",
     save_state=_save_state, load_state=_load_state,
 ))
