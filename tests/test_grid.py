@@ -310,3 +310,19 @@ def test_finetune_job_warnings_are_one_line_naming_the_job(data_root, tmp_path, 
     assert err == [f"medfm grid: warning: {job.label}: 16 training images in batches of 16 make "
                    "1 optimizer step(s) per epoch, 1 in all: too few to learn much; raise "
                    "--epochs or lower --batch-size."]
+
+
+@pytest.mark.parametrize("executor, options, flag", [
+    ("slurm", {"cpus_per_job": 0}, "--cpus-per-job"),
+    ("slurm", {"timeout_min": 0}, "--timeout-min"),
+    ("slurm", {"gpus_per_job": -1}, "--gpus-per-job"),
+    ("ray", {"cpus_per_job": 0.0}, "--cpus-per-job"),
+    ("ray", {"gpus_per_job": float("nan")}, "--gpus-per-job"),
+])
+def test_executor_counts_that_cannot_work_are_one_line(executor, options, flag, tmp_path):
+    """Zero CPUs, a zero time limit, negative or NaN GPUs: refused when the executor is made,
+    through the API as on the command line (issue 10)."""
+    from medfm.grid.executors import make_executor
+
+    with pytest.raises(InvalidArgumentError, match=flag):
+        make_executor(executor, workdir=tmp_path, **options)

@@ -59,6 +59,23 @@ def executors() -> dict[str, type]:
     return dict(_EXECUTORS)
 
 
+def check_counts(options, *, positive: tuple[str, ...] = (),
+                 nonnegative: tuple[str, ...] = ()) -> None:
+    """One-line error for an executor count that cannot work: `positive` ones must be > 0 and
+    `nonnegative` ones >= 0 (None means "not set"); NaN and booleans are neither."""
+    import math
+
+    for name in (*positive, *nonnegative):
+        value = getattr(options, name)
+        if value is None:
+            continue
+        floor_ok = value > 0 if name in positive else value >= 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and math.isnan(value)) or not floor_ok:
+            wanted = "greater than 0" if name in positive else "0 or more"
+            raise InvalidArgumentError(f"{option_flag(name)} {value!r} must be {wanted}.")
+
+
 def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from medfm.errors import InvalidArgumentError
-from medfm.grid.executors import DIST_HINT, failed, needs_gpu, register
+from medfm.grid.executors import DIST_HINT, check_counts, failed, needs_gpu, register
 from medfm.grid.jobs import Job, JobOutcome, run_job
 
 
@@ -33,6 +33,7 @@ class RayExecutor:
 
     def __init__(self, *, workdir=None, **options) -> None:
         self.options = self.Options(**options)
+        check_counts(self.options, positive=("cpus_per_job",), nonnegative=("gpus_per_job",))
 
     def close(self) -> None:
         """Nothing to stop: the Ray cluster outlives the grid (ray.shutdown() ends a local one)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medfm.errors import InvalidArgumentError
-from medfm.grid.executors import DIST_HINT, failed, needs_gpu, register
+from medfm.grid.executors import DIST_HINT, check_counts, failed, needs_gpu, register
 from medfm.grid.jobs import Job, JobOutcome, run_job
 
 
@@ -43,6 +43,8 @@ class SlurmExecutor:
 
     def __init__(self, *, workdir=None, **options) -> None:
         self.options = options = self.Options(**options)
+        check_counts(options, positive=("cpus_per_job", "timeout_min", "array_parallelism",
+                                        "poll_s"), nonnegative=("gpus_per_job",))
         self.folder = Path(options.folder or Path(workdir or ".") / "slurm")
 
     def _executor(self, gpus: int):
