@@ -405,3 +405,22 @@ def test_grid_finetune_and_report_run_on_an_imported_dataset(breast, tmp_path):
     out = report(workdir=tmp_path / "work", out=tmp_path / "report")
     assert "mine" in (tmp_path / "report" / "report.html").read_text()
     assert out is not None
+
+
+def test_task_ordinal_keeps_the_class_order(breast, tmp_path):
+    """`--task ordinal`: grades in natural order of their names, scored as MedMNIST scores
+    ordinal tasks; a binary/multi-class collection stays as it is without it."""
+    src = tmp_path / "src"
+    for grade in ("grade1", "grade2", "grade10"):
+        (src / grade).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(breast["train_images"][i]).save(src / grade / f"{i}.png")
+    import_dataset("graded", src, sizes=(28,), task="ordinal", data_root=tmp_path / "root",
+                   split=(0.34, 0.33, 0.33), progress=False)
+    info = get_dataset("graded")
+    assert info.task.value == "ordinal-regression"
+    assert info.label_names == ("grade1", "grade2", "grade10")  # natural, not lexical, order
+    with pytest.raises(SystemExit) as exit_:  # argparse choices: one line, exit 2
+        main(["import", "graded2", str(src), "--task", "bogus", "--data-root",
+              str(tmp_path / "root"), "--quiet"])
+    assert exit_.value.code == 2

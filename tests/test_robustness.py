@@ -191,3 +191,34 @@ def test_finetunes_are_scored_on_the_corrupted_splits_of_their_data(real_root, t
     assert again.ran == () and again.corrupted_filled == 1
     assert {(e["corruption"], e["severity"]) for e in registry.evaluations(row.key)} == {
         ("pixelate", 5), ("contrast_down", 2)}
+
+
+def test_an_imported_dataset_borrows_a_medmnist_corruption_set(real_root, tmp_path):
+    """An imported collection has no MedMNIST-C set of its own: it names one with
+    --corruption-base, and without it the error says so."""
+    from PIL import Image
+
+    from medfm.imported import import_dataset
+
+    with np.load(real_root / "breastmnist.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    src = tmp_path / "src"
+    for split in ("train", "val", "test"):
+        for i, (image, label) in enumerate(zip(arrays[f"{split}_images"][:60],
+                                               arrays[f"{split}_labels"][:60, 0], strict=True)):
+            (src / split / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(src / split / str(label) / f"{i}.png")
+    import_dataset("mine", src, sizes=(28,), data_root=tmp_path / "root", progress=False)
+    request = resolve_store_request(dataset="mine", size=28, backbone="test_resnet",
+                                    weights="random", data_root=tmp_path / "root",
+                                    preprocess=PreprocessRequest(input_size=32))
+    with pytest.raises(Exception, match="--corruption-base"):
+        extract_corrupted(request, corruptions="pixelate", severities=(5,),
+                          workdir=tmp_path / "work", progress=False)
+    done = extract_corrupted(request, corruptions="pixelate", severities=(5,),
+                             base="breastmnist", workdir=tmp_path / "work", progress=False)
+    assert done.pairs == [("pixelate", 5)]
+    (row,) = probe(dataset="mine", fractions=(1.0,), seeds=(0,), workdir=tmp_path / "work",
+                   progress=False).computed
+    assert [(e["corruption"], e["severity"]) for e in
+            Registry.in_workdir(tmp_path / "work").evaluations(row.key)] == [("pixelate", 5)]
