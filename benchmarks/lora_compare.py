@@ -1,6 +1,7 @@
 """Where LoRA sits: linear probe vs LoRA vs full fine-tune on identical real BreastMNIST subsets.
 
     python benchmarks/lora_compare.py [--workdir DIR] [--epochs 10] [--input-size 64]
+    python benchmarks/lora_compare.py --dataset pneumoniamnist --fractions 0.01,0.1 --epochs 5
 
 The pretrained EfficientNet-Lite0 (offline ImageNet weights) on BreastMNIST 28, upsampled
 (bilinear, the backbone's policy) to `--input-size`, the same preprocessing for all three:
@@ -39,29 +40,34 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("MEDFM_DATA_ROOT",
                                                               "../shared/data/medmnist"))
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--dataset", default="breastmnist",
+                        help="a 28 px MedMNIST file in --data-root (default breastmnist)")
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="training fractions (default 0.1,1.0)")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    common = dict(dataset="breastmnist", backbone=BACKBONE, size=28, input_size=args.input_size,
+    dataset, fractions = args.dataset, tuple(float(f) for f in args.fractions.split(","))
+    common = dict(dataset=dataset, backbone=BACKBONE, size=28, input_size=args.input_size,
                   device=args.device, workdir=args.workdir, progress=False)
 
     started = time.perf_counter()
     stored = extract(data_root=args.data_root, **common)
     extract_s = time.perf_counter() - started
     print(f"store: {stored.status} ({extract_s:.0f} s)")
-    probe(dataset="breastmnist", backbone=BACKBONE, size=28, fractions=FRACTIONS,
+    probe(dataset=dataset, backbone=BACKBONE, size=28, fractions=fractions,
           seeds=(SEED,), device=args.device, workdir=args.workdir, progress=False)
     recipe = {"epochs": args.epochs, "batch_size": BATCH_SIZE, "augment": False}
     for lora in (False, True):
-        finetune(datasets=["breastmnist"], backbones=[BACKBONE], sizes=[28], fractions=FRACTIONS,
+        finetune(datasets=[dataset], backbones=[BACKBONE], sizes=[28], fractions=fractions,
                  seeds=(SEED,), recipe="medfm", overrides=recipe, lora=lora,
                  input_size=args.input_size, device=args.device, workdir=args.workdir,
                  data_root=args.data_root, progress=False)
 
     registry = Registry.in_workdir(args.workdir)
-    rows = [r for r in registry.query(dataset="breastmnist") if r.key.seed == SEED
-            and r.key.input_size == args.input_size]
-    print(f"\nBreastMNIST 28 -> {args.input_size} px, {BACKBONE}, seed {SEED}, "
+    rows = [r for r in registry.query(dataset=dataset) if r.key.seed == SEED
+            and r.key.input_size == args.input_size and r.key.fraction in fractions]
+    print(f"\n{dataset} 28 -> {args.input_size} px, {BACKBONE}, seed {SEED}, "
           f"fine-tunes {args.epochs} epochs; probe wall = its fit, after extracting the store "
           f"once ({extract_s:.0f} s this call, {stored.status})\n")
     print("| fraction | n_train | paradigm | test ACC | test AUC | trainable params | wall (s) |")
