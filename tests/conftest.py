@@ -56,3 +56,15 @@ def real_root() -> Path:
     if not (REAL_DATA / "breastmnist.npz").exists():
         pytest.skip(f"real MedMNIST files not found in {REAL_DATA} (set MEDFM_DATA_ROOT)")
     return REAL_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA sees a GPU; elsewhere they skip, saying why."""
+    from medfm.probe.solvers import cuda_available
+
+    if any("gpu" in item.keywords for item in items) and not cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
