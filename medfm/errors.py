@@ -3,6 +3,8 @@
 Every message says what to do next. Tracebacks are reserved for bugs.
 """
 
+import errno
+
 
 class MedfmError(Exception):
     """Base class of user-facing errors: bad input, missing files, corrupt stores."""
@@ -43,6 +45,25 @@ class RegistryError(MedfmError):
 
 class DiskFullError(MedfmError):
     """A write that failed for want of space or quota (ENOSPC, EDQUOT, EFBIG)."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# how HDF5 reports them: its OSError carries the C errno in the message, not in .errno
+DISK_FULL_TEXTS = ("errno = 28,", "errno = 122,", "errno = 27,", "No space left",
+                   "Disk quota exceeded", "File too large")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an error it arose from (torch.save wraps a failed write's OSError in a
+    RuntimeError), is a write that failed for want of space, quota or file-size limit."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and (exc.errno in DISK_FULL_ERRNOS or any(
+                text in str(exc) for text in DISK_FULL_TEXTS)):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class MedfmWarning(UserWarning):

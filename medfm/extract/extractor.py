@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medfm.backbones import Backbone, create_backbone
+from medfm.corrupt import SEVERITIES
 from medfm.data import SPLITS, get_dataset, load_split
 from medfm.errors import InvalidArgumentError
 from medfm.extract.fold import fold_verified
@@ -311,7 +312,7 @@ def extract_corrupted(
     request: StoreRequest,
     *,
     corruptions: str | list[str] | None = None,
-    severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+    severities: tuple[int, ...] = SEVERITIES,
     seed: int = 0,
     base: str | None = None,
     batch_size: int | None = None,

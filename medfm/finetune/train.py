@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import math
 import os
 import random
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medfm.data import Task
-from medfm.errors import DiskFullError, InvalidArgumentError, MedfmWarning
+from medfm.errors import DiskFullError, InvalidArgumentError, MedfmWarning, is_disk_full
 from medfm.finetune.lora import mark_trainable
 from medfm.finetune.recipes import Recipe
 from medfm.metrics import acc as acc_metric
@@ -71,7 +70,6 @@ CHECKPOINT_PARTS = ("plan", "model", "optimizer", "scheduler", "state", "rng")  
 UNREADABLE_SUFFIX = ".unreadable"  # a checkpoint that cannot be read is renamed to <name> + this
 TEMP_PATTERN = ".*.tmp"  # checkpoints being written (save_checkpoint); stale once the writer died
 WHY_CHARS = 160  # a set-aside warning quotes this much of the reason
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # out of space or quota
 DEVICE_CACHE_BYTES = 1 << 31  # training subsets up to 2 GiB are uploaded to the device once
 EVAL_BATCH_FACTOR = 2  # evaluation batches are this many training batches (no gradients kept)
 AUG_FLIP_P = 0.5  # probability of a horizontal flip
@@ -364,18 +362,6 @@ def _restore_rng(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _disk_full(exc: BaseException) -> bool:
-    """Whether `exc`, or an error it arose from, is out of space or quota (torch.save wraps the
-    OSError of a failed write in a RuntimeError)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def save_checkpoint(state: dict, path: Path) -> None:
     """torch.save to a temporary file beside `path`, fsync, then os.replace: never half-written.
 
@@ -391,7 +377,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if _disk_full(exc):
+        if is_disk_full(exc):
             raise DiskFullError(
                 f"disk full writing {path}: free space and rerun; training resumes from the "
                 "last checkpoint") from None

@@ -45,7 +45,7 @@ import numpy as np
 from medfm.backbones.names import canonical_backbone_id
 from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.data import SPLITS
-from medfm.errors import DiskFullError, StoreError
+from medfm.errors import DiskFullError, StoreError, is_disk_full
 from medfm.paths import resolve_workdir
 from medfm.request import STORES_DIRNAME, store_digest
 from medfm.store.registry import canonical_json
@@ -445,18 +445,6 @@ class StoreWriter:
 
 
 SPACE_MARGIN = 1 << 20  # bytes of HDF5 metadata and attributes beyond a store's arrays
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-# how HDF5 reports them: its OSError carries the C errno in the message, not in .errno
-DISK_FULL_TEXTS = ("errno = 28,", "errno = 122,", "errno = 27,", "No space left",
-                   "Disk quota exceeded", "File too large")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` is a write that failed for want of space, quota or file-size limit."""
-    return isinstance(exc, OSError) and (exc.errno in DISK_FULL_ERRNOS or any(
-        text in str(exc) for text in DISK_FULL_TEXTS))
-
-
 def _check_space(path: Path, needed: int) -> None:
     """DiskFullError before anything is written if a file of `needed` bytes cannot fit at
     `path`: the filesystem's free space for this user, and this process's file-size limit."""
