@@ -50,6 +50,10 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_
 LORA_RANK = 8  # the rank `--lora` (or finetune(lora=True)) gives a recipe without one
 LORA_AUTO = "auto"  # lora_targets: each backbone family's default layers (lora.py)
 METHODS = ("finetune", "lora")  # how fine-tunes are recorded: whole (or frozen) backbone, LoRA
+# Fields added after result keys were first written, with the value that means "as before": a
+# recipe keys such a field only when it differs from that value, so every key written before the
+# field existed stays the key of the same run (old work directories recompute nothing).
+LATER_FIELDS: dict[str, object] = {}
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,11 @@ class Recipe:
     def key_params(self) -> dict:
         """What a result's `params` records: every field but the preprocessing, which the key
         holds resolved (resize policy, input size, normalization), and the LoRA fields only for
-        a LoRA recipe (so the keys of runs without adapters are those of earlier medfm)."""
+        a LoRA recipe (so the keys of runs without adapters are those of earlier medfm), and a
+        LATER_FIELDS field only where it is not its "as before" value."""
         left_out = PREPROCESS_FIELDS + (() if self.lora_rank else LORA_FIELDS)
-        return {k: v for k, v in self.to_params().items() if k not in left_out}
+        return {k: v for k, v in self.to_params().items() if k not in left_out
+                and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
     @property
     def preprocess(self) -> PreprocessRequest:
