@@ -283,6 +283,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.add_argument("--data-root", help="default: $MEDFM_DATA_ROOT or ~/.medmnist")
     p.add_argument("--force", action="store_true", help="retrain runs already in the registry")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only: on CUDA the same bits every run and resume")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_finetune)
 
@@ -320,7 +322,7 @@ def _run_finetune(args) -> int:
         input_size=args.input_size, normalize=args.normalize, weights=args.weights,
         lora=args.lora or any(getattr(args, o) is not None for o in LORA_FIELDS),
         device=args.device, workdir=args.workdir, data_root=args.data_root, force=args.force,
-        progress=not args.quiet)
+        progress=not args.quiet, deterministic=args.deterministic)
     for line in report.missing:
         print(f"medfm finetune: {line}", file=sys.stderr)
     if report.ran:

@@ -3,6 +3,8 @@
     from medfm.runtime import resolve_device, device_name, versions
     dev = resolve_device(None)           # CUDA when a GPU is visible, else CPU
     versions("torch", "timm")            # {"medfm": ..., "python": ..., "numpy": ..., ...}
+    with deterministic_algorithms():     # CUDA kernels that give the same bits every run
+        ...
 
 Versions are read from the installed packages' metadata, so recording them imports nothing
 (importing torch only to read its version string costs two seconds).
@@ -10,8 +12,10 @@ Versions are read from the installed packages' metadata, so recording them impor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
 from importlib import metadata
 
 from medfm import __version__
@@ -52,3 +56,41 @@ def device_name(dev) -> str:
 
         return torch.cuda.get_device_name(dev)
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # CUBLAS_WORKSPACE_CONFIG that makes cuBLAS deterministic (CUDA docs)
+NONDETERMINISTIC = "does not have a deterministic implementation"  # torch's error, op name first
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Inside: every torch op runs its deterministic implementation or raises (one that has
+    none), cuDNN picks no algorithm by timing and uses only deterministic ones, and cuBLAS gets
+    the fixed workspace its reproducibility needs (CUBLAS_WORKSPACE_CONFIG, unless already set).
+    Same inputs, same GPU model and software: same bits. On a CPU torch is deterministic anyway.
+    Everything is put back on leaving."""
+    import torch
+
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    except RuntimeError as exc:
+        if NONDETERMINISTIC not in str(exc):
+            raise
+        op = str(exc).split(NONDETERMINISTIC)[0].strip()
+        raise InvalidArgumentError(
+            f"deterministic run asked for, but {op} has no deterministic implementation on "
+            f"this device; run without --deterministic.") from exc
+    finally:
+        enabled, warn_only, cudnn_deterministic, cudnn_benchmark, workspace = before
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

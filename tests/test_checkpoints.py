@@ -1,6 +1,8 @@
 """Fine-tune checkpoints are trusted as data only (issue 10): a crafted last.pt runs no code, an
 unreadable one is set aside and the run retrains, a format-1 checkpoint still resumes, a full
 disk leaves the last checkpoint whole, and two processes asking for one run train it once.
+Resume on CUDA (issue 15): one GPU's RNG state, restored wherever fewer GPUs are visible, and a
+deterministic mode whose killed-and-resumed run ends with the same bits (tests marked gpu).
 
 Real tiny `test_resnet` runs on the synthetic 28 px BreastMNIST, real subprocesses, a real
 file-size limit; nothing mocked.
@@ -23,10 +25,16 @@ import numpy as np
 import pytest
 import torch
 
-from medfm.errors import MedfmWarning
+from medfm.errors import InvalidArgumentError, MedfmWarning
 from medfm.finetune import finetune, finetune_job, resolve_finetune, resolve_recipe
 from medfm.finetune.run import BEST_WEIGHTS_NAME, LOCK_NAME, checkpoint_folder
-from medfm.finetune.train import CHECKPOINT_FORMAT, CHECKPOINT_NAME, UNREADABLE_SUFFIX
+from medfm.finetune.train import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    UNREADABLE_SUFFIX,
+    cuda_rng_state,
+)
+from medfm.runtime import deterministic_algorithms
 from medfm.sampling import SubsetSpec
 from medfm.store.registry import Registry
 
@@ -41,25 +49,26 @@ def _request(root):
                             recipe=resolve_recipe("medfm", **FAST), data_root=root)
 
 
-def _job(root, workdir, on_checkpoint=None):
+def _job(root, workdir, on_checkpoint=None, device="cpu", deterministic=False):
     """(row, test scores, set-aside warnings) of one fine-tune job."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        row, scores, _ = finetune_job(_request(root), device="cpu", workdir=workdir,
-                                      progress=False, on_checkpoint=on_checkpoint)
+        row, scores, _ = finetune_job(_request(root), device=device, workdir=workdir,
+                                      progress=False, on_checkpoint=on_checkpoint,
+                                      deterministic=deterministic)
     notices = [str(w.message) for w in caught
                if issubclass(w.category, MedfmWarning) and "set aside" in str(w.message)]
     return row, scores, notices
 
 
-def _killed_after_first_round(root, workdir):
+def _killed_after_first_round(root, workdir, **job):
     """The checkpoint a run leaves when it dies right after its first round."""
     def die(round_: int) -> None:
         if round_ == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _job(root, workdir, on_checkpoint=die)
+        _job(root, workdir, on_checkpoint=die, **job)
     return checkpoint_folder(workdir, _request(root).key()) / CHECKPOINT_NAME
 
 
@@ -240,3 +249,65 @@ def test_a_job_finds_its_run_recorded_once_it_holds_the_lock(synthetic_root, tmp
                                        workdir=tmp_path, progress=False)
     assert row.key == recorded.key and row.acc == recorded.acc
     assert scores.shape == (len(y_true), 2)
+
+
+def test_the_resuming_gpu_gets_one_saved_cuda_state_whatever_was_visible_before():
+    """Checkpoints hold the training GPU's generator state; older ones hold every visible GPU's.
+    A run resumed on GPU `index` takes its own, or the first (a pinned worker's) where fewer GPUs
+    are visible now, never one per saved GPU (which raised IndexError)."""
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]  # 4 GPUs when saved
+    assert torch.equal(cuda_rng_state(states, 2), states[2])
+    assert torch.equal(cuda_rng_state(states[:1], 3), states[0])  # fewer visible when saved
+    assert torch.equal(cuda_rng_state(states[3], 0), states[3])  # the training GPU's, as saved
+    assert cuda_rng_state(None, 0) is None and cuda_rng_state([], 0) is None  # a CPU checkpoint
+
+
+def test_a_deterministic_run_resumes_to_the_same_result_and_leaves_torch_as_it_was(
+        synthetic_root, tmp_path):
+    whole, whole_scores, _ = _job(synthetic_root, tmp_path / "whole", deterministic=True)
+    assert whole.extra["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled()  # put back after the run
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    _killed_after_first_round(synthetic_root, tmp_path / "killed", deterministic=True)
+    assert not torch.are_deterministic_algorithms_enabled()  # put back on the way out too
+    row, scores, _ = _job(synthetic_root, tmp_path / "killed", deterministic=True)
+    assert row.extra["resumed"] and np.array_equal(scores, whole_scores)
+    plain, plain_scores, _ = _job(synthetic_root, tmp_path / "plain")  # CPU: same bits anyway
+    assert plain.extra["deterministic"] is False and np.array_equal(plain_scores, whole_scores)
+
+
+def test_an_op_without_a_deterministic_kernel_is_a_one_line_error():
+    from torch._prims_common import alert_not_deterministic  # what such an op calls
+
+    with pytest.raises(InvalidArgumentError, match="^deterministic run asked for, but "
+                       "grid_sampler_2d_backward_cuda has no deterministic implementation on "
+                       "this device; run without --deterministic.$"):
+        with deterministic_algorithms():
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            alert_not_deterministic("grid_sampler_2d_backward_cuda")
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.deterministic
+
+
+@pytest.mark.gpu
+def test_a_cuda_checkpoint_of_more_gpus_than_are_visible_resumes(synthetic_root, tmp_path):
+    last = _killed_after_first_round(synthetic_root, tmp_path, device="cuda")
+    saved = torch.load(last, weights_only=True)
+    assert isinstance(saved["rng"]["cuda"], torch.Tensor)  # the training GPU's state only
+    visible = torch.cuda.device_count()
+    saved["rng"]["cuda"] = [saved["rng"]["cuda"]] * (visible + 3)  # as get_rng_state_all wrote
+    torch.save(saved, last)
+    row, _, notices = _job(synthetic_root, tmp_path, device="cuda")
+    assert notices == [] and row.extra["resumed"] and row.extra["steps"] == STEPS
+
+
+@pytest.mark.gpu
+def test_a_deterministic_cuda_run_killed_and_resumed_ends_with_the_same_bits(synthetic_root,
+                                                                              tmp_path):
+    whole, whole_scores, _ = _job(synthetic_root, tmp_path / "whole", device="cuda",
+                                  deterministic=True)
+    _killed_after_first_round(synthetic_root, tmp_path / "killed", device="cuda",
+                              deterministic=True)
+    row, scores, _ = _job(synthetic_root, tmp_path / "killed", device="cuda", deterministic=True)
+    assert row.extra["resumed"] and row.device == "cuda"
+    assert np.array_equal(scores, whole_scores) and (row.acc, row.auc) == (whole.acc, whole.auc)

@@ -16,10 +16,11 @@ file, the backbone and weights identity, the resolved preprocessing, the subset 
 checkpoint metric, the method ("finetune", or "lora" when the recipe trains LoRA adapters: its own
 paradigm in results and reports) and the rest of the resolved recipe (`params`, LoRA's rank,
 alpha, dropout, targets and lr among them). Every row records the model's total and trainable
-parameter counts and the layers LoRA adapted (`extra`). The device it trains on is
-recorded with the row, not keyed. `finetune` skips every combination whose key is in the
-registry (one query), and a killed job resumes from `<workdir>/checkpoints/<key digest>/last.pt`;
-a finished job leaves its best weights there as `best.pt`.
+parameter counts and the layers LoRA adapted (`extra`). The device it trains on, and whether
+it ran with deterministic kernels only (`deterministic`), are recorded with the row, not keyed.
+`finetune` skips every combination whose key is in the registry (one query), and a killed job
+resumes from `<workdir>/checkpoints/<key digest>/last.pt`; a finished job leaves its best weights
+there as `best.pt`.
 
 One writer per run. A job holds an advisory lock on `.lock` in its checkpoint folder (flock: the
 OS drops it when the process dies, however it dies) from before it resumes until its row is
@@ -71,7 +72,7 @@ from medfm.paths import resolve_workdir
 from medfm.preprocess import DevicePreprocessor, PreprocessConfig, PreprocessRequest
 from medfm.probe.robust import ScoredRow, record
 from medfm.request import input_identity, run_key
-from medfm.runtime import device_name, resolve_device, versions
+from medfm.runtime import deterministic_algorithms, device_name, resolve_device, versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
 from medfm.store.registry import REGISTRY_FILENAME, Registry, ResultKey, ResultRow
 
@@ -167,7 +168,7 @@ def _build_model(request: FinetuneRequest):
                          num_classes=output_dim(info.task, info.n_classes, request.recipe))
     model = bb.model
     if request.recipe.pretrained:
-        init_head(model, seed=request.spec.seed)
+        init_head(model, seed=request.spec.seed)  # "timm": the head keeps timm's own init
     if request.recipe.stem == "cifar":
         model = apply_cifar_stem(model, seed=request.spec.seed)
     if request.recipe.lora_rank:
@@ -237,6 +238,7 @@ def finetune_job(
     workdir: str | os.PathLike | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
+    deterministic: bool = False,
 ) -> tuple[ResultRow, np.ndarray, np.ndarray]:
     """Train the request's backbone end to end on its subset and test it.
 
@@ -245,6 +247,8 @@ def finetune_job(
     The call holds the run's lock (module docstring); a run that is in the registry once the
     lock is held returns its recorded row and scores, untrained.
     `on_checkpoint(round)` runs after each checkpoint (for tests and schedulers).
+    `deterministic` trains and tests with deterministic kernels only (medfm.runtime
+    .deterministic_algorithms): on CUDA, the same bits on every run and resume.
     """
     key = request.key()
     with _claim(checkpoint_folder(workdir, key), request.label):
@@ -252,7 +256,7 @@ def finetune_job(
         if recorded is not None:
             return recorded
         return _train_and_test(request, key, device=device, workdir=workdir, progress=progress,
-                               on_checkpoint=on_checkpoint)
+                               on_checkpoint=on_checkpoint, deterministic=deterministic)
 
 
 def _train_and_test(
@@ -263,6 +267,7 @@ def _train_and_test(
     workdir: str | os.PathLike | None,
     progress: bool,
     on_checkpoint: Callable[[int], None] | None,
+    deterministic: bool = False,
 ) -> tuple[ResultRow, np.ndarray, np.ndarray]:
     """`finetune_job`'s work, for a caller that holds the run's lock."""
     t0 = time.perf_counter()
@@ -273,24 +278,26 @@ def _train_and_test(
               for s in ("train", "val", "test")}
     subset = sample(np.asarray(splits["train"][1]), info.task, request.spec)
     model, weights_digest, source = _build_model(request)
-    t_train = time.perf_counter()
-    outcome = train(
-        model, recipe=request.recipe, task=info.task,
-        train=Split(*splits["train"], rows=subset.indices), val=Split(*splits["val"]),
-        preprocess=request.preprocess, device=dev, seed=request.spec.seed,
-        primary_metric=info.primary_metric,
-        checkpoint_dir=checkpoint_folder(workdir, key),
-        progress=progress, on_checkpoint=on_checkpoint, desc=request.label)
-    t_train = time.perf_counter() - t_train
-    test = Split(*splits["test"])
-    prep = DevicePreprocessor(request.preprocess, dev, channels_last=True)
-    batch = min(request.recipe.batch_size, subset.n) * EVAL_BATCH_FACTOR
-    scores, test_loss = predict(outcome.model, test, prep=prep,
-                                loss=TaskLoss(info.task, request.recipe, 0.0), batch_size=batch)
-    y_true = np.asarray(test.labels)
-    evaluations = evaluate_corrupted(
-        outcome.model, request, corrupted_pairs(request.dataset, workdir), test, prep=prep,
-        loss=TaskLoss(info.task, request.recipe, 0.0), batch_size=batch)
+    kernels = deterministic_algorithms() if deterministic else contextlib.nullcontext()
+    with kernels:  # training, validation and test scores alike
+        t_train = time.perf_counter()
+        outcome = train(
+            model, recipe=request.recipe, task=info.task,
+            train=Split(*splits["train"], rows=subset.indices), val=Split(*splits["val"]),
+            preprocess=request.preprocess, device=dev, seed=request.spec.seed,
+            primary_metric=info.primary_metric,
+            checkpoint_dir=checkpoint_folder(workdir, key),
+            progress=progress, on_checkpoint=on_checkpoint, desc=request.label)
+        t_train = time.perf_counter() - t_train
+        test = Split(*splits["test"])
+        prep = DevicePreprocessor(request.preprocess, dev, channels_last=True)
+        batch = min(request.recipe.batch_size, subset.n) * EVAL_BATCH_FACTOR
+        scores, test_loss = predict(outcome.model, test, prep=prep,
+                                    loss=TaskLoss(info.task, request.recipe, 0.0), batch_size=batch)
+        y_true = np.asarray(test.labels)
+        evaluations = evaluate_corrupted(
+            outcome.model, request, corrupted_pairs(request.dataset, workdir), test, prep=prep,
+            loss=TaskLoss(info.task, request.recipe, 0.0), batch_size=batch)
     row = ResultRow.scored(
         key, subset, evaluate(y_true, scores, info.task), solver="", device=dev.type,
         weights_digest=weights_digest,
@@ -300,6 +307,7 @@ def _train_and_test(
             "weights_source": source,
             "preprocess": request.preprocess.to_json(),
             "device_name": device_name(dev),
+            "deterministic": deterministic,
             "best_round": outcome.best_round,
             "best_value": outcome.best_value if np.isfinite(outcome.best_value) else None,
             "steps": outcome.steps,
@@ -455,6 +463,7 @@ def finetune(
     data_root: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
+    deterministic: bool = False,
 ) -> FinetuneReport:
     """Run `finetune_job` for every dataset x size x backbone x subset x seed; record each row.
 
@@ -466,6 +475,7 @@ def finetune(
     `resize_policy`, `input_size` and `normalize` override the recipe's preprocessing. `lora`
     trains LoRA adapters instead of the whole backbone (recipe fields lora_*; rank LORA_RANK
     unless the recipe or `overrides` set one). Rows carry per-sample test scores.
+    `deterministic`: deterministic kernels only (see `finetune_job`).
     """
     resolved = resolve_recipe(recipe, **(overrides or {}))
     if lora and not resolved.lora_rank:
@@ -495,7 +505,8 @@ def finetune(
                 skipped.append(request.label)
                 continue
             scored = _train_and_test(request, key, device=device, workdir=workdir,
-                                     progress=progress, on_checkpoint=None)
+                                     progress=progress, on_checkpoint=None,
+                                     deterministic=deterministic)
             row, scores, y_true = scored
             inserted = reg.add(row, scores=scores, y_true=y_true, replace=force)
             if inserted:

@@ -17,9 +17,12 @@ channels_last, clips gradients and steps the optimizer and the per-step lr sched
 and augmentation run in float32 outside autocast, so a GPU run sees the same inputs). Every round
 (one epoch, or `eval_every` steps) the model is validated, the best state by `select_metric` is
 kept, early stopping watches `monitor`, and a checkpoint (model, optimizer, scheduler, best state,
-curves, RNG states of torch, CUDA, numpy and Python) replaces the previous one atomically. A rerun
-finds the checkpoint and continues from the next round; with the same seed and device it ends with
-the same weights as an uninterrupted run (CPU bit for bit; on CUDA as deterministic as its kernels).
+curves, RNG states of torch, the training GPU, numpy and Python) replaces the previous one
+atomically. A rerun finds the checkpoint and continues from the next round; with the same seed and
+device it ends with the same weights as an uninterrupted run: on a CPU bit for bit; on CUDA bit for
+bit on the same GPU model and software when the run is deterministic (medfm.runtime
+.deterministic_algorithms, `finetune --deterministic`), else only as close as cuDNN's and cuBLAS's
+run-to-run differences allow. Resuming where fewer GPUs are visible is fine (one GPU's RNG state).
 
 Checkpoints are caches that a rerun trusts only as data. They hold tensors and plain Python values
 only and are read with `torch.load(weights_only=True)`, which runs no code from the file; one
@@ -342,24 +345,40 @@ def _numpy_array_globals() -> list:
 
 
 def _rng_states(device: torch.device) -> dict:
-    """Every RNG's state as tensors and plain values (numpy's (624,) uint32 key as int64)."""
+    """Every RNG's state as tensors and plain values (numpy's (624,) uint32 key as int64); on
+    CUDA only the training GPU's generator, the one its kernels draw from."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     states = {"torch": torch.get_rng_state(),
               "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss),
                         float(gauss)),
               "python": random.getstate()}
     if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def _restore_rng(states: dict) -> None:
+def cuda_rng_state(saved, index: int) -> torch.Tensor | None:
+    """The saved CUDA generator state to give the GPU a run resumes on (`index`, as seen now).
+
+    `saved` is one (N,) uint8 state (the training GPU's), or, in checkpoints written before,
+    one per GPU visible then; of those the one of the same index, else the first (the default
+    device, the one a pinned worker trains on). So a run resumed where fewer GPUs are visible
+    restores what it needs and no more."""
+    if saved is None or isinstance(saved, torch.Tensor):
+        return saved
+    return saved[index] if index < len(saved) else saved[0] if len(saved) else None
+
+
+def _restore_rng(states: dict, device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
     kind, key, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(states["python"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        state = cuda_rng_state(states.get("cuda"), index)
+        if state is not None:
+            torch.cuda.set_rng_state(state, index)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -491,7 +510,8 @@ def _plan(recipe: Recipe, batches: _Batches, n_train: int) -> _Plan:
     return _Plan(n_train, batches.batch_size, total, recipe.eval_every or batches.per_epoch)
 
 
-def _restore(saved: dict, model, optimizer, scheduler, recipe: Recipe) -> TrainState:
+def _restore(saved: dict, model, optimizer, scheduler, recipe: Recipe,
+             device: torch.device) -> TrainState:
     """Load a checkpoint of this plan into the RNGs, optimizer, scheduler and model, checking
     each part first; raises (having changed nothing but RNGs, which a fresh start reseeds) when
     a part does not fit."""
@@ -501,7 +521,7 @@ def _restore(saved: dict, model, optimizer, scheduler, recipe: Recipe) -> TrainS
     if not isinstance(saved["scheduler"], dict) or (
             set(saved["scheduler"]) != set(scheduler.state_dict())):
         raise ValueError("a scheduler state that does not fit")
-    _restore_rng(saved["rng"])
+    _restore_rng(saved["rng"], device)
     optimizer.load_state_dict(saved["optimizer"])  # checks its groups before changing any
     scheduler.load_state_dict(saved["scheduler"])
     load_model_state(model, weights, recipe)
@@ -509,7 +529,7 @@ def _restore(saved: dict, model, optimizer, scheduler, recipe: Recipe) -> TrainS
 
 
 def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler, seed: int,
-            recipe: Recipe) -> tuple[TrainState, bool]:
+            recipe: Recipe, device: torch.device) -> tuple[TrainState, bool]:
     """(state, resumed): the checkpoint's, restored into the model, optimizer, scheduler and
     RNGs when it belongs to this plan; else a fresh state with every RNG seeded."""
     saved = None
@@ -518,7 +538,7 @@ def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler, seed: i
         saved = load_checkpoint(path)
     if saved is not None and saved["plan"] == vars(plan):
         try:
-            return _restore(saved, model, optimizer, scheduler, recipe), True
+            return _restore(saved, model, optimizer, scheduler, recipe, device), True
         except (AttributeError, IndexError, KeyError, RuntimeError, TypeError,
                 ValueError) as exc:
             set_aside(path, f"does not fit this run ({type(exc).__name__}: {exc})")
@@ -631,7 +651,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan.total_steps, recipe))
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    state, resumed = _resume(path, plan, model, optimizer, scheduler, seed, recipe)
+    state, resumed = _resume(path, plan, model, optimizer, scheduler, seed, recipe, device)
     bar = tqdm(total=plan.total_steps * plan.batch_size, initial=state.step * plan.batch_size,
                unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     loop = _Loop(model, recipe, TaskLoss(task, recipe, recipe.label_smoothing),
