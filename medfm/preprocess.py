@@ -26,7 +26,9 @@ from medfm.errors import InvalidArgumentError
 if TYPE_CHECKING:
     import torch
 
-RESIZE_POLICIES = ("bilinear", "bicubic", "nearest", "pad", "native")
+RESIZE_POLICIES = ("bilinear", "bicubic", "nearest", "pad", "native", "pad-norm")
+PAD_POLICIES = ("pad", "pad-norm")  # centre the image in a zero canvas: black (pad), or the
+#  normalized zero, i.e. the mean colour (pad-norm: normalize first, as MedMNIST+'s transforms)
 DEFAULT_RESIZE_POLICY = "bilinear"  # the seed paper's choice: upsample to the backbone's input size
 NORMALIZATIONS = ("backbone", "half")  # the backbone's mean/std, or mean = std = 0.5 (MedMNIST v2)
 DEFAULT_NORMALIZATION = "backbone"
@@ -120,7 +122,7 @@ def resolve_preprocess(
                    else data_config.get("input_size", (3, 224, 224))[-1])
     if size <= 0:
         raise InvalidArgumentError(f"input size {size} must be positive.")
-    if policy == "pad" and source_size is not None and source_size > size:
+    if policy in PAD_POLICIES and source_size is not None and source_size > size:
         raise InvalidArgumentError(
             f"cannot zero-pad {source_size} px images into a {size} px canvas; "
             f"use a larger --input-size or another --resize-policy."
@@ -154,10 +156,14 @@ class DevicePreprocessor:
         # (B, H, W) -> (B, 1, H, W); (B, H, W, 3) -> (B, 3, H, W)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
         x = x.float().div_(255.0)  # uint8 -> [0, 1] on device, before resize
-        x = resize(x, self.cfg.input_size, self.cfg.resize_policy)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 channels after resizing (3x less work)
-        x = (x - self._mean) / self._std
+        if self.cfg.resize_policy == "pad-norm":  # normalize at source size, then pad with 0
+            x = (x.expand(-1, 3, -1, -1) - self._mean) / self._std
+            x = resize(x, self.cfg.input_size, self.cfg.resize_policy)
+        else:
+            x = resize(x, self.cfg.input_size, self.cfg.resize_policy)
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)  # grayscale -> 3 channels after resizing
+            x = (x - self._mean) / self._std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -170,11 +176,11 @@ def resize(x: torch.Tensor, size: int, policy: str) -> torch.Tensor:
     h, w = x.shape[-2:]
     if policy == "native" or (h == size and w == size):
         return x
-    if policy == "pad":
+    if policy in PAD_POLICIES:
         if h > size or w > size:
             raise InvalidArgumentError(f"cannot zero-pad {h}x{w} images into a {size} px canvas.")
         top, left = (size - h) // 2, (size - w) // 2
-        # zero (black) pixels around the centred image, as MedMNIST+ pads before normalizing
+        # zeros around the centred image (pad: before normalizing, so black; pad-norm: after)
         return F.pad(x, (left, size - w - left, top, size - h - top), value=0.0)
     if policy == "nearest":
         return F.interpolate(x, size=(size, size), mode="nearest")

@@ -92,7 +92,7 @@ def test_presets_carry_the_published_protocols():
         15_000, 64, "bce1", 0.9, 200)
     plus = RECIPES["medmnist-plus"]
     assert (plus.resize_policy, plus.input_size, plus.patience, plus.monitor) == (
-        "pad", 224, 5, "loss")
+        "pad-norm", 224, 5, "loss")
 
 
 def test_overrides_parse_command_line_strings():

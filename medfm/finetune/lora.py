@@ -76,6 +76,15 @@ def default_targets(model: torch.nn.Module) -> list[str]:
     return attention or [name for name, _ in candidates]
 
 
+def has_attention(model: torch.nn.Module) -> bool:
+    """Whether `model` is of the transformer family: it has attention layers (a
+    MultiheadAttention, or a Linear inside a module named attn/attention), as `auto` sees it."""
+    return any(isinstance(m, torch.nn.MultiheadAttention) or (
+        isinstance(m, torch.nn.Linear) and any(
+            w in part for part in name.split(".")[:-1] for w in ATTENTION_WORDS))
+        for name, m in model.named_modules())
+
+
 def resolve_targets(model: torch.nn.Module, targets: str) -> list[str]:
     """Full module names that `targets` (LORA_AUTO or comma-separated names) selects; raises
     InvalidArgumentError when it selects nothing, or a layer peft cannot adapt exactly."""

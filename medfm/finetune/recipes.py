@@ -10,11 +10,17 @@ Presets (numbers from docs/ANCHORS.md):
   cosine schedule with 5% linear warm-up, label smoothing 0.1, flips and small affine
   augmentation, gradient clipping at 1.0, 30 epochs, best checkpoint by the dataset's primary
   metric, early stop after 10 epochs without improvement.
-- `seed-paper` (Wu & Papiez 2025): 15,000 iterations of batch 64, AdamW head lr 1e-3, weight
-  decay 1e-2, lr x0.9 every 200 iterations, no augmentation, bilinear upsampling to the backbone's
-  input size, binary tasks as 1 logit + BCE, best checkpoint by validation ACC.
-- `medmnist-plus` (Doerrich et al. 2025): AdamW lr 1e-4, cosine, <= 100 epochs of batch 64,
-  early stop at patience 5 on validation loss, images zero-padded into a 224 canvas.
+- `seed-paper` (Wu & Papiez 2025, code FMMIC/SFT): 15,000 iterations of batch 64 rounded down
+  to whole epochs of full batches, AdamW head lr 1e-3 and weight decay 1e-2 decayed x0.9 every
+  200 iterations, backbone lr constant at 1e-6 (CNNs) or 1e-7 (backbones with attention), no
+  augmentation, bilinear upsampling, binary tasks as 1 logit + BCE, timm's own head init, about
+  ten validations, best checkpoint by validation ACC; a frozen backbone stays in train mode.
+- `medmnist-plus` (Doerrich et al. 2025): AdamW lr 1e-4 with timm's per-epoch cosine, <= 100
+  epochs of batch 64, early stop at patience 5 on validation loss, images normalized, then
+  zero-padded into a 224 canvas, timm's own head init; a frozen backbone stays in train mode.
+
+docs/presets.md lists every protocol detail of the published presets with the line of the
+reference code it comes from; medfm.presets adds their per-backbone rules (input size, batch).
 - `medmnist-v2` (Yang et al. 2023): from scratch, Adam lr 1e-3, batch 128, 100 epochs, lr x0.1 at
   epochs 50 and 75, mean = std = 0.5, no augmentation, best checkpoint by validation AUC, images at
   their own size with the CIFAR-style ResNet stem (3x3 conv, stride 1, no max-pool).
@@ -38,7 +44,10 @@ from medfm.errors import InvalidArgumentError
 from medfm.preprocess import NORMALIZATIONS, RESIZE_POLICIES, PreprocessRequest
 
 OPTIMIZERS = ("adamw", "adam")
-SCHEDULES = ("cosine", "step", "exp", "constant")
+SCHEDULES = ("cosine", "step", "exp", "constant", "cosine-epoch")  # cosine-epoch: timm's
+# CosineLRScheduler stepped once per epoch (MedMNIST+): epoch e runs at cos(pi * (e - 1) / E)
+SCHEDULE_SCOPES = ("all", "head")  # which lrs the schedule scales; head: the backbone's is constant
+HEAD_INITS = ("small", "timm")  # new head: N(0, 0.01) and zero bias, or the model's own init
 SELECT_METRICS = ("primary", "acc", "auc", "loss")  # primary: the dataset's (AUC for ChestMNIST)
 BINARY_HEADS = ("ce2", "bce1")  # binary tasks: 2 logits + cross-entropy, or 1 logit + BCE
 STEMS = ("default", "cifar")  # cifar: ResNet conv1 -> 3x3 stride 1, max-pool removed
@@ -53,7 +62,10 @@ METHODS = ("finetune", "lora")  # how fine-tunes are recorded: whole (or frozen)
 # Fields added after result keys were first written, with the value that means "as before": a
 # recipe keys such a field only when it differs from that value, so every key written before the
 # field existed stays the key of the same run (old work directories recompute nothing).
-LATER_FIELDS: dict[str, object] = {}
+LATER_FIELDS: dict[str, object] = {
+    "schedule_scope": "all", "lr_backbone_vit": None, "drop_last": False, "whole_epochs": False,
+    "eval_rounds": 0, "head_init": "small", "frozen_train_mode": False,
+}
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,8 @@ class Recipe:
     patience: int  # stop after this many validations without improvement; 0 = never
     monitor: str  # one of SELECT_METRICS: what early stopping watches
     binary_head: str  # one of BINARY_HEADS
-    freeze_backbone: bool  # train the head only; backbone frozen in eval mode (BN stats fixed)
+    freeze_backbone: bool  # train the head only; the frozen backbone in eval mode (BN statistics
+    #                        fixed) unless frozen_train_mode
     pretrained: bool  # False: random init (weights="random"), as the from-scratch baselines
     resize_policy: str | None  # one of preprocess.RESIZE_POLICIES; None = the backbone's default
     input_size: int | None  # model input side; None = the backbone's (or the source size, native)
@@ -92,6 +105,17 @@ class Recipe:
     lora_dropout: float  # dropout on the adapters' input while training, in [0, 1)
     lora_targets: str  # LORA_AUTO, or comma-separated module names (or name endings) to adapt
     lora_lr: float  # peak learning rate of the adapters (the head keeps lr_head)
+    # added later (LATER_FIELDS): each default runs as medfm did before the field existed
+    schedule_scope: str = "all"  # one of SCHEDULE_SCOPES
+    lr_backbone_vit: float | None = None  # lr_backbone of a backbone with attention layers (ViT,
+    #                                       CLIP, EVA, DINO, SAM); None: lr_backbone
+    drop_last: bool = False  # drop every partial batch (else only a trailing batch of one image)
+    whole_epochs: bool = False  # `iterations` rounded down to whole epochs
+    eval_rounds: int = 0  # validate after epochs e with e % (E // n) == 0 and after the last
+    #                       (of E epochs; the seed paper's n = 10); 0: every `eval_every` steps
+    head_init: str = "small"  # one of HEAD_INITS
+    frozen_train_mode: bool = False  # freeze_backbone: the frozen backbone in train mode
+    #                                  (BatchNorm statistics move, dropout on), as both references
 
     def __post_init__(self) -> None:
         """Check every choice and range, so a bad recipe fails before any data or model loads."""
@@ -99,6 +123,7 @@ class Recipe:
             ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("select_metric", SELECT_METRICS),
             ("monitor", SELECT_METRICS), ("binary_head", BINARY_HEADS),
             ("normalize", NORMALIZATIONS), ("stem", STEMS),
+            ("schedule_scope", SCHEDULE_SCOPES), ("head_init", HEAD_INITS),
         ):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(
@@ -119,7 +144,8 @@ class Recipe:
         non_negative = {"iterations": self.iterations, "lr_backbone": self.lr_backbone,
                         "weight_decay": self.weight_decay, "grad_clip": self.grad_clip,
                         "eval_every": self.eval_every, "patience": self.patience,
-                        "epochs": self.epochs}
+                        "epochs": self.epochs, "eval_rounds": self.eval_rounds,
+                        "lr_backbone_vit": self.lr_backbone_vit or 0.0}
         for name, value in positive.items():
             if value <= 0:
                 raise InvalidArgumentError(f"recipe field {name} must be > 0; got {value}.")
@@ -206,16 +232,21 @@ _MEDFM = Recipe(
 
 RECIPES: dict[str, Recipe] = {
     "medfm": _MEDFM,
+    # every value as FMMIC/SFT runs it (docs/presets.md: the file and line of each)
     "seed-paper": dataclasses.replace(
-        _MEDFM, name="seed-paper", epochs=0, iterations=15_000, lr_backbone=1e-5,
-        weight_decay=1e-2, schedule="exp", warmup=0.0, gamma=0.9, decay_every=200,
-        label_smoothing=0.0, augment=False, grad_clip=0.0, eval_every=500, select_metric="acc",
-        patience=0, monitor="acc", binary_head="bce1", resize_policy="bilinear",
+        _MEDFM, name="seed-paper", epochs=0, iterations=15_000, lr_backbone=1e-6,
+        lr_backbone_vit=1e-7, weight_decay=1e-2, schedule="exp", schedule_scope="head",
+        warmup=0.0, gamma=0.9, decay_every=200, label_smoothing=0.0, augment=False,
+        grad_clip=0.0, eval_every=0, eval_rounds=10, select_metric="acc", patience=0,
+        monitor="acc", binary_head="bce1", resize_policy="bilinear", drop_last=True,
+        whole_epochs=True, head_init="timm", frozen_train_mode=True,
     ),
+    # as rethinking-model-prototyping-MedMNISTPlus runs it (docs/presets.md)
     "medmnist-plus": dataclasses.replace(
         _MEDFM, name="medmnist-plus", epochs=100, lr_head=1e-4, lr_backbone=1e-4,
-        weight_decay=1e-2, warmup=0.0, label_smoothing=0.0, augment=False, grad_clip=0.0,
-        select_metric="loss", patience=5, monitor="loss", resize_policy="pad", input_size=224,
+        weight_decay=1e-2, schedule="cosine-epoch", warmup=0.0, label_smoothing=0.0,
+        augment=False, grad_clip=0.0, select_metric="loss", patience=5, monitor="loss",
+        resize_policy="pad-norm", input_size=224, head_init="timm", frozen_train_mode=True,
     ),
     "medmnist-v2": dataclasses.replace(
         _MEDFM, name="medmnist-v2", epochs=100, batch_size=128, optimizer="adam",
@@ -278,7 +309,7 @@ def resolve_recipe(name: str | Recipe, **overrides: object) -> Recipe:
 
     Unknown presets or fields raise InvalidArgumentError with the closest names. Overriding
     `epochs` (and not `iterations`) on an iteration-based recipe switches it to epochs, validated
-    once per epoch (unless `eval_every` is overridden too).
+    once per epoch (unless `eval_every` or `eval_rounds` is overridden too).
     """
     if isinstance(name, Recipe):
         base = name
@@ -302,5 +333,6 @@ def resolve_recipe(name: str | Recipe, **overrides: object) -> Recipe:
     if "epochs" in changes and "iterations" not in changes and base.iterations:
         changes["iterations"] = 0
         changes.setdefault("eval_every", 0)
+        changes.setdefault("eval_rounds", 0)
     return dataclasses.replace(base, **changes)
 

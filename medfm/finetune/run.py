@@ -167,7 +167,7 @@ def _build_model(request: FinetuneRequest):
     bb = create_backbone(request.backbone, init_seed=request.spec.seed,
                          num_classes=output_dim(info.task, info.n_classes, request.recipe))
     model = bb.model
-    if request.recipe.pretrained:
+    if request.recipe.pretrained and request.recipe.head_init == "small":
         init_head(model, seed=request.spec.seed)  # "timm": the head keeps timm's own init
     if request.recipe.stem == "cifar":
         model = apply_cifar_stem(model, seed=request.spec.seed)

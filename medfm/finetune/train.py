@@ -38,6 +38,12 @@ frozen weights come back from their source when the model is rebuilt.
 Losses per task: multi-class and ordinal: cross-entropy; multi-label: BCE with logits per label;
 binary: 2 logits + cross-entropy (`ce2`) or 1 logit + BCE (`bce1`). Scores are probabilities:
 softmax, or sigmoid (bce1 scores are written as (1 - p, p), like every other binary row).
+
+The references' loops (docs/presets.md) need a few more recipe settings: `eval_rounds` validates
+at the seed paper's epochs instead of every round, `drop_last` drops every partial batch,
+`whole_epochs` rounds `iterations` down to whole epochs, `schedule_scope="head"` leaves the
+backbone's lr constant, `lr_backbone_vit` is the backbone lr of a transformer, and
+`frozen_train_mode` keeps a frozen backbone in train mode (BatchNorm statistics move).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from tqdm.auto import tqdm
 
 from medfm.data import Task
 from medfm.errors import DiskFullError, InvalidArgumentError, MedfmWarning, is_disk_full
-from medfm.finetune.lora import mark_trainable
+from medfm.finetune.lora import has_attention, mark_trainable
 from medfm.finetune.recipes import Recipe
 from medfm.metrics import acc as acc_metric
 from medfm.metrics import auc as auc_metric
@@ -193,8 +199,13 @@ def augment(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last)
 
 
-def lr_factor(step: int, total_steps: int, recipe: Recipe) -> float:
-    """Multiplier of the peak learning rates at optimizer step `step` (0-based) of `total_steps`."""
+def lr_factor(step: int, total_steps: int, recipe: Recipe, steps_per_epoch: int = 1) -> float:
+    """Multiplier of the peak learning rates at optimizer step `step` (0-based) of `total_steps`
+    (`steps_per_epoch` for cosine-epoch: epoch e of E runs at 0.5 (1 + cos(pi max(0, e - 1) / E)),
+    what timm's CosineLRScheduler gives when stepped with epoch=e after each epoch e)."""
+    if recipe.schedule == "cosine-epoch":
+        epoch, epochs = step // steps_per_epoch, max(1, total_steps // steps_per_epoch)
+        return 0.5 * (1.0 + math.cos(math.pi * max(0, epoch - 1) / epochs))
     if recipe.schedule == "cosine":
         warm = round(recipe.warmup * total_steps)
         if step < warm:
@@ -214,7 +225,8 @@ def _head_parameter_ids(model: torch.nn.Module) -> set[int]:
 
 def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW (or Adam) over two groups, each with its own peak lr: the head, and the backbone
-    (LoRA: its adapters, at lora_lr; none when the backbone is frozen)."""
+    (LoRA: its adapters, at lora_lr; none when the backbone is frozen); a backbone with
+    attention layers (lora.has_attention) trains at lr_backbone_vit when the recipe sets one."""
     head_ids = _head_parameter_ids(model)
     head = [p for p in model.parameters() if id(p) in head_ids]
     groups = [{"params": head, "lr": recipe.lr_head, "name": "head"}]
@@ -223,15 +235,18 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         groups.insert(0, {"params": adapters, "lr": recipe.lora_lr, "name": "adapters"})
     elif not recipe.freeze_backbone:
         body = [p for p in model.parameters() if id(p) not in head_ids]
-        groups.insert(0, {"params": body, "lr": recipe.lr_backbone, "name": "backbone"})
+        lr = (recipe.lr_backbone_vit if recipe.lr_backbone_vit is not None
+              and has_attention(model) else recipe.lr_backbone)
+        groups.insert(0, {"params": body, "lr": lr, "name": "backbone"})
     cls = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=recipe.lr_head, weight_decay=recipe.weight_decay)
 
 
 def _set_train_mode(model: torch.nn.Module, recipe: Recipe) -> None:
-    """Train mode; a frozen backbone stays in eval mode (its BatchNorm statistics do not move);
-    with LoRA only the BatchNorm layers do (the adapters' dropout trains)."""
-    if recipe.freeze_backbone:
+    """Train mode; a frozen backbone stays in eval mode (its BatchNorm statistics do not move)
+    unless `frozen_train_mode`; with LoRA only the BatchNorm layers do (the adapters' dropout
+    trains)."""
+    if recipe.freeze_backbone and not recipe.frozen_train_mode:
         model.eval()
         model.get_classifier().train()
     else:
@@ -273,12 +288,14 @@ def load_model_state(model: torch.nn.Module, weights: dict, recipe: Recipe) -> N
 class _Batches:
     """Seeded epoch permutations of the training split, served as uint8 batches on the device."""
 
-    def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device,
+                 drop_last: bool = False):
         self.split, self.seed, self.device = split, seed, device
         n = len(split)
         self.batch_size = min(batch_size, n)
-        # a trailing batch of one image would break BatchNorm: drop it
-        self.per_epoch = n // self.batch_size + (1 if n % self.batch_size > 1 else 0)
+        # a trailing batch of one image would break BatchNorm: drop it (drop_last: any partial)
+        partial = n % self.batch_size
+        self.per_epoch = n // self.batch_size + (1 if partial > 1 and not drop_last else 0)
         self._epoch, self._order = -1, None
         nbytes = split.images[:1].nbytes * n
         self._resident = None
@@ -502,12 +519,27 @@ class _Plan:
 
 def _plan(recipe: Recipe, batches: _Batches, n_train: int) -> _Plan:
     total = recipe.iterations or recipe.epochs * batches.per_epoch
+    if recipe.iterations and recipe.whole_epochs:  # the seed paper: iterations // per-epoch epochs
+        total = max(1, recipe.iterations // batches.per_epoch) * batches.per_epoch
     if total < FEW_STEPS:
         warnings.warn(MedfmWarning(
             f"{n_train} training images in batches of {batches.batch_size} make "
             f"{batches.per_epoch} optimizer step(s) per epoch, {total} in all: too few to "
             f"learn much; raise --epochs or lower --batch-size."), stacklevel=3)
     return _Plan(n_train, batches.batch_size, total, recipe.eval_every or batches.per_epoch)
+
+
+def _round_end(step: int, plan: _Plan, recipe: Recipe, per_epoch: int) -> int:
+    """The step after which the round starting at `step` validates: `round_steps` on, or with
+    `eval_rounds` n the end of the next epoch e (of E) with e % (E // n) == 0, or of the last."""
+    if not recipe.eval_rounds:
+        return min(step + plan.round_steps, plan.total_steps)
+    epochs = -(-plan.total_steps // per_epoch)  # a trailing partial epoch counts as one
+    every = max(1, epochs // min(recipe.eval_rounds, epochs))
+    epoch = step // per_epoch
+    while epoch % every and epoch < epochs - 1:
+        epoch += 1
+    return min((epoch + 1) * per_epoch, plan.total_steps)
 
 
 def _restore(saved: dict, model, optimizer, scheduler, recipe: Recipe,
@@ -645,11 +677,13 @@ def train(
         head_ids = _head_parameter_ids(model)
         for p in model.parameters():
             p.requires_grad_(id(p) in head_ids)
-    batches = _Batches(train, recipe.batch_size, seed, device)
+    batches = _Batches(train, recipe.batch_size, seed, device, drop_last=recipe.drop_last)
     plan = _plan(recipe, batches, len(train))
     optimizer = _optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, plan.total_steps, recipe))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        (lambda s: 1.0) if recipe.schedule_scope == "head" and group["name"] != "head" else
+        (lambda s: lr_factor(s, plan.total_steps, recipe, batches.per_epoch))
+        for group in optimizer.param_groups])
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     state, resumed = _resume(path, plan, model, optimizer, scheduler, seed, recipe, device)
     bar = tqdm(total=plan.total_steps * plan.batch_size, initial=state.step * plan.batch_size,
@@ -660,7 +694,7 @@ def train(
     try:
         while not state.done:
             t_round = time.perf_counter()
-            last = min(state.step + plan.round_steps, plan.total_steps)
+            last = _round_end(state.step, plan, recipe, batches.per_epoch)
             train_loss, seen, lrs = loop.run_steps(state.step, last)
             compute_s = time.perf_counter() - t_round
             values = loop.validate(val, task)
