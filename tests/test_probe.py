@@ -71,6 +71,44 @@ def test_solver_objective_is_sklearns():
     np.testing.assert_allclose(centre(th.coef), centre(sk.coef), atol=2e-3)
 
 
+@pytest.mark.parametrize("kind", ["multinomial", "binary"])
+def test_torch_solver_steps_exactly_as_torch_optim_lbfgs(kind):
+    """medfm.probe.lbfgs is torch.optim.LBFGS's step as a function: the same iterates bit for
+    bit along a warm-started C path, and no torch._dynamo import (which any torch Optimizer
+    triggers) in a fresh process."""
+    import subprocess
+    import sys
+
+    import torch
+
+    X, y = _blobs(Task.MULTI_CLASS if kind == "multinomial" else Task.BINARY, 500, 2,
+                  3 if kind == "multinomial" else 2)
+    X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+    Y = y if kind == "multinomial" else y.reshape(-1, 1).astype(np.float64)
+    solver = make_solver("torch", X, Y, kind, tol=1e-4, max_iter=100)
+    W, b = solver.W.clone(), solver.b.clone()
+    for C in (1e-3, 1e-1, 10.0):
+        ours = solver.fit(C)
+        optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=100, max_eval=400,
+                                      tolerance_grad=1e-4, tolerance_change=0.0,
+                                      history_size=10, line_search_fn="strong_wolfe")
+
+        def closure(C=C):
+            loss, W.grad, b.grad = solver._objective(W, b, C)
+            return loss.item()
+
+        optimizer.step(closure)
+        assert ours.n_iter == optimizer.state[W]["n_iter"] > 0
+        assert np.array_equal(ours.coef, W.detach().T.double().numpy())
+        assert np.array_equal(ours.intercept, b.detach().double().numpy())
+    code = ("import sys, numpy as np; from medfm.probe.solvers import make_solver; "
+            "X = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32); "
+            "make_solver('torch', X, (X[:, 0] > 0).astype(int), 'multinomial', tol=1e-4, "
+            "max_iter=50).fit(1.0); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_estimator_contract_clone_and_joblib(tmp_path):
     X, y = _blobs(Task.MULTI_CLASS, 400, 0, 3)
     Xv, yv = _blobs(Task.MULTI_CLASS, 100, 1, 3)

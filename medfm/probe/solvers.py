@@ -12,8 +12,9 @@ L-BFGS and stops when the largest absolute gradient component is below `tol` (sc
 scikit-learn uses it) or after `max_iter` iterations; `converged` says which.
 
 - `sklearn`: LogisticRegression(solver="lbfgs", warm_start=True), float64, CPU.
-- `torch`: torch.optim.LBFGS (strong-Wolfe line search, history 10) on float32 tensors, full
-  batch, CPU or CUDA: two (B, D) x (D, K) matmuls per block of B rows per evaluation.
+- `torch`: L-BFGS (torch.optim.LBFGS's step as a function, medfm.probe.lbfgs: strong-Wolfe line
+  search, history 10) on float32 tensors, full batch, CPU or CUDA: two (B, D) x (D, K) matmuls
+  per block of B rows per evaluation.
 - `cuml`: cuML's quasi-Newton LogisticRegression on a GPU. cuML averages the loss over samples
   and, with penalty_normalized=True, divides the penalty by n too, which is exactly the scaled
   objective above: the same C is the same problem. cuML has no warm start; each C starts cold.
@@ -216,30 +217,25 @@ class TorchSolver:
         return loss, grad_W.contiguous(), grad_b / n
 
     def fit(self, C: float, init: Solution | None = None) -> Solution:
+        from medfm.probe.lbfgs import minimize
+
         torch = self.torch
         if init is not None:
             self.W = torch.as_tensor(init.coef.T, dtype=torch.float32, device=self.device)
             self.b = torch.as_tensor(init.intercept, dtype=torch.float32, device=self.device)
-        W, b = self.W.clone(), self.b.clone()
-        optimizer = torch.optim.LBFGS(
-            [W, b], lr=1.0, max_iter=self.max_iter, max_eval=EVALS_PER_ITER * self.max_iter,
-            tolerance_grad=self.tol, tolerance_change=0.0, history_size=LBFGS_HISTORY,
-            line_search_fn="strong_wolfe")
-        last = {}  # the latest evaluation: the point and its largest gradient component
+        shape, size = self.W.shape, self.W.numel()  # (D, K'); x = [W row-major, b]
 
-        def closure():
-            loss, W.grad, b.grad = self._objective(W, b, C)
-            last.update(W=W.detach().clone(), b=b.detach().clone(),
-                        largest=max(W.grad.abs().max().item(), b.grad.abs().max().item()))
-            return loss.item()
+        def objective(x):
+            loss, grad_W, grad_b = self._objective(x[:size].view(shape), x[size:], C)
+            return loss.item(), torch.cat([grad_W.reshape(-1), grad_b])
 
-        optimizer.step(closure)
-        if not (torch.equal(last["W"], W) and torch.equal(last["b"], b)):
-            closure()  # the line search ended elsewhere: the gradient at the final point
-        n_iter = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
-        self.W, self.b = W.detach(), b.detach()
+        x, result = minimize(objective, torch.cat([self.W.reshape(-1), self.b]),
+                             max_iter=self.max_iter, max_eval=EVALS_PER_ITER * self.max_iter,
+                             tolerance_grad=self.tol, history_size=LBFGS_HISTORY)
+        self.W, self.b = x[:size].view(shape), x[size:]
+        largest = result.grad.abs().max().item()
         return Solution(self.W.T.double().cpu().numpy(), self.b.double().cpu().numpy(),
-                        n_iter, last["largest"] <= self.tol)
+                        result.n_iter, largest <= self.tol)
 
 
 class CumlSolver:
