@@ -238,32 +238,6 @@ class TorchSolver:
                         result.n_iter, largest <= self.tol)
 
 
-class CumlSolver:
-    """cuML's quasi-Newton LogisticRegression (GPU); cold start at every C."""
-
-    name, device_type = "cuml", "cuda"
-
-    def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
-        self.X, self.Y, self.kind = X, Y, kind
-        self.max_iter, self.tol = max_iter, tol
-
-    def fit(self, C: float, init: Solution | None = None) -> Solution:
-        from cuml.linear_model import LogisticRegression
-
-        targets = ([self.Y[:, j] for j in range(self.Y.shape[1])] if self.kind == "multilabel"
-                   else [self.Y])
-        coefs, intercepts, iters = [], [], []
-        for y in targets:
-            model = LogisticRegression(C=C, penalty="l2", tol=self.tol, max_iter=self.max_iter,
-                                       penalty_normalized=True, output_type="numpy")
-            model.fit(self.X, y.astype(np.float32))
-            coefs.append(np.asarray(model.coef_, dtype=np.float64).reshape(-1, self.X.shape[1]))
-            intercepts.append(np.asarray(model.intercept_, dtype=np.float64).reshape(-1))
-            iters.append(int(np.max(getattr(model, "n_iter_", self.max_iter))))
-        return Solution(np.concatenate(coefs), np.concatenate(intercepts), max(iters),
-                        max(iters) < self.max_iter)
-
-
 def make_solver(solver: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
                 max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
                 device: str | None = None, n_classes: int | None = None):
@@ -278,4 +252,6 @@ def make_solver(solver: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
     if solver == "torch":
         return TorchSolver(X, Y, kind, max_iter=max_iter, tol=tol, device=device,
                            n_classes=n_classes)
+    from medfm.probe.cuml_solver import CumlSolver  # cuML's version gates live there
+
     return CumlSolver(X, Y, kind, max_iter=max_iter, tol=tol)
