@@ -15,7 +15,8 @@ is loaded:
 - Preprocessing resolves from one `PreprocessRequest` (medfm.preprocess) against the backbone's
   data config, read from medfm's snapshot of timm's registry.
 - An extraction is a `StoreRequest`; its digest names the store file, so finding a finished
-  store is one file-system lookup.
+  store is one file-system lookup. How it computes (float32, or bfloat16 autocast: CUDA's
+  default) is part of it, so a partial store is only ever resumed in its own precision.
 - A probe or fine-tune run is a `ResultKey` (medfm.store.registry) built by `run_key` from the
   same parts plus the method, its settings, the model-selection rule and the training subset;
   a probe's key also carries the content fingerprint of the store it read. The registry
@@ -34,7 +35,8 @@ from medfm.backbones.names import BackboneRef, resolve_backbone
 from medfm.data import DatasetRef, resolve_dataset
 from medfm.errors import InvalidArgumentError
 from medfm.preprocess import DEFAULT_NORMALIZATION, PreprocessConfig, PreprocessRequest
-from medfm.sampling import SubsetSpec
+from medfm.runtime import PRECISIONS, resolve_precision
+from medfm.sampling import SAMPLERS, SubsetSpec
 from medfm.store.registry import ResultKey, canonical_json
 
 FEATURE_KIND = "prelogits"  # timm forward_head(forward_features(x), pre_logits=True): pooled
@@ -43,6 +45,7 @@ STORES_DIRNAME = "stores"  # <workdir>/stores/*.h5
 STORE_DIGEST_CHARS = 16  # hex digits of a store request's digest in its file name
 SELECTIONS = ("val", "holdout", "none")  # what chose hyper-parameters or the checkpoint
 SELECT_METRICS = ("acc", "auc", "loss", "")  # what that choice maximized ("" when nothing)
+SAMPLER_PARAM = "sampler"  # a run key's params name a sampler mode other than the default here
 
 
 @dataclass(frozen=True)
@@ -54,17 +57,29 @@ class StoreRequest:
     preprocess: PreprocessConfig  # resolved against the backbone's data config
     normalize: str = DEFAULT_NORMALIZATION  # how preprocess's mean/std were chosen
     feature_kind: str = FEATURE_KIND
-    dtype: str = "float16"  # one of STORE_DTYPES
+    dtype: str = "float16"  # one of STORE_DTYPES: how features are stored
+    precision: str = "float32"  # one of medfm.runtime.PRECISIONS: how they are computed
 
     def __post_init__(self) -> None:
         if self.dtype not in STORE_DTYPES:
             raise InvalidArgumentError(
                 f"dtype {self.dtype!r} is not one of {', '.join(STORE_DTYPES)}.")
+        if self.precision not in PRECISIONS:
+            raise InvalidArgumentError(
+                f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}.")
 
     def identity(self) -> dict[str, Any]:
-        """The request as plain data: what a store records and a probe's key is built from."""
-        return {**input_identity(self.dataset, self.backbone, self.preprocess, self.normalize),
-                "feature_kind": self.feature_kind, "dtype": self.dtype}
+        """The request as plain data: what a store records and a probe's key is built from.
+
+        The precision is named only where it is not float32, so every float32 store made
+        before it was part of the identity keeps its name, and a store computed in one
+        precision is never resumed or reused by a run in another."""
+        identity = {**input_identity(self.dataset, self.backbone, self.preprocess,
+                                     self.normalize),
+                    "feature_kind": self.feature_kind, "dtype": self.dtype}
+        if self.precision != "float32":
+            identity["precision"] = self.precision
+        return identity
 
     def digest(self) -> str:
         return store_digest(self.identity())
@@ -108,18 +123,21 @@ def resolve_store_request(
     preprocess: PreprocessRequest | None = None,
     dtype: str = "float16",
     data_root: str | os.PathLike | None = None,
+    precision: str | None = None,
+    device: str | None = None,
 ) -> StoreRequest:
     """The extraction the user asked for, resolved without loading the model or the images.
 
     `dataset` is a flag (with `size`) or a resolved ref; `backbone` a name (with `weights`) or a
-    resolved ref; `preprocess` the user's request (None: the backbone's defaults).
+    resolved ref; `preprocess` the user's request (None: the backbone's defaults); `precision`
+    float32, bfloat16, or None / "auto": bfloat16 where `device` (None: a visible GPU) is CUDA.
     """
     ref = dataset if isinstance(dataset, DatasetRef) else resolve_dataset(dataset, size, data_root)
     model = backbone if isinstance(backbone, BackboneRef) else resolve_backbone(backbone, weights)
     request = preprocess or PreprocessRequest()
     config = request.resolve(model.data_config(), source_size=ref.size)
     return StoreRequest(ref, model, config, request.normalize or DEFAULT_NORMALIZATION,
-                        FEATURE_KIND, dtype)
+                        FEATURE_KIND, dtype, resolve_precision(precision, device))
 
 
 def run_key(
@@ -137,10 +155,13 @@ def run_key(
 
     `store` is a store identity (`StoreRequest.identity()`, or what a finished store records):
     for a probe, the features it reads; for a fine-tune, its `input_identity` (dataset, backbone,
-    preprocessing) with `feature_kind=""`, since it reads images.
+    preprocessing) with `feature_kind=""`, since it reads images. A subset drawn by a sampler
+    mode other than the default (medfm.sampling.SAMPLERS) adds it to `params` as "sampler".
     """
     if selection not in SELECTIONS:
         raise InvalidArgumentError(f"selection {selection!r} is not one of {SELECTIONS}.")
+    if spec.sampler != SAMPLERS[0]:  # keyed only where it is not the default: earlier keys stay
+        params = {**params, SAMPLER_PARAM: spec.sampler}
     if select_metric not in SELECT_METRICS:
         raise InvalidArgumentError(
             f"selection metric {select_metric!r} is not one of {SELECT_METRICS}.")

@@ -22,6 +22,15 @@ both. The method:
    order make subsets NESTED: for one seed, 1% is inside 10% is inside 100%, and 5 shots inside
    10. Fraction 1.0 is the whole split.
 
+Sampler modes (`SubsetSpec.sampler`, recorded in every result key that does not use the default):
+`shuffled` is the method above. `first-per-class` is the seed paper's rule (FMMIC SFT/dataset.py
+lines 112-127), the same images for every seed: the first n rows of each class in split order
+(n = the shots, or round(f * n_c) >= 1 for a fraction f); shots above FIRST_N_WHOLE_SPLIT mean the
+whole split, as there. Multi-label (ChestMNIST) has no classes to take from: n x L rows (L
+labels; round(f * N) >= 1 for a fraction) drawn without replacement by numpy's legacy
+`RandomState(seed).choice`, exactly the rows their `np.random.seed(seed); np.random.choice`
+draws. Both are nested too (prefixes of one order).
+
 A subset is identified by its spec and by `digest`, the first 16 hex digits of the SHA-256 of its
 indices as little-endian int64, which results record so a run can prove which images it used.
 """
@@ -40,6 +49,9 @@ from medfm.data import Task
 from medfm.errors import InvalidArgumentError
 
 DIGEST_CHARS = 16  # hex digits of the SHA-256 kept as a subset's digest
+SAMPLERS = ("shuffled", "first-per-class")  # sampler modes (module docstring); first: default
+FIRST_N_WHOLE_SPLIT = 1000  # first-per-class: more shots than this take the whole split
+#                             (the seed paper's `sample_num_per_cls < 1001` test)
 # what each parser accepts, quoted in its error messages
 _EXAMPLES = {"fractions": "0.01,0.1,1.0", "shots": "1,5,10", "seeds": "0,1,2 or 0-4"}
 
@@ -51,6 +63,7 @@ class SubsetSpec:
     fraction: float | None = None  # in (0, 1]; 1.0 is the whole split
     shots: int | None = None  # images per class (stratum), >= 1
     seed: int = 0  # >= 0; the same seed gives nested subsets across fractions and shots
+    sampler: str = SAMPLERS[0]  # one of SAMPLERS
 
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.shots is None):
@@ -63,6 +76,9 @@ class SubsetSpec:
         if self.shots is not None:
             object.__setattr__(self, "shots", _check_int(self.shots, "shots", minimum=1))
         object.__setattr__(self, "seed", _check_int(self.seed, "seed", minimum=0))
+        if self.sampler not in SAMPLERS:
+            raise InvalidArgumentError(
+                f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}.")
 
 
 @dataclass(frozen=True)
@@ -208,9 +224,36 @@ def _take_prefixes(strata: np.ndarray, spec: SubsetSpec) -> np.ndarray:
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def _first_per_class(labels: np.ndarray, task: Task, spec: SubsetSpec) -> np.ndarray:
+    """Sorted int64 rows of the `first-per-class` sampler (module docstring)."""
+    strata = _strata(labels, task)  # validates the labels
+    if spec.shots is not None and spec.shots > FIRST_N_WHOLE_SPLIT:
+        return np.arange(len(strata), dtype=np.int64)
+    if Task(task) is Task.MULTI_LABEL:
+        n, n_labels = len(strata), np.asarray(labels).shape[1]
+        count = (spec.shots * n_labels if spec.shots is not None
+                 else max(math.floor(spec.fraction * n + 0.5), 1))
+        if count >= n:
+            return np.arange(n, dtype=np.int64)
+        rows = np.random.RandomState(spec.seed).choice(n, size=count, replace=False)
+        return np.sort(rows).astype(np.int64)
+    chosen = []
+    for stratum in np.unique(strata):
+        rows = np.flatnonzero(strata == stratum)  # split order
+        if spec.fraction is not None:
+            count = min(max(math.floor(spec.fraction * rows.size + 0.5), 1), rows.size)
+        else:
+            count = min(spec.shots, rows.size)
+        chosen.append(rows[:count])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
 def sample(labels: np.ndarray, task: Task, spec: SubsetSpec) -> Subset:
     """The training subset `spec` selects from a split with these labels (see module docstring)."""
-    indices = _take_prefixes(_strata(labels, task), spec)
+    if spec.sampler == "first-per-class":
+        indices = _first_per_class(labels, task, spec)
+    else:
+        indices = _take_prefixes(_strata(labels, task), spec)
     indices.setflags(write=False)
     digest = hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest()[:DIGEST_CHARS]
     return Subset(spec=spec, indices=indices, n=int(indices.size), digest=digest)
@@ -218,13 +261,15 @@ def sample(labels: np.ndarray, task: Task, spec: SubsetSpec) -> Subset:
 
 def expand_subsets(fractions: Sequence[float] | None, shots: Sequence[int] | None,
                    seeds: Sequence[int], default_fractions: Sequence[float] = (1.0,),
-                   ) -> list[SubsetSpec]:
+                   sampler: str = SAMPLERS[0]) -> list[SubsetSpec]:
     """Every fraction under every seed, then every shot count under every seed; with neither
     fractions nor shots given, `default_fractions` (the whole training split)."""
     if not fractions and not shots:
         fractions = default_fractions
-    specs = [SubsetSpec(fraction=f, seed=s) for f in fractions or () for s in seeds]
-    return specs + [SubsetSpec(shots=k, seed=s) for k in shots or () for s in seeds]
+    specs = [SubsetSpec(fraction=f, seed=s, sampler=sampler) for f in fractions or ()
+             for s in seeds]
+    return specs + [SubsetSpec(shots=k, seed=s, sampler=sampler) for k in shots or ()
+                    for s in seeds]
 
 
 def sample_fraction(labels: np.ndarray, task: Task, fraction: float, seed: int) -> Subset:
