@@ -9,6 +9,13 @@ predict_proba is the fraction of votes per class ((N, 2) binary, (N, K) multi-cl
 gives the mean of the neighbours' label vectors (N, L). With fewer than k training rows all of
 them vote. Queries are scored in blocks of QUERY_BLOCK rows with torch matmuls, so a
 90k x 1280 training matrix never needs more than a (QUERY_BLOCK, N) similarity block.
+
+`vote="majority"` is MedMNIST+'s kNN as their evaluate.py runs it (lines 88 and 119; utils.py
+lines 135-159): the neighbours come from scikit-learn's NearestNeighbors (ball tree, Euclidean on
+the features as they are; cosine: on L2-normalized ones, the same order), and each query gets
+the neighbours' most common class (ties: the lowest class, as scipy's mode) as a one-hot score,
+or per label the majority (mean > 0.5). ACC is then theirs exactly; they report no AUC for kNN,
+and the AUC medfm computes from these hard scores is not comparable to a probe's.
 """
 
 from __future__ import annotations
@@ -24,15 +31,18 @@ from medfm.probe.targets import encode_targets
 
 KNN_K = 11  # neighbours (MedMNIST+)
 KNN_METRICS = ("cosine", "euclidean")
+KNN_VOTES = ("fraction", "majority")  # scores: vote fractions, or MedMNIST+'s one-hot majority
 QUERY_BLOCK = 1024  # queries per similarity block: (1024, N) float32
 
 
 class KNNProbe(ProbeEstimator):
     """Neighbour-vote probe (module docstring). Learned: `classes_`, `task_`, `k_` (effective k)."""
 
-    def __init__(self, *, k: int = KNN_K, metric: str = "cosine", device: str | None = None):
+    def __init__(self, *, k: int = KNN_K, metric: str = "cosine", vote: str = "fraction",
+                 device: str | None = None):
         self.k = k
         self.metric = metric
+        self.vote = vote
         self.device = device
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None,
@@ -41,6 +51,9 @@ class KNNProbe(ProbeEstimator):
         if self.metric not in KNN_METRICS:
             raise InvalidArgumentError(
                 f"unknown kNN metric {self.metric!r}; use one of {', '.join(KNN_METRICS)}.")
+        if self.vote not in KNN_VOTES:
+            raise InvalidArgumentError(
+                f"unknown kNN vote {self.vote!r}; use one of {', '.join(KNN_VOTES)}.")
         if int(self.k) != self.k or self.k < 1:
             raise InvalidArgumentError(f"k must be a positive integer; got {self.k!r}.")
         targets = encode_targets(y)
@@ -55,7 +68,10 @@ class KNNProbe(ProbeEstimator):
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Vote fractions of the k nearest training rows, float64."""
+        """Vote fractions of the k nearest training rows, float64 (vote="majority": one-hot
+        majority class, or 0/1 per label)."""
+        if self.vote == "majority":
+            return self._majority(X)
         import torch
 
         device = torch.device(probe_device(self.device))
@@ -77,12 +93,42 @@ class KNNProbe(ProbeEstimator):
             out.append(votes[nearest].mean(dim=1))  # (B, K)
         return torch.cat(out).double().cpu().numpy()
 
+    def _majority(self, X: np.ndarray) -> np.ndarray:
+        """MedMNIST+'s majority vote of scikit-learn's ball-tree neighbours (module docstring)."""
+        from sklearn.neighbors import NearestNeighbors
+
+        train, queries = self.X_, np.ascontiguousarray(X, dtype=np.float32)
+        if self.metric == "cosine":
+            train, queries = _unit_rows(train), _unit_rows(queries)
+        nearest = NearestNeighbors(n_neighbors=self.k_, algorithm="ball_tree").fit(
+            train).kneighbors(queries, return_distance=False)  # (N, k)
+        votes = self.votes_[nearest].sum(axis=1)  # (N, K) counts, or (N, L) positives
+        if self.task_ is Task.MULTI_LABEL:
+            return (votes / self.k_ > 0.5).astype(np.float64)
+        return np.eye(votes.shape[1])[votes.argmax(axis=1)]  # argmax: the lowest of tied classes
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (an all-zero row stays zero)."""
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(norms, np.finfo(X.dtype).tiny)
+
 
 # -- the method --------------------------------------------------------------------------------
 
+def _params(options: dict) -> dict:
+    """The settings that enter the key; the vote only where it is not the default, so the keys
+    of runs before it existed stay."""
+    params = {"k": KNN_K, "metric": options["knn_metric"]}
+    if options["knn_vote"] != KNN_VOTES[0]:
+        params["vote"] = options["knn_vote"]
+    return params
+
+
 def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, params: dict,
          selection: str, seed: int, solver: str, device: str | None) -> Fitted:
-    model = KNNProbe(k=params["k"], metric=params["metric"], device=device)
+    model = KNNProbe(k=params["k"], metric=params["metric"],
+                     vote=params.get("vote", KNN_VOTES[0]), device=device)
     model.fit(features["train"][train_rows], labels["train"][train_rows])
     scores = model.predict_proba(features["test"]).astype(np.float32)
     return Fitted(scores, None, {"k_effective": model.k_}, "", probe_device(device),
@@ -91,8 +137,11 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
 
 METHOD = register(ProbeMethod(
     name="knn", paradigm="kNN", line_style=":", selections=("none",),
-    params=lambda selection, options: {"k": KNN_K, "metric": options["knn_metric"]},
+    params=lambda selection, options: _params(options),
     select_metric=lambda task, params: "", fit=_fit,
     options=(MethodOption("knn_metric", "cosine", KNN_METRICS,
-                          "kNN distance (default cosine; k = 11 as MedMNIST+)"),),
+                          "kNN distance (default cosine; k = 11 as MedMNIST+)"),
+             MethodOption("knn_vote", KNN_VOTES[0], KNN_VOTES,
+                          "kNN scores: vote fractions (default) or the majority class as "
+                          "MedMNIST+ (one-hot; ACC as theirs)")),
 ))
