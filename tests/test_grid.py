@@ -16,7 +16,8 @@ from medfm.cli import main
 from medfm.errors import InvalidArgumentError, UnknownBackboneError
 from medfm.grid import load_spec, plan_grid, preset_spec, run_grid, spec_from_dict
 from medfm.grid.executors.local import LocalExecutor
-from medfm.grid.spec import MEDMNIST_PLUS_BACKBONES, PRESETS
+from medfm.grid.spec import PRESETS
+from medfm.presets import MEDMNIST_PLUS_BACKBONES
 from medfm.report import report
 from medfm.store.registry import Registry
 from medfm.synthetic import write_synthetic_npz
@@ -114,14 +115,16 @@ def test_yaml_spec_and_relative_data_root(tmp_path, data_root):
 def test_presets_build_the_published_grids_and_narrow():
     plus = PRESETS["medmnist-plus"]
     assert plus.datasets is None and plus.sizes == (28, 64, 128, 224)  # every dataset present
-    assert plus.resize_policy == "pad" and plus.input_size == 224
-    assert plus.methods == ("logreg", "knn", "finetune") and plus.recipe == "medmnist-plus"
+    assert plus.resize_policy == "pad-norm" and plus.input_size == 224
+    assert plus.methods == ("logreg", "knn", "head-probe", "finetune")
+    assert plus.recipe == "medmnist-plus"
     seed = preset_spec("seed-paper", datasets=["breastmnist"], sizes=[28, 64])
     assert seed.datasets == ("breastmnist",) and seed.sizes == (28, 64)
     assert seed.seeds == (0, 1, 2) and seed.resize_policy == "bilinear"
     assert "dinov2_vitb14" in seed.backbones and seed.recipe == "seed-paper"
     narrow = preset_spec("medmnist-plus", backbones=["dino_vitb16"])
-    assert narrow.backbones == ("dino_vitb16",) and "dino_vitb16" in MEDMNIST_PLUS_BACKBONES
+    assert narrow.backbones == ("dino_vitb16",)
+    assert "vit_base_patch16_224.dino" in MEDMNIST_PLUS_BACKBONES
     with pytest.raises(InvalidArgumentError, match="did you mean 'seed-paper'"):
         preset_spec("seed_paper")
 

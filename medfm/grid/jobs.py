@@ -127,7 +127,8 @@ class FinetuneJob:
     @property
     def label(self) -> str:
         r = self.request
-        return (f"finetune {r.dataset.label} {r.backbone.name or r.backbone.id} "
+        what = "head-probe" if r.recipe.freeze_backbone else "finetune"
+        return (f"{what} {r.dataset.label} {r.backbone.name or r.backbone.id} "
                 f"{_subset_label(r.spec)}")
 
     def run(self) -> list[ScoredRow]:

@@ -7,7 +7,9 @@ the fine-tune recipe with its preprocessing (its overrides win over the grid's, 
 the recipe's). Then every (dataset, size, backbone) with a probe method gets an extract job;
 every (store, subset, probe method) a probe job that depends on it (the seeds of fraction 1.0 in
 one job, sharing a fit: they draw the same images); every (dataset, size, backbone, subset) a
-finetune job when "finetune" is asked for. Done work is found with no scan and no model: a
+finetune job when "finetune" is asked for, and one more, its backbone frozen, for "head-probe".
+A grid of a preset (GridSpec.preset) gives each backbone the preset's rules (input size, recipe
+settings) in its extract and fine-tune jobs. Done work is found with no scan and no model: a
 store is done when the file its request names exists (its header gives the fingerprint that
 probe keys carry; a corrupt one is left to its extract job, which reports it), and every probe
 and fine-tune key of the grid is looked up in the registry in one query. A probe whose store is
@@ -26,7 +28,7 @@ from medfm.backbones.names import resolve_backbone
 from medfm.data import resolve_datasets
 from medfm.errors import StoreError
 from medfm.grid.jobs import ExtractJob, FinetuneJob, Job, ProbeJob
-from medfm.grid.spec import FINETUNE, GridSpec
+from medfm.grid.spec import HEAD_PROBE, TRAINED, GridSpec
 from medfm.paths import resolve_workdir
 from medfm.preprocess import PreprocessRequest
 from medfm.request import resolve_store_request
@@ -85,12 +87,13 @@ def _finished_store(path: Path) -> FeatureStore | None:
         return None
 
 
-def _finetune_preprocess(spec: GridSpec) -> PreprocessRequest:
-    """The grid's preprocessing, with the fine-tune overrides' own preprocessing fields on top."""
+def _finetune_preprocess(spec: GridSpec, backbone) -> PreprocessRequest:
+    """The grid's preprocessing of `backbone`, with the fine-tune overrides' own preprocessing
+    fields on top."""
     overrides = dict(spec.overrides)
     own = PreprocessRequest(overrides.get("resize_policy"), overrides.get("input_size"),
                             overrides.get("normalize"))
-    return spec.preprocess.merged(own)
+    return spec.preprocess_for(backbone).merged(own)
 
 
 def _resolve(spec: GridSpec, data_root):
@@ -107,23 +110,31 @@ def _extract_jobs(spec: GridSpec, refs, backbones, root: str):
     for ref in refs:
         for backbone in backbones:
             request = resolve_store_request(dataset=ref, backbone=backbone,
-                                            preprocess=spec.preprocess, dtype=spec.dtype)
+                                            preprocess=spec.preprocess_for(backbone),
+                                            dtype=spec.dtype)
             found.append((ExtractJob(request, spec.device, root),
                           _finished_store(stores / request.filename())))
     return found
 
 
 def _finetune_jobs(spec: GridSpec, refs, backbones, root: str) -> list[FinetuneJob]:
+    """Every fine-tune (and head-probe: the head through the frozen backbone) job, each
+    backbone with the preset's rules for it (GridSpec.recipe_overrides_for)."""
     from medfm.finetune import resolve_finetune, resolve_recipe
 
-    recipe = resolve_recipe(spec.recipe, **dict(spec.overrides))
-    preprocess = _finetune_preprocess(spec)
-    if not recipe.pretrained and spec.weights is None:  # from scratch: a seeded random init
-        backbones = [resolve_backbone(b.name, "random") for b in backbones]
-    return [FinetuneJob(resolve_finetune(dataset=ref, backbone=backbone, spec=subset,
-                                         recipe=recipe, preprocess=preprocess),
-                        spec.device, root)
-            for ref in refs for backbone in backbones for subset in spec.subsets]
+    jobs = []
+    for method in (m for m in TRAINED if m in spec.methods):
+        for backbone in backbones:
+            recipe = resolve_recipe(spec.recipe, **spec.recipe_overrides_for(
+                backbone, frozen=method == HEAD_PROBE))
+            if not recipe.pretrained and spec.weights is None:  # from scratch: a seeded init
+                backbone = resolve_backbone(backbone.name, "random")
+            preprocess = _finetune_preprocess(spec, backbone)
+            jobs += [FinetuneJob(resolve_finetune(dataset=ref, backbone=backbone, spec=subset,
+                                                  recipe=recipe, preprocess=preprocess),
+                                 spec.device, root)
+                     for ref in refs for subset in spec.subsets]
+    return jobs
 
 
 def _probe_jobs(extract: ExtractJob, probe, subsets, digests: list[str] | None,
@@ -143,7 +154,7 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> Gr
     refs, skipped, backbones = _resolve(spec, spec.data_root)
     probes = spec.probe_requests()
     extracts = _extract_jobs(spec, refs, backbones, root) if probes else []
-    finetunes = _finetune_jobs(spec, refs, backbones, root) if FINETUNE in spec.methods else []
+    finetunes = _finetune_jobs(spec, refs, backbones, root)
     subsets = spec.subsets
     probe_digests = {(i, j): [p.key(store, s).digest() for s in subsets]
                      for i, (_, store) in enumerate(extracts) if store is not None

@@ -15,7 +15,8 @@ A spec file names the axes of the grid; everything but `sizes` and `backbones` h
     fractions: [0.01, 0.1, 1.0]
     shots: []                # labelled images per class, instead of / besides fractions
     seeds: [0, 1, 2]
-    methods: [logreg, finetune]   # any registered probe method (logreg, knn, ...) and finetune
+    methods: [logreg, finetune]   # any registered probe method (logreg, knn, ...), finetune and
+                             # head-probe (the head trained through the frozen backbone)
     probe_options: {}        # probe methods' own settings, e.g. {knn_metric: euclidean}
     solver: auto             # how logreg is fitted: auto | sklearn | torch | cuml
     selection: null          # probe model selection: null (each method's default) | val | holdout
@@ -26,8 +27,11 @@ A spec file names the axes of the grid; everything but `sizes` and `backbones` h
     device: null             # null: CUDA when visible, else CPU
     data_root: null          # null: $MEDFM_DATA_ROOT or ~/.medmnist
     finetune: {recipe: medfm, overrides: {epochs: 5}}
+    sampler: shuffled        # how subsets are drawn (medfm.sampling.SAMPLERS)
+    preset: null             # a published preset whose per-backbone rules apply (medfm.presets)
 
-Presets build the published grids (see PRESETS); `datasets`, `backbones` and `sizes` narrow them.
+Presets build the published grids (PRESETS, from medfm.presets: each detail and its reference
+line in docs/presets.md); `datasets`, `backbones` and `sizes` narrow them.
 """
 
 from __future__ import annotations
@@ -46,17 +50,20 @@ import yaml
 from medfm.data import check_size, get_dataset
 from medfm.errors import InvalidArgumentError
 from medfm.preprocess import PreprocessRequest
+from medfm.presets import FINETUNE, HEAD_PROBE, get_preset
+from medfm.presets import PRESETS as PROTOCOLS
 from medfm.probe.methods import probe_methods
 from medfm.probe.solvers import SOLVERS
 from medfm.request import STORE_DTYPES
-from medfm.sampling import SubsetSpec, expand_subsets
+from medfm.sampling import SAMPLERS, SubsetSpec, expand_subsets
 
-FINETUNE = "finetune"  # the one method that is not a probe
+TRAINED = (FINETUNE, HEAD_PROBE)  # methods that train through the fine-tune loop, not probes
 DEFAULTS: dict[str, Any] = {  # spec fields a file may leave out
     "datasets": None, "weights": None, "fractions": (1.0,), "shots": (), "seeds": (0,),
     "methods": ("logreg",), "probe_options": (), "solver": "auto", "selection": None,
     "resize_policy": None, "input_size": None, "normalize": None, "dtype": "float16",
     "device": None, "data_root": None, "recipe": "medfm", "overrides": (),
+    "sampler": SAMPLERS[0], "preset": None,
 }
 REQUIRED = ("sizes", "backbones")
 RENAMED = {"backend": "solver"}  # spec fields of earlier medfm versions
@@ -85,15 +92,19 @@ class GridSpec:
     data_root: str | None  # where the npz files are
     recipe: str  # finetune recipe preset
     overrides: tuple[tuple[str, Any], ...]  # finetune recipe overrides, sorted (field, value)
+    sampler: str = SAMPLERS[0]  # how training subsets are drawn (medfm.sampling)
+    preset: str | None = None  # a published preset (medfm.presets) whose per-backbone rules
+    #                            (input size, recipe settings) apply to every job
 
     @property
     def subsets(self) -> tuple[SubsetSpec, ...]:
         """Every (fraction or shots) x seed subset, fractions first."""
-        return tuple(expand_subsets(self.fractions, self.shots, self.seeds))
+        return tuple(expand_subsets(self.fractions, self.shots, self.seeds,
+                                    sampler=self.sampler))
 
     @property
     def probe_method_names(self) -> tuple[str, ...]:
-        return tuple(m for m in self.methods if m != FINETUNE)
+        return tuple(m for m in self.methods if m not in TRAINED)
 
     def probe_requests(self):
         """One resolved probe request per probe method (medfm.probe.resolve_probe): the spec's
@@ -115,6 +126,20 @@ class GridSpec:
     def preprocess(self) -> PreprocessRequest:
         """The grid's preprocessing request (for extract and fine-tune jobs alike)."""
         return PreprocessRequest(self.resize_policy, self.input_size, self.normalize)
+
+    def preprocess_for(self, backbone) -> PreprocessRequest:
+        """The preprocessing of `backbone`'s jobs: the preset's rule for it, with the spec's own
+        fields on top; without a preset, the spec's."""
+        if self.preset is None:
+            return self.preprocess
+        return get_preset(self.preset).preprocess(backbone).merged(self.preprocess)
+
+    def recipe_overrides_for(self, backbone, *, frozen: bool) -> dict:
+        """Recipe overrides of `backbone`'s fine-tunes: the preset's rule for it (if any), under
+        the spec's own overrides; a head-probe also freezes the backbone."""
+        rules = get_preset(self.preset).recipe_overrides(backbone, frozen=frozen) \
+            if self.preset is not None else {}
+        return {**rules, **dict(self.overrides), **({"freeze_backbone": True} if frozen else {})}
 
     def narrowed(self, *, datasets=None, backbones=None, sizes=None) -> GridSpec:
         """This spec restricted to the given datasets, backbones and sizes (None: keep all)."""
@@ -217,10 +242,13 @@ def validate(spec: GridSpec) -> GridSpec:
     sizes = tuple(check_size(s) for s in spec.sizes)
     methods = probe_methods()
     for method in spec.methods:
-        _choice("methods", method, (*methods, FINETUNE))
+        _choice("methods", method, (*methods, *TRAINED))
     if not spec.methods:
         raise InvalidArgumentError(f"spec field 'methods' is empty; use some of "
-                                   f"{', '.join((*methods, FINETUNE))}")
+                                   f"{', '.join((*methods, *TRAINED))}")
+    _choice("sampler", spec.sampler, SAMPLERS)
+    if spec.preset is not None:
+        get_preset(spec.preset)
     if not spec.fractions and not spec.shots:
         raise InvalidArgumentError("spec gives neither fractions nor shots; give one of them")
     if not spec.seeds:
@@ -238,7 +266,7 @@ def validate(spec: GridSpec) -> GridSpec:
     for name, _ in spec.probe_options:
         _choice("probe_options", name, sorted(known_options))
     spec.probe_requests()  # checks each method's selection and options
-    if FINETUNE in spec.methods:
+    if set(TRAINED) & set(spec.methods):
         from medfm.finetune import resolve_recipe  # checks the recipe before any job runs
 
         resolve_recipe(spec.recipe, **dict(spec.overrides))
@@ -300,39 +328,22 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
     return spec
 
 
-MEDMNIST_SIZES = (28, 64, 128, 224)
-PAPER_SEEDS = (0, 1, 2)
-# Wu & Papiez 2025 (ANCHORS.md): their model zoo as medfm aliases, bilinear upsampling, AdamW
-# head+backbone training for 15k iterations (recipe "seed-paper"), seeds 0-2; medfm adds a tuned
-# logistic-regression probe on cached features and the fraction axis of DESIGN.md.
-SEED_PAPER_BACKBONES = (
-    "vgg16", "resnet18", "densenet121", "efficientnet_b4", "inception_v3", "inception_resnet_v2",
-    "vit_b16", "clip_vitb16_laion2b", "clip_vitb16_openai_ft", "clip_vitb16_openai",
-    "eva02_vitb14", "dino_vitb16", "dino_vits16", "dinov2_vits14", "dinov2_vitb14", "sam_vitb16",
-    "sam_in1k_vitb16",
-)
-# Doerrich et al. 2025: the timm-available part of their zoo (AlexNet is not in timm), zero-pad
-# into 224, linear probe + kNN (k=11) + end-to-end (recipe "medmnist-plus"), full training sets.
-MEDMNIST_PLUS_BACKBONES = (
-    "vgg16", "resnet18", "densenet121", "efficientnet_b4", "vit_b16", "clip_vitb16_openai",
-    "eva02_vitb14", "dino_vitb16", "sam_vitb16",
-)
-PRESETS: dict[str, GridSpec] = {
-    "seed-paper": GridSpec(
-        datasets=None, sizes=MEDMNIST_SIZES, backbones=SEED_PAPER_BACKBONES,
-        weights=None, fractions=(0.01, 0.1, 1.0), shots=(), seeds=PAPER_SEEDS,
-        methods=("logreg", "finetune"), probe_options=(), solver="auto", selection=None,
-        resize_policy="bilinear", input_size=None, normalize=None, dtype="float16",
-        device=None, data_root=None, recipe="seed-paper", overrides=(),
-    ),
-    "medmnist-plus": GridSpec(
-        datasets=None, sizes=MEDMNIST_SIZES, backbones=MEDMNIST_PLUS_BACKBONES,
-        weights=None, fractions=(1.0,), shots=(), seeds=PAPER_SEEDS,
-        methods=("logreg", "knn", "finetune"), probe_options=(), solver="auto", selection=None,
-        resize_policy="pad", input_size=224, normalize=None, dtype="float16", device=None,
-        data_root=None, recipe="medmnist-plus", overrides=(),
-    ),
-}
+def _preset_grid(name: str) -> GridSpec:
+    """The grid of the published preset `name` (medfm.presets): its backbones, sizes, subsets,
+    seeds, sampler, methods, probe options, preprocessing, store dtype and recipe; its
+    per-backbone rules apply through `preset`."""
+    p = PROTOCOLS[name]
+    return GridSpec(
+        datasets=None, sizes=p.sizes, backbones=p.backbones, weights=None,
+        fractions=p.fractions, shots=p.shots, seeds=p.seeds, methods=p.methods,
+        probe_options=p.probe_settings, solver="auto", selection=None,
+        resize_policy=p.resize_policy, input_size=p.input_size, normalize=None, dtype=p.dtype,
+        device=None, data_root=None, recipe=p.recipe, overrides=(), sampler=p.sampler,
+        preset=name)
+
+
+# the published grids; medfm adds its cached logistic-regression probe (logreg) to each
+PRESETS: dict[str, GridSpec] = {name: _preset_grid(name) for name in PROTOCOLS}
 
 
 def preset_spec(name: str, *, datasets=None, backbones=None, sizes=None,
