@@ -6,13 +6,16 @@
     medfm extract --dataset breastmnist --backbone tf_efficientnet_lite0.in1k --size 28
     medfm extract --backbone convnext_base --size 224      # every MedMNIST dataset at 224
 
-The request (dataset file, backbone and weights, preprocessing, dtype) is resolved first
-(medfm.request); its store is found by name, so a finished store makes a rerun a no-op that
-loads no model, and a killed one resumes from its last complete chunk. For each split, a loader
-thread slices uint8 chunks out of the (possibly memory-mapped) images while the main thread
-preprocesses them on the device (preprocess.py), runs the backbone (eval, inference mode,
-channels_last, BatchNorm folded into the convs, bf16 autocast on CUDA) and writes pooled
-pre-logits chunk by chunk. Out-of-memory halves the batch and retries.
+The request (dataset file, backbone and weights, preprocessing, dtype, precision) is resolved
+first (medfm.request); its store is found by name, so a finished store makes a rerun a no-op
+that loads no model, and a killed one resumes from its last complete chunk. For each split, a
+loader thread slices uint8 chunks out of the (possibly memory-mapped) images and, on CUDA,
+copies each into pinned memory and onto the GPU on a side stream, so the copy of the next chunk
+overlaps the model's work on this one. The main thread preprocesses the chunk on the device in
+float32 (preprocess.py), runs the backbone (eval, inference mode, channels_last, BatchNorm
+folded into the convs (fold.py), in the request's precision: bf16 autocast, or float32 with
+TF32 off; cuDNN picks its fastest kernels on CUDA) and writes pooled pre-logits chunk by chunk.
+Out-of-memory halves the batch and retries.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from medfm.backbones import Backbone, create_backbone
 from medfm.corrupt import SEVERITIES
 from medfm.data import SPLITS, get_dataset, load_split
 from medfm.errors import InvalidArgumentError
-from medfm.extract.fold import fold_verified
+from medfm.extract.fold import check_batch, fold_verified
 from medfm.preprocess import DevicePreprocessor, PreprocessRequest
 from medfm.request import StoreRequest, resolve_store_request
 from medfm.runtime import device_name, resolve_device, versions
@@ -46,7 +49,6 @@ from medfm.store.features import (FeatureStore, StoreWriter, disk_full_is_one_li
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 32}  # images per forward pass, per device type
 CHUNK_BATCHES = 8  # batches per stored chunk: the unit of resumption
 PREFETCH_CHUNKS = 2  # uint8 chunks the loader thread keeps ready ahead of the model
-FOLD_CHECK = 8  # images of the first chunk that check the BatchNorm-folded model
 
 
 @dataclass(frozen=True)
@@ -59,18 +61,32 @@ class ExtractResult:
     images_per_s: float  # end-to-end rate of this call (0 when nothing was computed)
 
 
-def _chunks(images: np.ndarray, start: int, chunk_rows: int, pin: bool):
-    """Yield (start, uint8 tensor) chunks from a background thread, PREFETCH_CHUNKS ahead."""
+def _chunks(images: np.ndarray, start: int, chunk_rows: int, device: torch.device):
+    """Yield (start, uint8 tensor) chunks from a background thread, PREFETCH_CHUNKS ahead; on
+    CUDA already on the GPU, copied from pinned memory on a side stream (the consumer's stream
+    waits for each copy, so the copy overlaps the model's work on the chunk before)."""
     q: queue.Queue = queue.Queue(maxsize=PREFETCH_CHUNKS)
     stop = threading.Event()
+    cuda = device.type == "cuda"
 
     def load():
         try:
+            copies = torch.cuda.Stream(device) if cuda else None
             for lo in range(start, len(images), chunk_rows):
                 if stop.is_set():
                     return
-                chunk = torch.from_numpy(np.array(images[lo:lo + chunk_rows]))  # a writable copy
-                q.put((lo, chunk.pin_memory() if pin else chunk))
+                rows = images[lo:lo + chunk_rows]  # (N, H, W[, 3]) uint8, maybe memory-mapped
+                done = None
+                if cuda:  # read straight into pinned memory, then onto the GPU asynchronously
+                    host = torch.empty(rows.shape, dtype=torch.uint8, pin_memory=True)
+                    host.numpy()[...] = rows
+                    with torch.cuda.stream(copies):
+                        chunk = host.to(device, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record(copies)
+                else:
+                    chunk = torch.from_numpy(np.array(rows))  # a writable copy
+                q.put((lo, chunk, done))
             q.put(None)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
             q.put(exc)
@@ -81,7 +97,12 @@ def _chunks(images: np.ndarray, start: int, chunk_rows: int, pin: bool):
         while (item := q.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            lo, chunk, done = item
+            if done is not None:
+                stream = torch.cuda.current_stream(device)
+                stream.wait_event(done)  # the model's work waits for the copy, the host does not
+                chunk.record_stream(stream)  # its memory is reused only after that work
+            yield lo, chunk
     finally:
         stop.set()
         with contextlib.suppress(queue.Empty):
@@ -97,33 +118,52 @@ def _is_oom(exc: BaseException) -> bool:
                                               or "can't allocate memory" in text)
 
 
+@contextlib.contextmanager
+def compute_settings(device: torch.device, precision: str):
+    """Backend flags for a frozen forward pass, put back on leaving: on CUDA, cuDNN benchmarks
+    its kernels once per input shape and keeps the fastest (extraction's shapes repeat), and
+    float32 means float32 (no TF32 in convolutions or matmuls)."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.benchmark = True
+    if precision == "float32":
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 class _Embedder:
     """Frozen backbone + device preprocessing; embeds uint8 chunks, halving the batch on OOM."""
 
     def __init__(self, backbone: Backbone, prep: DevicePreprocessor, device: torch.device,
-                 batch_size: int):
+                 batch_size: int, precision: str):
         self.device = device
         self.prep = prep
         self.batch_size = batch_size
         self.model = backbone.model.to(device, memory_format=torch.channels_last).eval()
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                         if precision == "bfloat16" else contextlib.nullcontext())
         self.bn_folded: int | None = None  # set on the first chunk (see fold.py)
 
     @torch.inference_mode()
     def __call__(self, chunk: torch.Tensor) -> np.ndarray:
-        if self.bn_folded is None:  # checked on real images, so a wrong fold is never kept
-            self.model, self.bn_folded = fold_verified(self.model, self.prep(chunk[:FOLD_CHECK]))
+        if self.bn_folded is None:  # checked once, in float64, on real images and noise
+            self.model, self.bn_folded = fold_verified(self.model, self.prep(check_batch(chunk)))
         out = []
         lo = 0
         while lo < len(chunk):
             try:
                 batch = chunk[lo:lo + self.batch_size]
+                x = self.prep(batch)  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float32 on device
                 with self.autocast:
-                    x = self.prep(batch)  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float on device
                     feats = self.model.forward_head(self.model.forward_features(x),
                                                     pre_logits=True)  # (B, D)
-                out.append(feats.float().cpu().numpy())
+                out.append(feats.float())  # kept on the device: one copy back per chunk
                 lo += len(batch)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_oom(exc) or self.batch_size == 1:
@@ -132,7 +172,7 @@ class _Embedder:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 tqdm.write(f"out of memory: retrying with batch size {self.batch_size}")
-        return np.concatenate(out)
+        return torch.cat(out).cpu().numpy()
 
 
 def extract(
@@ -152,14 +192,17 @@ def extract(
     force: bool = False,
     progress: bool = True,
     chunk_rows: int | None = None,
+    precision: str | None = None,
 ) -> ExtractResult:
     """Embed every split of (`dataset`, `size`) with `backbone` into one HDF5 feature store.
 
-    Resolves the request (medfm.request.resolve_store_request), then `extract_request`.
+    Resolves the request (medfm.request.resolve_store_request; `precision` None: bfloat16
+    autocast on CUDA, float32 elsewhere), then `extract_request`.
     """
     request = resolve_store_request(
         dataset=dataset, size=size, backbone=backbone, weights=weights, dtype=dtype,
-        preprocess=PreprocessRequest(resize_policy, input_size, normalize), data_root=data_root)
+        preprocess=PreprocessRequest(resize_policy, input_size, normalize), data_root=data_root,
+        precision=precision, device=device)
     return extract_request(request, batch_size=batch_size, device=device, workdir=workdir,
                            force=force, progress=progress, chunk_rows=chunk_rows)
 
@@ -208,13 +251,15 @@ def _build(request: StoreRequest, path: Path, dev: torch.device, *, batch_size: 
                             request.dataset.path.parent) for s in SPLITS}
     labels = {s: np.asarray(y) for s, (_, y) in splits.items()}
     embed = _Embedder(bb, DevicePreprocessor(request.preprocess, dev), dev,
-                      batch_size or DEFAULT_BATCH_SIZE[dev.type])
+                      batch_size or DEFAULT_BATCH_SIZE[dev.type], request.precision)
     with disk_full_is_one_line(path):
         writer = StoreWriter(path, request.identity(), dim=bb.feature_dim, labels=labels,
                              attrs=_provenance(request, bb), restart=force)
         try:
-            computed, elapsed, wall = _embed_splits(writer, splits, embed, chunk_rows, progress,
-                                                    f"{request.dataset.label} {bb.arch}")
+            with compute_settings(dev, request.precision):
+                computed, elapsed, wall = _embed_splits(writer, splits, embed, chunk_rows,
+                                                        progress,
+                                                        f"{request.dataset.label} {bb.arch}")
         except BaseException:
             writer.close()  # the partial file stays, ready to resume
             raise
@@ -267,9 +312,8 @@ def _embed_splits(writer: StoreWriter, splits: dict, embed: _Embedder, chunk_row
         for split in splits:
             ts = time.perf_counter()
             bar.set_postfix_str(split)
-            pin = embed.device.type == "cuda"
             for lo, chunk in _chunks(splits[split][0], writer.rows_done(split), rows_per_chunk,
-                                     pin):
+                                     embed.device):
                 writer.write(split, lo, embed(chunk))
                 bar.update(len(chunk))
             elapsed[split] = round(time.perf_counter() - ts, 3)
@@ -376,7 +420,7 @@ def extract_corrupted(
         groups = {group_name(c, s): (_CorruptedImages(images, dataset, c, s, seed, base),
                                      np.asarray(labels)) for c, s in pairs}
         embed = _Embedder(bb, DevicePreprocessor(request.preprocess, dev), dev,
-                          batch_size or DEFAULT_BATCH_SIZE[dev.type])
+                          batch_size or DEFAULT_BATCH_SIZE[dev.type], request.precision)
         attrs = {"pairs_json": json.dumps(pairs), "skipped_json": json.dumps(skipped),
                  "main_store": store.path.name, "corruption_seed": seed,
                  "medmnistc_version": identity["medmnistc"]}
@@ -385,8 +429,9 @@ def extract_corrupted(
                                  labels={g: y for g, (_, y) in groups.items()}, attrs=attrs,
                                  restart=force)
             try:
-                _embed_splits(writer, groups, embed, chunk_rows, progress,
-                              f"{request.dataset.label} {bb.arch} corrupted")
+                with compute_settings(dev, request.precision):
+                    _embed_splits(writer, groups, embed, chunk_rows, progress,
+                                  f"{request.dataset.label} {bb.arch} corrupted")
             except BaseException:
                 writer.close()
                 raise
