@@ -77,6 +77,22 @@ def _add_preprocess(p) -> None:
                    help="backbone: its mean/std (default); half: mean = std = 0.5")
 
 
+def _add_preset(p, what: str) -> None:
+    """--preset NAME: run as that published preset's grid does (medfm.presets)."""
+    from medfm.presets import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"{what} exactly as `medfm grid --preset NAME` does (docs/presets.md)")
+
+
+def _add_sampler(p) -> None:
+    from medfm.sampling import SAMPLERS
+
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="how subsets are drawn: shuffled (seeded, stratified; default) or "
+                        "first-per-class (the seed paper's first n images of each class)")
+
+
 def _datasets(args, sizes: list[int]):
     """Resolved datasets of --dataset (default: every MedMNIST dataset, skipping missing files
     with one line each on stderr)."""
@@ -97,7 +113,9 @@ def _add_extract(sub) -> None:
     _add_preprocess(p)
     p.add_argument("--batch-size", type=int, help="images per forward (default: 256 GPU, 32 CPU)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--dtype", choices=["float16", "float32"],
+                   help="feature dtype (default float16; a preset's own)")
+    _add_preset(p, "prepare images (per backbone) and store features")
     p.add_argument("--weights", help="local .safetensors/.pth checkpoint, or 'random'")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.add_argument("--data-root", help="default: $MEDFM_DATA_ROOT or ~/.medmnist")
@@ -119,10 +137,25 @@ def _run_extract(args) -> int:
     from medfm.request import resolve_store_request
 
     preprocess = PreprocessRequest(args.resize_policy, args.input_size, args.normalize)
-    requests = [resolve_store_request(dataset=ref, backbone=backbone, weights=args.weights,
-                                      preprocess=preprocess, dtype=args.dtype)
-                for ref in _datasets(args, _sizes(args.size))
-                for backbone in _csv(args.backbone, "--backbone")]
+    dtype = args.dtype or "float16"
+    if args.preset is not None:
+        from medfm.backbones.names import resolve_backbone
+        from medfm.presets import get_preset
+
+        preset = get_preset(args.preset)
+        if preprocess != PreprocessRequest() or args.dtype not in (None, preset.dtype):
+            raise InvalidArgumentError(
+                f"preset {preset.name} prepares images its own way per backbone and stores "
+                f"{preset.dtype}; drop --resize-policy, --input-size, --normalize and --dtype.")
+        backbones = [resolve_backbone(b, args.weights) for b in _csv(args.backbone, "--backbone")]
+        requests = [resolve_store_request(dataset=ref, backbone=b, preprocess=preset.preprocess(b),
+                                          dtype=preset.dtype)
+                    for ref in _datasets(args, _sizes(args.size)) for b in backbones]
+    else:
+        requests = [resolve_store_request(dataset=ref, backbone=backbone, weights=args.weights,
+                                          preprocess=preprocess, dtype=dtype)
+                    for ref in _datasets(args, _sizes(args.size))
+                    for backbone in _csv(args.backbone, "--backbone")]
     for request in requests:
         result = extract_request(request, batch_size=args.batch_size, device=args.device,
                                  workdir=args.workdir, force=args.force,
@@ -187,8 +220,10 @@ def _add_probe(sub) -> None:
     p.add_argument("--store", help="path of one store (instead of the filters)")
     p.add_argument("--fractions", help="training fractions, e.g. 0.01,0.1,1.0 (default 1.0)")
     p.add_argument("--shots", help="images per class, e.g. 1,5,10")
-    p.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4 (default 0,1,2)")
+    p.add_argument("--seeds", help="e.g. 0,1,2 or 0-4 (default 0,1,2; a preset's own)")
     p.add_argument("--method", choices=sorted(methods), default="logreg")
+    _add_sampler(p)
+    _add_preset(p, "probe (method options, sampler, seeds, subsets; its stores only)")
     for option in {o.name: o for m in methods.values() for o in m.options}.values():
         p.add_argument(option.flag, dest=option.name, choices=option.choices or None,
                        help=option.help)
@@ -212,7 +247,7 @@ def _run_probe(args) -> int:
 
     fractions = parse_fractions(args.fractions) if args.fractions is not None else None
     shots = parse_shots(args.shots) if args.shots is not None else None
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     options = {o.name: getattr(args, o.name) for o in get_method(args.method).options
                if getattr(args, o.name) is not None}
     if args.store is not None and not args.store.strip():
@@ -229,7 +264,8 @@ def _run_probe(args) -> int:
         report = probe(**target, fractions=fractions, shots=shots, seeds=seeds,
                        method=args.method, selection=args.selection, solver=args.solver,
                        device=args.device, workdir=args.workdir, force=args.force,
-                       progress=not args.quiet, **options)
+                       progress=not args.quiet, sampler=args.sampler, preset=args.preset,
+                       **options)
         digests += [r.key.digest() for r in report.computed] + [k.digest() for k in report.skipped]
         computed += len(report.computed)
         skipped += len(report.skipped)
@@ -255,15 +291,19 @@ def _add_finetune(sub) -> None:
     p.add_argument("--size", required=True, help="source size(s): 28,64,128,224")
     p.add_argument("--fractions", help="training fractions, e.g. 0.1,1.0 (default 1.0)")
     p.add_argument("--shots", help="images per class, e.g. 1,5,10")
-    p.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-4 (default 0)")
-    p.add_argument("--recipe", default="medfm",
-                   help="medfm, seed-paper, medmnist-plus or medmnist-v2 (default medfm)")
+    p.add_argument("--seeds", help="e.g. 0,1,2 or 0-4 (default 0; a preset's own)")
+    p.add_argument("--recipe",
+                   help="medfm, seed-paper, medmnist-plus or medmnist-v2 (default medfm; a "
+                        "preset's own)")
+    _add_sampler(p)
+    _add_preset(p, "fine-tune each backbone (recipe and its per-backbone rules, preprocessing, "
+                   "sampler, seeds, subsets)")
     p.add_argument("--epochs", help="override the recipe's length in epochs")
     p.add_argument("--batch-size", help="override the recipe's batch size")
     _add_preprocess(p)
     p.add_argument("--freeze-backbone", action="store_true",
                    help="train only the head through the frozen backbone (the references' "
-                        "'linear probing')")
+                        "'linear probing'; with --preset, BatchNorm in train mode as theirs)")
     lora = p.add_argument_group(
         "LoRA", "train low-rank adapters (peft) and the head; every pretrained weight and "
                 "BatchNorm statistic stays frozen. Any --lora-* option implies --lora")
@@ -317,12 +357,13 @@ def _run_finetune(args) -> int:
         sizes=_sizes(args.size),
         fractions=parse_fractions(args.fractions) if args.fractions is not None else None,
         shots=parse_shots(args.shots) if args.shots is not None else None,
-        seeds=parse_seeds(args.seeds),
+        seeds=parse_seeds(args.seeds) if args.seeds is not None else None,
         recipe=args.recipe, overrides=_overrides(args), resize_policy=args.resize_policy,
         input_size=args.input_size, normalize=args.normalize, weights=args.weights,
         lora=args.lora or any(getattr(args, o) is not None for o in LORA_FIELDS),
         device=args.device, workdir=args.workdir, data_root=args.data_root, force=args.force,
-        progress=not args.quiet, deterministic=args.deterministic)
+        progress=not args.quiet, deterministic=args.deterministic, sampler=args.sampler,
+        preset=args.preset)
     for line in report.missing:
         print(f"medfm finetune: {line}", file=sys.stderr)
     if report.ran:

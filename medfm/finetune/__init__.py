@@ -13,8 +13,8 @@ import types
 
 from medfm.finetune.recipes import RECIPES, Recipe, resolve_recipe
 
-_RUN = ("FinetuneReport", "FinetuneRequest", "finetune", "finetune_job", "finish_checkpoint",
-        "resolve_finetune")
+_RUN = ("FinetuneReport", "FinetuneRequest", "finetune", "finetune_job", "finetune_requests",
+        "finish_checkpoint", "resolve_finetune")
 _TRAIN = ("Split", "TrainOutcome", "train")
 
 

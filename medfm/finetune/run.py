@@ -144,6 +144,27 @@ def resolve_finetune(*, dataset: str | DatasetRef, backbone: str | BackboneRef, 
     return FinetuneRequest(ref, model, recipe.with_preprocess(merged), config, spec)
 
 
+def _check_preset(name: str | None, recipe, sampler: str | None, preprocess: tuple):
+    """The preset `name` (None: no preset), after checking that nothing the user gave differs
+    from it: the recipe, the sampler, and any preprocessing (a preset fixes it per backbone)."""
+    if name is None:
+        return None
+    from medfm.presets import get_preset
+
+    found = get_preset(name)
+    given = recipe.name if isinstance(recipe, Recipe) else recipe
+    if given is not None and given != found.recipe:
+        raise InvalidArgumentError(f"preset {name} fine-tunes with recipe {found.recipe!r}, not "
+                                   f"{given!r}; drop --recipe (override fields with --set).")
+    if sampler is not None and sampler != found.sampler:
+        raise InvalidArgumentError(f"preset {name} draws subsets with sampler {found.sampler!r}, "
+                                   f"not {sampler!r}; drop --sampler, or --preset.")
+    if any(v is not None for v in preprocess):
+        raise InvalidArgumentError(f"preset {name} prepares images its own way per backbone; "
+                                   f"drop --resize-policy, --input-size and --normalize.")
+    return found
+
+
 def init_head(model: torch.nn.Module, *, seed: int, std: float = HEAD_INIT_STD) -> None:
     """Re-initialize the classifier as linear-evaluation codes do (N(0, std), zero bias).
 
@@ -443,6 +464,59 @@ class FinetuneReport:
     corrupted_filled: int = 0  # corrupted-split evaluations added to runs recorded before
 
 
+def finetune_requests(
+    *,
+    backbones: Sequence[str],
+    sizes: Sequence[int],
+    datasets: Sequence[str] | None = None,
+    fractions: Sequence[float] | None = None,
+    shots: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    recipe: str | Recipe | None = None,
+    overrides: dict | None = None,
+    resize_policy: str | None = None,
+    input_size: int | None = None,
+    normalize: str | None = None,
+    weights: str | None = None,
+    lora: bool = False,
+    data_root: str | os.PathLike | None = None,
+    sampler: str | None = None,
+    preset: str | None = None,
+) -> tuple[list[FinetuneRequest], list[str]]:
+    """(every run `finetune` would train, the lines of default datasets skipped for want of
+    their file), resolved without loading a model or an image. Arguments as `finetune`'s."""
+    found = _check_preset(preset, recipe, sampler, (resize_policy, input_size, normalize))
+    if found is not None:
+        recipe, sampler = found.recipe, found.sampler
+        seeds = found.seeds if seeds is None else seeds
+        if not fractions and not shots:
+            fractions, shots = found.fractions, found.shots
+    recipe = "medfm" if recipe is None else recipe
+    overrides = dict(overrides or {})
+    resolved = resolve_recipe(recipe, **overrides)
+    if lora and not resolved.lora_rank:
+        if "lora_rank" in overrides:
+            raise InvalidArgumentError("LoRA needs lora_rank >= 1; drop --lora-rank 0, or --lora.")
+        overrides["lora_rank"] = LORA_RANK
+        resolved = resolve_recipe(resolved, lora_rank=LORA_RANK)
+    preprocess = PreprocessRequest(resize_policy, input_size, normalize)
+    refs, missing = resolve_datasets(datasets, sizes, data_root)
+    subsets = expand_subsets(fractions, shots, (0,) if seeds is None else seeds,
+                             **({"sampler": sampler} if sampler else {}))
+    requests = []
+    for backbone in backbones:
+        ref = resolve_backbone(backbone, _weights_for(resolved, weights))
+        if found is not None:  # the preset's rules for this backbone, under the user's
+            rules = found.recipe_overrides(ref, frozen=resolved.freeze_backbone)
+            resolved_for, preprocess = (resolve_recipe(recipe, **{**rules, **overrides}),
+                                        found.preprocess(ref))
+        else:
+            resolved_for = resolved
+        requests += [resolve_finetune(dataset=d, backbone=ref, spec=spec, recipe=resolved_for,
+                                      preprocess=preprocess) for d in refs for spec in subsets]
+    return requests, list(missing)
+
+
 def finetune(
     *,
     backbones: Sequence[str],
@@ -450,8 +524,8 @@ def finetune(
     datasets: Sequence[str] | None = None,
     fractions: Sequence[float] | None = None,
     shots: Sequence[int] | None = None,
-    seeds: Sequence[int] = (0,),
-    recipe: str | Recipe = "medfm",
+    seeds: Sequence[int] | None = None,
+    recipe: str | Recipe | None = None,
     overrides: dict | None = None,
     resize_policy: str | None = None,
     input_size: int | None = None,
@@ -464,6 +538,8 @@ def finetune(
     force: bool = False,
     progress: bool = True,
     deterministic: bool = False,
+    sampler: str | None = None,
+    preset: str | None = None,
 ) -> FinetuneReport:
     """Run `finetune_job` for every dataset x size x backbone x subset x seed; record each row.
 
@@ -475,19 +551,17 @@ def finetune(
     `resize_policy`, `input_size` and `normalize` override the recipe's preprocessing. `lora`
     trains LoRA adapters instead of the whole backbone (recipe fields lora_*; rank LORA_RANK
     unless the recipe or `overrides` set one). Rows carry per-sample test scores.
-    `deterministic`: deterministic kernels only (see `finetune_job`).
+    `deterministic`: deterministic kernels only (see `finetune_job`). `sampler` draws the
+    subsets (medfm.sampling.SAMPLERS; None: the default). `recipe` None is "medfm" (or the
+    preset's). `preset` (medfm.presets) runs each backbone as that preset's grid does: its
+    recipe with its rules for the backbone (under `overrides`), its preprocessing, sampler, seeds
+    and subsets (where not given); a differing recipe, sampler or preprocessing is an error.
     """
-    resolved = resolve_recipe(recipe, **(overrides or {}))
-    if lora and not resolved.lora_rank:
-        if "lora_rank" in (overrides or {}):
-            raise InvalidArgumentError("LoRA needs lora_rank >= 1; drop --lora-rank 0, or --lora.")
-        resolved = resolve_recipe(resolved, lora_rank=LORA_RANK)
-    preprocess = PreprocessRequest(resize_policy, input_size, normalize)
-    refs, missing = resolve_datasets(datasets, sizes, data_root)
-    requests = [resolve_finetune(dataset=ref, backbone=backbone, spec=spec, recipe=resolved,
-                                 weights=weights, preprocess=preprocess)
-                for ref in refs for backbone in backbones
-                for spec in expand_subsets(fractions, shots, seeds)]
+    requests, missing = finetune_requests(
+        backbones=backbones, sizes=sizes, datasets=datasets, fractions=fractions, shots=shots,
+        seeds=seeds, recipe=recipe, overrides=overrides, resize_policy=resize_policy,
+        input_size=input_size, normalize=normalize, weights=weights, lora=lora,
+        data_root=data_root, sampler=sampler, preset=preset)
     reg = Registry.in_workdir(workdir)
     done = set() if force else reg.done_keys([r.key() for r in requests])
     ran, skipped, filled = [], [], 0

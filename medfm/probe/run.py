@@ -220,23 +220,37 @@ def matching_stores(*, dataset: str | None = None, backbone: str | None = None,
 
 def probe(*, dataset: str | None = None, backbone: str | None = None, size: int | None = None,
           store: str | os.PathLike | None = None, fractions: Sequence[float] | None = None,
-          shots: Sequence[int] | None = None, seeds: Sequence[int] = DEFAULT_SEEDS,
+          shots: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
           method: str = "logreg", selection: str | None = None, solver: str = "auto",
           device: str | None = None, workdir: str | os.PathLike | None = None,
-          force: bool = False, progress: bool = True, **options) -> ProbeReport:
+          force: bool = False, progress: bool = True, sampler: str | None = None,
+          preset: str | None = None, **options) -> ProbeReport:
     """Probe every matching store at every fraction/shots x seed; skip runs already recorded.
 
     `options` are the method's own (e.g. `knn_metric="euclidean"`); `backbone` matches in any
-    spelling (alias, bare architecture, arch.tag).
+    spelling (alias, bare architecture, arch.tag). `sampler` draws the subsets
+    (medfm.sampling.SAMPLERS; None: the default). `preset` (medfm.presets) runs the probe as
+    that preset's grid does: its method options, sampler, seeds and subsets (where not given),
+    on the stores extracted as it extracts them (another store is an error).
     """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    if preset is not None:
+        options, defaults = _preset_probe(preset, method, options, sampler)
+        sampler = defaults.sampler
+        seeds = defaults.seeds if seeds is None else seeds
+        if not fractions and not shots:
+            fractions, shots = defaults.fractions, defaults.shots
+    seeds = DEFAULT_SEEDS if seeds is None else seeds
     request = resolve_probe(method, selection=selection, solver=solver, device=device, **options)
     stores = matching_stores(dataset=dataset, backbone=backbone, size=size, store=store,
                              workdir=workdir)
+    if preset is not None:
+        stores = _preset_stores(preset, stores, explicit=store is not None)
     plan = [(s, spec, request.key(s, spec)) for s in stores
-            for spec in expand_subsets(fractions, shots, seeds)]
+            for spec in expand_subsets(fractions, shots, seeds,
+                                       **({"sampler": sampler} if sampler else {}))]
     registry = Registry.in_workdir(workdir)
     done = set() if force else registry.done_keys([key for _, _, key in plan])
     skipped = [key for _, _, key in plan if key.digest() in done]
@@ -259,6 +273,48 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
                                        if key.digest() in done], request, workdir, progress)
     return ProbeReport(computed=computed, skipped=skipped, wall_s=time.perf_counter() - start,
                        corrupted_filled=filled)
+
+
+def _preset_probe(name: str, method: str, options: dict, sampler: str | None):
+    """(options, preset) for probe `method` under preset `name`: the preset's options, with the
+    user's where they agree; a differing option or sampler is an error (the run would not be the
+    preset's)."""
+    from medfm.presets import get_preset
+
+    found = get_preset(name)
+    found.check_probe_method(method)
+    fixed = found.probe_options(method)
+    for key, value in options.items():
+        if key in fixed and fixed[key] != value:
+            raise InvalidArgumentError(
+                f"preset {name} probes with {key}={fixed[key]!r}, not {value!r}; drop the "
+                f"option, or --preset.")
+    if sampler is not None and sampler != found.sampler:
+        raise InvalidArgumentError(
+            f"preset {name} draws subsets with sampler {found.sampler!r}, not {sampler!r}; "
+            f"drop --sampler, or --preset.")
+    return {**options, **fixed}, found
+
+
+def _preset_stores(name: str, stores: list[FeatureStore], *, explicit: bool) -> list:
+    """The stores extracted as preset `name` extracts them; a named store that was not is an
+    error, and so is finding none."""
+    from medfm.backbones.names import resolve_backbone
+    from medfm.presets import get_preset
+
+    found, kept = get_preset(name), []
+    for s in stores:
+        ref = resolve_backbone(s.request["backbone"], None)
+        why = found.store_mismatch(s.request, ref)
+        if why is None:
+            kept.append(s)
+        elif explicit:
+            raise StoreError(f"store {s.path.name} was {why}; extract it with `medfm extract "
+                             f"--preset {name}`, or drop --preset.")
+    if not kept:
+        raise StoreError(f"no matching store was extracted as preset {name} extracts; run "
+                         f"`medfm extract --preset {name} ...` for it first.")
+    return kept
 
 
 def _fill_recorded(registry: Registry, recorded: list, request: ProbeRequest, workdir,

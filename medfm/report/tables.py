@@ -27,6 +27,9 @@ METRIC_LABELS = {"acc": "ACC", "auc": "AUC", "balanced_acc": "balanced accuracy"
                  "brier": "Brier score", "nll": "NLL"}
 FINETUNE = ("finetune", "fine-tune", "--")  # method, how reports name it, its line style
 LORA = ("lora", "LoRA", ":")  # fine-tuning low-rank adapters (medfm finetune --lora)
+# a fine-tune whose backbone was frozen (freeze_backbone): the references' "linear probing",
+# shown apart from medfm's logistic probe on cached features (method logreg)
+HEAD_PROBE = ("head-probe", "linear probe (head trained through the frozen backbone)", "-.")
 # key fields that may tell two otherwise identical runs apart; shown in a variant's label
 VARIANT_FIELDS = (
     "data_digest", "weights", "resize_policy", "input_size", "normalize", "feature_kind",
@@ -120,6 +123,8 @@ def paradigm(method: str) -> str:
     found = _method(method)
     if found is None and method == LORA[0]:
         return LORA[1]
+    if found is None and method == HEAD_PROBE[0]:
+        return HEAD_PROBE[1]
     return found.paradigm if found else FINETUNE[1] if method == FINETUNE[0] else method
 
 
@@ -128,11 +133,21 @@ def line_style(method: str) -> str:
     found = _method(method)
     if found is None and method == LORA[0]:
         return LORA[2]
+    if found is None and method == HEAD_PROBE[0]:
+        return HEAD_PROBE[2]
     return found.line_style if found else FINETUNE[2] if method == FINETUNE[0] else "-."
 
 
 def is_probe(method: str) -> bool:
     return _method(method) is not None
+
+
+def shown_method(method: str, params: str) -> str:
+    """The method a report shows for a registry row: a fine-tune with a frozen backbone is a
+    head probe (HEAD_PROBE), every other row its recorded method."""
+    if method == FINETUNE[0] and json.loads(params).get("freeze_backbone"):
+        return HEAD_PROBE[0]
+    return method
 
 
 def regime_label(fraction: float | None, shots: int | None) -> str:
@@ -172,9 +187,12 @@ def annotate(frame: pd.DataFrame) -> pd.DataFrame:
     """Registry rows with `variant`, `paradigm`, `regime` and `regime_order` columns added.
 
     `variant` is "backbone · method" plus `field=value` for each distinguishing field;
-    `regime_order` sorts shots before fractions and each by size.
+    `regime_order` sorts shots before fractions and each by size. A frozen-backbone fine-tune
+    shows as method "head-probe" (`shown_method`).
     """
     frame = frame.copy()
+    frame["method"] = [shown_method(m, p) for m, p in zip(frame["method"], frame["params"],
+                                                          strict=True)]
     fields = _distinguishing_fields(frame)
     frame["fraction"] = frame["fraction"].astype(object).where(frame["fraction"].notna(), None)
     frame["shots"] = frame["shots"].astype(object).where(frame["shots"].notna(), None)
