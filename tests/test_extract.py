@@ -9,7 +9,7 @@ import pytest
 
 from medfm.cli import main
 from medfm.data import SPLITS, load_split
-from medfm.errors import StoreError
+from medfm.errors import InvalidArgumentError, StoreError
 from medfm.extract import extract
 from medfm.store.features import FeatureStore, find_stores, list_stores
 
@@ -276,3 +276,104 @@ def test_cuda_bf16_features_stay_close_to_cpu_fp32(synthetic_root, tmp_path):
         a, b = cpu.features(split), gpu.features(split)
         assert np.abs(a - b).max() <= 5e-2 * max(1.0, float(np.abs(a).max()))
 
+
+
+def test_precision_is_part_of_a_store_identity_only_where_it_is_not_float32(synthetic_root,
+                                                                             tmp_path):
+    """float32 stores keep the identity and name they had before precision was keyed (old work
+    directories find them); bfloat16 (CUDA's default) is another store."""
+    from medfm.request import resolve_store_request, store_filename
+
+    kw = dict(dataset="breastmnist", size=28, backbone="test_resnet", weights="random",
+              data_root=synthetic_root)
+    cpu = resolve_store_request(**kw, device="cpu")  # auto on a CPU: float32
+    assert cpu.precision == "float32"
+    assert set(cpu.identity()) == {  # the fields every store recorded before (test_migrate)
+        "dataset", "size", "data_digest", "backbone", "weights", "resize_policy", "input_size",
+        "mean", "std", "normalize", "feature_kind", "dtype"}
+    assert cpu.filename() == store_filename(cpu.identity())
+    bf16 = resolve_store_request(**kw, precision="bfloat16")
+    assert bf16.identity() == {**cpu.identity(), "precision": "bfloat16"}
+    assert bf16.filename() != cpu.filename()
+    assert resolve_store_request(**kw, precision="float32").filename() == cpu.filename()
+    with pytest.raises(InvalidArgumentError, match="^precision 'fp8' is not one of auto, "
+                                                   "float32, bfloat16.$"):
+        resolve_store_request(**kw, precision="fp8")
+
+
+def test_a_float32_partial_is_never_resumed_in_bfloat16(synthetic_root, tmp_path, monkeypatch):
+    """An extraction killed after its first chunk, rerun in bfloat16 (CPU autocast here, as a
+    GPU run would by default): a store of its own, computed whole; the float32 partial waits for
+    a float32 run, which resumes it."""
+    from medfm.store.features import StoreWriter
+
+    args = dict(dataset="bloodmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
+                device="cpu", dtype="float32", chunk_rows=16, progress=False, **TINY)
+    write = StoreWriter.write
+
+    def killed_after_one_chunk(self, split, start, features):
+        write(self, split, start, features)
+        raise KeyboardInterrupt  # as a kill would, once the first chunk is on disk
+
+    monkeypatch.setattr(StoreWriter, "write", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        extract(**args, precision="float32")
+    monkeypatch.setattr(StoreWriter, "write", write)
+    partial, = (tmp_path / "stores").glob("*.h5.partial")
+
+    bf16 = extract(**args, precision="bfloat16")
+    assert bf16.status == "built" and partial.exists()  # not resumed: another store
+    assert FeatureStore(bf16.path).request["precision"] == "bfloat16"
+    fp32 = extract(**args, precision="float32")
+    assert fp32.status == "resumed" and not partial.exists()
+    whole = extract(**{**args, "workdir": tmp_path / "whole"}, precision="float32")
+    a, b = FeatureStore(fp32.path), FeatureStore(bf16.path)
+    for split in SPLITS:
+        np.testing.assert_array_equal(a.features(split), FeatureStore(whole.path).features(split))
+        gap = np.abs(a.features(split) - b.features(split)).max()
+        assert 0 < gap <= 5e-2 * max(1.0, float(np.abs(a.features(split)).max()))  # bf16 ran
+
+
+def test_cuda_extraction_benchmarks_cudnn_and_keeps_float32_exact():
+    """The backend flags an extraction on CUDA runs under, put back after (they are process-wide
+    switches, so this runs on any host)."""
+    import torch
+
+    from medfm.extract.extractor import compute_settings
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
+    with compute_settings(torch.device("cuda"), "float32"):
+        assert cudnn.benchmark and not cudnn.allow_tf32 and not matmul.allow_tf32
+    assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
+    with compute_settings(torch.device("cuda"), "bfloat16"):
+        assert cudnn.benchmark and cudnn.allow_tf32 == before[1]
+    with compute_settings(torch.device("cpu"), "float32"):
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
+
+
+@pytest.mark.gpu
+def test_float32_on_cuda_gives_the_cpu_features(synthetic_root, tmp_path):
+    """--precision float32 on CUDA computes in float32 (TF32 off), so it matches the CPU store
+    as closely as two float32 devices can."""
+    args = dict(dataset="bloodmnist", size=28, data_root=synthetic_root, dtype="float32",
+                precision="float32", progress=False, **TINY)
+    cpu = FeatureStore(extract(workdir=tmp_path / "cpu", device="cpu", **args).path)
+    gpu = FeatureStore(extract(workdir=tmp_path / "gpu", device="cuda", **args).path)
+    assert cpu.path.name == gpu.path.name  # one identity: float32 is float32 on either device
+    for split in SPLITS:
+        np.testing.assert_allclose(gpu.features(split), cpu.features(split), rtol=1e-4,
+                                   atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_chunks_reach_the_gpu_whole_and_in_order(synthetic_root):
+    import torch
+
+    from medfm.extract.extractor import _chunks
+
+    images, _ = load_split("bloodmnist", 28, "train", synthetic_root)
+    got = [(lo, chunk) for lo, chunk in _chunks(images, 5, 10, torch.device("cuda"))]
+    assert [lo for lo, _ in got] == list(range(5, len(images), 10))
+    assert all(chunk.is_cuda and chunk.dtype == torch.uint8 for _, chunk in got)
+    np.testing.assert_array_equal(torch.cat([c for _, c in got]).cpu().numpy(), images[5:])
