@@ -115,6 +115,9 @@ def _add_extract(sub) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float16", "float32"],
                    help="feature dtype (default float16; a preset's own)")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="arithmetic of the forward pass (default auto: bfloat16 autocast on "
+                        "CUDA, float32 elsewhere); part of the store's identity")
     _add_preset(p, "prepare images (per backbone) and store features")
     p.add_argument("--weights", help="local .safetensors/.pth checkpoint, or 'random'")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
@@ -149,11 +152,13 @@ def _run_extract(args) -> int:
                 f"{preset.dtype}; drop --resize-policy, --input-size, --normalize and --dtype.")
         backbones = [resolve_backbone(b, args.weights) for b in _csv(args.backbone, "--backbone")]
         requests = [resolve_store_request(dataset=ref, backbone=b, preprocess=preset.preprocess(b),
-                                          dtype=preset.dtype)
+                                          dtype=preset.dtype, precision=args.precision,
+                                          device=args.device)
                     for ref in _datasets(args, _sizes(args.size)) for b in backbones]
     else:
         requests = [resolve_store_request(dataset=ref, backbone=backbone, weights=args.weights,
-                                          preprocess=preprocess, dtype=dtype)
+                                          preprocess=preprocess, dtype=dtype,
+                                          precision=args.precision, device=args.device)
                     for ref in _datasets(args, _sizes(args.size))
                     for backbone in _csv(args.backbone, "--backbone")]
     for request in requests:

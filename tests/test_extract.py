@@ -377,3 +377,18 @@ def test_chunks_reach_the_gpu_whole_and_in_order(synthetic_root):
     assert [lo for lo, _ in got] == list(range(5, len(images), 10))
     assert all(chunk.is_cuda and chunk.dtype == torch.uint8 for _, chunk in got)
     np.testing.assert_array_equal(torch.cat([c for _, c in got]).cpu().numpy(), images[5:])
+
+
+@pytest.mark.parametrize("flags, precision", [([], None), (["--precision", "bfloat16"],
+                                                           "bfloat16")])
+def test_extract_precision_follows_the_device_asked_for(flags, precision, synthetic_root,
+                                                        tmp_path):
+    """`--device cpu` means float32 by default even where a GPU is visible; --precision says
+    otherwise, and the store records it."""
+    code = main(["extract", "--dataset", "breastmnist", "--size", "28", "--backbone",
+                 "test_resnet", "--weights", "random", "--input-size", "32", "--device", "cpu",
+                 "--data-root", str(synthetic_root), "--workdir", str(tmp_path), "--quiet",
+                 *flags])
+    assert code == 0
+    store, = find_stores(tmp_path)
+    assert store.request.get("precision") == precision

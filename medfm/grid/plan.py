@@ -111,7 +111,7 @@ def _extract_jobs(spec: GridSpec, refs, backbones, root: str):
         for backbone in backbones:
             request = resolve_store_request(dataset=ref, backbone=backbone,
                                             preprocess=spec.preprocess_for(backbone),
-                                            dtype=spec.dtype)
+                                            dtype=spec.dtype, device=spec.device)
             found.append((ExtractJob(request, spec.device, root),
                           _finished_store(stores / request.filename())))
     return found
