@@ -212,11 +212,12 @@ def test_jobs_train_and_score_every_task(data_root, tmp_path, dataset, recipe, o
 
 
 def test_a_run_of_few_optimizer_steps_warns(data_root, tmp_path):
-    with pytest.warns(MedfmWarning, match="3 optimizer step.s. per epoch, 6 in all"):
-        _job(data_root, tmp_path)  # 48 images, batch 16, 2 epochs
+    # 48 images, batch 16 shrunk to 12 (medfm: at least 4 steps per epoch), 2 epochs
+    with pytest.warns(MedfmWarning, match="4 optimizer step.s. per epoch, 8 in all"):
+        _job(data_root, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", MedfmWarning)
-        _job(data_root, tmp_path / "long", epochs=34)  # 102 steps: no warning
+        _job(data_root, tmp_path / "long", epochs=26)  # 104 steps: no warning
 
 
 def test_training_learns_the_synthetic_task(data_root, tmp_path):

@@ -24,7 +24,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "workdir-v1"
 OLD_STORE = "breastmnist_28__test_resnet.r160_in1k__bilinear32__prelogits-float16__1d126fa57859.h5"
 TINY = ["--backbone", "test_resnet", "--weights", "random", "--input-size", "32"]
 # the commands that made the fixture (fixtures/workdir-v1/README.md); --backend is --solver now,
-# and the probe's C rule of then is `--select-by primary` since val log-loss became the default
+# and the probe's C rule of then is `--select-by primary` since val log-loss became the default;
+# the fine-tune recipe of then is `medfm-v1` since `medfm` got a step budget (issue 14)
 COMMANDS = [
     (["extract", "--dataset", "breastmnist", "--size", "28", *TINY], "already extracted"),
     (["probe", "--dataset", "breastmnist", "--fractions", "0.1,1.0", "--seeds", "0,1",
@@ -34,7 +35,7 @@ COMMANDS = [
     (["probe", "--dataset", "breastmnist", "--method", "knn", "--fractions", "1.0", "--seeds",
       "0"], "0 run(s) fitted, 1 already in the registry"),
     (["finetune", "--dataset", "breastmnist", "--size", "28", *TINY, "--epochs", "1",
-      "--batch-size", "32", "--fractions", "0.5", "--seeds", "0"],
+      "--batch-size", "32", "--fractions", "0.5", "--seeds", "0", "--recipe", "medfm-v1"],
      "0 run(s) trained, 1 already in the registry"),
 ]
 

@@ -6,9 +6,15 @@
 
 Presets (numbers from docs/ANCHORS.md):
 
-- `medfm`: our default for pretrained backbones: AdamW, head lr 1e-3 and backbone lr 1e-4,
-  cosine schedule with 5% linear warm-up, label smoothing 0.1, flips and small affine
-  augmentation, gradient clipping at 1.0, 30 epochs, best checkpoint by the dataset's primary
+- `medfm` (revision 2, since issue 14): our default for pretrained backbones: AdamW, head lr
+  1e-3 and backbone lr 1e-4, cosine schedule with 5% linear warm-up, label smoothing 0.1, flips
+  and small affine augmentation, gradient clipping at 1.0, 30 epochs of batch 64 but at least
+  300 optimizer steps, and at least 4 steps per epoch (the batch shrinks for tiny subsets, to 8
+  images or the whole subset); validated every 25 steps, the checkpoint with the lowest val loss
+  is tested, early stop after 12 validations (300 steps) without a lower val loss. Why these
+  values: the sweep in docs/reproduction.md.
+- `medfm-v1`: `medfm` before issue 14 (its rows keep their keys and read as revision 1): 30
+  epochs of batch 64, validated once per epoch, best checkpoint by the dataset's primary
   metric, early stop after 10 epochs without improvement.
 - `seed-paper` (Wu & Papiez 2025, code FMMIC/SFT): 15,000 iterations of batch 64 rounded down
   to whole epochs of full batches, AdamW head lr 1e-3 and weight decay 1e-2 decayed x0.9 every
@@ -26,7 +32,9 @@ reference code it comes from; medfm.presets adds their per-backbone rules (input
   their own size with the CIFAR-style ResNet stem (3x3 conv, stride 1, no max-pool).
 
 Overriding `epochs` on an iteration-based recipe (seed-paper) switches it to epochs, validated
-once per epoch, so `--epochs N` means N passes over the data for every preset.
+once per epoch, and on a recipe with a step budget (`medfm`) drops the budget (`min_steps`) and
+validates once per epoch, so `--epochs N` means N passes over the data for every preset (the
+batch still shrinks for tiny subsets, `epoch_steps`).
 
 LoRA (`lora_rank` > 0, any preset with pretrained weights): low-rank adapters (peft) on the
 backbone's layers chosen by `lora_targets` (medfm.finetune.lora), trained at `lora_lr` with the
@@ -65,7 +73,9 @@ METHODS = ("finetune", "lora")  # how fine-tunes are recorded: whole (or frozen)
 LATER_FIELDS: dict[str, object] = {
     "schedule_scope": "all", "lr_backbone_vit": None, "drop_last": False, "whole_epochs": False,
     "eval_rounds": 0, "head_init": "small", "frozen_train_mode": False,
+    "revision": 1, "min_steps": 0, "epoch_steps": 0,
 }
+MIN_TRAIN_BATCH = 8  # epoch_steps shrinks the batch down to this (or the whole subset), no lower
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,10 @@ class Recipe:
     head_init: str = "small"  # one of HEAD_INITS
     frozen_train_mode: bool = False  # freeze_backbone: the frozen backbone in train mode
     #                                  (BatchNorm statistics move, dropout on), as both references
+    revision: int = 1  # of the preset `name`: 2 = `medfm` since issue 14 (1: `medfm-v1`)
+    min_steps: int = 0  # epoch-based runs take at least this many optimizer steps in all
+    epoch_steps: int = 0  # the batch shrinks (to MIN_TRAIN_BATCH at least) so that an epoch has
+    #                       at least this many steps; 0: batch_size as it is
 
     def __post_init__(self) -> None:
         """Check every choice and range, so a bad recipe fails before any data or model loads."""
@@ -136,7 +150,7 @@ class Recipe:
                 f"{', '.join(RESIZE_POLICIES)} (or none for the backbone's default)."
             )
         positive = {"batch_size": self.batch_size, "lr_head": self.lr_head,
-                    "decay_every": self.decay_every}
+                    "decay_every": self.decay_every, "revision": self.revision}
         if self.iterations == 0:
             positive["epochs"] = self.epochs
         if self.input_size is not None:
@@ -145,7 +159,8 @@ class Recipe:
                         "weight_decay": self.weight_decay, "grad_clip": self.grad_clip,
                         "eval_every": self.eval_every, "patience": self.patience,
                         "epochs": self.epochs, "eval_rounds": self.eval_rounds,
-                        "lr_backbone_vit": self.lr_backbone_vit or 0.0}
+                        "lr_backbone_vit": self.lr_backbone_vit or 0.0,
+                        "min_steps": self.min_steps, "epoch_steps": self.epoch_steps}
         for name, value in positive.items():
             if value <= 0:
                 raise InvalidArgumentError(f"recipe field {name} must be > 0; got {value}.")
@@ -186,6 +201,20 @@ class Recipe:
         ):
             if clash:
                 raise InvalidArgumentError(f"LoRA (lora_rank={self.lora_rank}) {why}.")
+
+    def train_batch(self, n_train: int) -> int:
+        """Images per optimizer step for a training subset of `n_train` images: batch_size,
+        capped at the subset, and with `epoch_steps` shrunk (to MIN_TRAIN_BATCH at least) so an
+        epoch has at least that many steps (55 images, batch 64, epoch_steps 4 -> 14)."""
+        batch = min(self.batch_size, n_train)
+        if self.epoch_steps:
+            batch = min(batch, max(MIN_TRAIN_BATCH, -(-n_train // self.epoch_steps)))
+        return max(1, batch)
+
+    def total_steps(self, per_epoch: int) -> int:
+        """Optimizer steps of a run whose epochs have `per_epoch` steps: `iterations`, or
+        `epochs` epochs but at least `min_steps`."""
+        return self.iterations or max(self.min_steps, self.epochs * per_epoch)
 
     @property
     def method(self) -> str:
@@ -230,8 +259,17 @@ _MEDFM = Recipe(
     lora_targets=LORA_AUTO, lora_lr=1e-3,
 )
 
+# `medfm` since issue 14 (docs/reproduction.md, the sweep): a budget in optimizer steps that
+# every subset size gets (smaller batches for tiny subsets, at least 300 steps), validation
+# every 25 steps, the checkpoint and early stopping on the (smooth) val loss
+_MEDFM_V2 = dataclasses.replace(
+    _MEDFM, revision=2, min_steps=300, epoch_steps=4, eval_every=25, select_metric="loss",
+    monitor="loss", patience=12,
+)
+
 RECIPES: dict[str, Recipe] = {
-    "medfm": _MEDFM,
+    "medfm": _MEDFM_V2,
+    "medfm-v1": _MEDFM,  # `medfm` before issue 14 (epochs of batch 64, best val primary metric)
     # every value as FMMIC/SFT runs it (docs/presets.md: the file and line of each)
     "seed-paper": dataclasses.replace(
         _MEDFM, name="seed-paper", epochs=0, iterations=15_000, lr_backbone=1e-6,
@@ -334,5 +372,8 @@ def resolve_recipe(name: str | Recipe, **overrides: object) -> Recipe:
         changes["iterations"] = 0
         changes.setdefault("eval_every", 0)
         changes.setdefault("eval_rounds", 0)
+    if "epochs" in changes and base.min_steps:  # a step budget (medfm): N epochs mean N passes
+        changes.setdefault("min_steps", 0)
+        changes.setdefault("eval_every", 0)
     return dataclasses.replace(base, **changes)
 

@@ -332,6 +332,7 @@ def _train_and_test(
             "best_round": outcome.best_round,
             "best_value": outcome.best_value if np.isfinite(outcome.best_value) else None,
             "steps": outcome.steps,
+            "train_batch": request.recipe.train_batch(subset.n),
             "stopped_early": outcome.stopped_early,
             "resumed": outcome.resumed,
             "train_images_per_s": round(outcome.images_per_s, 2),

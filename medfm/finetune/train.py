@@ -8,7 +8,7 @@ stopping, and atomic checkpoints that let a killed run resume to the same result
     outcome.model  # best checkpoint loaded, eval mode; outcome.curves: one dict per validation
 
 Method. The training subset is visited in epochs; epoch e is the permutation
-`numpy.random.default_rng([seed, e])` of its rows, cut into batches of `recipe.batch_size` (a
+`numpy.random.default_rng([seed, e])` of its rows, cut into batches of `recipe.train_batch(n)` (a
 trailing batch of one image is dropped: BatchNorm cannot train on it). A step uploads the batch as
 uint8, preprocesses it on the device (preprocess.py), augments it there when the recipe says so
 (flip and small affine, drawn from a generator seeded by (seed, step), so a step's augmentation
@@ -518,7 +518,7 @@ class _Plan:
 
 
 def _plan(recipe: Recipe, batches: _Batches, n_train: int) -> _Plan:
-    total = recipe.iterations or recipe.epochs * batches.per_epoch
+    total = recipe.total_steps(batches.per_epoch)
     if recipe.iterations and recipe.whole_epochs:  # the seed paper: iterations // per-epoch epochs
         total = max(1, recipe.iterations // batches.per_epoch) * batches.per_epoch
     if total < FEW_STEPS:
@@ -677,7 +677,8 @@ def train(
         head_ids = _head_parameter_ids(model)
         for p in model.parameters():
             p.requires_grad_(id(p) in head_ids)
-    batches = _Batches(train, recipe.batch_size, seed, device, drop_last=recipe.drop_last)
+    batches = _Batches(train, recipe.train_batch(len(train)), seed, device,
+                       drop_last=recipe.drop_last)
     plan = _plan(recipe, batches, len(train))
     optimizer = _optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
