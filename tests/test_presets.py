@@ -29,7 +29,7 @@ from medfm.finetune.lora import has_attention
 from medfm.finetune.recipes import LATER_FIELDS, resolve_recipe
 from medfm.finetune.train import Split, lr_factor, train
 from medfm.grid import plan_grid, preset_spec
-from medfm.preprocess import DevicePreprocessor, PreprocessConfig, PreprocessRequest
+from medfm.preprocess import DevicePreprocessor, PreprocessConfig, PreprocessRequest, resize
 from medfm.presets import MEDMNIST_PLUS_SEEDS, PRESETS, get_preset
 from medfm.probe.methods import get_method
 from medfm.report.tables import HEAD_PROBE, annotate
@@ -105,6 +105,20 @@ def test_first_per_class_sampler_takes_their_rows(real_root):
         subset = sample(chest, Task.MULTI_LABEL, SubsetSpec(shots=5, seed=seed,
                                                             sampler="first-per-class"))
         assert subset.indices.tolist() == sorted(rows.tolist())
+
+
+def test_seed_paper_bilinear_upsampling_is_theirs_within_one_grey_level(real_root):
+    """dataset.py 148-157: SAM's ResizeLongestSide, i.e. PIL's bilinear resize of the uint8
+    image (transforms.py 27-32); medfm resizes the same way in float on the device, so the two
+    differ only by PIL's 8-bit rounding."""
+    from PIL import Image
+
+    images, _ = load_split("breastmnist", 28, "test", real_root)
+    ours = resize(torch.from_numpy(images[:32]).float().div(255).unsqueeze(1), 224, "bilinear")
+    theirs = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BILINEAR))
+                       for im in images[:32]]).astype(np.float32) / 255
+    gap = np.abs(ours.squeeze(1).numpy() - theirs)
+    assert gap.max() <= 1.0001 / 255 and gap.mean() < 0.5 / 255
 
 
 def _seed_paper_run(real_root, workdir, backbone: str, **overrides):
@@ -218,6 +232,21 @@ def test_medmnist_plus_recipe_is_their_config():
     assert preset.seeds == MEDMNIST_PLUS_SEEDS == (9930641, 115149041, 252139603)
     assert preset.probe_options("knn") == {"knn_metric": "euclidean", "knn_vote": "majority"}
     assert preset.dtype == "float32"
+
+
+@pytest.mark.parametrize("rows, steps", [(34, 3), (33, 2)])
+def test_medmnist_plus_keeps_partial_batches_but_a_lone_image(real_root, rows, steps):
+    """main.py 97: their loader keeps the last partial batch; medfm keeps it too, unless it is
+    one image (BatchNorm cannot train on it)."""
+    images, labels = load_split("breastmnist", 28, "train", real_root)
+    val = Split(*load_split("breastmnist", 28, "val", real_root))
+    bb = create_backbone("test_resnet", weights="random", num_classes=2)
+    cfg = PreprocessRequest("native").resolve(bb.data_config, source_size=28)
+    recipe = resolve_recipe("medmnist-plus", epochs=1, batch_size=16)
+    out = train(bb.model, recipe=recipe, task=Task.BINARY,
+                train=Split(images, labels, np.arange(rows)), val=val, preprocess=cfg,
+                device=torch.device("cpu"), seed=0, progress=False)
+    assert out.steps == steps
 
 
 def test_cosine_epoch_is_timm_cosine_stepped_per_epoch():
