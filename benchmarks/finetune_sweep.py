@@ -1,0 +1,147 @@
+"""Is the `medfm` fine-tune recipe fair at every data size? Probe vs old vs new recipe (issue 14).
+
+    python benchmarks/finetune_sweep.py                      # the whole sweep (hours on 2 cores)
+    python benchmarks/finetune_sweep.py --sets breastmnist:28 --fractions 0.01,0.1 --seeds 0
+    python benchmarks/finetune_sweep.py --summary-only       # print the table from the registry
+    python benchmarks/finetune_sweep.py --variants medfm,medfm:lr_backbone=3e-4
+
+The pretrained EfficientNet-Lite0 (offline ImageNet weights) on real MedMNIST files, every image
+resized (bilinear, the backbone's policy) to `--input-size` for all paradigms: the probe reads a
+store extracted with exactly that preprocessing, the fine-tunes train through it. Each paradigm
+sees the same training subsets (medfm's one sampler: fraction x seed), picks its model on the
+official val split and is tested once on the official test split. Paradigms: the logistic probe
+(C by val log-loss), `medfm-v1` (the recipe before issue 14: 30 epochs of batch 64, best val
+primary metric, patience 10 epochs) and `medfm` (revision 2: a step budget, val-loss
+selection), plus any `--variants` (recipe[:field=value,...], e.g. an lr grid).
+
+Everything goes through medfm's API into one work directory's registry, so an interrupted sweep
+resumes where it stopped and a rerun only prints. Runs go fraction by fraction (small first),
+so a partial sweep has whole cells. The table: per set and fraction, each paradigm's test ACC,
+AUC and balanced accuracy (mean +- std over seeds), how many runs collapsed to one class
+(balanced accuracy 0.5 on a binary task: the majority-class predictor), and mean wall seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from medfm.extract import extract
+from medfm.finetune import finetune
+from medfm.probe import probe
+from medfm.store.registry import Registry
+
+BACKBONE = "tf_efficientnet_lite0.in1k"  # offline ImageNet weights (efficientnet-lite0 package)
+SETS = ("breastmnist:28", "breastmnist:64", "pneumoniamnist:28")  # dataset:source size
+FRACTIONS = (0.01, 0.1, 0.3, 1.0)
+SEEDS = (0, 1, 2)
+VARIANTS = ("medfm-v1", "medfm")
+
+
+def _variant(text: str) -> tuple[str, str, dict]:
+    """"recipe[:field=value,...]" -> (label, recipe, overrides)."""
+    recipe, _, rest = text.partition(":")
+    overrides = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return text, recipe, overrides
+
+
+def _recipe_matches(row, recipe: str, overrides: dict) -> bool:
+    """Whether a fine-tune row ran `recipe` with `overrides` (and no other change)."""
+    from medfm.finetune.recipes import resolve_recipe
+    from medfm.store.registry import canonical_json
+
+    wanted = canonical_json(resolve_recipe(recipe, **overrides).key_params())
+    return row.key.method == "finetune" and row.key.params == wanted
+
+
+def run(args, sets, fractions, seeds, variants) -> None:
+    for fraction in fractions:
+        for dataset, size in sets:
+            common = dict(dataset=dataset, backbone=BACKBONE, size=size,
+                          input_size=args.input_size, device=args.device,
+                          workdir=args.workdir, progress=False)
+            extract(data_root=args.data_root, **common)
+            probe(dataset=dataset, backbone=BACKBONE, size=size, fractions=(fraction,),
+                  seeds=seeds, device=args.device, workdir=args.workdir, progress=False)
+            for seed in seeds:
+                for label, recipe, overrides in variants:
+                    report = finetune(
+                        datasets=[dataset], backbones=[BACKBONE], sizes=[size],
+                        fractions=(fraction,), seeds=(seed,), recipe=recipe,
+                        overrides=overrides, input_size=args.input_size, device=args.device,
+                        workdir=args.workdir, data_root=args.data_root, progress=False)
+                    for row in report.ran:
+                        print(f"{dataset}_{size} {fraction:g} seed {seed} {label}: ACC "
+                              f"{100 * row.acc:.1f} AUC {100 * row.auc:.1f} bal "
+                              f"{100 * row.balanced_acc:.1f} steps {row.extra['steps']} "
+                              f"batch {row.extra.get('train_batch')} {row.wall_s:.0f} s",
+                              flush=True)
+
+
+def _cell(rows) -> str:
+    if not rows:
+        return "-"
+
+    def stat(values):
+        values = [100 * v for v in values]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.1f}+-{sd:.1f}"
+
+    collapsed = sum(abs(r.balanced_acc - 0.5) < 1e-9 for r in rows)
+    wall = statistics.mean(r.wall_s for r in rows)
+    return (f"{stat([r.acc for r in rows])} / {stat([r.auc for r in rows])} / "
+            f"{stat([r.balanced_acc for r in rows])} ({len(rows)} runs, {collapsed} collapsed, "
+            f"{wall:.0f} s)")
+
+
+def summary(args, sets, fractions, seeds, variants) -> str:
+    registry = Registry.in_workdir(args.workdir)
+    lines = [f"{BACKBONE}, {args.input_size} px input (bilinear); cells: test ACC / AUC / "
+             "balanced accuracy, mean+-sd over seeds (runs, runs collapsed to one class, mean "
+             "wall s)", "",
+             "| set | fraction | n_train | probe | " + " | ".join(v[0] for v in variants) + " |",
+             "|---|---|---|---|" + "---|" * len(variants)]
+    for dataset, size in sets:
+        rows = [r for r in registry.query(dataset=dataset) if r.key.size == size
+                and r.key.input_size == args.input_size and r.key.seed in seeds]
+        for fraction in fractions:
+            here = [r for r in rows if r.key.fraction == fraction]
+            probe_rows = [r for r in here if r.key.method == "logreg"
+                          and r.key.select_metric == "loss"]
+            n_train = sorted({r.n_train for r in here})
+            cells = [_cell([r for r in here if _recipe_matches(r, recipe, overrides)])
+                     for _, recipe, overrides in variants]
+            lines.append(f"| {dataset}-{size} | {fraction:g} | "
+                         f"{'/'.join(map(str, n_train)) or '-'} | {_cell(probe_rows)} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medfm-sweep"))
+    parser.add_argument("--data-root", default=os.environ.get("MEDFM_DATA_ROOT",
+                                                              "../shared/data/medmnist"))
+    parser.add_argument("--sets", default=",".join(SETS), help="dataset:size,... (real files)")
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--variants", default=";".join(VARIANTS),
+                        help="recipe[:field=value,...] separated by ';'")
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--summary-only", action="store_true")
+    args = parser.parse_args()
+    sets = [(s.split(":")[0], int(s.split(":")[1])) for s in args.sets.split(",")]
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    variants = [_variant(v) for v in args.variants.split(";") if v]
+    if not args.summary_only:
+        run(args, sets, fractions, seeds, variants)
+    print(summary(args, sets, fractions, seeds, variants))
+
+
+if __name__ == "__main__":
+    main()
