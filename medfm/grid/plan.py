@@ -6,7 +6,8 @@ identity, preprocessing against each backbone's data config, probe methods to th
 the fine-tune recipe with its preprocessing (its overrides win over the grid's, which win over
 the recipe's). Then every (dataset, size, backbone) with a probe method gets an extract job;
 every (store, subset, probe method) a probe job that depends on it (the seeds of fraction 1.0 in
-one job, sharing a fit: they draw the same images); every (dataset, size, backbone, subset) a
+one job, sharing a fit: they draw the same images; its device, when the spec leaves it to medfm,
+is the driver's: CUDA when it sees a GPU); every (dataset, size, backbone, subset) a
 finetune job when "finetune" is asked for, and one more, its backbone frozen, for "head-probe".
 A grid of a preset (GridSpec.preset) gives each backbone the preset's rules (input size, recipe
 settings) in its extract and fine-tune jobs. Done work is found with no scan and no model: a
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from medfm.backbones.names import resolve_backbone
@@ -32,6 +33,7 @@ from medfm.grid.spec import HEAD_PROBE, TRAINED, GridSpec
 from medfm.paths import resolve_workdir
 from medfm.preprocess import PreprocessRequest
 from medfm.request import resolve_store_request
+from medfm.runtime import device_type
 from medfm.store.features import FeatureStore, stores_dir
 from medfm.store.registry import Registry
 
@@ -152,7 +154,10 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> Gr
     """Every job of `spec`, minus those already finished in `workdir` (see module docstring)."""
     root = str(Path(resolve_workdir(workdir)).resolve())
     refs, skipped, backbones = _resolve(spec, spec.data_root)
-    probes = spec.probe_requests()
+    # where a probe computes is decided here, by the driver, not by the worker that runs it:
+    # its rows then say the same device and solver on any executor (a CPU worker beside a GPU
+    # one, a Ray task given no GPU)
+    probes = [replace(p, device=p.device or device_type(None)) for p in spec.probe_requests()]
     extracts = _extract_jobs(spec, refs, backbones, root) if probes else []
     finetunes = _finetune_jobs(spec, refs, backbones, root)
     subsets = spec.subsets

@@ -109,6 +109,9 @@ def failed(job: Job, where: str, exc: BaseException) -> JobOutcome:
 
 
 def needs_gpu(job: Job) -> bool:
-    """Extraction and fine-tuning run the backbone; probes fit on CPU unless asked otherwise."""
-    return job.kind != "probe" or job.probe.solver in ("torch", "cuml") or (
-        job.probe.device or "").startswith("cuda")
+    """Whether a job computes on a GPU: extraction and fine-tuning (they run the backbone)
+    unless their device is the CPU; a probe where it fits with cuML or its device is CUDA (the
+    planner resolves a probe's device, so this never depends on the worker asking)."""
+    if job.kind != "probe":
+        return job.device != "cpu"
+    return job.probe.solver == "cuml" or (job.probe.device or "").startswith("cuda")

@@ -1,8 +1,12 @@
-"""`local` (default): a spawned process pool on this machine.
+"""`local` (default): spawned process pools on this machine.
 
-One worker per visible GPU, each pinned with CUDA_VISIBLE_DEVICES, or on CPU `max_workers`
-workers (default: one per core) sharing the cores' threads. Spawned, so no CUDA or thread state
-is inherited.
+Workers (`worker_plan`). Without GPUs: `max_workers` workers (default: one per core) sharing the
+cores' threads. With GPUs and no `max_workers`: one worker per visible GPU, pinned to it with
+CUDA_VISIBLE_DEVICES, for the jobs that compute on a GPU (extraction, fine-tuning, GPU probes:
+grid.executors.needs_gpu), and beside them a pool of CPU workers (one per remaining core, no
+GPU visible) for the jobs that do not, so CPU probes fit while the GPU extracts. With GPUs and
+`max_workers`: that many workers, pinned to the GPUs in turn, for every job. Each pool starts
+when its first job comes. Spawned, so no CUDA or thread state is inherited.
 
 No orphans: a worker ends itself when its driver dies, by any signal, SIGKILL included. Each
 worker asks the kernel for SIGKILL when its parent exits (Linux PR_SET_PDEATHSIG) and, as a
@@ -25,7 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from medfm.errors import InvalidArgumentError
-from medfm.grid.executors import failed, register
+from medfm.grid.executors import failed, needs_gpu, register
 from medfm.grid.jobs import Job, JobOutcome, run_job
 
 
@@ -37,6 +41,35 @@ def _gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """The local executor's workers: GPU-pinned ones and GPU-less ones, and torch threads."""
+
+    gpu_devices: tuple[str, ...]  # CUDA_VISIBLE_DEVICES of each GPU worker (empty: none)
+    cpu_workers: int  # workers that see no GPU (CUDA_VISIBLE_DEVICES="" where GPUs exist)
+    threads: int  # torch CPU threads per job
+
+    def pool_for(self, gpu_job: bool) -> str:
+        """"gpu" or "cpu": the pool a job goes to (the only one there is, if one)."""
+        if not self.cpu_workers:
+            return "gpu"
+        return "gpu" if gpu_job and self.gpu_devices else "cpu"
+
+
+def worker_plan(*, gpus: int, cores: int, max_workers: int | None,
+                visible: str | None) -> WorkerPlan:
+    """Workers for `gpus` visible GPUs (`visible`: the driver's CUDA_VISIBLE_DEVICES) and
+    `cores` usable cores (module docstring)."""
+    if max_workers is not None:
+        devices = tuple(gpu_assignments(max_workers, gpus, visible)) if gpus else ()
+        return WorkerPlan(devices, 0 if gpus else max_workers, max(1, cores // max_workers))
+    if not gpus:
+        return WorkerPlan((), cores, 1)
+    cpu_workers = max(1, cores - gpus)
+    return WorkerPlan(tuple(gpu_assignments(gpus, gpus, visible)), cpu_workers,
+                      max(1, cores // (gpus + cpu_workers)))
 
 
 def gpu_assignments(workers: int, gpus: int, visible: str | None) -> list[str]:
@@ -71,58 +104,69 @@ def _die_with(driver_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="medfm-orphan-watch").start()
 
 
-def _init_worker(gpu_queue, driver_pid: int) -> None:
-    """Tie this worker's life to the driver's; pin it to one GPU (if any were handed out)."""
+def _init_worker(gpu_queue, driver_pid: int, hide_gpus: bool = False) -> None:
+    """Tie this worker's life to the driver's; pin it to one GPU (if any were handed out), or
+    hide every GPU from it (a CPU worker beside GPU ones), before anything imports torch."""
     _die_with(driver_pid)
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
+    elif hide_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @register
 class LocalExecutor:
-    """A spawned process pool on this machine: one worker per GPU, else `max_workers` on CPU."""
+    """Spawned process pools on this machine: GPU-pinned workers and CPU workers beside them
+    (module docstring)."""
 
     name = "local"
 
     @dataclass(frozen=True)
     class Options:
         max_workers: int | None = field(default=None, metadata={
-            "type": int, "help": "local: worker processes (default: one per GPU, else per core)"})
+            "type": int, "help": "local: worker processes (default: one per GPU plus one per "
+                                 "other core for CPU jobs; without GPUs one per core)"})
 
     def __init__(self, *, workdir=None, **options) -> None:
         options = self.Options(**options)
         if options.max_workers is not None and options.max_workers < 1:
             raise InvalidArgumentError(f"--max-workers must be >= 1; got {options.max_workers}")
         self.max_workers = options.max_workers
-        self._pool: ProcessPoolExecutor | None = None  # started on first use, kept across waves
-        self._threads = 1  # torch threads per job: the cores shared by the workers
+        self.workers: WorkerPlan | None = None  # decided when the first jobs come
+        self._pools: dict[str, ProcessPoolExecutor] = {}  # "gpu"/"cpu", kept across waves
 
-    def _start(self) -> ProcessPoolExecutor:
-        ctx = multiprocessing.get_context("spawn")
-        gpus = _gpu_count()
-        cores = len(os.sched_getaffinity(0))
-        workers = self.max_workers or gpus or cores
-        self._threads = max(1, cores // workers)
-        gpu_queue = None
-        if gpus:
-            gpu_queue = ctx.Queue()
-            for device in gpu_assignments(workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES")):
-                gpu_queue.put(device)
-        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(gpu_queue, os.getpid()))
+    def _pool(self, kind: str) -> ProcessPoolExecutor:
+        """The pool `kind`, started on first use."""
+        if kind not in self._pools:
+            ctx = multiprocessing.get_context("spawn")
+            plan = self.workers
+            gpu_queue = None
+            if kind == "gpu":
+                gpu_queue = ctx.Queue()
+                for device in plan.gpu_devices:
+                    gpu_queue.put(device)
+            workers = len(plan.gpu_devices) if kind == "gpu" else plan.cpu_workers
+            self._pools[kind] = ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_init_worker,
+                initargs=(gpu_queue, os.getpid(), bool(plan.gpu_devices)))
+        return self._pools[kind]
 
     def close(self) -> None:
         """Stop the worker processes (jobs not started yet are dropped)."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        for pool in self._pools.values():
+            pool.shutdown(cancel_futures=True)
+        self._pools = {}
 
     def run(self, jobs: Sequence[Job]) -> Iterator[JobOutcome]:
         if not jobs:
             return
-        if self._pool is None:
-            self._pool = self._start()
-        futures = {self._pool.submit(run_job, job, self._threads): job for job in jobs}
+        if self.workers is None:
+            self.workers = worker_plan(gpus=_gpu_count(), cores=len(os.sched_getaffinity(0)),
+                                     max_workers=self.max_workers,
+                                     visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        plan = self.workers
+        futures = {self._pool(plan.pool_for(needs_gpu(job))).submit(run_job, job, plan.threads):
+                   job for job in jobs}
         try:
             while futures:
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
