@@ -301,7 +301,8 @@ def test_medmnist_plus_knn_equals_sklearn_on_a_real_store(plus_store):
     majority vote; ACC equals scikit-learn's KNeighborsClassifier(n_neighbors=11) exactly."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    (store,) = find_stores(plus_store)
+    (store,) = find_stores(plus_store, resize_policy="pad-norm")
+    assert find_stores(plus_store, resize_policy="pad") == []  # another policy, not a prefix
     assert (store.request["resize_policy"], store.request["input_size"],
             store.request["dtype"]) == ("pad-norm", 224, "float32")
     train_x, test_x = store.features("train"), store.features("test")

@@ -581,7 +581,7 @@ def find_stores(workdir: str | os.PathLike | None = None, *, dataset: str | None
             continue
         if wanted_backbone and named["backbone"] != wanted_backbone:
             continue
-        if resize_policy and not named["policy"].startswith(resize_policy):
-            continue
+        if resize_policy and named["policy"].rstrip("0123456789") != resize_policy:
+            continue  # "pad224" is pad, "pad-norm224" is not
         found.append(FeatureStore(path))
     return found
