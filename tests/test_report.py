@@ -45,7 +45,7 @@ def expected_acc(backbone, method, size, dataset, fraction, seed) -> float:
 
 
 def add_run(registry: Registry, *, backbone, method, size, dataset, fraction, seed,
-            resize_policy="bilinear", acc=None) -> None:
+            resize_policy="bilinear", acc=None, params=None) -> None:
     acc = expected_acc(backbone, method, size, dataset, fraction, seed) if acc is None else acc
     auc = acc + AUC_LIFT
     probe = method != "finetune"
@@ -54,7 +54,7 @@ def add_run(registry: Registry, *, backbone, method, size, dataset, fraction, se
         weights="pretrained", resize_policy=resize_policy, input_size=224, normalize="backbone",
         feature_kind="prelogits" if probe else "", method=method, selection="val",
         select_metric="acc", fraction=fraction, seed=seed,
-        params=canonical_json({"C_grid": [0.1, 1.0]} if probe else {"recipe": "tiny"}),
+        params=canonical_json(params or ({"C_grid": [0.1, 1.0]} if probe else {"recipe": "tiny"})),
         store_fingerprint="f" * 16 if probe else "",
     )
     registry.add(ResultRow(
@@ -152,6 +152,22 @@ def test_variants_split_by_distinguishing_fields(tmp_path):
     header = (files.out / "tables" / "per_dataset_acc.md").read_text().splitlines()[2]
     assert "resnet_a · logreg resize_policy=bilinear" in header
     assert "resnet_a · logreg resize_policy=pad" in header
+
+
+def test_old_and_new_medfm_recipes_are_separate_variants(tmp_path):
+    """Rows of `medfm` before issue 14 (keyed without `revision`) read as revision 1, apart
+    from the step-budget recipe's rows (revision 2), never averaged together."""
+    from medfm.finetune.recipes import RECIPES
+
+    registry = Registry.in_workdir(tmp_path / "work")
+    for name, seed in itertools.product(("medfm-v1", "medfm"), SEEDS):
+        add_run(registry, backbone="resnet_a", method="finetune", size=28,
+                dataset="breastmnist", fraction=1.0, seed=seed,
+                acc=0.8 if name == "medfm" else 0.7, params=RECIPES[name].key_params())
+    files = report(workdir=tmp_path / "work")
+    header = (files.out / "tables" / "per_dataset_acc.md").read_text().splitlines()[2]
+    assert "revision=1" in header and "revision=2" in header
+    assert "revision=null" not in header
 
 
 def test_plots_are_written_and_not_blank(filled, tmp_path):

@@ -172,11 +172,21 @@ def _distinguishing_fields(frame: pd.DataFrame) -> dict[tuple[str, str], list[st
     return out
 
 
+def _with_later_fields(params: dict) -> dict:
+    """A fine-tune recipe's params with the fields it was keyed without (recipes.LATER_FIELDS)
+    at their "as before" value: a `medfm` row from before issue 14 reads `revision=1`."""
+    from medfm.finetune.recipes import LATER_FIELDS
+
+    if "name" not in params or "epochs" not in params:  # not a fine-tune recipe
+        return params
+    return {**LATER_FIELDS, **params}
+
+
 def _varying_params(frame: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
     """Per (backbone, method): the method settings (`params` JSON keys) that differ across runs."""
     varying = {}
     for group, runs in frame.groupby(["backbone", "method"], sort=False):
-        dicts = [json.loads(p) for p in runs["params"].unique()]
+        dicts = [_with_later_fields(json.loads(p)) for p in runs["params"].unique()]
         keys = sorted({k for d in dicts for k in d})
         varying[group] = [k for k in keys
                           if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1]
@@ -204,7 +214,7 @@ def annotate(frame: pd.DataFrame) -> pd.DataFrame:
         for name in fields[(row.backbone, row.method)]:
             value = getattr(row, name)
             if name == "params":  # only the settings that differ, e.g. "epochs=3"
-                params = json.loads(value)
+                params = _with_later_fields(json.loads(value))
                 keys = varying_params[(row.backbone, row.method)]
                 parts += [f"{k}={json.dumps(params.get(k))}" for k in keys]
                 continue
