@@ -162,8 +162,8 @@ class LocalExecutor:
             return
         if self.workers is None:
             self.workers = worker_plan(gpus=_gpu_count(), cores=len(os.sched_getaffinity(0)),
-                                     max_workers=self.max_workers,
-                                     visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+                                       max_workers=self.max_workers,
+                                       visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
         plan = self.workers
         futures = {self._pool(plan.pool_for(needs_gpu(job))).submit(run_job, job, plan.threads):
                    job for job in jobs}
