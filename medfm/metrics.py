@@ -60,6 +60,7 @@ from medfm.errors import InvalidArgumentError
 DEFAULT_THRESHOLD = 0.5  # binary and multi-label decision threshold (medmnist's getACC default)
 DEFAULT_N_BOOTSTRAP = 1000  # bootstrap resamples per confidence interval
 DEFAULT_CI = 0.95  # confidence level of the percentile intervals
+INT32_ROWS = 32_768  # test splits smaller than this count AUC pairs in int32 (exact)
 BOOTSTRAP_CHUNK = 64  # resamples scored together: a (64, N) weight matrix at a time
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 NLL_CLIP = 1e-12  # probabilities are clipped to [NLL_CLIP, 1 - NLL_CLIP] before the log
@@ -173,14 +174,22 @@ class _WeightedAUC:
             self.columns.append((ref_is_pos, ref, query, below, at_or_below))
 
     def __call__(self, weights: np.ndarray) -> np.ndarray:
+        # int32 halves the memory traffic and stays exact: a term is w_q * (ref weight below,
+        # twice) <= N * 2N, below 2**31 for N < INT32_ROWS; the sums run in int64
+        dtype = np.int32 if weights.shape[1] < INT32_ROWS else np.int64
+        weights = weights.astype(dtype, copy=False)
         total = np.zeros(weights.shape[0])
         for ref_is_pos, ref, query, below, at_or_below in self.columns:
-            cum = np.zeros((weights.shape[0], ref.size + 1), dtype=np.int64)
+            cum = np.zeros((weights.shape[0], ref.size + 1), dtype=dtype)
             np.cumsum(np.take(weights, ref, axis=1), axis=1, out=cum[:, 1:])  # (B, R + 1)
-            w_query = np.take(weights, query, axis=1).astype(np.int64)  # (B, Q)
-            twice = (w_query * (np.take(cum, below, axis=1) + np.take(cum, at_or_below, axis=1)))
-            twice = twice.sum(axis=1)  # sum over queries of 2 * (ref weight below, ties half)
-            n_ref, n_query = cum[:, -1], w_query.sum(axis=1)
+            w_query = np.take(weights, query, axis=1)  # (B, Q)
+            twice = np.take(cum, below, axis=1)
+            twice += np.take(cum, at_or_below, axis=1)
+            twice *= w_query
+            # sum over queries of 2 * (ref weight below, ties half)
+            twice = twice.sum(axis=1, dtype=np.int64)
+            n_ref = cum[:, -1].astype(np.int64)
+            n_query = w_query.sum(axis=1, dtype=np.int64)
             # U counts (positive, negative) pairs with the positive above; ref below a query
             # positive is such a pair, ref below a query negative is the opposite
             twice_u = 2 * n_ref * n_query - twice if ref_is_pos else twice
