@@ -183,6 +183,8 @@ class TorchSolver:
             self.Y = torch.as_tensor(Y.reshape(len(Y), -1), dtype=torch.float32,
                                      device=self.device)
             width = self.Y.shape[1]
+        self._block_rows = torch.arange(min(BLOCK_ROWS, len(X)), device=self.device)
+        self._minus_one = torch.tensor(-1.0, device=self.device)
         self.W = torch.zeros(X.shape[1], width, device=self.device)  # (D, K')
         self.b = torch.zeros(width, device=self.device)  # (K',)
 
@@ -199,14 +201,15 @@ class TorchSolver:
         grad_b = torch.zeros(width, device=self.device)
         # reduce in float64: a float32 sum cannot resolve the last decreases the line search needs
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        rows, minus_one = self._block_rows, self._minus_one  # softmax - one-hot, per block
         for lo in range(0, n, BLOCK_ROWS):
             X, Y = self.X[lo:lo + BLOCK_ROWS], self.Y[lo:lo + BLOCK_ROWS]
             logits = torch.addmm(b, X, W)  # (B, K')
             if self.kind == "multinomial":
                 log_norm = torch.logsumexp(logits, dim=1)  # (B,)
                 loss += (log_norm - logits.gather(1, Y[:, None])[:, 0]).double().sum()
-                residual = torch.exp(logits - log_norm[:, None])  # softmax (B, K)
-                residual[torch.arange(len(Y), device=self.device), Y] -= 1.0
+                residual = logits.sub_(log_norm[:, None]).exp_()  # softmax (B, K), in place
+                residual.index_put_((rows[:len(Y)], Y), minus_one, accumulate=True)
             else:  # logistic loss per column, summed over labels
                 loss += (torch.nn.functional.softplus(logits) - Y * logits).double().sum()
                 residual = torch.sigmoid(logits) - Y  # (B, K')
