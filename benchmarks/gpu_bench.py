@@ -16,8 +16,8 @@ extract: for a ViT-B/16-shaped model (vit_base_patch16_224) and a CNN (resnet50)
 oom: a ViT-B extraction of OOM_IMAGES such images asked for a batch that does not fit (the
   process may use OOM_GIB of the GPU), so it halves the batch until it fits; its features
   against a run at a batch that fits.
-finetune: the same fine-tune (resnet18, real BreastMNIST, seed 0) run twice deterministic and
-  twice not; are the test scores bit-identical?
+finetune: the same fine-tune (resnet18, real BreastMNIST, seed 0, recipe FINETUNE_RECIPE for 3
+  epochs) run twice deterministic and twice not; are the test scores bit-identical?
 --smoke runs every stage small, on the CPU too (to check the script, not to measure).
 """
 
@@ -51,6 +51,7 @@ OOM_IMAGES = 4096  # the oom stage's set
 OOM_GIB = 3.0  # GPU memory the oom stage may use
 OOM_BATCH = 2048  # the batch it asks for (ViT-B at 224 px needs far more than OOM_GIB)
 FIT_BATCH = 64  # the batch its reference run uses
+FINETUNE_RECIPE = "medfm-v1"  # epochs of batch 64: a short run whose length --epochs fixes
 
 
 def _sync(device: torch.device) -> None:
@@ -172,7 +173,8 @@ def stage_finetune(args, device: torch.device, report: Report) -> None:
     from medfm.finetune import finetune_job, resolve_finetune, resolve_recipe
     from medfm.sampling import SubsetSpec
 
-    recipe = resolve_recipe("medfm", epochs=args.epochs, batch_size=64, resize_policy="native")
+    recipe = resolve_recipe(FINETUNE_RECIPE, epochs=args.epochs, batch_size=64,
+                            resize_policy="native")
     request = resolve_finetune(dataset="breastmnist", size=28, backbone=args.finetune_backbone,
                                weights="random", spec=SubsetSpec(fraction=args.fraction, seed=0),
                                recipe=recipe, data_root=args.data_root)
