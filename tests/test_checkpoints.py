@@ -38,8 +38,8 @@ from medfm.runtime import deterministic_algorithms
 from medfm.sampling import SubsetSpec
 from medfm.store.registry import Registry
 
-FAST = dict(epochs=2, batch_size=16, resize_policy="native", augment=True)  # 3 steps an epoch
-STEPS = 6  # 48 training images / 16 x 2 epochs
+FAST = dict(epochs=2, batch_size=16, resize_policy="native", augment=True)  # 4 steps an epoch
+STEPS = 8  # 48 training images in batches of 12 (medfm: at least 4 steps an epoch) x 2 epochs
 FILE_LIMIT = 1 << 20  # bytes: above what a run writes elsewhere, below a test_resnet checkpoint
 
 

@@ -306,12 +306,14 @@ def test_full_fraction_seeds_share_one_probe_fit(data_root, pool, tmp_path):
 
 def test_finetune_job_warnings_are_one_line_naming_the_job(data_root, tmp_path, capsys):
     plan = plan_grid(tiny(data_root, methods=["finetune"]), workdir=tmp_path)
-    job = plan.jobs[0]  # fraction 0.5 of 32 images, batch 16, 1 epoch: 1 optimizer step
+    # fraction 0.5 of 32 images, batch 16 shrunk to 8 (medfm: at least 4 steps an epoch, at
+    # least 8 images a batch), 1 epoch: 2 optimizer steps
+    job = plan.jobs[0]
     rows = job.run()
     assert len(rows) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"medfm grid: warning: {job.label}: 16 training images in batches of 16 make "
-                   "1 optimizer step(s) per epoch, 1 in all: too few to learn much; raise "
+    assert err == [f"medfm grid: warning: {job.label}: 16 training images in batches of 8 make "
+                   "2 optimizer step(s) per epoch, 2 in all: too few to learn much; raise "
                    "--epochs or lower --batch-size."]
 
 

@@ -8,8 +8,9 @@ with loss_i the logistic loss of one logit (binary), the softmax cross-entropy o
 (multinomial), or the sum of L independent logistic losses (multilabel: L separate binary
 problems; torch solves them jointly since they share nothing, sklearn and cuml one by one).
 Every solver minimizes it divided by C * n (the same minimizer; scikit-learn's scaling) with
-L-BFGS and stops when the largest absolute gradient component is below `tol` (scipy's gtol, as
-scikit-learn uses it) or after `max_iter` iterations; `converged` says which.
+L-BFGS; sklearn and torch stop when the largest absolute gradient component is below `tol`
+(scipy's gtol, as scikit-learn uses it) or after `max_iter` iterations, cuML by its own rule
+(relative to the objective: medfm.probe.cuml_solver); `converged` says which.
 
 - `sklearn`: LogisticRegression(solver="lbfgs", warm_start=True), float64, CPU.
 - `torch`: L-BFGS (torch.optim.LBFGS's step as a function, medfm.probe.lbfgs: strong-Wolfe line
@@ -17,7 +18,8 @@ scikit-learn uses it) or after `max_iter` iterations; `converged` says which.
   per block of B rows per evaluation.
 - `cuml`: cuML's quasi-Newton LogisticRegression on a GPU. cuML averages the loss over samples
   and, with penalty_normalized=True, divides the penalty by n too, which is exactly the scaled
-  objective above: the same C is the same problem. cuML has no warm start; each C starts cold.
+  objective above: the same C is the same problem. cuML has no warm start; each C starts cold
+  (its arguments by release, and the data uploaded once: medfm.probe.cuml_solver).
 - `auto` (`resolve_solver`): on a GPU, cuml if it imports, else torch; on a CPU, sklearn for
   small problems and torch from TORCH_MIN_WORK on (rows x features x logits: torch's float32
   L-BFGS is 2-4x faster per fit there, and worth its 3 s import). `medfm probe` decides once
