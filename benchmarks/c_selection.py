@@ -12,6 +12,8 @@ then picks a C from each walk:
 
 - `acc`: the first C with the best val ACC (medfm's rule before issue 12);
 - `acc@1e-6`: the same rule on the walks fitted to tolerance 1e-6;
+- `acc>loss`, `acc@1e-6>loss`: the best val ACC, ties broken by the lowest val log-loss (at
+  tolerance 1e-4 and 1e-6);
 - `acc>auc>loss`: the best val ACC, ties broken by val AUC, then by lower val log-loss;
 - `loss`: the lowest val log-loss;
 - `loss>m`: walking from strong to weak regularization, a C replaces the best so far only if it
@@ -92,8 +94,13 @@ def choose(path: list[dict], rule: str) -> int:
         return int(np.argmax(val_acc))
     if rule == "acc>auc>loss":
         return int(np.lexsort((val_loss, -val_auc, -val_acc))[0])
+    if rule in ("acc>loss", "acc@1e-6>loss"):
+        return int(np.lexsort((val_loss, -val_acc))[0])
     if rule in ("loss", "loss@1e-6"):
         return int(np.argmin(val_loss))
+    if rule.startswith("loss~"):  # the weakest regularization within a margin of the best
+        margin = float(rule.removeprefix("loss~"))
+        return int(np.flatnonzero(val_loss <= val_loss.min() * (1.0 + margin))[-1])
     if rule.startswith("loss>"):
         margin, _, stop = rule.removeprefix("loss>").partition("/")
         return sequential(val_loss, float(margin), PATIENCE if stop else None)
@@ -103,9 +110,11 @@ def choose(path: list[dict], rule: str) -> int:
 def rules(margins: list[float]) -> dict[str, float]:
     """Rule name -> the solver tolerance of the walks it reads."""
     named = {"acc": DEFAULT_TOL, "acc@1e-6": TIGHT_TOL, "acc>auc>loss": DEFAULT_TOL,
+             "acc>loss": DEFAULT_TOL, "acc@1e-6>loss": TIGHT_TOL,
              "loss": DEFAULT_TOL, "loss@1e-6": TIGHT_TOL}
     for margin in margins:
         named[f"loss>{margin:g}"] = named[f"loss>{margin:g}/stop"] = DEFAULT_TOL
+        named[f"loss~{margin:g}"] = DEFAULT_TOL
     return named
 
 
@@ -174,6 +183,17 @@ def summarize(runs: list[dict], margins: list[float]) -> str:
             cells.append(f"{a.mean():.1f}+-{a.std():.1f} / {u.mean():.1f}+-{u.std():.1f} "
                          f"({agree}/{len(group)})")
         lines.append(f"| {store} | {fraction:g} | {len(group)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paired over the {len(runs)} runs, each rule minus `loss>{margins[0]:g}` "
+              "(sklearn warm walk): mean difference in test ACC / AUC, pp (standard error)", ""]
+    base = f"loss>{margins[0]:g}"
+    for rule, tol in RULES.items():
+        diff = {m: 100 * np.array([
+            r["walks"][f"sklearn@{tol:g}"][r["chosen"][rule]["sklearn"]][f"test_{m}"]
+            - r["walks"][f"sklearn@{RULES[base]:g}"][r["chosen"][base]["sklearn"]][f"test_{m}"]
+            for r in runs]) for m in ("acc", "auc")}
+        se = {m: d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0 for m, d in diff.items()}
+        lines.append(f"- `{rule}`: ACC {diff['acc'].mean():+.2f} ({se['acc']:.2f}), "
+                     f"AUC {diff['auc'].mean():+.2f} ({se['auc']:.2f})")
     for margin in margins:
         full, stop = f"loss>{margin:g}", f"loss>{margin:g}/stop"
         same = sum(r["chosen"][stop][h] == r["chosen"][full][h] for r in runs for h in WALKS)
