@@ -152,8 +152,8 @@ def _run_extract(args) -> int:
                 f"{preset.dtype}; drop --resize-policy, --input-size, --normalize and --dtype.")
         backbones = [resolve_backbone(b, args.weights) for b in _csv(args.backbone, "--backbone")]
         requests = [resolve_store_request(dataset=ref, backbone=b, preprocess=preset.preprocess(b),
-                                          dtype=preset.dtype, precision=args.precision,
-                                          device=args.device)
+                                          dtype=preset.dtype, device=args.device,
+                                          precision=preset.extract_precision(args.precision))
                     for ref in _datasets(args, _sizes(args.size)) for b in backbones]
     else:
         requests = [resolve_store_request(dataset=ref, backbone=backbone, weights=args.weights,

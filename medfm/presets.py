@@ -90,6 +90,8 @@ class Preset:
     resize_policy: str  # preprocessing of every stage
     input_size: int | None  # None: `input_rule`, else the backbone's
     dtype: str  # feature store dtype
+    precision: str | None = None  # arithmetic of extraction (medfm.runtime.PRECISIONS); None:
+    #                               the device's default (bfloat16 on CUDA)
     input_rule: Callable[[BackboneRef], int] | None = None  # per-backbone input side
     backbone_rule: Callable[[BackboneRef, bool], dict] | None = None  # (backbone, frozen) ->
     #                                                   recipe settings of that backbone
@@ -125,13 +127,27 @@ class Preset:
         """Why a store of this `identity` (what a store records) is not one this preset
         extracts for `backbone`, or None when it is."""
         want = self.preprocess(backbone)
+        precision = identity.get("precision", "float32")  # named only where not float32
         found = (identity["resize_policy"], identity["normalize"], identity["dtype"])
         if found != (want.resize_policy, "backbone", self.dtype) or (
-                want.input_size is not None and identity["input_size"] != want.input_size):
+                want.input_size is not None and identity["input_size"] != want.input_size) or (
+                self.precision is not None and precision != self.precision):
             return (f"extracted as {identity['resize_policy']}{identity['input_size']} "
-                    f"{identity['normalize']} {identity['dtype']}, where preset {self.name} "
-                    f"extracts {want.resize_policy}{want.input_size or ''} backbone {self.dtype}")
+                    f"{identity['normalize']} {identity['dtype']} in {precision}, where preset "
+                    f"{self.name} extracts {want.resize_policy}{want.input_size or ''} backbone "
+                    f"{self.dtype}{f' in {self.precision}' if self.precision else ''}")
         return None
+
+    def extract_precision(self, asked: str | None) -> str | None:
+        """The precision to extract in when the user asked for `asked` ("auto"/None: not
+        asked): this preset's, where it fixes one; a different one is an error."""
+        if self.precision is None or asked in (None, "auto"):
+            return self.precision or asked
+        if asked != self.precision:
+            raise InvalidArgumentError(
+                f"preset {self.name} extracts in {self.precision}, as its reference does; drop "
+                f"--precision {asked}, or --preset.")
+        return asked
 
 
 PRESETS: dict[str, Preset] = {
@@ -152,7 +168,7 @@ PRESETS: dict[str, Preset] = {
         fractions=(1.0,), shots=(), seeds=MEDMNIST_PLUS_SEEDS, sampler="shuffled",
         methods=("logreg", "knn", HEAD_PROBE, FINETUNE),
         probe_settings=(("knn_metric", "euclidean"), ("knn_vote", "majority")),
-        resize_policy="pad-norm", input_size=224, dtype="float32",
+        resize_policy="pad-norm", input_size=224, dtype="float32", precision="float32",
     ),
 }
 

@@ -234,6 +234,22 @@ def test_medmnist_plus_recipe_is_their_config():
     assert preset.dtype == "float32"
 
 
+def test_medmnist_plus_extracts_in_float32_as_theirs_even_on_cuda(real_root, tmp_path, capsys):
+    """main.py 48-61: fp32 everywhere; medfm would extract under bf16 autocast on CUDA."""
+    spec = dataclasses.replace(preset_spec("medmnist-plus", datasets=["breastmnist"], sizes=[28],
+                                           backbones=["resnet18"], data_root=real_root),
+                               device="cuda")
+    (job,) = plan_grid(spec, workdir=tmp_path).todo("extract")
+    assert job.request.precision == "float32"
+    preset = get_preset("medmnist-plus")
+    assert preset.store_mismatch({**job.request.identity(), "precision": "bfloat16"},
+                                 job.request.backbone) is not None
+    assert main(["extract", "--preset", "medmnist-plus", "--precision", "bfloat16",
+                 "--backbone", "resnet18", "--dataset", "breastmnist", "--size", "28",
+                 "--data-root", str(real_root), "--workdir", str(tmp_path)]) == 2
+    assert "extracts in float32" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rows, steps", [(34, 3), (33, 2)])
 def test_medmnist_plus_keeps_partial_batches_but_a_lone_image(real_root, rows, steps):
     """main.py 97: their loader keeps the last partial batch; medfm keeps it too, unless it is

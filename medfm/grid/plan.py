@@ -113,7 +113,8 @@ def _extract_jobs(spec: GridSpec, refs, backbones, root: str):
         for backbone in backbones:
             request = resolve_store_request(dataset=ref, backbone=backbone,
                                             preprocess=spec.preprocess_for(backbone),
-                                            dtype=spec.dtype, device=spec.device)
+                                            dtype=spec.dtype, device=spec.device,
+                                            precision=spec.precision)
             found.append((ExtractJob(request, spec.device, root),
                           _finished_store(stores / request.filename())))
     return found

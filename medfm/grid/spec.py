@@ -134,6 +134,12 @@ class GridSpec:
             return self.preprocess
         return get_preset(self.preset).preprocess(backbone).merged(self.preprocess)
 
+    @property
+    def precision(self) -> str | None:
+        """How extract jobs compute: the preset's precision where it fixes one, else None (the
+        device's default)."""
+        return get_preset(self.preset).precision if self.preset is not None else None
+
     def recipe_overrides_for(self, backbone, *, frozen: bool) -> dict:
         """Recipe overrides of `backbone`'s fine-tunes: the preset's rule for it (if any), under
         the spec's own overrides; a head-probe also freezes the backbone."""
