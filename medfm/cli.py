@@ -298,8 +298,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--shots", help="images per class, e.g. 1,5,10")
     p.add_argument("--seeds", help="e.g. 0,1,2 or 0-4 (default 0; a preset's own)")
     p.add_argument("--recipe",
-                   help="medfm, seed-paper, medmnist-plus or medmnist-v2 (default medfm; a "
-                        "preset's own)")
+                   help="medfm, medfm-v1 (medfm before its step budget), seed-paper, "
+                        "medmnist-plus or medmnist-v2 (default medfm; a preset's own)")
     _add_sampler(p)
     _add_preset(p, "fine-tune each backbone (recipe and its per-backbone rules, preprocessing, "
                    "sampler, seeds, subsets)")
