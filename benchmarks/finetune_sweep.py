@@ -18,7 +18,10 @@ Everything goes through medfm's API into one work directory's registry, so an in
 resumes where it stopped and a rerun only prints. Runs go fraction by fraction (small first),
 so a partial sweep has whole cells. The table: per set and fraction, each paradigm's test ACC,
 AUC and balanced accuracy (mean +- std over seeds), how many runs collapsed to one class
-(balanced accuracy 0.5 on a binary task: the majority-class predictor), and mean wall seconds.
+(balanced accuracy 0.5 on a binary task: the majority-class predictor), and the median and range
+of wall seconds; with more than one `medfm` variant, a column where each seed's variant is the
+one with the lowest val loss (the fine-tune tuned on val, as the probe's C is). `--per-run` lists
+every run.
 """
 
 from __future__ import annotations
@@ -91,19 +94,42 @@ def _cell(rows) -> str:
         return f"{statistics.mean(values):.1f}+-{sd:.1f}"
 
     collapsed = sum(abs(r.balanced_acc - 0.5) < 1e-9 for r in rows)
-    wall = statistics.mean(r.wall_s for r in rows)
+    walls = sorted(r.wall_s for r in rows)
+    spread = f", {walls[0]:.0f}-{walls[-1]:.0f}" if len(walls) > 1 else ""
     return (f"{stat([r.acc for r in rows])} / {stat([r.auc for r in rows])} / "
             f"{stat([r.balanced_acc for r in rows])} ({len(rows)} runs, {collapsed} collapsed, "
-            f"{wall:.0f} s)")
+            f"median {statistics.median(walls):.0f} s{spread})")
+
+
+def _tuned(here, variants) -> list:
+    """Per seed, the run of the `medfm` variants (the recipe and its overrides, e.g. an lr grid)
+    with the lowest val loss at its kept checkpoint: the fine-tune's hyper-parameters chosen on
+    val, as the probe chooses its C on val (one tuning budget for both paradigms)."""
+    runs = {}
+    for _, recipe, overrides in variants:
+        if recipe != "medfm":
+            continue
+        for row in here:
+            if _recipe_matches(row, recipe, overrides) and row.extra.get("best_value") is not None:
+                runs.setdefault(row.key.seed, []).append(row)
+    return [min(rows, key=lambda r: r.extra["best_value"]) for rows in runs.values()]
+
+
+def _label(row, variants) -> str:
+    return next((label for label, recipe, overrides in variants
+                 if _recipe_matches(row, recipe, overrides)), "?")
 
 
 def summary(args, sets, fractions, seeds, variants) -> str:
     registry = Registry.in_workdir(args.workdir)
+    tune = sum(recipe == "medfm" for _, recipe, _ in variants) > 1
     lines = [f"{BACKBONE}, {args.input_size} px input (bilinear); cells: test ACC / AUC / "
-             "balanced accuracy, mean+-sd over seeds (runs, runs collapsed to one class, mean "
-             "wall s)", "",
-             "| set | fraction | n_train | probe | " + " | ".join(v[0] for v in variants) + " |",
-             "|---|---|---|---|" + "---|" * len(variants)]
+             "balanced accuracy, mean+-sd over seeds (runs, runs collapsed to one class, median "
+             "and range of wall s)", "",
+             "| set | fraction | n_train | probe | " + " | ".join(v[0] for v in variants)
+             + (" | medfm, lr chosen on val |" if tune else " |"),
+             "|---|---|---|---|" + "---|" * (len(variants) + tune)]
+    runs = []
     for dataset, size in sets:
         rows = [r for r in registry.query(dataset=dataset) if r.key.size == size
                 and r.key.input_size == args.input_size and r.key.seed in seeds]
@@ -114,9 +140,28 @@ def summary(args, sets, fractions, seeds, variants) -> str:
             n_train = sorted({r.n_train for r in here})
             cells = [_cell([r for r in here if _recipe_matches(r, recipe, overrides)])
                      for _, recipe, overrides in variants]
+            tuned = _tuned(here, variants) if tune else []
+            if tune:
+                picked = ", ".join(f"{r.key.seed}: {_label(r, variants)}"
+                                   for r in sorted(tuned, key=lambda r: r.key.seed))
+                cells.append(_cell(tuned) + (f" [{picked}]" if tuned else ""))
             lines.append(f"| {dataset}-{size} | {fraction:g} | "
                          f"{'/'.join(map(str, n_train)) or '-'} | {_cell(probe_rows)} | "
                          + " | ".join(cells) + " |")
+            runs += [(f"{dataset}-{size}", fraction, r) for r in here
+                     if r.key.method == "finetune" and _label(r, variants) != "?"]
+    if args.per_run:
+        lines += ["", "| set | fraction | seed | recipe | steps | batch | kept val value "
+                  "(loss; v1: primary) | test ACC / AUC / bal | wall s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, fraction, r in sorted(runs, key=lambda x: (x[0], x[1], x[2].key.seed,
+                                                             _label(x[2], variants))):
+            best = r.extra.get("best_value")
+            lines.append(
+                f"| {name} | {fraction:g} | {r.key.seed} | {_label(r, variants)} | "
+                f"{r.extra.get('steps')} | {r.extra.get('train_batch')} | "
+                f"{'-' if best is None else f'{best:.3f}'} | {100 * r.acc:.1f} / "
+                f"{100 * r.auc:.1f} / {100 * r.balanced_acc:.1f} | {r.wall_s:.0f} |")
     return "\n".join(lines)
 
 
@@ -133,6 +178,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--per-run", action="store_true",
+                        help="also list every fine-tune run (steps, batch, val loss, wall time)")
     args = parser.parse_args()
     sets = [(s.split(":")[0], int(s.split(":")[1])) for s in args.sets.split(",")]
     fractions = tuple(float(f) for f in args.fractions.split(","))
