@@ -74,3 +74,25 @@ def test_old_medfm_keys_are_medfm_v1_and_published_presets_key_no_budget():
         expected = recipe.iterations or recipe.epochs * per_epoch  # their schedules as before
         assert recipe.total_steps(per_epoch) == expected
         assert recipe.train_batch(55) == min(recipe.batch_size, 55)
+
+
+def test_medfm_backbone_lr_is_the_sweeps_for_cnns_and_kept_for_transformers():
+    """The sweep (docs/reproduction.md) chose backbone lr 1e-3 on a CNN; a backbone with
+    attention layers keeps 1e-4 (not swept). An explicit --lr-backbone is every backbone's."""
+    import timm
+
+    from medfm.finetune.train import _optimizer
+
+    def backbone_lr(arch, recipe):
+        groups = _optimizer(timm.create_model(arch, num_classes=2), recipe).param_groups
+        return {g["name"]: g["lr"] for g in groups}["backbone"]
+
+    medfm = resolve_recipe("medfm")
+    assert backbone_lr("test_resnet", medfm) == 1e-3
+    assert backbone_lr("test_vit", medfm) == 1e-4
+    assert backbone_lr("test_resnet", RECIPES["medfm-v1"]) == backbone_lr(
+        "test_vit", RECIPES["medfm-v1"]) == 1e-4
+    asked = resolve_recipe("medfm", lr_backbone="3e-5")
+    assert backbone_lr("test_resnet", asked) == backbone_lr("test_vit", asked) == 3e-5
+    # a preset's own transformer lr is dropped only when the backbone lr is asked for
+    assert resolve_recipe("seed-paper", lr_head="1e-2").lr_backbone_vit == 1e-7
