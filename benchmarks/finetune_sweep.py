@@ -84,9 +84,12 @@ def run(args, sets, fractions, seeds, variants) -> None:
                               flush=True)
 
 
-def _cell(rows) -> str:
+def _cell(rows, compact: bool = False) -> str:
     if not rows:
         return "-"
+    if compact:  # means only, and how many seeds
+        return " / ".join(f"{100 * statistics.mean(getattr(r, m) for r in rows):.1f}"
+                          for m in ("acc", "auc", "balanced_acc")) + f" ({len(rows)})"
 
     def stat(values):
         values = [100 * v for v in values]
@@ -138,15 +141,16 @@ def summary(args, sets, fractions, seeds, variants) -> str:
             probe_rows = [r for r in here if r.key.method == "logreg"
                           and r.key.select_metric == "loss"]
             n_train = sorted({r.n_train for r in here})
-            cells = [_cell([r for r in here if _recipe_matches(r, recipe, overrides)])
-                     for _, recipe, overrides in variants]
+            cells = [_cell([r for r in here if _recipe_matches(r, recipe, overrides)],
+                           args.compact) for _, recipe, overrides in variants]
             tuned = _tuned(here, variants) if tune else []
             if tune:
-                picked = ", ".join(f"{r.key.seed}: {_label(r, variants)}"
+                picked = ", ".join(f"{r.key.seed}: {_label(r, variants).partition(':')[2]}"
                                    for r in sorted(tuned, key=lambda r: r.key.seed))
-                cells.append(_cell(tuned) + (f" [{picked}]" if tuned else ""))
+                cells.append(_cell(tuned, args.compact) + (f" [{picked}]" if tuned else ""))
             lines.append(f"| {dataset}-{size} | {fraction:g} | "
-                         f"{'/'.join(map(str, n_train)) or '-'} | {_cell(probe_rows)} | "
+                         f"{'/'.join(map(str, n_train)) or '-'} | "
+                         f"{_cell(probe_rows, args.compact)} | "
                          + " | ".join(cells) + " |")
             runs += [(f"{dataset}-{size}", fraction, r) for r in here
                      if r.key.method == "finetune" and _label(r, variants) != "?"]
@@ -178,6 +182,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--compact", action="store_true",
+                        help="cells with the means and the number of seeds only")
     parser.add_argument("--per-run", action="store_true",
                         help="also list every fine-tune run (steps, batch, val loss, wall time)")
     args = parser.parse_args()
