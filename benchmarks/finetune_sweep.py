@@ -145,8 +145,9 @@ def summary(args, sets, fractions, seeds, variants) -> str:
                            args.compact) for _, recipe, overrides in variants]
             tuned = _tuned(here, variants) if tune else []
             if tune:
-                picked = ", ".join(f"{r.key.seed}: {_label(r, variants).partition(':')[2]}"
-                                   for r in sorted(tuned, key=lambda r: r.key.seed))
+                labels = {r.key.seed: _label(r, variants) for r in tuned}
+                picked = ", ".join(f"{seed}: {labels[seed].partition(':')[2] or labels[seed]}"
+                                   for seed in sorted(labels))
                 cells.append(_cell(tuned, args.compact) + (f" [{picked}]" if tuned else ""))
             lines.append(f"| {dataset}-{size} | {fraction:g} | "
                          f"{'/'.join(map(str, n_train)) or '-'} | "
