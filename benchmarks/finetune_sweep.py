@@ -35,6 +35,7 @@ from pathlib import Path
 from medfm.extract import extract
 from medfm.finetune import finetune
 from medfm.probe import probe
+from medfm.errors import RegistryError
 from medfm.store.registry import Registry
 
 BACKBONE = "tf_efficientnet_lite0.in1k"  # offline ImageNet weights (efficientnet-lite0 package)
@@ -123,6 +124,22 @@ def _label(row, variants) -> str:
                  if _recipe_matches(row, recipe, overrides)), "?")
 
 
+def import_rows(workdir: str, sources: list[str]) -> None:
+    """Copy every run (and its test scores) from the registries of `sources` into `workdir`'s,
+    keeping rows already there: shards of a sweep run elsewhere (benchmarks/gpu_sweep.sh) read
+    as one table."""
+    target = Registry.in_workdir(workdir)
+    for source in sources:
+        registry, added = Registry.in_workdir(source), 0
+        for row in registry.query():
+            try:
+                y_true, y_score = registry.scores(row.key)
+            except RegistryError:  # a row saved without per-sample scores
+                y_true = y_score = None
+            added += target.add(row, y_score, y_true)
+        print(f"{source}: {added} run(s) added to {workdir}")
+
+
 def summary(args, sets, fractions, seeds, variants) -> str:
     registry = Registry.in_workdir(args.workdir)
     tune = sum(recipe == "medfm" for _, recipe, _ in variants) > 1
@@ -183,6 +200,8 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--import-from", nargs="+", default=[], metavar="WORKDIR",
+                        help="first copy the runs of these work directories into --workdir")
     parser.add_argument("--compact", action="store_true",
                         help="cells with the means and the number of seeds only")
     parser.add_argument("--per-run", action="store_true",
@@ -192,6 +211,7 @@ def main() -> None:
     fractions = tuple(float(f) for f in args.fractions.split(","))
     seeds = tuple(int(s) for s in args.seeds.split(","))
     variants = [_variant(v) for v in args.variants.split(";") if v]
+    import_rows(args.workdir, args.import_from)
     if not args.summary_only:
         run(args, sets, fractions, seeds, variants)
     print(summary(args, sets, fractions, seeds, variants))
