@@ -152,7 +152,8 @@ def stage_oom(args, device: torch.device, report: Report) -> None:
     write_large_set(work / "data", args.oom_images)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, OOM_GIB * 2**30 / total), device)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.set_per_process_memory_fraction(min(1.0, OOM_GIB * 2**30 / total), index)
     common = dict(dataset="pathmnist", size=SIZE, backbone=args.models[0], weights="random",
                   data_root=work / "data", device=str(device), progress=False, force=True)
     started = time.perf_counter()
