@@ -28,14 +28,26 @@ shard() {  # shard NAME ARGS...: a sweep in its own work directory, stopped at t
     timeout --kill-after=5 "$LIMIT" $PY benchmarks/finetune_sweep.py --device cuda \
         --workdir "$WORK/$name" "$@" > "$WORK/$name.log" 2>&1 &
 }
+if [ "${3:-}" = rest ]; then  # the cells a first call's deadline cut off, one shard per seed
+    for seed in 0 1 2; do
+        shard "w-b28-rest-s$seed" --sets breastmnist:28 --fractions 0.3,1.0 --seeds $seed \
+            --variants "$NEW"
+        shard "w-b64-rest-s$seed" --sets breastmnist:64 --fractions 0.3,1.0 --seeds $seed \
+            --variants "$NEW"
+        shard "w-p28-rest-s$seed" --sets pneumoniamnist:28 --fractions 0.3 --seeds $seed \
+            --variants "medfm-v1;$NEW"
+    done
+    wait
+fi
 for seed in 0 1 2; do
+    [ "${3:-}" = rest ] && break
     shard "w-p28-full-s$seed" --sets pneumoniamnist:28 --fractions 1.0 --seeds $seed \
         --variants "medfm-v1;$NEW"
 done
-shard w-b28 --sets breastmnist:28 --variants "$NEW"
-shard w-b64 --sets breastmnist:64 --variants "$NEW"
-shard w-p28 --sets pneumoniamnist:28 --fractions 0.01,0.1,0.3 --variants "$NEW"
-echo "gpu_sweep: 6 shards, ${LIMIT}s"
+[ "${3:-}" = rest ] || shard w-b28 --sets breastmnist:28 --variants "$NEW"
+[ "${3:-}" = rest ] || shard w-b64 --sets breastmnist:64 --variants "$NEW"
+[ "${3:-}" = rest ] || shard w-p28 --sets pneumoniamnist:28 --fractions 0.01,0.1,0.3 --variants "$NEW"
+echo "gpu_sweep: shards running, ${LIMIT}s"
 wait
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader > "$WORK/gpu.txt" 2>&1
 (cd "$WORK" && tar czf "$OUTDIR/sweep.tgz" gpu.txt w-*.log w-*/registry.sqlite*)
