@@ -352,6 +352,24 @@ def test_cuda_extraction_benchmarks_cudnn_and_keeps_float32_exact():
         assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == before
 
 
+def test_padded_last_batches_give_the_same_features(synthetic_root, tmp_path, monkeypatch):
+    """On CUDA each split's partial last batch is padded to a full batch (so cuDNN tunes one
+    shape, not one per split); the padding rows must change no real row's features and never
+    reach the store. Run here on the CPU with the padding switched on for it."""
+    from medfm.extract import extractor
+
+    args = dict(dataset="bloodmnist", size=28, data_root=synthetic_root, dtype="float32",
+                batch_size=7, device="cpu", progress=False, **TINY)
+    plain = FeatureStore(extract(workdir=tmp_path / "plain", **args).path)
+    assert any(len(plain.labels(split)) % 7 for split in SPLITS)  # partial batches exist
+    monkeypatch.setattr(extractor, "PAD_DEVICES", ("cpu", "cuda"))
+    padded = FeatureStore(extract(workdir=tmp_path / "padded", **args).path)
+    for split in SPLITS:
+        assert padded.features(split).shape == plain.features(split).shape
+        np.testing.assert_allclose(padded.features(split), plain.features(split), rtol=1e-5,
+                                   atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_float32_on_cuda_gives_the_cpu_features(synthetic_root, tmp_path):
     """--precision float32 on CUDA computes in float32 (TF32 off), so it matches the CPU store

@@ -49,6 +49,7 @@ from medfm.store.features import (FeatureStore, StoreWriter, disk_full_is_one_li
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 32}  # images per forward pass, per device type
 CHUNK_BATCHES = 8  # batches per stored chunk: the unit of resumption
 PREFETCH_CHUNKS = 2  # uint8 chunks the loader thread keeps ready ahead of the model
+PAD_DEVICES = ("cuda",)  # device types whose partial batches are padded to a full one (below)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,14 @@ def compute_settings(device: torch.device, precision: str):
         cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
+def pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """`batch` (B, ...) with zero images appended up to `size` rows (itself when B >= size).
+    The frozen model runs in eval mode, so the appended rows change no other row's features."""
+    if len(batch) >= size:
+        return batch
+    return torch.cat([batch, batch.new_zeros((size - len(batch), *batch.shape[1:]))])
+
+
 class _Embedder:
     """Frozen backbone + device preprocessing; embeds uint8 chunks, halving the batch on OOM."""
 
@@ -149,6 +158,9 @@ class _Embedder:
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                          if precision == "bfloat16" else contextlib.nullcontext())
         self.bn_folded: int | None = None  # set on the first chunk (see fold.py)
+        # cuDNN benchmarks every new input shape (compute_settings), about 4 s for Lite0 on an
+        # H200, and each split's last batch would be one: on CUDA it is padded to a full batch
+        self.pad_batches = device.type in PAD_DEVICES
 
     @torch.inference_mode()
     def __call__(self, chunk: torch.Tensor) -> np.ndarray:
@@ -159,11 +171,12 @@ class _Embedder:
         while lo < len(chunk):
             try:
                 batch = chunk[lo:lo + self.batch_size]
-                x = self.prep(batch)  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float32 on device
+                x = self.prep(pad_batch(batch, self.batch_size) if self.pad_batches else batch)
+                # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float32 on device
                 with self.autocast:
                     feats = self.model.forward_head(self.model.forward_features(x),
                                                     pre_logits=True)  # (B, D)
-                out.append(feats.float())  # kept on the device: one copy back per chunk
+                out.append(feats[:len(batch)].float())  # on the device: one copy back per chunk
                 lo += len(batch)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_oom(exc) or self.batch_size == 1:
