@@ -96,3 +96,13 @@ def test_medfm_backbone_lr_is_the_sweeps_for_cnns_and_kept_for_transformers():
     assert backbone_lr("test_resnet", asked) == backbone_lr("test_vit", asked) == 3e-5
     # a preset's own transformer lr is dropped only when the backbone lr is asked for
     assert resolve_recipe("seed-paper", lr_head="1e-2").lr_backbone_vit == 1e-7
+
+
+def test_medfm_trains_its_whole_budget_and_tests_its_lowest_val_loss():
+    """No early stop in the default (docs/reproduction.md: a 300-step patience cut full
+    PneumoniaMNIST runs short while the lr was high); early stopping stays one setting away."""
+    medfm = RECIPES["medfm"]
+    assert medfm.patience == 0 and medfm.select_metric == medfm.monitor == "loss"
+    assert medfm.key_params()["patience"] == 0  # rows of the 12-validation patience stay apart
+    assert resolve_recipe("medfm", patience="12").patience == 12
+
