@@ -32,10 +32,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from medfm.errors import RegistryError
 from medfm.extract import extract
 from medfm.finetune import finetune
 from medfm.probe import probe
-from medfm.errors import RegistryError
 from medfm.store.registry import Registry
 
 BACKBONE = "tf_efficientnet_lite0.in1k"  # offline ImageNet weights (efficientnet-lite0 package)

@@ -263,7 +263,7 @@ _MEDFM = Recipe(
 
 # `medfm` since issue 14 (docs/reproduction.md, the sweep): a budget in optimizer steps that
 # every subset size gets (smaller batches for tiny subsets, at least 300 steps), validation
-# every 25 steps, the checkpoint and early stopping on the (smooth) val loss, and the backbone
+# every 25 steps, the checkpoint chosen on the (smooth) val loss, and the backbone
 # lr the sweep chose (1e-5 .. 3e-3 on Lite0: AUC rises to 1e-3 and plateaus to 3e-3; 1e-3 has
 # the best balanced accuracy at 10%; transformers, not swept, keep the earlier 1e-4). No early
 # stop: on full PneumoniaMNIST the val loss reached new minima up to 375 steps apart while the
