@@ -78,7 +78,8 @@ def test_old_medfm_keys_are_medfm_v1_and_published_presets_key_no_budget():
 
 def test_medfm_backbone_lr_is_the_sweeps_for_cnns_and_kept_for_transformers():
     """The sweep (docs/reproduction.md) chose backbone lr 1e-3 on a CNN; a backbone with
-    attention layers keeps 1e-4 (not swept). An explicit --lr-backbone is every backbone's."""
+    attention layers keeps 1e-4 (not swept). An explicit `--set lr_backbone=X` is every
+    backbone's."""
     import timm
 
     from medfm.finetune.train import _optimizer
