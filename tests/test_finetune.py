@@ -163,6 +163,41 @@ def test_losses_and_scores_per_task():
         one, yb.float() * 0.8 + 0.1)))
 
 
+def test_balanced_class_weights_follow_scikit_learn_and_enter_the_key():
+    """class_weight=balanced weights each class as scikit-learn's class_weight="balanced" on
+    the training subset (val loss included); "none" keeps every earlier key."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    torch.manual_seed(0)
+    balanced = resolve_recipe("medfm", class_weight="balanced")
+    y_train = np.array([[0], [0], [0], [0], [1], [2], [2]])  # 4 / 1 / 2 of 3 classes
+    loss = TaskLoss(Task.MULTI_CLASS, balanced, smoothing=0.0, train_labels=y_train)
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=y_train[:, 0])
+    assert loss.class_weights(3) == pytest.approx(expected)
+    logits, y = torch.randn(5, 3), torch.tensor([[0], [1], [2], [0], [1]])
+    weights = torch.tensor(expected, dtype=torch.float32)
+    assert loss(logits, y) == pytest.approx(float(F.cross_entropy(logits, y[:, 0],
+                                                                  weight=weights)))
+    assert loss(logits, y) != pytest.approx(float(F.cross_entropy(logits, y[:, 0])))
+    assert TaskLoss(Task.MULTI_CLASS, balanced, 0.0).class_weights(3) is None  # no labels given
+    assert TaskLoss(Task.MULTI_CLASS, RECIPES["medfm"], 0.0, y_train).class_weights(3) is None
+
+    multilabel = np.array([[1, 0], [0, 0], [1, 1], [0, 0]])  # label 0: 2+/2-, label 1: 1+/3-
+    bce = TaskLoss(Task.MULTI_LABEL, balanced, 0.0, train_labels=multilabel)
+    w = bce.class_weights(2)  # row 0 negatives, row 1 positives
+    assert w[:, 0] == pytest.approx([1.0, 1.0]) and w[:, 1] == pytest.approx([4 / 6, 2.0])
+    logits2, target = torch.randn(4, 2), torch.tensor(multilabel)
+    per = torch.where(target > 0, torch.tensor(w[1], dtype=torch.float32),
+                      torch.tensor(w[0], dtype=torch.float32))
+    assert bce(logits2, target) == pytest.approx(float(F.binary_cross_entropy_with_logits(
+        logits2, target.float(), weight=per)))
+
+    assert "class_weight" not in RECIPES["medfm"].key_params()  # earlier keys stay
+    assert balanced.key_params()["class_weight"] == "balanced"
+    with pytest.raises(InvalidArgumentError, match="class_weight"):
+        resolve_recipe("medfm", class_weight="inverse")
+
+
 def test_augmentation_is_deterministic_per_seed_and_step():
     x = torch.rand(8, 3, 28, 28)
     a, b = augment(x, seed=3, step=5), augment(x, seed=3, step=5)

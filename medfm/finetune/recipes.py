@@ -57,6 +57,7 @@ OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "step", "exp", "constant", "cosine-epoch")  # cosine-epoch: timm's
 # CosineLRScheduler stepped once per epoch (MedMNIST+): epoch e runs at cos(pi * (e - 1) / E)
 SCHEDULE_SCOPES = ("all", "head")  # which lrs the schedule scales; head: the backbone's is constant
+CLASS_WEIGHTS = ("none", "balanced")  # balanced: each class's loss weighted n / (K * n_class)
 HEAD_INITS = ("small", "timm")  # new head: N(0, 0.01) and zero bias, or the model's own init
 SELECT_METRICS = ("primary", "acc", "auc", "loss")  # primary: the dataset's (AUC for ChestMNIST)
 BINARY_HEADS = ("ce2", "bce1")  # binary tasks: 2 logits + cross-entropy, or 1 logit + BCE
@@ -75,7 +76,7 @@ METHODS = ("finetune", "lora")  # how fine-tunes are recorded: whole (or frozen)
 LATER_FIELDS: dict[str, object] = {
     "schedule_scope": "all", "lr_backbone_vit": None, "drop_last": False, "whole_epochs": False,
     "eval_rounds": 0, "head_init": "small", "frozen_train_mode": False,
-    "revision": 1, "min_steps": 0, "epoch_steps": 0,
+    "revision": 1, "min_steps": 0, "epoch_steps": 0, "class_weight": "none",
 }
 MIN_TRAIN_BATCH = 8  # epoch_steps shrinks the batch down to this (or the whole subset), no lower
 
@@ -132,6 +133,8 @@ class Recipe:
     min_steps: int = 0  # epoch-based runs take at least this many optimizer steps in all
     epoch_steps: int = 0  # the batch shrinks (to MIN_TRAIN_BATCH at least) so that an epoch has
     #                       at least this many steps; 0: batch_size as it is
+    class_weight: str = "none"  # one of CLASS_WEIGHTS: "balanced" weights each class (each label's
+    #                             positives and negatives) by n / (K * its count in the subset)
 
     def __post_init__(self) -> None:
         """Check every choice and range, so a bad recipe fails before any data or model loads."""
@@ -140,6 +143,7 @@ class Recipe:
             ("monitor", SELECT_METRICS), ("binary_head", BINARY_HEADS),
             ("normalize", NORMALIZATIONS), ("stem", STEMS),
             ("schedule_scope", SCHEDULE_SCOPES), ("head_init", HEAD_INITS),
+            ("class_weight", CLASS_WEIGHTS),
         ):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(

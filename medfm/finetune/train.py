@@ -36,8 +36,10 @@ checkpoints and best state hold only what it trains (adapters and head, `model_s
 frozen weights come back from their source when the model is rebuilt.
 
 Losses per task: multi-class and ordinal: cross-entropy; multi-label: BCE with logits per label;
-binary: 2 logits + cross-entropy (`ce2`) or 1 logit + BCE (`bce1`). Scores are probabilities:
-softmax, or sigmoid (bce1 scores are written as (1 - p, p), like every other binary row).
+binary: 2 logits + cross-entropy (`ce2`) or 1 logit + BCE (`bce1`); `class_weight="balanced"`
+weights each class by its inverse frequency in the training subset (the val loss too). Scores
+are probabilities: softmax, or sigmoid (bce1 scores are written as (1 - p, p), like every other
+binary row).
 
 The references' loops (docs/presets.md) need a few more recipe settings: `eval_rounds` validates
 at the seed paper's epochs instead of every round, `drop_last` drops every partial batch,
@@ -148,21 +150,54 @@ def apply_cifar_stem(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 class TaskLoss:
-    """Training loss for a task (see module docstring); targets arrive as uint8 (B, L) labels."""
+    """Training loss for a task (see module docstring); targets arrive as uint8 (B, L) labels.
+    With `train_labels` and the recipe's class_weight "balanced", each class (for BCE: each
+    label's positives and negatives) is weighted by n / (K * its count in `train_labels`), as
+    scikit-learn's class_weight="balanced" (a class absent from the subset counts as one)."""
 
-    def __init__(self, task: Task, recipe: Recipe, smoothing: float):
+    def __init__(self, task: Task, recipe: Recipe, smoothing: float,
+                 train_labels: np.ndarray | None = None):
         self.task = Task(task)
         self.bce = task is Task.MULTI_LABEL or (task is Task.BINARY
                                                 and recipe.binary_head == "bce1")
         self.smoothing = smoothing
+        self.train_labels = (np.asarray(train_labels) if recipe.class_weight == "balanced"
+                             and train_labels is not None else None)
+        self._weights: torch.Tensor | None = None
+
+    def class_weights(self, n_outputs: int) -> np.ndarray | None:
+        """None (unweighted), (K,) cross-entropy weights, or (2, L) BCE weights (row 0 for
+        negatives, row 1 for positives) for a head of `n_outputs` logits."""
+        if self.train_labels is None:
+            return None
+        labels = self.train_labels.reshape(len(self.train_labels), -1)
+        n = len(labels)
+        if self.bce:
+            pos = labels.sum(axis=0).astype(np.float64)
+            return np.stack([n / (2.0 * np.maximum(n - pos, 1.0)),
+                             n / (2.0 * np.maximum(pos, 1.0))])
+        counts = np.bincount(labels[:, 0].astype(np.int64), minlength=n_outputs)[:n_outputs]
+        return n / (n_outputs * np.maximum(counts, 1).astype(np.float64))
+
+    def _weights_on(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if self.train_labels is None:
+            return None
+        if self._weights is None or self._weights.device != logits.device:
+            self._weights = torch.as_tensor(self.class_weights(logits.shape[1]),
+                                            dtype=torch.float32, device=logits.device)
+        return self._weights
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        weights = self._weights_on(logits)
         if self.bce:
             target = labels.float().reshape(logits.shape)  # (B, L) multi-label or (B, 1) binary
+            per_element = None if weights is None else torch.where(target > 0.5, weights[1],
+                                                                   weights[0])
             target = target * (1.0 - self.smoothing) + 0.5 * self.smoothing
-            return F.binary_cross_entropy_with_logits(logits, target)
-        return F.cross_entropy(logits, labels[:, 0].long(), label_smoothing=self.smoothing)
+            return F.binary_cross_entropy_with_logits(logits, target, weight=per_element)
+        return F.cross_entropy(logits, labels[:, 0].long(), weight=weights,
+                               label_smoothing=self.smoothing)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, C) probabilities; a bce1 binary head gives (1 - p, p)."""
@@ -689,7 +724,8 @@ def train(
     state, resumed = _resume(path, plan, model, optimizer, scheduler, seed, recipe, device)
     bar = tqdm(total=plan.total_steps * plan.batch_size, initial=state.step * plan.batch_size,
                unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
-    loop = _Loop(model, recipe, TaskLoss(task, recipe, recipe.label_smoothing),
+    loss_fn = TaskLoss(task, recipe, recipe.label_smoothing, train_labels=_labels(train))
+    loop = _Loop(model, recipe, loss_fn,
                  DevicePreprocessor(preprocess, device, channels_last=True), batches, optimizer,
                  scheduler, device, seed, bar)
     try:
