@@ -140,6 +140,44 @@ def import_rows(workdir: str, sources: list[str]) -> None:
         print(f"{source}: {added} run(s) added to {workdir}")
 
 
+def _above_chance(row) -> bool:
+    """Balanced accuracy's 95% bootstrap interval lies above 50%: the run beats the majority-class
+    predictor (and any one-class predictor) beyond the test split's sampling noise."""
+    return row.balanced_acc_ci_low > 0.5
+
+
+def _collapsed(row) -> bool:
+    """One class predicted for every test image (binary: balanced accuracy exactly 50%)."""
+    return abs(row.balanced_acc - 0.5) < 1e-9
+
+
+def collapse_check(pairs: list, variants) -> list[str]:
+    """Per variant, over (probe run, variant run) pairs on the same subset: how often the
+    variant collapses where the probe does not, and where the probe is above chance (its
+    balanced accuracy's interval above 50%) how often the variant collapses or is not."""
+    lines = ["", "Collapse check, per run against the probe on the same subset (\"above chance\": "
+             "balanced accuracy's 95% bootstrap interval above 50%):", "",
+             "| variant | pairs | collapsed where the probe did not | probe above chance | "
+             "variant collapsed there | variant not above chance there |",
+             "|---|---|---|---|---|---|"]
+    for label, recipe, overrides in variants:
+        mine = [(name, fraction, p, r) for name, fraction, p, r in pairs
+                if _recipe_matches(r, recipe, overrides)]
+        if not mine:
+            continue
+        only = [x for x in mine if _collapsed(x[3]) and not _collapsed(x[2])]
+        strong = [x for x in mine if _above_chance(x[2])]
+
+        def runs(items):
+            return f"{len(items)}" + (" (" + ", ".join(
+                f"{name} {fraction:g} s{p.key.seed}" for name, fraction, p, _ in items) + ")"
+                if items and len(items) <= 6 else "")
+        lines.append(f"| {label} | {len(mine)} | {runs(only)} | {len(strong)} | "
+                     f"{runs([x for x in strong if _collapsed(x[3])])} | "
+                     f"{runs([x for x in strong if not _above_chance(x[3])])} |")
+    return lines
+
+
 def summary(args, sets, fractions, seeds, variants) -> str:
     registry = Registry.in_workdir(args.workdir)
     tune = sum(recipe == "medfm" for _, recipe, _ in variants) > 1
@@ -149,7 +187,7 @@ def summary(args, sets, fractions, seeds, variants) -> str:
              "| set | fraction | n_train | probe | " + " | ".join(v[0] for v in variants)
              + (" | medfm, lr chosen on val |" if tune else " |"),
              "|---|---|---|---|" + "---|" * (len(variants) + tune)]
-    runs = []
+    runs, pairs = [], []
     for dataset, size in sets:
         rows = [r for r in registry.query(dataset=dataset) if r.key.size == size
                 and r.key.input_size == args.input_size and r.key.seed in seeds]
@@ -170,8 +208,13 @@ def summary(args, sets, fractions, seeds, variants) -> str:
                          f"{'/'.join(map(str, n_train)) or '-'} | "
                          f"{_cell(probe_rows, args.compact)} | "
                          + " | ".join(cells) + " |")
-            runs += [(f"{dataset}-{size}", fraction, r) for r in here
-                     if r.key.method == "finetune" and _label(r, variants) != "?"]
+            mine = [r for r in here
+                    if r.key.method == "finetune" and _label(r, variants) != "?"]
+            runs += [(f"{dataset}-{size}", fraction, r) for r in mine]
+            by_seed = {r.key.seed: r for r in probe_rows}
+            pairs += [(f"{dataset}-{size}", fraction, by_seed[r.key.seed], r) for r in mine
+                      if r.key.seed in by_seed]
+    lines += collapse_check(pairs, variants)
     if args.per_run:
         lines += ["", "| set | fraction | seed | recipe | steps | batch | kept val value "
                   "(loss; v1: primary) | test ACC / AUC / bal | wall s |",

@@ -117,3 +117,30 @@ def test_an_old_store_opened_by_its_path_reads_as_the_new_layout(tmp_path):
     assert store.request["data_digest"] == get_dataset("breastmnist").md5(28)
     assert v1_attrs({**store.attrs, "format_version": 1})["request_json"] == store.attrs[
         "request_json"]
+
+
+def test_an_early_layout_1_store_is_one_clear_error(tmp_path, capsys):
+    """A layout-1 store written before its preprocessing was recorded (medfm's first synthetic
+    writer: no `preprocess_json`, no `data_md5`) cannot be mapped to a request: opening it, and
+    any command that asks for its dataset, is one line naming the file and what to do, exit 2,
+    and the file stays as it was."""
+    import h5py
+
+    from medfm.errors import StoreError
+
+    stores = tmp_path / "work" / "stores"
+    stores.mkdir(parents=True)
+    path = stores / OLD_STORE
+    shutil.copy(FIXTURE / "stores" / OLD_STORE, path)
+    with h5py.File(path, "r+") as fh:
+        del fh.attrs["preprocess_json"]
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="early layout.*preprocess_json.*rebuild|"
+                                         "early layout.*preprocess_json.*delete"):
+        FeatureStore(path)
+    capsys.readouterr()
+    code = main(["probe", "--dataset", "breastmnist", "--fractions", "0.1", "--seeds", "0",
+                 "--workdir", str(tmp_path / "work")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "early layout" in err[0], err
+    assert path.read_bytes() == before

@@ -164,7 +164,12 @@ class FeatureStore:
         if attrs.get("format_version") == 1:  # not upgraded yet (opened by its path)
             from medfm.store.migrate import v1_attrs
 
-            self._attrs = self._all_attrs = attrs = v1_attrs(attrs)
+            try:
+                self._attrs = self._all_attrs = attrs = v1_attrs(attrs)
+            except (KeyError, ValueError, TypeError) as exc:  # a pre-release layout-1 writer
+                raise StoreError(
+                    f"feature store {self.path} is in an early layout medfm cannot read "
+                    f"({type(exc).__name__}: {exc}); {_rebuild_hint(self.path)}.") from None
         problems = []
         if attrs.get("format_version") != FORMAT_VERSION:
             problems.append(f"format version {attrs.get('format_version')} != {FORMAT_VERSION}")
