@@ -386,6 +386,19 @@ def test_new_head_on_pretrained_backbone_starts_with_small_logits():
 
 
 @pytest.mark.slow
+def test_balanced_class_weight_reaches_the_training_and_val_losses(data_root, tmp_path):
+    """The same run with class_weight=balanced on an imbalanced subset (synthetic RetinaMNIST,
+    13/8/9/11/7 images per grade): the first round's train and val losses are the weighted ones,
+    and the run has its own key."""
+    plain, _, _ = _job(data_root, tmp_path / "plain", dataset="retinamnist", epochs=1)
+    weighted, _, _ = _job(data_root, tmp_path / "weighted", dataset="retinamnist", epochs=1,
+                          class_weight="balanced")
+    assert plain.key.digest() != weighted.key.digest()
+    first, first_w = plain.extra["curves"][0], weighted.extra["curves"][0]
+    assert first["train_loss"] != pytest.approx(first_w["train_loss"], rel=1e-6)
+    assert first["val_loss"] != pytest.approx(first_w["val_loss"], rel=1e-6)
+
+
 def test_frozen_pretrained_lite0_head_learns_real_breastmnist(real_root, tmp_path):
     recipe = resolve_recipe("medfm", freeze_backbone=True, epochs=4, input_size=64)
     row, scores, y_true = finetune_job(
