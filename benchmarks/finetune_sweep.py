@@ -108,10 +108,11 @@ def _cell(rows, compact: bool = False) -> str:
 def _tuned(here, variants) -> list:
     """Per seed, the run of the `medfm` variants (the recipe and its overrides, e.g. an lr grid)
     with the lowest val loss at its kept checkpoint: the fine-tune's hyper-parameters chosen on
-    val, as the probe chooses its C on val (one tuning budget for both paradigms)."""
+    val, as the probe chooses its C on val (one tuning budget for both paradigms). Variants
+    that weight the loss (class_weight) are left out: their val loss is not the same quantity."""
     runs = {}
     for _, recipe, overrides in variants:
-        if recipe != "medfm":
+        if recipe != "medfm" or overrides.get("class_weight", "none") != "none":
             continue
         for row in here:
             if _recipe_matches(row, recipe, overrides) and row.extra.get("best_value") is not None:
@@ -180,7 +181,8 @@ def collapse_check(pairs: list, variants) -> list[str]:
 
 def summary(args, sets, fractions, seeds, variants) -> str:
     registry = Registry.in_workdir(args.workdir)
-    tune = sum(recipe == "medfm" for _, recipe, _ in variants) > 1
+    tune = sum(recipe == "medfm" and overrides.get("class_weight", "none") == "none"
+               for _, recipe, overrides in variants) > 1
     lines = [f"{BACKBONE}, {args.input_size} px input (bilinear); cells: test ACC / AUC / "
              "balanced accuracy, mean+-sd over seeds (runs, runs collapsed to one class, median "
              "and range of wall s)", "",
