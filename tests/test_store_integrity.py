@@ -19,7 +19,7 @@ from medfm.cli import main
 from medfm.errors import StoreError
 from medfm.extract import extract
 from medfm.store.features import (FeatureStore, content_fingerprint, is_verified, list_stores,
-                                  store_lock)
+                                  store_lock, upcast)
 from medfm.store.registry import Registry
 
 TINY = dict(backbone="test_resnet", weights="random", input_size=32)
@@ -240,3 +240,32 @@ def test_a_stores_path_that_is_a_file_is_one_line(tmp_path, capsys):
     assert main(["stores", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a folder" in err[0]
+
+
+@pytest.mark.parametrize("torch_loaded", [True, False])
+def test_upcast_is_numpy_astype_bit_for_bit(torch_loaded, monkeypatch):
+    """Every float16 bit pattern (subnormals, -0, infinities, NaN), contiguous and strided,
+    upcasts to the float32 numpy's astype gives: through torch when it is loaded, else through
+    the table (which must not import torch)."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    if not torch_loaded:
+        monkeypatch.delitem(sys.modules, "torch")
+    for values in (every, every[:, ::3]):
+        expected = values.astype(np.float32)
+        got = upcast(values)
+        assert got.dtype == np.float32 and got.shape == values.shape
+        nan = np.isnan(expected)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    assert ("torch" in sys.modules) == torch_loaded
+    assert upcast(every, np.float64).dtype == np.float64  # other casts are numpy's
+
+
+def test_store_features_are_the_stored_float16_upcast(real_store):
+    """What a store returns is its float16 dataset, upcast exactly."""
+    with h5py.File(real_store, "r") as fh:
+        stored = fh["train"]["features"][()]
+    assert stored.dtype == np.float16
+    got = FeatureStore(real_store).features("train")
+    assert got.dtype == np.float32
+    assert np.array_equal(got, stored.astype(np.float32))

@@ -256,6 +256,9 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
     skipped = [key for _, _, key in plan if key.digest() in done]
     pending = [(s, spec) for s, spec, key in plan if key.digest() not in done]
     request = request.for_work(pending)
+    if pending and request.solver == "torch":
+        import torch  # noqa: F401 - the solver imports it anyway; imported before the stores
+        #                              are read, it also upcasts their float16 features faster
     computed, arrays, shared_fits, corrupted = [], {}, {}, {}
     for s, spec in tqdm(pending, desc="probe", disable=not progress or not pending):
         if s.path not in arrays:

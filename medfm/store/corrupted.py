@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from medfm.errors import StoreError
-from medfm.store.features import FeatureStore, _decode, is_verified, mark_verified
+from medfm.store.features import FeatureStore, _decode, is_verified, mark_verified, upcast
 from medfm.store.registry import canonical_json
 
 CORRUPTED_DIRNAME = "corrupted"  # <workdir>/stores/corrupted/
@@ -97,7 +97,7 @@ class CorruptedStore:
         """(N_test, D) float32 features of the corrupted test split."""
         self._check()
         with h5py.File(self.path, "r") as fh:
-            values = fh[group_name(corruption, severity)]["features"][()].astype(np.float32)
+            values = upcast(fh[group_name(corruption, severity)]["features"][()])
         if not np.isfinite(values).all():
             raise StoreError(f"corrupted-split store {self.path}: {corruption} severity "
                              f"{severity} holds NaN or infinite features; delete it and "

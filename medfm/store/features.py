@@ -57,6 +57,29 @@ LOCKS_DIRNAME = ".locks"  # <workdir>/stores/.locks/<store name>.lock: one write
 ARRAYS = ("features", "labels", "index")  # datasets of each split, in fingerprint order
 
 
+_FLOAT16_TABLE: np.ndarray | None = None  # every float16 bit pattern as float32 (256 KB)
+
+
+def upcast(values: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """`values.astype(dtype)`, bit for bit, faster for float16 -> float32 (a store's default).
+
+    numpy converts half floats one at a time (1.2 s for a 90k x 1280 split on a 2-core CPU).
+    When torch is already imported (the torch solver, extraction) its vectorized conversion does
+    it in 0.17 s; otherwise a lookup in the table of all 65,536 float16 values as numpy converts
+    them, in 0.65 s. Neither imports anything.
+    """
+    if values.dtype != np.float16 or np.dtype(dtype) != np.float32:
+        return values.astype(dtype, copy=False)
+    values = np.ascontiguousarray(values)
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        return torch.from_numpy(values).float().numpy()
+    global _FLOAT16_TABLE
+    if _FLOAT16_TABLE is None:
+        _FLOAT16_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    return _FLOAT16_TABLE[values.view(np.uint16)]
+
+
 def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
     """<workdir>/stores, created, with stores written by older medfm versions upgraded once."""
     from medfm.store.migrate import upgrade_stores
@@ -207,7 +230,7 @@ class FeatureStore:
 
     def features(self, split: str, dtype=np.float32) -> np.ndarray:
         """(N, D) features of `split`, upcast to `dtype`."""
-        return self._read(split, "features").astype(dtype, copy=False)
+        return upcast(self._read(split, "features"), dtype)
 
     def labels(self, split: str) -> np.ndarray:
         """(N, L) labels of `split`, as in the npz."""

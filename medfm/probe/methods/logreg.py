@@ -260,7 +260,7 @@ def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mean64 = total / n
     squares = np.zeros(X.shape[1])
     for lo in range(0, n, STANDARDIZE_ROWS):
-        centred = X[lo:lo + STANDARDIZE_ROWS].astype(np.float64) - mean64
+        centred = np.subtract(X[lo:lo + STANDARDIZE_ROWS], mean64, dtype=np.float64)
         squares += np.einsum("ij,ij->j", centred, centred)
     mean = mean64.astype(np.float32)
     scale = np.sqrt(squares / n).astype(np.float32)
