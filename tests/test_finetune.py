@@ -454,3 +454,20 @@ def test_sigkill_mid_training_then_rerun_resumes_and_equals_uninterrupted(tmp_pa
     assert resumed.key == whole.key and (resumed.acc, resumed.auc) == (whole.acc, whole.auc)
     assert np.array_equal(Registry.in_workdir(killed).scores(resumed.key)[1],
                           Registry.in_workdir(tmp_path / "whole").scores(whole.key)[1])
+
+
+@pytest.mark.parametrize("batch_size, drop_last", [(128, False), (109, False), (50, True),
+                                                    (546, False)])
+def test_progress_counts_the_images_the_batches_serve(real_root, batch_size, drop_last):
+    """The fine-tune bar's total and resume position are the images actually served: an
+    epoch's partial last batch counts what it holds (the bar used to stop short of 100%)."""
+    from medfm.finetune.train import Split, _Batches
+
+    with np.load(real_root / "breastmnist.npz") as npz:
+        split = Split(npz["train_images"], npz["train_labels"])  # 546 real images
+    batches = _Batches(split, batch_size, seed=0, device=torch.device("cpu"),
+                       drop_last=drop_last)
+    served = 0
+    for step in range(3 * batches.per_epoch + 1):
+        assert batches.images_before(step) == served
+        served += len(batches(step)[0])

@@ -339,6 +339,13 @@ class _Batches:
             self._resident = (torch.from_numpy(images).to(device),
                               torch.from_numpy(labels.astype(np.int64)).to(device))
 
+    def images_before(self, step: int) -> int:
+        """Training images served by steps [0, step): a progress bar's position (an epoch's
+        last batch may be partial)."""
+        epochs, j = divmod(step, self.per_epoch)
+        n = len(self.split)
+        return epochs * min(n, self.per_epoch * self.batch_size) + min(j * self.batch_size, n)
+
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images uint8, labels int64) of global step `step`, on the device."""
         epoch, j = divmod(step, self.per_epoch)
@@ -722,7 +729,8 @@ def train(
         for group in optimizer.param_groups])
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     state, resumed = _resume(path, plan, model, optimizer, scheduler, seed, recipe, device)
-    bar = tqdm(total=plan.total_steps * plan.batch_size, initial=state.step * plan.batch_size,
+    bar = tqdm(total=batches.images_before(plan.total_steps),
+               initial=batches.images_before(state.step),
                unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     loss_fn = TaskLoss(task, recipe, recipe.label_smoothing, train_labels=_labels(train))
     loop = _Loop(model, recipe, loss_fn,
