@@ -168,12 +168,15 @@ def test_dinov2_alias_runs_at_518():
 
 @pytest.mark.parametrize(
     ("name", "suggestion"),
-    [("resnet_18", "resnet18"), ("dinov2_vitb15", "dinov2_vitb14"), ("resnet18.a1_in1", "a1_in1k")],
+    [("resnet_18", "resnet18"), ("dinov2_vitb15", "dinov2_vitb14"), ("resnet18.a1_in1", "a1_in1k"),
+     ("resnet1888", "resnet18")],
 )
 def test_unknown_name_suggests_close_matches(name, suggestion):
     with pytest.raises(UnknownBackboneError, match=suggestion) as info:
         create_backbone(name, weights="random")
     assert repr(name) in str(info.value)
+    suggested = str(info.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert len(suggested) == len(set(suggested))  # an alias that is also an arch, named once
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

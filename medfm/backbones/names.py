@@ -203,7 +203,8 @@ def _snapshot_config(timm_id: str) -> dict:
 # -- resolution ----------------------------------------------------------------------------------
 
 def _unknown(name: str, detail: str, candidates) -> UnknownBackboneError:
-    close = difflib.get_close_matches(name, list(candidates), n=CLOSE_MATCHES, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=CLOSE_MATCHES,
+                                      cutoff=0.6)  # each name once: an alias is also an arch
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return UnknownBackboneError(
         f"unknown backbone {name!r}: {detail}.{hint} "
