@@ -432,7 +432,7 @@ def _add_results(sub) -> None:
 def _run_results(args) -> int:
     from medfm.store.registry import Registry
 
-    registry = Registry.in_workdir(args.workdir)
+    registry = Registry.existing(args.workdir)
     _print_results(registry.to_dataframe(corruptions=args.corruptions, **_filters(args)),
                    args.format)
     return 0

@@ -17,8 +17,9 @@ DATA_ROOT_ENV = "MEDFM_DATA_ROOT"  # where the MedMNIST npz files live
 DEFAULT_WORKDIR = "medfm-work"  # relative to the current directory
 
 
-def resolve_workdir(workdir: str | os.PathLike | None = None) -> Path:
-    """`workdir` if given, else $MEDFM_WORKDIR, else ./medfm-work (created on demand).
+def resolve_workdir(workdir: str | os.PathLike | None = None, *, create: bool = True) -> Path:
+    """`workdir` if given, else $MEDFM_WORKDIR, else ./medfm-work (created on demand, unless
+    `create` is False: a verb that only reads).
 
     A path that is a file, or lies under one, is an InvalidArgumentError naming where it came
     from; a folder that cannot be created for want of permission or space raises the OSError
@@ -34,7 +35,8 @@ def resolve_workdir(workdir: str | os.PathLike | None = None) -> Path:
     try:
         if path.exists() and not path.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError, FileNotFoundError) as exc:
         raise InvalidArgumentError(
             f"work directory {path} ({source}) cannot be used: {exc.strerror}; point "

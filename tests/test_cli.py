@@ -65,6 +65,18 @@ def test_user_errors_exit_2_with_one_line(argv, needle, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("verb", ["results", "report"])
+def test_reading_a_work_directory_without_a_registry_creates_nothing(verb, tmp_path, capsys):
+    """A mistyped --workdir is one line and exit 2; it used to print no rows (results) and leave
+    an empty work directory with an empty registry behind."""
+    typo = tmp_path / "medfm-wrok"
+    assert main([verb, "--workdir", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no results registry" in err
+    assert str(typo) in err and "--workdir" in err
+    assert not typo.exists()
+
+
 def test_every_backbone_spelling_is_one_probe_run_and_one_filter(workdir, capsys):
     """The store was extracted as test_resnet (timm's default tag r160_in1k): probing by the
     tagged id fits nothing new, and results/report filters accept either spelling."""

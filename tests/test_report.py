@@ -84,6 +84,7 @@ def ink(path) -> float:
 def test_empty_registry_says_to_run_probe_first(tmp_path):
     with pytest.raises(RegistryError, match="run `medfm probe` or `medfm finetune`"):
         report(workdir=tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # a report reads: it creates no work directory
 
 
 def test_filters_that_match_nothing_are_an_error(filled, tmp_path):

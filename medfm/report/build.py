@@ -29,7 +29,6 @@ import pandas as pd
 
 from medfm.errors import InvalidArgumentError, RegistryError
 from medfm.metrics import ece, reliability_bins
-from medfm.paths import resolve_workdir
 from medfm.report import plots as plotting
 from medfm.report import robustness
 from medfm.report.guideline import build_guideline, guideline_html, guideline_markdown
@@ -96,10 +95,9 @@ def report(
     """
     if metric not in METRICS:
         raise RegistryError(f"guideline metric {metric!r} is not one of {', '.join(METRICS)}")
-    out_dir = Path(out).expanduser() if out is not None else (resolve_workdir(workdir)
-                                                             / REPORT_DIRNAME)
+    registry = Registry.existing(workdir)
+    out_dir = Path(out).expanduser() if out is not None else registry.path.parent / REPORT_DIRNAME
     _check_out(out_dir)
-    registry = Registry.in_workdir(workdir)
     everything = registry.to_dataframe(corruptions=True, **filters)
     frame = everything[everything["corruption"].isna()].reset_index(drop=True)
     corrupted = everything[everything["corruption"].notna()].reset_index(drop=True)

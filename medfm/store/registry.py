@@ -353,6 +353,19 @@ class Registry:
         """The registry of a work directory (argument, then $MEDFM_WORKDIR, then ./medfm-work)."""
         return cls(resolve_workdir(workdir) / REGISTRY_FILENAME)
 
+    @classmethod
+    def existing(cls, workdir: str | os.PathLike | None = None) -> Registry:
+        """The registry of a work directory for a verb that only reads it (results, report):
+        where there is none, a RegistryError saying so, and nothing is created (a mistyped
+        --workdir used to leave an empty work directory and print no rows)."""
+        path = resolve_workdir(workdir, create=False) / REGISTRY_FILENAME
+        if not path.is_file():
+            raise RegistryError(
+                f"no results registry in {path.parent}: nothing has been recorded there; check "
+                "--workdir (or $MEDFM_WORKDIR), or run `medfm probe` or `medfm finetune` (or "
+                "`medfm grid SPEC.yaml`) first")
+        return cls(path)
+
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r})"
 
