@@ -65,14 +65,16 @@ def test_user_errors_exit_2_with_one_line(argv, needle, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("verb", ["results", "report"])
-def test_reading_a_work_directory_without_a_registry_creates_nothing(verb, tmp_path, capsys):
-    """A mistyped --workdir is one line and exit 2; it used to print no rows (results) and leave
-    an empty work directory with an empty registry behind."""
+@pytest.mark.parametrize("verb, needle", [("results", "no results registry"),
+                                          ("report", "no results registry"),
+                                          ("stores", "does not exist")])
+def test_reading_a_missing_work_directory_creates_nothing(verb, needle, tmp_path, capsys):
+    """A mistyped --workdir is one line and exit 2; it used to print no rows (results, stores)
+    and leave an empty work directory (with an empty registry) behind."""
     typo = tmp_path / "medfm-wrok"
     assert main([verb, "--workdir", str(typo)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "no results registry" in err
+    assert len(err.strip().splitlines()) == 1 and needle in err
     assert str(typo) in err and "--workdir" in err
     assert not typo.exists()
 
