@@ -60,7 +60,6 @@ from medfm.errors import InvalidArgumentError
 DEFAULT_THRESHOLD = 0.5  # binary and multi-label decision threshold (medmnist's getACC default)
 DEFAULT_N_BOOTSTRAP = 1000  # bootstrap resamples per confidence interval
 DEFAULT_CI = 0.95  # confidence level of the percentile intervals
-INT32_ROWS = 32_768  # test splits smaller than this count AUC pairs in int32 (exact)
 BOOTSTRAP_CHUNK = 64  # resamples scored together: a (64, N) weight matrix at a time
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 NLL_CLIP = 1e-12  # probabilities are clipped to [NLL_CLIP, 1 - NLL_CLIP] before the log
@@ -159,11 +158,16 @@ class _WeightedAUC:
     every sample of the other class the positions where its score enters that sorted list
     (left and right of ties). Under weights, the reference's cumulative weight at those
     positions counts the reference samples strictly below (left) and at or below (right), so
-    2 * (Mann-Whitney U) is an exact integer sum and one division gives the AUC.
+    2 * (Mann-Whitney U) is an exact integer sum and one division gives the AUC. The other
+    class's weights are first summed into the reference positions they enter (one sparse
+    product for every column at once), so a resample gathers each sample's weight once, not
+    three times per column; every sum is of integers below 2**53 in float64, so exact.
     """
 
     def __init__(self, y_true: np.ndarray, y_score: np.ndarray, task: Task) -> None:
-        self.columns = []
+        import scipy.sparse  # deferred, as for calibration: a rerun imports no SciPy
+
+        self.columns, rows, queries, offset = [], [], [], 0
         for score, positive in _auc_columns(y_true, y_score, task):
             pos_rows, neg_rows = np.flatnonzero(positive), np.flatnonzero(~positive)
             ref_is_pos = pos_rows.size <= neg_rows.size
@@ -171,25 +175,29 @@ class _WeightedAUC:
             ref = ref[np.argsort(score[ref], kind="stable")]
             below = np.searchsorted(score[ref], score[query], side="left")
             at_or_below = np.searchsorted(score[ref], score[query], side="right")
-            self.columns.append((ref_is_pos, ref, query, below, at_or_below))
+            rows += [offset + below, offset + at_or_below]
+            queries += [query, query]
+            self.columns.append((ref_is_pos, ref, offset, ref.size + 1))
+            offset += ref.size + 1
+        rows, queries = np.concatenate(rows), np.concatenate(queries)
+        # (positions, N): row `offset + j` of a column sums the weights of the other class's
+        # samples entering its sorted reference at j, once per side (twice where no tie)
+        self.entering = scipy.sparse.csr_array(
+            (np.ones(rows.size), (rows, queries)), shape=(offset, np.asarray(y_true).shape[0]))
+        self.entering.sum_duplicates()
 
     def __call__(self, weights: np.ndarray) -> np.ndarray:
-        # int32 halves the memory traffic and stays exact: a term is w_q * (ref weight below,
-        # twice) <= N * 2N, below 2**31 for N < INT32_ROWS; the sums run in int64
-        dtype = np.int32 if weights.shape[1] < INT32_ROWS else np.int64
-        weights = weights.astype(dtype, copy=False)
+        weights = weights.astype(np.float64, copy=False)  # integer counts: exact
+        entering = (self.entering @ np.ascontiguousarray(weights.T)).T  # (B, positions)
+        n_all = weights.sum(axis=1)
         total = np.zeros(weights.shape[0])
-        for ref_is_pos, ref, query, below, at_or_below in self.columns:
-            cum = np.zeros((weights.shape[0], ref.size + 1), dtype=dtype)
-            np.cumsum(np.take(weights, ref, axis=1), axis=1, out=cum[:, 1:])  # (B, R + 1)
-            w_query = np.take(weights, query, axis=1)  # (B, Q)
-            twice = np.take(cum, below, axis=1)
-            twice += np.take(cum, at_or_below, axis=1)
-            twice *= w_query
-            # sum over queries of 2 * (ref weight below, ties half)
-            twice = twice.sum(axis=1, dtype=np.int64)
-            n_ref = cum[:, -1].astype(np.int64)
-            n_query = w_query.sum(axis=1, dtype=np.int64)
+        for ref_is_pos, ref, offset, size in self.columns:
+            cum = np.zeros((weights.shape[0], size))  # reference weight below each position
+            np.cumsum(np.take(weights, ref, axis=1), axis=1, out=cum[:, 1:])
+            # sum over the other class of 2 * (ref weight below, ties half)
+            twice = np.einsum("ij,ij->i", cum, entering[:, offset:offset + size])
+            n_ref = cum[:, -1]
+            n_query = n_all - n_ref  # the two classes of a column are every sample
             # U counts (positive, negative) pairs with the positive above; ref below a query
             # positive is such a pair, ref below a query negative is the opposite
             twice_u = 2 * n_ref * n_query - twice if ref_is_pos else twice

@@ -117,6 +117,31 @@ def test_resamples_without_a_class_are_skipped():
     assert np.isnan(evaluate(one_class, s, Task.BINARY, n_bootstrap=10).auc_ci).all()
 
 
+@pytest.mark.parametrize("kind", ["binary2", "multi-class", "multi-label"])
+def test_bootstrap_auc_interval_is_scikit_learns_per_resample(kind):
+    """The vectorised resample AUCs (weights summed into reference positions, one sparse
+    product) are, resample by resample, scikit-learn's ROC-AUC of the resampled test set
+    (mean over columns; resamples missing a class skipped), ties included."""
+    from sklearn.metrics import roc_auc_score
+
+    from medfm.metrics import _percentile_interval, _resample_indices
+
+    y, s, task = _case(kind, n=120, seed=3, ties=True)
+    columns = ([(y[:, j], s[:, j]) for j in range(y.shape[1])] if task is Task.MULTI_LABEL
+               else [(y[:, 0], s[:, 1])] if task is Task.BINARY
+               else [(y[:, 0] == c, s[:, c]) for c in range(s.shape[1])])
+    values = []
+    for chunk in _resample_indices(len(y), 200, 0):
+        for rows in chunk:
+            if any(len(np.unique(t[rows])) < 2 for t, _ in columns):
+                values.append(np.nan)
+                continue
+            values.append(np.mean([roc_auc_score(t[rows], p[rows]) for t, p in columns]))
+    expected = _percentile_interval(values, 0.95)
+    np.testing.assert_allclose(evaluate(y, s, task, n_bootstrap=200).auc_ci, expected,
+                               rtol=1e-12)
+
+
 def test_bootstrap_is_seeded():
     y, s, task = _case("multi-class")
     first = evaluate(y, s, task, n_bootstrap=50, seed=1)
