@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -248,11 +249,15 @@ def test_upcast_is_numpy_astype_bit_for_bit(torch_loaded, monkeypatch):
     upcasts to the float32 numpy's astype gives: through torch when it is loaded, else through
     the table (which must not import torch)."""
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    read_only = every.copy()
+    read_only.flags.writeable = False
     if not torch_loaded:
         monkeypatch.delitem(sys.modules, "torch")
-    for values in (every, every[:, ::3]):
+    for values in (every, every[:, ::3], read_only):
         expected = values.astype(np.float32)
-        got = upcast(values)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns on sharing a read-only array
+            got = upcast(values)
         assert got.dtype == np.float32 and got.shape == values.shape
         nan = np.isnan(expected)
         assert np.array_equal(np.isnan(got), nan)

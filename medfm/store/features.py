@@ -70,7 +70,7 @@ def upcast(values: np.ndarray, dtype=np.float32) -> np.ndarray:
     """
     if values.dtype != np.float16 or np.dtype(dtype) != np.float32:
         return values.astype(dtype, copy=False)
-    values = np.ascontiguousarray(values)
+    values = np.require(values, requirements=["C", "W"])  # torch shares writable memory only
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         return torch.from_numpy(values).float().numpy()
