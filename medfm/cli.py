@@ -204,13 +204,8 @@ def _add_stores(sub) -> None:
 
 
 def _run_stores(args) -> int:
-    from medfm.paths import resolve_workdir
     from medfm.store.features import list_stores
 
-    where = resolve_workdir(args.workdir, create=False)
-    if not where.is_dir():  # listing must not create it (a mistyped --workdir)
-        raise InvalidArgumentError(f"work directory {where} does not exist; check --workdir (or "
-                                   "$MEDFM_WORKDIR): `medfm extract` creates it")
     rows = list_stores(args.workdir, verify=not args.no_verify)
     _print_table(rows, ["dataset", "size", "backbone", "policy", "dtype", "dims", "rows",
                         "bytes", "status"])

@@ -45,7 +45,7 @@ import numpy as np
 from medfm.backbones.names import canonical_backbone_id
 from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.data import SPLITS
-from medfm.errors import DiskFullError, StoreError, is_disk_full
+from medfm.errors import DiskFullError, InvalidArgumentError, StoreError, is_disk_full
 from medfm.paths import resolve_workdir
 from medfm.request import STORES_DIRNAME, store_digest
 from medfm.store.registry import canonical_json
@@ -549,7 +549,12 @@ def list_stores(workdir: str | os.PathLike | None = None, *, verify: bool = True
 
     With `verify`, a finished store not recorded as verified since it last changed is read
     once and checked against its fingerprint (a damaged one shows as corrupt); without, it
-    shows as "unverified"."""
+    shows as "unverified". A work directory that does not exist is an InvalidArgumentError, and
+    listing creates nothing (a mistyped --workdir)."""
+    where = resolve_workdir(workdir, create=False)
+    if not where.is_dir():
+        raise InvalidArgumentError(f"work directory {where} does not exist; check --workdir (or "
+                                   "$MEDFM_WORKDIR): `medfm extract` creates it")
     rows = []
     for path in sorted(stores_dir(workdir).glob("*.h5*")):
         if path.name.endswith(".h5"):
