@@ -61,6 +61,7 @@ DEFAULT_THRESHOLD = 0.5  # binary and multi-label decision threshold (medmnist's
 DEFAULT_N_BOOTSTRAP = 1000  # bootstrap resamples per confidence interval
 DEFAULT_CI = 0.95  # confidence level of the percentile intervals
 BOOTSTRAP_CHUNK = 64  # resamples scored together: a (64, N) weight matrix at a time
+BOOTSTRAP_DEVICE_CHUNK = 256  # resamples uploaded and scored together on a device
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 NLL_CLIP = 1e-12  # probabilities are clipped to [NLL_CLIP, 1 - NLL_CLIP] before the log
 
@@ -506,6 +507,97 @@ def bootstrap_metrics(
     }
 
 
+class _DeviceScorers:
+    """Every metric of `METRIC_NAMES` as torch float64 products on a device, for weights (B, N).
+
+    The per-sample terms (correct labels, Brier and NLL terms, the ECE's (correct - confidence)
+    per label and bin, class members and hits) are made on the host exactly as the numpy scorers
+    make them, then uploaded once; AUC sorts each column's smaller class once and, under weights,
+    sums the cumulative reference weight at each query's left and right insertion points (ties
+    half), as `_WeightedAUC` does with its sparse product. All sums are float64; the integer
+    ones (AUC, counts) are exact, the others agree with the numpy scorers to rounding (~1e-15).
+    """
+
+    def __init__(self, y_true: np.ndarray, y_score: np.ndarray, task: Task, device) -> None:
+        import torch  # only when metrics are asked for on a device
+
+        self.torch, self.device = torch, torch.device(device)
+        up = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64,  # noqa: E731
+                                       device=self.device)
+        true, pred = _predictions(y_true, y_score, task, DEFAULT_THRESHOLD)
+        correct = (true == pred).reshape(true.shape[0], -1)
+        self.n_correct, self.n_entries = up(correct.sum(axis=1)), correct.size
+        brier_terms, nll_terms = _brier_and_nll_terms(y_true, y_score, task)
+        self.brier, self.nll = up(brier_terms), up(nll_terms)
+        ece_terms = _ece_terms(y_true, y_score, task)  # (L * ECE_BINS, N) sparse
+        self.ece_terms = up(ece_terms.toarray().T)  # (N, L * ECE_BINS)
+        balanced = _WeightedBalancedAccuracy(y_true, y_score, task)
+        self.members, self.hits = up(balanced.members), up(balanced.hits)
+        self.label_of, self.n_labels = balanced.label_of, balanced.n_labels
+        self.auc_columns = []
+        for score, positive in _auc_columns(y_true, y_score, task):
+            pos_rows, neg_rows = np.flatnonzero(positive), np.flatnonzero(~positive)
+            ref_is_pos = pos_rows.size <= neg_rows.size
+            ref, query = (pos_rows, neg_rows) if ref_is_pos else (neg_rows, pos_rows)
+            ref = ref[np.argsort(score[ref], kind="stable")]  # one sort per column
+            below = np.searchsorted(score[ref], score[query], side="left")
+            at_or_below = np.searchsorted(score[ref], score[query], side="right")
+            index = lambda a: torch.as_tensor(a, dtype=torch.long, device=self.device)  # noqa: E731
+            self.auc_columns.append((ref_is_pos, index(ref), index(query), index(below),
+                                     index(at_or_below)))
+
+    def __call__(self, weights) -> dict[str, np.ndarray]:
+        """(B,) values of every metric under the weights (B, N) float64 on the device."""
+        torch, n = self.torch, weights.shape[1]
+        values = {"acc": weights @ self.n_correct / self.n_entries}
+        total = torch.zeros(weights.shape[0], dtype=torch.float64, device=self.device)
+        for ref_is_pos, ref, query, below, at_or_below in self.auc_columns:
+            cum = torch.nn.functional.pad(torch.cumsum(weights[:, ref], dim=1), (1, 0))
+            w_query = weights[:, query]
+            twice = (w_query * (cum[:, below] + cum[:, at_or_below])).sum(dim=1)
+            n_ref, n_query = cum[:, -1], w_query.sum(dim=1)
+            twice_u = 2 * n_ref * n_query - twice if ref_is_pos else twice
+            area = twice_u / (2.0 * n_ref * n_query)
+            total += torch.where((n_ref > 0) & (n_query > 0), area, float("nan"))
+        values["auc"] = total / len(self.auc_columns)
+        size = weights @ self.members
+        recall = torch.where(size > 0, (weights @ self.hits) / size, float("nan"))
+        values["balanced_acc"] = torch.stack(
+            [torch.nanmean(recall[:, self.label_of == label], dim=1)
+             for label in range(self.n_labels)]).mean(dim=0)
+        sums = weights @ self.ece_terms  # (B, L * ECE_BINS)
+        values["ece"] = (sums.abs().reshape(len(sums), -1, ECE_BINS).sum(dim=2).mean(dim=1) / n)
+        values["brier"] = weights @ self.brier / n
+        values["nll"] = weights @ self.nll / n
+        return {name: value.cpu().numpy() for name, value in values.items()}
+
+
+def _evaluate_on_device(y_true, y_score, task, device, n_bootstrap: int, seed: int, ci: float
+                        ) -> dict[str, tuple[float, tuple[float, float]]]:
+    """`bootstrap_metrics` for every metric with the products on `device` (the same resamples,
+    drawn by the same generator on the host; the counts uploaded BOOTSTRAP_DEVICE_CHUNK
+    resamples at a time)."""
+    import torch
+
+    scorers = _DeviceScorers(y_true, y_score, task, device)
+    n = np.asarray(y_true).shape[0]
+    resamples = _resample_indices(n, n_bootstrap, seed)
+    values: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
+    while True:
+        chunks = [c for _, c in zip(range(BOOTSTRAP_DEVICE_CHUNK // BOOTSTRAP_CHUNK), resamples,
+                                    strict=False)]
+        if not chunks:
+            break
+        counts = _counts(np.concatenate(chunks), n)
+        weights = torch.as_tensor(counts.astype(np.int32), device=scorers.device).double()
+        for name, value in scorers(weights).items():
+            values[name].append(value)
+    ones = torch.ones((1, n), dtype=torch.float64, device=scorers.device)
+    point = scorers(ones)
+    return {name: (float(point[name][0]), _percentile_interval(np.concatenate(values[name]), ci))
+            for name in METRIC_NAMES}
+
+
 def evaluate(
     y_true: np.ndarray,
     y_score: np.ndarray,
@@ -514,9 +606,17 @@ def evaluate(
     n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
     seed: int = 0,
     ci: float = DEFAULT_CI,
+    device: str | None = None,
 ) -> Metrics:
-    """Every metric of the module docstring with its bootstrap CI (the same resamples for all)."""
-    scored = bootstrap_metrics(y_true, y_score, task, n_bootstrap=n_bootstrap, seed=seed, ci=ci)
+    """Every metric of the module docstring with its bootstrap CI (the same resamples for all).
+
+    `device` (e.g. "cuda") computes the resampled metrics with torch there: the same resamples,
+    the same values to rounding (intervals within 1e-9 of the numpy path, tests/test_metrics.py).
+    """
+    _check_bootstrap(n_bootstrap, ci)
+    scored = (bootstrap_metrics(y_true, y_score, task, n_bootstrap=n_bootstrap, seed=seed, ci=ci)
+              if device is None else
+              _evaluate_on_device(y_true, y_score, task, device, n_bootstrap, seed, ci))
     return Metrics(
         **{name: point for name, (point, _) in scored.items()},
         **{f"{name}_ci": interval for name, (_, interval) in scored.items()},

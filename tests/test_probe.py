@@ -365,7 +365,7 @@ def test_the_solver_is_how_a_run_computes_not_which_run(tmp_path):
     assert len(first.computed) == 1 and not again.computed and len(again.skipped) == 1
     assert Registry.in_workdir(tmp_path).query()[0].solver == "sklearn"
     assert resolve_solver("auto", device="cpu", work=55 * 1280) == "sklearn"
-    assert resolve_solver("auto", device="cpu", work=90_000 * 1280 * 9) == "torch"
+    assert resolve_solver("auto", device="cpu", work=90_000 * 1280 * 9) == "batched"
     with pytest.raises(InvalidArgumentError, match="unknown solver"):
         probe(dataset="bloodmnist", solver="lbfgs", workdir=tmp_path, progress=False)
 

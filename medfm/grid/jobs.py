@@ -108,8 +108,8 @@ class ProbeJob:
         from medfm.store.features import FeatureStore
 
         store = FeatureStore(self.store.store_path())
-        arrays, shared_fits = StoreArrays.load(store), {}
         probe = self.probe.for_work([(store, spec) for spec in self.specs])
+        arrays, shared_fits = StoreArrays.load(store, device=probe.features_device()), {}
         return [probe_job(store, spec=spec, probe=probe, arrays=arrays,
                           shared_fits=shared_fits) for spec in self.specs]
 

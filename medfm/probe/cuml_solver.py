@@ -75,6 +75,7 @@ class CumlSolver:
     """cuML's LogisticRegression (GPU) on training data uploaded once; cold start at every C."""
 
     name, device_type = "cuml", "cuda"
+    solves_path = False  # no multi-C fit in cuML: every C is its own cold fit
 
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
         import cupy

@@ -80,13 +80,14 @@ def load_state(workdir: str | os.PathLike | None, digest: str) -> dict | None:
         return None
 
 
-def score_pairs(model, store, pairs, task: Task, y_test: np.ndarray) -> list[Evaluation]:
+def score_pairs(model, store, pairs, task: Task, y_test: np.ndarray,
+                device: str | None = None) -> list[Evaluation]:
     """`model` (predict_proba) on each (corruption, severity) of `pairs` (a dict pair -> sibling
-    store, medfm.store.corrupted.available_pairs)."""
+    store, medfm.store.corrupted.available_pairs); test metrics on `device` (None: numpy)."""
     out = []
     for (corruption, severity), sibling in sorted(pairs.items()):
         scores = model.predict_proba(sibling.features(corruption, severity)).astype(np.float32)
-        metrics = evaluate(y_test, scores, task, n_bootstrap=N_BOOTSTRAP, seed=0)
+        metrics = evaluate(y_test, scores, task, n_bootstrap=N_BOOTSTRAP, seed=0, device=device)
         out.append(Evaluation(corruption, severity, metrics, scores))
     return out
 

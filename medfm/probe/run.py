@@ -35,7 +35,7 @@ from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.methods import get_method
 from medfm.probe.robust import ScoredRow, load_state, record, save_state, score_pairs
-from medfm.probe.solvers import SOLVERS, resolve_solver
+from medfm.probe.solvers import SOLVERS, probe_device, resolve_solver
 from medfm.request import run_key
 from medfm.runtime import versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
@@ -66,6 +66,18 @@ class ProbeRequest:
             return self
         work = max((_work(store, spec) for store, spec in stores_and_specs), default=0)
         return replace(self, solver=resolve_solver("auto", device=self.device, work=work))
+
+    def metrics_device(self) -> str | None:
+        """"cuda" when this request computes on a GPU (test metrics are then computed there),
+        else None (numpy on the host)."""
+        return "cuda" if probe_device(self.device) == "cuda" else None
+
+    def features_device(self) -> str | None:
+        """"cuda" when the batched solver fits on a GPU: each store's features are uploaded once
+        and standardized, fitted and scored there; else None (numpy on the host)."""
+        if self.solver == "batched" and get_method(self.method).uses_solver:
+            return self.metrics_device()
+        return None
 
     def key(self, store: FeatureStore, spec: SubsetSpec) -> ResultKey:
         """The registry key of this probe on `store`'s training subset `spec`."""
@@ -103,16 +115,30 @@ def resolve_probe(method: str = "logreg", *, selection: str | None = None,
 class StoreArrays:
     """A store's features (float32) and labels for every split, read once."""
 
-    features: dict  # split -> (N, D) float32
+    features: dict  # split -> (N, D) float32: numpy, or a torch tensor on the device it was
+    #                 loaded to
     labels: dict  # split -> (N, L) labels as in the npz
     targets: dict  # split -> labels shaped for fitting: (N,) class ids, or (N, L) multi-label
 
     @classmethod
-    def load(cls, store: FeatureStore) -> StoreArrays:
+    def load(cls, store: FeatureStore, device: str | None = None) -> StoreArrays:
+        """Every split read once; with `device`, each split's features go there as stored
+        (float16 through pinned memory, no float32 copy on the host) and are upcast there."""
         multi_label = get_dataset(store.request["dataset"]).task is Task.MULTI_LABEL
         labels = {s: store.labels(s) for s in SPLITS}
         targets = {s: y if multi_label else y[:, 0] for s, y in labels.items()}
-        return cls({s: store.features(s) for s in SPLITS}, labels, targets)
+        if device is None:
+            return cls({s: store.features(s) for s in SPLITS}, labels, targets)
+        import torch
+
+        features = {}
+        for split in SPLITS:
+            as_stored = store.features(split, dtype=store.request["dtype"])  # no upcast here
+            stored = torch.from_numpy(np.ascontiguousarray(as_stored))
+            if torch.device(device).type == "cuda":
+                stored = stored.pin_memory()
+            features[split] = stored.to(device, non_blocking=True).float()
+        return cls(features, labels, targets)
 
 
 @dataclass(frozen=True)
@@ -169,13 +195,14 @@ def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
                             params=json.loads(probe.params), selection=probe.selection,
                             seed=spec.seed, solver=probe.solver, device=probe.device)
         metrics = evaluate(arrays.labels["test"], fitted.scores, info.task,
-                           n_bootstrap=N_BOOTSTRAP, seed=0)
+                           n_bootstrap=N_BOOTSTRAP, seed=0, device=probe.metrics_device())
         if shared_fits is not None:
             shared_fits[fit_id] = (fitted, metrics, key.digest())
         extra = fitted.extra
     if corrupted is None:
         corrupted = available_pairs(store)
-    evaluations = (score_pairs(fitted.model, store, corrupted, info.task, arrays.labels["test"])
+    evaluations = (score_pairs(fitted.model, store, corrupted, info.task, arrays.labels["test"],
+                               device=probe.metrics_device())
                    if corrupted and fitted.model is not None else [])
     state = (method.save_state(fitted.model)
              if method.save_state is not None and fitted.model is not None else None)
@@ -256,13 +283,13 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
     skipped = [key for _, _, key in plan if key.digest() in done]
     pending = [(s, spec) for s, spec, key in plan if key.digest() not in done]
     request = request.for_work(pending)
-    if pending and request.solver == "torch":
+    if pending and request.solver in ("torch", "batched"):
         import torch  # noqa: F401 - the solver imports it anyway; imported before the stores
         #                              are read, it also upcasts their float16 features faster
     computed, arrays, shared_fits, corrupted = [], {}, {}, {}
     for s, spec in tqdm(pending, desc="probe", disable=not progress or not pending):
-        if s.path not in arrays:
-            arrays = {s.path: StoreArrays.load(s)}  # one store in memory at a time
+        if s.path not in arrays:  # one store in memory at a time
+            arrays = {s.path: StoreArrays.load(s, device=request.features_device())}
             corrupted = {s.path: available_pairs(s)}
         scored = probe_job(s, spec=spec, probe=request, arrays=arrays[s.path],
                            shared_fits=shared_fits, corrupted=corrupted[s.path])

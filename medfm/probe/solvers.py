@@ -16,19 +16,25 @@ L-BFGS; sklearn and torch stop when the largest absolute gradient component is b
 - `torch`: L-BFGS (torch.optim.LBFGS's step as a function, medfm.probe.lbfgs: strong-Wolfe line
   search, history 10) on float32 tensors, full batch, CPU or CUDA: two (B, D) x (D, K) matmuls
   per block of B rows per evaluation.
+- `batched`: L-BFGS with a batch dimension (medfm.probe.batched): every C of the grid solved
+  together from zero, one (N, D) x (D, 13 K') product per evaluation, no host synchronization
+  inside the iterations; or, on a CPU, the walk with its line search on cached logits (two
+  products per iteration, whatever the search tries). float32 tensors, CPU or CUDA.
 - `cuml`: cuML's quasi-Newton LogisticRegression on a GPU. cuML averages the loss over samples
   and, with penalty_normalized=True, divides the penalty by n too, which is exactly the scaled
   objective above: the same C is the same problem. cuML has no warm start; each C starts cold
   (its arguments by release, and the data uploaded once: medfm.probe.cuml_solver).
-- `auto` (`resolve_solver`): on a GPU, cuml if it imports, else torch; on a CPU, sklearn for
-  small problems and torch from TORCH_MIN_WORK on (rows x features x logits: torch's float32
-  L-BFGS is 2-4x faster per fit there, and worth its 3 s import). `medfm probe` decides once
-  per call, for its largest problem, so one call never imports both.
+- `auto` (`resolve_solver`): on a GPU, batched (cuML stays a choice by name); on a CPU, sklearn
+  for small problems and batched from TORCH_MIN_WORK on (rows x features x logits: float32
+  L-BFGS in torch is 2-4x faster per fit there, and worth its 3 s import). `medfm probe`
+  decides once per call, for its largest problem, so one call never imports both.
 
 A solver is a way to compute, not part of what is computed: every solver minimizes the same
 objective to the same tolerance, so a result's key does not name it; its row does (`solver`,
 `device`). A solver is built once per training matrix and then walked along a C grid: `fit(C)`
-starts from the previous solution (warm start) unless given `init`.
+starts from the previous solution (warm start) unless given `init`. A solver that can solve
+the whole grid at once says so (`solves_path`: the batched solver on CUDA) and is asked
+`fit_path(Cs)` instead.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import numpy as np
 
 from medfm.errors import InvalidArgumentError
 
-SOLVERS = ("auto", "sklearn", "torch", "cuml")  # values of --solver
+SOLVERS = ("auto", "sklearn", "torch", "batched", "cuml")  # values of --solver
 TORCH_MIN_WORK = 2_000_000  # auto on a CPU: torch from this many rows x features x logits up
 KINDS = ("binary", "multinomial", "multilabel")  # loss families
 DEFAULT_MAX_ITER = 100  # L-BFGS iterations per C (scikit-learn's default)
@@ -112,14 +118,14 @@ def resolve_solver(solver: str, *, device: str | None = None, work: int | None =
             f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}.")
     if solver == "auto":
         if probe_device(device) == "cuda":
-            return "cuml" if cuml_available() else "torch"
+            return "batched"
         large = work is not None and work >= TORCH_MIN_WORK
-        return "torch" if large and importlib.util.find_spec("torch") else "sklearn"
+        return "batched" if large and importlib.util.find_spec("torch") else "sklearn"
     if solver == "cuml" and not cuml_available():
         raise InvalidArgumentError("solver cuml asked for, but cuML does not import here; install "
                                    "RAPIDS cuML on a CUDA machine, or use --solver torch.")
-    if solver == "torch" and importlib.util.find_spec("torch") is None:
-        raise InvalidArgumentError("solver torch asked for, but torch is not installed; "
+    if solver in ("torch", "batched") and importlib.util.find_spec("torch") is None:
+        raise InvalidArgumentError(f"solver {solver} asked for, but torch is not installed; "
                                    "use --solver sklearn.")
     return solver
 
@@ -129,6 +135,7 @@ class SklearnSolver:
     multilabel)."""
 
     name, device_type = "sklearn", "cpu"
+    solves_path = False  # walks the grid one C at a time
 
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
         self.X, self.Y, self.kind = X, Y, kind
@@ -168,6 +175,7 @@ class TorchSolver:
     """Full-batch L-BFGS in torch on float32, CPU or CUDA, warm-started along the grid."""
 
     name = "torch"
+    solves_path = False  # walks the grid one C at a time
 
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float,
                  device: str | None = None, n_classes: int | None = None):
@@ -246,17 +254,25 @@ class TorchSolver:
 def make_solver(solver: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
                 max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
                 device: str | None = None, n_classes: int | None = None):
-    """A solver for standardized X (N, D) and targets Y: (N,) 0/1 (binary), (N,) class index
+    """A solver for standardized X (N, D) (numpy, or a torch tensor the batched solver keeps on
+    its device) and targets Y: (N,) 0/1 (binary), (N,) class index
     (multinomial, `n_classes` columns) or (N, L) 0/1 (multilabel); `solver` may be "auto"."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     width = n_classes if kind == "multinomial" else (Y.shape[1] if Y.ndim == 2 else 1)
-    solver = resolve_solver(solver, device=device, work=X.size * (width or 1))
+    solver = resolve_solver(solver, device=device, work=int(np.prod(X.shape)) * (width or 1))
+    if solver != "batched" and not isinstance(X, np.ndarray):  # a tensor on a device
+        X = X.cpu().numpy()
     if solver == "sklearn":
         return SklearnSolver(X, Y, kind, max_iter=max_iter, tol=tol)
     if solver == "torch":
         return TorchSolver(X, Y, kind, max_iter=max_iter, tol=tol, device=device,
                            n_classes=n_classes)
+    if solver == "batched":
+        from medfm.probe.batched import BatchedSolver  # torch is imported only to fit with it
+
+        return BatchedSolver(X, Y, kind, max_iter=max_iter, tol=tol, device=device,
+                             n_classes=n_classes)
     from medfm.probe.cuml_solver import CumlSolver  # cuML's version gates live there
 
     return CumlSolver(X, Y, kind, max_iter=max_iter, tol=tol)

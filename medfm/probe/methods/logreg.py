@@ -61,6 +61,8 @@ from medfm.sampling import SubsetSpec, sample
 # regularized few-shot fits (n ~ 10) to nearly unregularized full-split fits (n ~ 1e5)
 C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
 SELECTIONS = ("val", "holdout")  # where C is chosen
+C_SEARCHES = ("auto", "walk", "batch")  # how the grid is solved: the warm-started walk, every C
+#                                          at once (batched solver), or the solver's choice
 HOLDOUT_FRACTION = 0.2  # share of the training subset held out under selection="holdout"
 CONSTANT_LOGIT = 13.8  # logit of a label seen with one value only: probability 1 - 1e-6
 STANDARDIZE_ROWS = 8192  # rows per block when computing a feature's mean and std
@@ -91,9 +93,25 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _proba(Z: np.ndarray, coef: np.ndarray, intercept: np.ndarray, task: Task) -> np.ndarray:
+def _is_tensor(X) -> bool:
+    """Whether X is a torch tensor (features resident on a device), without importing torch."""
+    return type(X).__module__ == "torch" or type(X).__name__ == "Tensor"
+
+
+def _logits(Z, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """(N, K') float64 logits of standardized Z: float32 products, as the fit computed them; a
+    tensor Z is multiplied on its device and only the logits come back."""
+    if _is_tensor(Z):
+        import torch
+
+        weights = torch.as_tensor(coef.T, dtype=torch.float32, device=Z.device)
+        return (Z @ weights).double().cpu().numpy() + intercept
+    return Z @ coef.T.astype(np.float32) + intercept
+
+
+def _proba(Z, coef: np.ndarray, intercept: np.ndarray, task: Task) -> np.ndarray:
     """Probabilities from standardized features Z (N, D): (N, 2), (N, K) or (N, L) float64."""
-    logits = Z @ coef.T.astype(np.float32) + intercept  # (N, K') float64
+    logits = _logits(Z, coef, intercept)  # (N, K') float64
     if task is Task.BINARY:
         p = _sigmoid(logits[:, 0])
         return np.stack([1.0 - p, p], axis=1)
@@ -109,7 +127,10 @@ class LogisticProbe(ProbeEstimator):
     (D,), `classes_`, `C_`, `path_` (per C walked: C, loss, acc or auc, n_iter, converged),
     `task_`, and how it was fitted: `solver_` (the concrete solver) and `device_`.
     `patience` (select_by="loss" only) stops the walk once the loss has risen that many C values
-    in a row; None walks the whole grid.
+    in a row; None walks the whole grid. `c_search` says how the grid is solved (`C_SEARCHES`):
+    "walk" one C at a time from the last solution, "batch" every C at once (the batched solver;
+    the rule then reads the solutions in grid order, stopping where the walk would), "auto" as
+    the solver prefers (batch on CUDA). The choice changes rounding, not the rule.
     """
 
     def __init__(self, *, Cs: Sequence[float] | None = None, solver: str = "auto",
@@ -117,7 +138,7 @@ class LogisticProbe(ProbeEstimator):
                  loss_margin: float = LOSS_MARGIN, patience: int | None = PATIENCE,
                  holdout_fraction: float = HOLDOUT_FRACTION,
                  max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
-                 random_state: int = 0, device: str | None = None):
+                 random_state: int = 0, device: str | None = None, c_search: str = "auto"):
         self.Cs = Cs
         self.solver = solver
         self.selection = selection
@@ -129,11 +150,15 @@ class LogisticProbe(ProbeEstimator):
         self.tol = tol
         self.random_state = random_state
         self.device = device
+        self.c_search = c_search
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None,
             y_val: np.ndarray | None = None) -> LogisticProbe:
-        """Fit on (X, y); choose C on (X_val, y_val) (selection="val") or on a holdout of (X, y)."""
-        X = np.asarray(X, dtype=np.float32)
+        """Fit on (X, y); choose C on (X_val, y_val) (selection="val") or on a holdout of (X, y).
+
+        X and X_val are numpy arrays, or torch tensors resident on a device (the batched solver
+        on CUDA): then standardization, the fits and the selection's products stay there."""
+        X = _as_features(X)
         targets = encode_targets(y)
         grid = [float(c) for c in (C_GRID if self.Cs is None else self.Cs)]
         if not grid or min(grid) <= 0:
@@ -161,12 +186,24 @@ class LogisticProbe(ProbeEstimator):
                         "or use selection='holdout'.")
                 X_sel = y_sel = None
             else:
-                X_sel, y_sel = np.asarray(X_val, dtype=np.float32), encode_like(y_val, targets)
+                X_sel, y_sel = _as_features(X_val), encode_like(y_val, targets)
         sub = Targets(targets.task, targets.classes, targets.encoded[fit_rows])
         mean, scale, Z = _standardize(X[fit_rows])
-        Z_sel = None if X_sel is None else (X_sel - mean) / scale
+        Z_sel = None if X_sel is None else _scaled(X_sel, mean, scale)
         solver, active = self._solver(Z, sub)
         self.solver_, self.device_ = solver.name, solver.device_type
+        if self.c_search not in C_SEARCHES:
+            raise InvalidArgumentError(f"c_search must be one of {', '.join(C_SEARCHES)}; got "
+                                       f"{self.c_search!r}.")
+        together = solver.solves_path if self.c_search == "auto" else self.c_search == "batch"
+        if together and not hasattr(solver, "fit_path"):
+            raise InvalidArgumentError(f"solver {solver.name} fits one C at a time; use "
+                                       "solver='batched' for c_search='batch'.")
+        if together:  # every C at once; the rule below reads them in grid order
+            solved = iter(solver.fit_path(grid))
+            fit_at = lambda C: next(solved)  # noqa: E731
+        else:  # the warm-started walk: each C starts from the previous solution
+            fit_at = solver.fit
         # "better" is strict (loss: by more than loss_margin), so ties go to the stronger
         # regularization; NaN is never better
         sign = 1.0 if metric == "loss" else -1.0  # minimize sign * value
@@ -174,7 +211,7 @@ class LogisticProbe(ProbeEstimator):
         patience = self.patience if metric == "loss" else None
         path, best, best_value, final, rising = [], 0, np.inf, None, 0
         for i, C in enumerate(grid):
-            solution = self._expand(solver.fit(C), active, sub)
+            solution = self._expand(fit_at(C), active, sub)
             scores = ({"loss": float("nan"), primary_metric(targets.task): float("nan")}
                       if Z_sel is None else selection_metrics(
                           y_sel, _proba(Z_sel, solution.coef, solution.intercept, targets.task),
@@ -243,16 +280,36 @@ class LogisticProbe(ProbeEstimator):
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(N, 2) binary, (N, K) multi-class, (N, L) multi-label probabilities, float64."""
-        Z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
-        return _proba(Z, self.coef_, self.intercept_, self.task_)
+        return _proba(_scaled(_as_features(X), self.mean_, self.scale_), self.coef_,
+                      self.intercept_, self.task_)
 
 
-def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _as_features(X):
+    """float32 features: a numpy array, or a torch tensor left on its device."""
+    if _is_tensor(X):
+        return X if X.dtype.is_floating_point and X.dtype.itemsize == 4 else X.float()
+    return np.asarray(X, dtype=np.float32)
+
+
+def _scaled(X, mean: np.ndarray, scale: np.ndarray):
+    """(X - mean) / scale in float32, on X's device for a tensor."""
+    if _is_tensor(X):
+        import torch
+
+        return ((X - torch.as_tensor(mean, device=X.device))
+                / torch.as_tensor(scale, device=X.device))
+    return (X - mean) / scale
+
+
+def _standardize(X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean (D,), scale (D,), standardized float32 copy); a constant feature keeps scale 1.
 
     Mean and variance accumulate in float64 over blocks of STANDARDIZE_ROWS rows (two passes),
-    so a 90k x 1280 matrix never needs a float64 copy of itself.
+    so a 90k x 1280 matrix never needs a float64 copy of itself. A tensor is standardized on its
+    device (the copy stays there; mean and scale come back).
     """
+    if _is_tensor(X):
+        return _standardize_tensor(X)
     n = len(X)
     total = np.zeros(X.shape[1])
     for lo in range(0, n, STANDARDIZE_ROWS):
@@ -268,6 +325,24 @@ def _standardize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Z = np.subtract(X, mean, dtype=np.float32)
     Z /= scale
     return mean, scale, Z
+
+
+def _standardize_tensor(X):
+    """`_standardize` of a float32 tensor on its device: float64 moments over row blocks."""
+    import torch
+
+    n, total = len(X), torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    for lo in range(0, n, STANDARDIZE_ROWS):
+        total += X[lo:lo + STANDARDIZE_ROWS].sum(dim=0, dtype=torch.float64)
+    mean64 = total / n
+    squares = torch.zeros_like(total)
+    for lo in range(0, n, STANDARDIZE_ROWS):
+        centred = X[lo:lo + STANDARDIZE_ROWS].double() - mean64
+        squares += (centred * centred).sum(dim=0)
+    mean = mean64.float()
+    scale = torch.sqrt(squares / n).float()
+    scale[scale == 0] = 1.0
+    return mean.cpu().numpy(), scale.cpu().numpy(), (X - mean) / scale
 
 
 # -- the method --------------------------------------------------------------------------------
@@ -295,7 +370,8 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
                           max_iter=params["max_iter"], tol=params["tol"], random_state=seed,
                           device=device)
     everything = len(train_rows) == len(labels["train"])  # fraction 1.0: no copy of the split
-    X = features["train"] if everything else features["train"][train_rows]
+    X = features["train"] if everything else features["train"][_rows_for(features["train"],
+                                                                          train_rows)]
     y = labels["train"] if everything else labels["train"][train_rows]
     if selection == "val":
         model.fit(X, y, features["val"], labels["val"])
@@ -304,6 +380,15 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
     extra = {"path": model.path_, "n_iter": model.n_iter_, "converged": bool(model.converged_)}
     return Fitted(model.predict_proba(features["test"]).astype(np.float32), model.C_, extra,
                   model.solver_, model.device_, model=model)
+
+
+def _rows_for(X, rows: np.ndarray):
+    """Row indices to gather from X: on X's device for a tensor."""
+    if _is_tensor(X):
+        import torch
+
+        return torch.as_tensor(rows, device=X.device)
+    return rows
 
 
 def _save_state(model: LogisticProbe) -> dict:
