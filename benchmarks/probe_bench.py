@@ -16,6 +16,18 @@ exhaustive run of the same solver. The naive baseline fits a fresh scikit-learn
 LogisticRegression at every C of the grid with no warm start, on seed 0 of each fraction, and is
 multiplied by the number of seeds (seeds only change which images are drawn). Targets on the
 2-core CPU (issue 9): (b) < 25 s process wall with the exhaustive walk's C and test metrics.
+
+    python benchmarks/probe_bench.py --compare [--device cuda]
+
+`--compare` (issue 25) runs, on (a) and (b), today's reference, the sequential exhaustive walk
+(`--solver torch`, the whole grid, torch.optim.LBFGS's iterates), and the new path, `medfm
+probe` as it runs by default (solver auto: the batched solver; every C at once on CUDA, the
+walk with its cached-logit line search on a CPU), each in a fresh process on `--device`, and
+compares them run by run: the chosen C the same or adjacent on the grid, and the largest test
+ACC / AUC differences in points. Its last line is
+`probe_compare b new_s <s> old_s <s> same_or_adjacent_C <k>/9 max_dacc_pp <x> max_dauc_pp <y>`
+(targets: on the 2-core CPU new_s < 25 and <= old_s, 9/9, <= 0.3 and <= 0.1; on a GPU new_s
+<= 5, the fits <= 1 s and the test metrics <= 0.3 s, which the lines before it break down).
 """
 
 from __future__ import annotations
@@ -101,23 +113,36 @@ RUN = """
 import json, sys, time
 t = time.perf_counter()
 from medfm.probe import probe
+import medfm.metrics
 import medfm.probe.methods.logreg as logreg
 logreg.PATIENCE = {patience!r}  # None: the exhaustive walk (a different params, so its own key)
+spent = dict(metrics_s=0.0)
+evaluate = medfm.metrics.evaluate
+def timed_evaluate(*args, **kwargs):  # the test metrics' share of the probe, timed in place
+    started = time.perf_counter()
+    try:
+        return evaluate(*args, **kwargs)
+    finally:
+        spent["metrics_s"] += time.perf_counter() - started
+import medfm.probe.run
+medfm.probe.run.evaluate = timed_evaluate
 report = probe(store={store!r}, fractions={fractions!r}, seeds={seeds!r}, solver={solver!r},
-               workdir={workdir!r}, force=True, progress=False)
+               device={device!r}, workdir={workdir!r}, force=True, progress=False)
 rows = [dict(fraction=r.key.fraction, seed=r.key.seed, C=r.chosen_C, acc=r.acc, auc=r.auc,
              solver=r.solver, walked=len(r.extra["path"])) for r in report.computed]
-print(json.dumps(dict(probe_s=report.wall_s, process_s=time.perf_counter() - t, rows=rows)))
+print(json.dumps(dict(probe_s=report.wall_s, process_s=time.perf_counter() - t, rows=rows,
+                      **spent)))
 """
 
 
-def run_solver(store: FeatureStore, solver: str, workdir: Path, *, exhaustive: bool) -> dict:
+def run_solver(store: FeatureStore, solver: str, workdir: Path, *, exhaustive: bool,
+               device: str | None = None) -> dict:
     """A full probe with `solver` in a fresh process (its imports count, as for a user), the
     walk stopped as `medfm probe` stops it or (exhaustive) over the whole grid."""
     patience = None if exhaustive else PATIENCE
     code = RUN.format(store=str(store.path), fractions=FRACTIONS, seeds=SEEDS, solver=solver,
-                      patience=patience,
-                      workdir=str(workdir / f"registry-{solver}-{patience}"))
+                      patience=patience, device=device,
+                      workdir=str(workdir / f"registry-{solver}-{patience}-{device}"))
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
@@ -131,6 +156,33 @@ def _choices(result: dict) -> dict:
     return {(r["fraction"], r["seed"]): (r["C"], r["acc"], r["auc"]) for r in result["rows"]}
 
 
+def compare(name: str, store: FeatureStore, workdir: Path, device: str | None) -> str:
+    """Today's exhaustive torch walk vs `medfm probe` by default, each in a fresh process; prints
+    the comparison and returns its `probe_compare` line."""
+    old = run_solver(store, "torch", workdir, exhaustive=True, device=device)
+    new = run_solver(store, "auto", workdir, exhaustive=False, device=device)
+    reference, chosen = _choices(old), _choices(new)
+    grid = list(C_GRID)
+    near = sum(abs(grid.index(chosen[k][0]) - grid.index(reference[k][0])) <= 1
+               for k in reference)
+    d_acc = max(abs(chosen[k][1] - reference[k][1]) for k in reference) * 100
+    d_auc = max(abs(chosen[k][2] - reference[k][2]) for k in reference) * 100
+    used = "+".join(sorted({r["solver"] for r in new["rows"]}))
+    for label, result in (("old (torch, exhaustive walk)", old), (f"new ({used})", new)):
+        print(f"{name:40s} {label:30s} {result['wall_s']:6.1f} s process, "
+              f"{result['probe_s']:.2f} s in probe, of which test metrics "
+              f"{result['metrics_s']:.2f} s; fits and the rest "
+              f"{result['probe_s'] - result['metrics_s']:.2f} s", flush=True)
+    for k in sorted(reference):
+        print(f"{name:40s} fraction {k[0]:<5g} seed {k[1]}: C {reference[k][0]:g} -> "
+              f"{chosen[k][0]:g}, ACC {100 * reference[k][1]:.2f} -> {100 * chosen[k][1]:.2f}, "
+              f"AUC {100 * reference[k][2]:.2f} -> {100 * chosen[k][2]:.2f}")
+    tag = name.split(")")[0].strip("(")
+    return (f"probe_compare {tag} new_s {new['wall_s']:.2f} old_s {old['wall_s']:.2f} "
+            f"same_or_adjacent_C {near}/{len(reference)} max_dacc_pp {d_acc:.2f} "
+            f"max_dauc_pp {d_auc:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medfm-bench"))
@@ -139,6 +191,9 @@ def main() -> None:
     parser.add_argument("--store", help="probe this store only (.h5)")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--compare", action="store_true",
+                        help="today's exhaustive torch walk vs the default probe (issue 25)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if visible)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     solvers = (args.solvers.split(",") if args.solvers else
@@ -150,6 +205,11 @@ def main() -> None:
         workloads = {Path(args.store).name.split("__")[0]: lambda _: FeatureStore(args.store)}
     print(f"grid {len(C_GRID)} C values, stopped once the loss rose {PATIENCE}x; fractions "
           f"{FRACTIONS} x seeds {SEEDS}; cuda={cuda_available()}; each run in a fresh process")
+    if args.compare:
+        lines = [compare(name, build(workdir), workdir, args.device)
+                 for name, build in workloads.items()]
+        print("\n".join(lines))
+        return
     for name, build in workloads.items():
         store = build(workdir)
         for solver in solvers:

@@ -401,3 +401,82 @@ def test_a_new_method_is_one_registration(tmp_path):
                   progress=False)
     finally:
         _METHODS.pop("centroid")
+
+
+def _grid_distance(a: float, b: float) -> int:
+    """How many C_GRID steps apart two chosen C values are."""
+    return abs(list(C_GRID).index(a) - list(C_GRID).index(b))
+
+
+@pytest.mark.parametrize("c_search", ["walk", "batch"])
+@pytest.mark.parametrize("task", list(CASES))
+def test_batched_solver_agrees_with_the_torch_walk(task, c_search):
+    """The batched solver, walking the grid or solving every C at once, chooses the torch walk's
+    C (or an adjacent one) and predicts as it does, on every task."""
+    X, y = _blobs(task, 1200, 0, CASES[task])
+    Xv, yv = _blobs(task, 300, 1, CASES[task])
+    Xt, yt = _blobs(task, 800, 2, CASES[task])
+    reference = LogisticProbe(solver="torch").fit(X, y, Xv, yv)
+    batched = LogisticProbe(solver="batched", c_search=c_search).fit(X, y, Xv, yv)
+    assert batched.solver_ == "batched" and batched.device_ == "cpu"
+    assert _grid_distance(batched.C_, reference.C_) <= 1
+    assert np.mean(batched.predict(Xt) == reference.predict(Xt)) >= 0.98
+    assert abs(auc(yt, batched.predict_proba(Xt), task)
+               - auc(yt, reference.predict_proba(Xt), task)) < 0.005
+    assert all(step["converged"] for step in batched.path_)
+    if batched.C_ == reference.C_:
+        np.testing.assert_allclose(batched.predict_proba(Xt), reference.predict_proba(Xt),
+                                   atol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["multinomial", "binary", "multilabel"])
+def test_batched_solver_minimizes_sklearns_objective_for_every_C_at_once(kind):
+    """fit_path solves every C of the grid together: each solution is scikit-learn's at that C
+    (coefficients within the tolerance's reach), and each problem converged."""
+    task = {"multinomial": Task.MULTI_CLASS, "binary": Task.BINARY,
+            "multilabel": Task.MULTI_LABEL}[kind]
+    X, y = _blobs(task, 600, 3, CASES[task])
+    X = (X - X.mean(0)) / X.std(0)
+    n_classes = CASES[task] if kind == "multinomial" else None
+    Cs = [1e-3, 1e-2, 0.1, 1.0]
+    together = make_solver("batched", X, y, kind, tol=1e-6, max_iter=500,
+                           n_classes=n_classes).fit_path(Cs)
+    sk = make_solver("sklearn", X, y, kind, tol=1e-6, max_iter=500, n_classes=n_classes)
+    centre = (lambda W: W - W.mean(axis=0)) if kind == "multinomial" else (lambda W: W)
+    for C, solution in zip(Cs, together, strict=True):
+        assert solution.converged
+        np.testing.assert_allclose(centre(solution.coef), centre(sk.fit(C).coef), atol=3e-3)
+
+
+def test_the_sync_free_ladder_takes_the_steps_of_the_sequential_search():
+    """On CUDA every candidate step is evaluated with no host synchronization; on a CPU they are
+    tried one by one. Both take the largest step that decreases enough: the same iterates, bit
+    for bit; a problem that has converged stops moving while the others go on."""
+    import torch
+
+    from medfm.probe.batched import BatchedProblems, minimize
+
+    X, y = _blobs(Task.MULTI_CLASS, 500, 4, 3)
+    Z = torch.as_tensor((X - X.mean(0)) / X.std(0))
+    problems = BatchedProblems(Z, torch.as_tensor(y), "multinomial", 3)
+    lam = torch.tensor([1 / (C * len(Z)) for C in (1e-3, 0.1, 10.0)])
+    start = torch.zeros(3, 3 * DIM + 3)
+    ladder = minimize(problems, start, lam, sync_free=True)
+    sequential = minimize(problems, start, lam, sync_free=False)
+    for a, b in zip(ladder, sequential, strict=True):
+        assert torch.equal(a, b)
+    x, n_iter, converged = sequential
+    assert converged.all() and (n_iter > 3).all()
+    # started at its solution, the first problem takes no step; the others still converge
+    again = minimize(problems, torch.cat([x[:1], start[1:]]), lam, sync_free=False)
+    assert again[1][0] == 0 and torch.equal(again[0][0], x[0])
+    assert again[2].all() and (again[1][1:] > 3).all()
+
+
+def test_holdout_selection_refits_with_the_batched_solver():
+    X, y = _noisy(900, 0)
+    reference = LogisticProbe(solver="torch", selection="holdout").fit(X, y)
+    batched = LogisticProbe(solver="batched", selection="holdout", c_search="batch").fit(X, y)
+    assert _grid_distance(batched.C_, reference.C_) <= 1
+    Xt, yt = _noisy(600, 9)
+    assert abs(batched.score(Xt, yt) - reference.score(Xt, yt)) <= 0.01

@@ -15,19 +15,24 @@ K' = 9 columns of memory-bound work into P * K' columns of compute-bound work on
 
 The iteration is L-BFGS (history 10, scipy's and scikit-learn's memory) with a batch dimension:
 - per-problem curvature pairs (a pair with y.s <= 1e-10 is kept as a no-op for that problem);
-- a backtracking Armijo line search on cached logits: for a direction d, the products Z d are
-  computed once, and the loss at any step t is the loss of logits + t * (Z d), with no pass over
-  Z. Candidate steps halve from the initial step (1, or min(1, 1 / |g|_1) on the first
-  iteration, as torch.optim.LBFGS starts); each problem takes the largest that decreases its
-  objective by at least ARMIJO * t * g.d. On a CPU the candidates are tried one after the other
-  and the search stops once every problem has its step; on CUDA all LADDER_STEPS candidates are
-  evaluated with no host synchronization. Both choose the same step.
+- a backtracking line search on cached logits: for a direction d, the products Z d are
+  computed once, and the objective's slope at any step t follows from the logits
+  + t * (Z d), with no pass over Z. Candidate steps halve from the initial step (1, or
+  min(1, 1 / |g|_1) on the first iteration, as torch.optim.LBFGS starts); each problem takes the
+  largest whose slope is still <= ARMIJO * g.d. The objective is convex along d, so that step
+  also decreases it by at least ARMIJO * t * |g.d| (Armijo's condition), and the test reads the
+  slope, a sum of products, rather than a difference of two nearly equal losses, which float32
+  products cannot resolve near the minimum. On a CPU the candidates are tried one after the
+  other and the search stops once every problem has its step; on CUDA all LADDER_STEPS
+  candidates are evaluated with no host synchronization. Both choose the same step, and the
+  residual at it gives the next gradient.
 - per-problem convergence: a problem whose largest absolute gradient component is <= tol (the
   stopping rule of the other solvers), whose direction stops descending, or whose line search
   finds no decrease stops moving; the loop ends when all have stopped (asked every iteration on
   a CPU, every CHECK_EVERY on CUDA) or after max_iter iterations.
 Each accepted step costs two products (Z d, and the gradient), whatever the line search tried.
-Losses are summed over rows in float64, so the line search resolves the last small decreases.
+The products are float32; logits, residuals and the slope's sums are float64, so the line search
+resolves steps far below float32's resolution of a logit.
 """
 
 from __future__ import annotations
@@ -61,26 +66,17 @@ class BatchedProblems:
         return x[:, :k * d].reshape(-1, d), x[:, k * d:]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, P, K') logits of every problem: one product."""
+        """(N, P, K') float64 logits of every problem: one float32 product, kept in float64 so
+        the line search resolves steps far below float32's resolution of a logit."""
         W, b = self.split(x)
-        return (self.Z @ W.T).view(self.n, -1, self.width) + b
+        return (self.Z @ W.T).view(self.n, -1, self.width).double() + b.double()
 
     def direction_logits(self, d: torch.Tensor) -> torch.Tensor:
-        """(N, P, K') change of the logits per unit step along d: one product."""
+        """(N, P, K') float64 change of the logits per unit step along d: one product."""
         return self.logits(d)
 
-    def row_losses(self, logits: torch.Tensor) -> torch.Tensor:
-        """(P,) float64 sums over rows of each problem's loss."""
-        if self.kind == "multinomial":
-            true = logits.gather(2, self.target.view(-1, 1, 1).expand(-1, logits.shape[1], 1))
-            per_row = torch.logsumexp(logits, dim=2) - true[:, :, 0]  # (N, P)
-        else:  # one logistic loss per column, summed over the columns
-            per_row = (torch.nn.functional.softplus(logits)
-                       - self.target[:, None, :] * logits).sum(dim=2)  # (N, P)
-        return per_row.double().sum(dim=0)
-
     def residual(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, P, K') derivative of the summed loss with respect to the logits."""
+        """(N, P, K') float64 derivative of the summed loss with respect to the logits."""
         if self.kind == "multinomial":
             residual = torch.softmax(logits, dim=2)
             rows = torch.arange(self.n, device=logits.device)
@@ -88,14 +84,14 @@ class BatchedProblems:
             return residual
         return torch.sigmoid(logits) - self.target[:, None, :]
 
-    def gradient(self, x: torch.Tensor, logits: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """(P, F) gradient of every objective at x, whose logits are given: one product."""
-        residual = self.residual(logits)  # (N, P, K')
+    def gradient(self, x: torch.Tensor, residual: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """(P, F) gradient of every objective at x, whose residual is given: one product."""
         P = x.shape[0]
-        grad_W = (residual.view(self.n, -1).T @ self.Z).view(P, -1) / self.n  # (P, K' * D)
+        flat = residual.view(self.n, -1).float()
+        grad_W = (flat.T @ self.Z).view(P, -1) / self.n  # (P, K' * D)
         W, _ = self.split(x)
         grad_W += lam[:, None] * W.reshape(P, -1)
-        return torch.cat([grad_W, residual.sum(dim=0) / self.n], dim=1)
+        return torch.cat([grad_W, residual.sum(dim=0).float() / self.n], dim=1)
 
     def penalty_parts(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(|W|^2, W.dW, |dW|^2) per problem, float64: the penalty along x + t d is a quadratic."""
@@ -124,10 +120,7 @@ def minimize(problems: BatchedProblems, x0: torch.Tensor, lam: torch.Tensor, *,
     x = x0.clone()
     lam64 = lam.double()
     logits = problems.logits(x)
-    loss = problems.row_losses(logits) / problems.n  # (P,) float64, penalty added below
-    W2 = problems.penalty_parts(x, x)[0]
-    f = loss + 0.5 * lam64 * W2
-    g = problems.gradient(x, logits, lam)
+    g = problems.gradient(x, problems.residual(logits), lam)
     P = x.shape[0]
     active = g.abs().amax(dim=1) > tol  # problems still moving
     n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
@@ -166,30 +159,32 @@ def minimize(problems: BatchedProblems, x0: torch.Tensor, lam: torch.Tensor, *,
                  else torch.ones(P, dtype=x.dtype, device=x.device))
         # the line search on cached logits: logits + t * dz, the penalty a quadratic in t
         dz = problems.direction_logits(d)  # (N, P, K'): one product
-        W2, Wd, d2 = problems.penalty_parts(x, d)
+        _, Wd, d2 = problems.penalty_parts(x, d)
         t = torch.zeros(P, dtype=x.dtype, device=x.device)
-        f_new = f.clone()
+        residual = torch.zeros_like(logits)  # at the accepted step
         found = ~active
         step = step0.clone()
         for _ in range(LADDER_STEPS):
             step64 = step.double()
-            trial = logits + step.view(1, -1, 1) * dz
-            f_trial = (problems.row_losses(trial) / problems.n
-                       + 0.5 * lam64 * (W2 + 2 * step64 * Wd + step64 * step64 * d2))
-            accept = ~found & torch.isfinite(f_trial) & (f_trial <= f + ARMIJO * step64 * gtd)
+            trial = problems.residual(logits + step64.view(1, -1, 1) * dz)
+            slope = ((trial * dz).sum(dim=(0, 2)) / problems.n
+                     + lam64 * (Wd + step64 * d2))  # (P,) d/dt of the objective at the step
+            # the objective is convex along d: a slope still <= ARMIJO * g.d at t means it
+            # fell by at least ARMIJO * t * |g.d| on the way (f(t) <= f(0) + t f'(t))
+            accept = ~found & torch.isfinite(slope) & (slope <= ARMIJO * gtd)
             t = torch.where(accept, step, t)
-            f_new = torch.where(accept, f_trial, f_new)
+            residual = torch.where(accept.view(1, -1, 1), trial, residual)
             found = found | accept
             if not sync_free and bool(found.all()):
                 break
             step = step * 0.5
-        active = active & (t > 0)  # no decrease found along d: the problem has stalled
+        active = active & (t > 0)  # no step keeps descending along d: the problem has stalled
         n_iter += active.long()
+        moved = (t > 0).view(1, -1, 1)
         x = x + t[:, None] * d
-        logits = logits + t.view(1, -1, 1) * dz
-        f = f_new
+        logits = logits + t.double().view(1, -1, 1) * dz
         g_prev = g
-        g = problems.gradient(x, logits, lam)
+        g = torch.where(moved.view(-1, 1), problems.gradient(x, residual, lam), g)
         active = active & (g.abs().amax(dim=1) > tol)
     converged = g.abs().amax(dim=1) <= tol
     return x, n_iter, converged
