@@ -9,7 +9,8 @@
 #   1. the gpu-marked tests (no -x: every failure shows; -rs: why each skipped);
 #   2. extraction: ViT-B/16-shaped and ResNet-50 models, random weights, on a synthetic 224 px
 #      set: model-only vs end-to-end img/s, peak memory (benchmarks/gpu_bench.py extract);
-#   3. the probe benchmark on the torch GPU solver (benchmarks/probe_bench.py);
+#   3. the probe benchmark: the sequential torch walk vs the batched path, both on the GPU, and
+#      the seed-paper grid's probe stage projected (benchmarks/probe_bench.py --compare);
 #   4. a forced out-of-memory: the batch halves until it fits (gpu_bench.py oom);
 #   5. fine-tune determinism: deterministic vs default, twice each (gpu_bench.py finetune);
 #   6. the fine-tuning loop, medfm vs a naive DataLoader loop (benchmarks/finetune_bench.py).
@@ -70,10 +71,12 @@ stage gpu-tests 100 $PY -m pytest -q -rs -m gpu -p no:cacheprovider \
 stage extract 100 $PY benchmarks/gpu_bench.py extract --report "$REPORT" $SMALL \
     --workdir "$WORK/extract"
 if [ -z "$SMOKE" ]; then
-    stage probe 150 $PY benchmarks/probe_bench.py --solvers torch --skip-naive \
+    stage probe 150 $PY benchmarks/probe_bench.py --compare --device cuda \
         --workdir "$WORK/probe"
-    { echo; echo "### Probe, torch solver on the GPU (benchmarks/probe_bench.py)"; echo '```'
-      grep -E "^grid|stopped" "$OUTDIR/probe.log"; echo '```'; } >> "$REPORT"
+    { echo; echo "### Probe on the GPU, the torch walk vs the batched path (probe_bench.py" \
+        "--compare)"; echo '```'
+      grep -E "^grid|process|projection|^probe_compare" "$OUTDIR/probe.log"; echo '```'
+    } >> "$REPORT"
 fi
 stage oom 45 $PY benchmarks/gpu_bench.py oom --report "$REPORT" $SMALL --workdir "$WORK/oom"
 stage finetune 60 $PY benchmarks/gpu_bench.py finetune --report "$REPORT" $SMALL \

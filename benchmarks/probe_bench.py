@@ -156,9 +156,10 @@ def _choices(result: dict) -> dict:
     return {(r["fraction"], r["seed"]): (r["C"], r["acc"], r["auc"]) for r in result["rows"]}
 
 
-def compare(name: str, store: FeatureStore, workdir: Path, device: str | None) -> str:
+def compare(name: str, store: FeatureStore, workdir: Path, device: str | None
+            ) -> tuple[str, dict]:
     """Today's exhaustive torch walk vs `medfm probe` by default, each in a fresh process; prints
-    the comparison and returns its `probe_compare` line."""
+    the comparison and returns its `probe_compare` line and the new path's figures."""
     old = run_solver(store, "torch", workdir, exhaustive=True, device=device)
     new = run_solver(store, "auto", workdir, exhaustive=False, device=device)
     reference, chosen = _choices(old), _choices(new)
@@ -180,7 +181,52 @@ def compare(name: str, store: FeatureStore, workdir: Path, device: str | None) -
     tag = name.split(")")[0].strip("(")
     return (f"probe_compare {tag} new_s {new['wall_s']:.2f} old_s {old['wall_s']:.2f} "
             f"same_or_adjacent_C {near}/{len(reference)} max_dacc_pp {d_acc:.2f} "
-            f"max_dauc_pp {d_auc:.2f}")
+            f"max_dauc_pp {d_auc:.2f}"), new
+
+
+def _seed_paper_widths() -> dict[str, int]:
+    """Feature width of each seed-paper backbone (timm models built on the meta device: no
+    weights, no memory), what its stores hold."""
+    import timm
+    import torch
+
+    from medfm.backbones.names import resolve_backbone
+    from medfm.presets import SEED_PAPER_BACKBONES
+
+    widths = {}
+    for alias in SEED_PAPER_BACKBONES:
+        with torch.device("meta"):
+            model = timm.create_model(resolve_backbone(alias).arch, pretrained=False,
+                                      num_classes=0)
+        widths[alias] = getattr(model, "head_hidden_size", None) or model.num_features
+    return widths
+
+
+def project_seed_paper(result: dict, store: FeatureStore) -> str:
+    """The seed-paper grid's probe stage (its 816 stores: 12 datasets x 4 sizes x 17 backbones,
+    fractions 0.01/0.1/1.0 x 3 seeds each) projected from one measured store: the fits scale
+    with train rows x width x logits, the test metrics with test rows x score columns, per
+    store; the process start is paid once."""
+    from medfm.data import DATASETS, Task
+    from medfm.presets import MEDMNIST_SIZES
+
+    fit_s = result["probe_s"] - result["metrics_s"]
+    measured_fit = store.rows["train"] * store.dim * PATH_CLASSES
+    measured_metrics = store.rows["test"] * PATH_CLASSES
+    total = result["wall_s"] - result["probe_s"]
+    widths = _seed_paper_widths()
+    for info in DATASETS.values():
+        logits = 1 if info.task is Task.BINARY else info.n_classes
+        for width in widths.values():
+            fit = info.n_samples["train"] * width * logits / measured_fit * fit_s
+            metrics = (info.n_samples["test"] * max(2, info.n_classes) / measured_metrics
+                       * result["metrics_s"])
+            total += (fit + metrics) * len(MEDMNIST_SIZES)
+    stores = len(DATASETS) * len(MEDMNIST_SIZES) * len(widths)
+    return (f"projection: the seed-paper grid's probe stage, {stores} stores x 9 runs, "
+            f"{total / 60:.1f} min on this device (fits {fit_s:.2f} s and test metrics "
+            f"{result['metrics_s']:.2f} s per PathMNIST-sized store, scaled by each dataset's "
+            f"split sizes and each backbone's width)")
 
 
 def main() -> None:
@@ -206,8 +252,13 @@ def main() -> None:
     print(f"grid {len(C_GRID)} C values, stopped once the loss rose {PATIENCE}x; fractions "
           f"{FRACTIONS} x seeds {SEEDS}; cuda={cuda_available()}; each run in a fresh process")
     if args.compare:
-        lines = [compare(name, build(workdir), workdir, args.device)
-                 for name, build in workloads.items()]
+        lines = []
+        for name, build in workloads.items():
+            store = build(workdir)
+            line, new = compare(name, store, workdir, args.device)
+            lines.append(line)
+        if "(b)" in name:  # the PathMNIST-shaped store scales to the whole grid
+            print(project_seed_paper(new, store))
         print("\n".join(lines))
         return
     for name, build in workloads.items():

@@ -480,3 +480,49 @@ def test_holdout_selection_refits_with_the_batched_solver():
     assert _grid_distance(batched.C_, reference.C_) <= 1
     Xt, yt = _noisy(600, 9)
     assert abs(batched.score(Xt, yt) - reference.score(Xt, yt)) <= 0.01
+
+
+@pytest.mark.gpu
+def test_probe_on_cuda_fits_every_C_at_once_on_resident_features(tmp_path):
+    """On a GPU, `auto` is the batched solver: each store's features go to the device once, every
+    C is solved together, the test metrics are computed there, and the rows agree with the CPU
+    walk (the same or an adjacent C; metrics within the issue's tolerance)."""
+    work = tmp_path / "w"
+    for i, flag in enumerate(STORE_FLAGS):
+        write_store(work, flag, seed=i)
+    on_gpu = probe(fractions=[0.5, 1.0], seeds=[0], workdir=work, device="cuda", progress=False)
+    on_cpu = probe(fractions=[0.5, 1.0], seeds=[0], workdir=work, device="cpu", solver="torch",
+                   force=True, progress=False)
+    cpu_rows = {r.key.digest(): r for r in on_cpu.computed}
+    assert len(on_gpu.computed) == len(cpu_rows) == len(STORE_FLAGS) * 2
+    for row in on_gpu.computed:
+        assert (row.solver, row.device) == ("batched", "cuda")
+        reference = cpu_rows[row.key.digest()]
+        assert _grid_distance(row.chosen_C, reference.chosen_C) <= 1
+        assert abs(row.acc - reference.acc) <= 0.05 and abs(row.auc - reference.auc) <= 0.02
+
+
+@pytest.mark.gpu
+def test_the_cuda_iterations_synchronize_with_the_host_only_every_few_iterations():
+    """On CUDA the batched iterations never wait for the GPU except to ask, every CHECK_EVERY
+    iterations, whether every problem has stopped (torch's sync debug mode counts them)."""
+    import warnings
+
+    import torch
+
+    from medfm.probe.batched import CHECK_EVERY, BatchedProblems, minimize
+
+    X, y = _blobs(Task.MULTI_CLASS, 4000, 4, 3)
+    Z = torch.as_tensor((X - X.mean(0)) / X.std(0), device="cuda")
+    problems = BatchedProblems(Z, torch.as_tensor(y, device="cuda"), "multinomial", 3)
+    lam = torch.tensor([1 / (C * len(Z)) for C in C_GRID], device="cuda")
+    start = torch.zeros(len(C_GRID), 3 * DIM + 3, device="cuda")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            minimize(problems, start, lam, max_iter=40)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 40 // CHECK_EVERY + 2, [str(w.message) for w in syncs[:3]]

@@ -13,6 +13,7 @@ from medmnist import Evaluator
 from medfm.cli import main
 from medfm.data import Task
 from medfm.extract import extract
+from medfm.metrics import acc, auc
 from medfm.probe import C_GRID, LogisticProbe, StoreArrays, probe
 from medfm.probe.solvers import NVIDIA_MARKERS
 from medfm.probe.methods.logreg import PATIENCE
@@ -111,3 +112,41 @@ def test_stopped_walk_chooses_the_whole_walks_C_on_real_stores(pneumonia_workdir
             fits["stopped"] += len(stopped.path_)
             fits["whole"] += len(whole.path_)
     assert fits["whole"] == 8 * len(C_GRID) and fits["stopped"] < 0.8 * fits["whole"]
+
+
+@pytest.mark.slow
+def test_batched_solver_agrees_with_the_sequential_walk_on_real_stores(pneumonia_workdir,
+                                                                        breast_workdir):
+    """On real Lite0 features of BreastMNIST and PneumoniaMNIST, at fractions 0.1, 0.3 and 1.0
+    and seeds 0-2, the batched solver (walking the grid, and every C at once) chooses the C of
+    today's sequential torch walk or an adjacent one, and where it is the same C, the test ACC
+    is within 0.3 points (or one test image) and the AUC within 0.1 points."""
+    grid = list(C_GRID)
+    same = total = 0
+    for workdir, dataset in ((breast_workdir, "breastmnist"),
+                             (pneumonia_workdir, "pneumoniamnist")):
+        (store,) = find_stores(workdir, dataset=dataset)
+        arrays = StoreArrays.load(store)
+        y_test = arrays.labels["test"]
+        for fraction in (0.1, 0.3, 1.0):
+            for seed in (0, 1, 2) if fraction < 1.0 else (0,):  # 1.0: the same images
+                rows = sample(arrays.labels["train"], Task.BINARY,
+                              SubsetSpec(fraction=fraction, seed=seed)).indices
+                args = (arrays.features["train"][rows], arrays.targets["train"][rows],
+                        arrays.features["val"], arrays.targets["val"])
+                reference = LogisticProbe(solver="torch").fit(*args)
+                ref_scores = reference.predict_proba(arrays.features["test"])
+                for c_search in ("walk", "batch"):
+                    model = LogisticProbe(solver="batched", c_search=c_search).fit(*args)
+                    scores = model.predict_proba(arrays.features["test"])
+                    assert abs(grid.index(model.C_) - grid.index(reference.C_)) <= 1
+                    total += 1
+                    if model.C_ != reference.C_:
+                        continue
+                    same += 1
+                    d_acc = abs(acc(y_test, scores, Task.BINARY)
+                                - acc(y_test, ref_scores, Task.BINARY))
+                    assert d_acc <= max(0.003, 1 / len(y_test) + 1e-12), (dataset, fraction)
+                    assert abs(auc(y_test, scores, Task.BINARY)
+                               - auc(y_test, ref_scores, Task.BINARY)) <= 0.001
+    assert same >= total - 2, (same, total)  # an adjacent C is the exception, not the rule

@@ -16,20 +16,22 @@ K' = 9 columns of memory-bound work into P * K' columns of compute-bound work on
 The iteration is L-BFGS (history 10, scipy's and scikit-learn's memory) with a batch dimension:
 - per-problem curvature pairs (a pair with y.s <= 1e-10 is kept as a no-op for that problem);
 - a backtracking line search on cached logits: for a direction d, the products Z d are
-  computed once, and the objective's slope at any step t follows from the logits
-  + t * (Z d), with no pass over Z. Candidate steps halve from the initial step (1, or
-  min(1, 1 / |g|_1) on the first iteration, as torch.optim.LBFGS starts); each problem takes the
-  largest whose slope is still <= ARMIJO * g.d. The objective is convex along d, so that step
-  also decreases it by at least ARMIJO * t * |g.d| (Armijo's condition), and the test reads the
-  slope, a sum of products, rather than a difference of two nearly equal losses, which float32
-  products cannot resolve near the minimum. On a CPU the candidates are tried one after the
-  other and the search stops once every problem has its step; on CUDA all LADDER_STEPS
-  candidates are evaluated with no host synchronization. Both choose the same step, and the
-  residual at it gives the next gradient.
+  computed once, and the objective's slope at any step t follows from the logits + t * (Z d),
+  with no pass over Z. Candidate steps are LADDER's fractions of the initial step (1, or
+  min(1, 1 / |g|_1) before any curvature is known, as torch.optim.LBFGS starts); each problem
+  takes the largest whose slope is still <= ARMIJO * g.d. The objective is convex along d, so
+  that step also decreases it by at least ARMIJO * t * |g.d| (Armijo's condition), and the test
+  reads the slope, a sum of products, rather than a difference of two nearly equal losses, which
+  float32 products cannot resolve near the minimum. On a CPU the candidates are tried one after
+  the other and the search stops once every problem has its step; on CUDA all LADDER candidates
+  are evaluated with no host synchronization. Both choose the same step, and the residual at it
+  gives the next gradient. A problem none of whose candidates descends enough does not move and
+  restarts: its pairs are forgotten and its next step is scaled steepest descent (y.s / y.y of
+  its last pair times -g).
 - per-problem convergence: a problem whose largest absolute gradient component is <= tol (the
   stopping rule of the other solvers), whose direction stops descending, or whose line search
-  finds no decrease stops moving; the loop ends when all have stopped (asked every iteration on
-  a CPU, every CHECK_EVERY on CUDA) or after max_iter iterations.
+  finds no step even from a restart stops moving; the loop ends when all have stopped (asked
+  every iteration on a CPU, every CHECK_EVERY on CUDA) or after max_iter iterations.
 Each accepted step costs two products (Z d, and the gradient), whatever the line search tried.
 The products are float32; logits, residuals and the slope's sums are float64, so the line search
 resolves steps far below float32's resolution of a logit.
@@ -45,7 +47,9 @@ import torch
 from medfm.probe.solvers import DEFAULT_MAX_ITER, DEFAULT_TOL, LBFGS_HISTORY, Solution, probe_device
 
 ARMIJO = 1e-4  # sufficient decrease: f(x + t d) <= f(x) + ARMIJO * t * g.d
-LADDER_STEPS = 12  # candidate steps t0, t0 / 2, ..., t0 / 2**11 per line search
+LADDER = (1.0, 0.5, 0.25, 0.125, 1 / 32, 1 / 128, 1 / 1024)  # candidate steps, times the
+#   initial step, largest first: L-BFGS takes the first in ~80% of iterations and rarely needs
+#   the fourth; the sparse tail covers badly scaled directions at little cost
 CHECK_EVERY = 8  # CUDA: iterations between the host checks of "has every problem stopped?"
 CURVATURE_EPS = 1e-10  # a curvature pair with y.s at or below this is not used (torch's rule)
 
@@ -120,51 +124,56 @@ def minimize(problems: BatchedProblems, x0: torch.Tensor, lam: torch.Tensor, *,
     x = x0.clone()
     lam64 = lam.double()
     logits = problems.logits(x)
-    g = problems.gradient(x, problems.residual(logits), lam)
+    current = problems.residual(logits)  # (N, P, K') float64 at x
+    g = problems.gradient(x, current, lam)
     P = x.shape[0]
     active = g.abs().amax(dim=1) > tol  # problems still moving
+    restart = torch.ones(P, dtype=torch.bool, device=x.device)  # steepest descent this iteration
     n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
-    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, rho) pairs
-    H_diag = torch.ones(P, dtype=x.dtype, device=x.device)
+    history: list[list[torch.Tensor]] = []  # [s, y, rho] pairs, rho (P,) 0 where not used
+    H_diag = torch.ones(P, dtype=x.dtype, device=x.device)  # y.s / y.y of the last used pair
+    scaled = torch.zeros(P, dtype=torch.bool, device=x.device)  # whether H_diag comes from one
     d = t = g_prev = None
     for iteration in range(1, max_iter + 1):
         if (not sync_free or iteration % CHECK_EVERY == 1) and not bool(active.any()):
             break
         # the direction: the two-loop recursion over each problem's kept (s, y) pairs
-        if iteration == 1:
-            d = -g
-        else:
+        if iteration > 1:
             y, s = g - g_prev, d * t[:, None]
             ys = _dot(y, s)
             usable = ys > CURVATURE_EPS
             rho = torch.where(usable, 1.0 / ys.clamp_min(CURVATURE_EPS), 0.0).to(x.dtype)
             H_diag = torch.where(usable, (ys / _dot(y, y).clamp_min(1e-300)).to(x.dtype), H_diag)
-            history.append((s, y, rho))
+            scaled = scaled | usable
+            history.append([s, y, rho])
             if len(history) > history_size:
                 history.pop(0)
-            q, alphas = -g, []
-            for s_i, y_i, rho_i in reversed(history):
-                alpha = rho_i * (s_i * q).sum(1)
-                q = q - alpha[:, None] * y_i
-                alphas.append(alpha)
-            r = q * H_diag[:, None]
-            for (s_i, y_i, rho_i), alpha in zip(history, reversed(alphas), strict=True):
-                beta = rho_i * (y_i * r).sum(1)
-                r = r + (alpha - beta)[:, None] * s_i
-            d = r
+        for pair in history:  # a restarting problem forgets its pairs (keeps its scaling)
+            pair[2] = torch.where(restart, 0.0, pair[2])
+        q, alphas = -g, []
+        for s_i, y_i, rho_i in reversed(history):
+            alpha = rho_i * (s_i * q).sum(1)
+            q = q - alpha[:, None] * y_i
+            alphas.append(alpha)
+        d = q * H_diag[:, None]
+        for (s_i, y_i, rho_i), alpha in zip(history, reversed(alphas), strict=True):
+            beta = rho_i * (y_i * d).sum(1)
+            d = d + (alpha - beta)[:, None] * s_i
         d = d * active[:, None]  # stopped problems do not move
-        gtd = _dot(g, d)
-        active = active & (gtd < 0)  # not a descent direction: stop, as torch.optim.LBFGS does
-        step0 = (torch.clamp(1.0 / g.abs().sum(1), max=1.0) if iteration == 1
-                 else torch.ones(P, dtype=x.dtype, device=x.device))
+        # the first step, before any curvature is known, is min(1, 1 / |g|_1), as
+        # torch.optim.LBFGS's first; after that, 1 along the scaled direction
+        step0 = torch.where(scaled, 1.0, torch.clamp(1.0 / g.abs().sum(1), max=1.0))
         # the line search on cached logits: logits + t * dz, the penalty a quadratic in t
         dz = problems.direction_logits(d)  # (N, P, K'): one product
         _, Wd, d2 = problems.penalty_parts(x, d)
+        # g.d, from the same float64 terms as the slopes below, so the two compare exactly
+        gtd = (current * dz).sum(dim=(0, 2)) / problems.n + lam64 * Wd
+        active = active & (gtd < 0)  # not a descent direction: stop, as torch.optim.LBFGS does
         t = torch.zeros(P, dtype=x.dtype, device=x.device)
         residual = torch.zeros_like(logits)  # at the accepted step
         found = ~active
-        step = step0.clone()
-        for _ in range(LADDER_STEPS):
+        for fraction in LADDER:
+            step = step0 * fraction
             step64 = step.double()
             trial = problems.residual(logits + step64.view(1, -1, 1) * dz)
             slope = ((trial * dz).sum(dim=(0, 2)) / problems.n
@@ -177,14 +186,16 @@ def minimize(problems: BatchedProblems, x0: torch.Tensor, lam: torch.Tensor, *,
             found = found | accept
             if not sync_free and bool(found.all()):
                 break
-            step = step * 0.5
-        active = active & (t > 0)  # no step keeps descending along d: the problem has stalled
-        n_iter += active.long()
+        stuck = active & (t == 0)  # no candidate step kept descending along d
+        active = active & ~(stuck & restart)  # not even from a restart: the problem has stalled
+        restart = stuck  # the others start again from steepest descent
+        n_iter += (active & ~stuck).long()
         moved = (t > 0).view(1, -1, 1)
         x = x + t[:, None] * d
         logits = logits + t.double().view(1, -1, 1) * dz
+        current = torch.where(moved, residual, current)
         g_prev = g
-        g = torch.where(moved.view(-1, 1), problems.gradient(x, residual, lam), g)
+        g = torch.where(moved.view(-1, 1), problems.gradient(x, current, lam), g)
         active = active & (g.abs().amax(dim=1) > tol)
     converged = g.abs().amax(dim=1) <= tol
     return x, n_iter, converged

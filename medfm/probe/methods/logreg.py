@@ -7,10 +7,11 @@ chosen on validation.
 
 Protocol. Features are standardized with the mean and standard deviation of the training subset
 (a constant feature keeps scale 1). The C grid (`C_GRID`, log-spaced) is walked from strong to
-weak regularization, each fit warm-started from the previous one; at every C the model minimizes
-C * sum(logloss) + 0.5 * ||W||^2 with an unpenalized intercept (scikit-learn's objective, in
-every solver) and is scored on a selection split. C is chosen by `select_by`
-(medfm.probe.targets):
+weak regularization, each fit warm-started from the previous one (the batched solver on a GPU
+solves every C at once instead, and the rule below reads its solutions in the same order); at
+every C the model minimizes C * sum(logloss) + 0.5 * ||W||^2 with an unpenalized intercept
+(scikit-learn's objective, in every solver) and is scored on a selection split. C is chosen by
+`select_by` (medfm.probe.targets):
 - `loss` (default since issue 12): walking from strong to weak regularization, a C replaces the
   best so far only if it lowers the log-loss on the selection split by more than LOSS_MARGIN
   (2%) of the best: a smaller gain is within solver noise where the loss flattens. The walk
