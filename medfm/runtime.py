@@ -14,8 +14,10 @@ Versions are read from the installed packages' metadata, so recording them impor
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import platform
+import sys
 from collections.abc import Iterator
 from importlib import metadata
 
@@ -55,12 +57,35 @@ def resolve_device(device: str | None):
     return dev
 
 
+# Paths one of which exists wherever CUDA can see a GPU on Linux: the driver's proc entry and
+# control node (also inside containers given a GPU), and WSL2's GPU paravirtualization device.
+NVIDIA_MARKERS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU, without importing torch (2 s) where there cannot be one:
+    torch not installed, or a Linux machine with no NVIDIA driver loaded."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    if sys.platform.startswith("linux") and not any(map(os.path.exists, NVIDIA_MARKERS)):
+        return False  # no NVIDIA kernel driver or device node: CUDA cannot see a GPU
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def device_type(device: str | None) -> str:
     """"cpu" or "cuda": the kind of device `device` names, None meaning CUDA when a GPU is
     visible; answered without importing torch where no GPU can be (no NVIDIA driver)."""
-    from medfm.probe.solvers import probe_device  # the torch-free check lives with the probe
-
-    return probe_device(device)
+    if device is None:
+        return "cuda" if cuda_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"device {device!r} is not valid; use cpu or cuda.")
+    if kind == "cuda" and not cuda_available():
+        raise InvalidArgumentError("--device cuda asked for, but no CUDA GPU is visible; "
+                                   "use --device cpu.")
+    return kind
 
 
 def resolve_precision(precision: str | None, device: str | None) -> str:

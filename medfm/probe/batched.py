@@ -44,7 +44,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medfm.probe.solvers import DEFAULT_MAX_ITER, DEFAULT_TOL, LBFGS_HISTORY, Solution, probe_device
+from medfm.probe.objective import DEFAULT_MAX_ITER, DEFAULT_TOL, LBFGS_HISTORY, Solution
+from medfm.runtime import device_type
 
 ARMIJO = 1e-4  # sufficient decrease: f(x + t d) <= f(x) + ARMIJO * t * g.d
 LADDER = (1.0, 0.5, 0.25, 0.125, 1 / 32, 1 / 128, 1 / 1024)  # candidate steps, times the
@@ -210,7 +211,7 @@ class BatchedSolver:
     def __init__(self, X, Y, kind: str, *, max_iter: int = DEFAULT_MAX_ITER,
                  tol: float = DEFAULT_TOL, device: str | None = None,
                  n_classes: int | None = None):
-        self.device = torch.device(probe_device(device) if not isinstance(X, torch.Tensor)
+        self.device = torch.device(device_type(device) if not isinstance(X, torch.Tensor)
                                    else X.device.type)
         self.device_type = self.device.type
         self.kind, self.max_iter, self.tol = kind, max_iter, tol

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medfm.errors import InvalidArgumentError
-from medfm.probe.solvers import LBFGS_HISTORY, Solution
+from medfm.probe.objective import LBFGS_HISTORY, Solution
 
 
 @dataclass(frozen=True)

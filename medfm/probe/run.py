@@ -35,9 +35,9 @@ from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.methods import get_method
 from medfm.probe.robust import ScoredRow, load_state, record, save_state, score_pairs
-from medfm.probe.solvers import SOLVERS, probe_device, resolve_solver
+from medfm.probe.solvers import SOLVERS, resolve_solver
 from medfm.request import run_key
-from medfm.runtime import versions
+from medfm.runtime import device_type, versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
 from medfm.store.corrupted import available_pairs
 from medfm.store.features import FeatureStore, find_stores
@@ -70,7 +70,7 @@ class ProbeRequest:
     def metrics_device(self) -> str | None:
         """"cuda" when this request computes on a GPU (test metrics are then computed there),
         else None (numpy on the host)."""
-        return "cuda" if probe_device(self.device) == "cuda" else None
+        return "cuda" if device_type(self.device) == "cuda" else None
 
     def features_device(self) -> str | None:
         """"cuda" when the batched solver fits on a GPU: each store's features are uploaded once

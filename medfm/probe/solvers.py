@@ -40,50 +40,24 @@ the whole grid at once says so (`solves_path`: the batched solver on CUDA) and i
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
 from medfm.errors import InvalidArgumentError
+from medfm.probe.objective import (  # noqa: F401 - KINDS and the defaults are read from here too
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    KINDS,
+    LBFGS_HISTORY,
+    Solution,
+)
+from medfm.runtime import NVIDIA_MARKERS, cuda_available, device_type  # noqa: F401
 
 SOLVERS = ("auto", "sklearn", "torch", "batched", "cuml")  # values of --solver
 TORCH_MIN_WORK = 2_000_000  # auto on a CPU: torch from this many rows x features x logits up
-KINDS = ("binary", "multinomial", "multilabel")  # loss families
-DEFAULT_MAX_ITER = 100  # L-BFGS iterations per C (scikit-learn's default)
-DEFAULT_TOL = 1e-4  # largest absolute gradient component at convergence (scikit-learn's default)
-LBFGS_HISTORY = 10  # L-BFGS memory (scipy's default, which scikit-learn uses)
 EVALS_PER_ITER = 4  # torch: function evaluations allowed per iteration (line search included)
 BLOCK_ROWS = 8192  # torch: rows per block of an evaluation (logits and gradient while cached)
-
-
-@dataclass(frozen=True)
-class Solution:
-    """A fitted linear model at one C, in the (standardized) space the solver was given."""
-
-    coef: np.ndarray  # (K', D) float64; K' = 1 (binary), K (multinomial) or L (multilabel)
-    intercept: np.ndarray  # (K',) float64
-    n_iter: int  # L-BFGS iterations taken (multilabel sklearn/cuml: the most of any label)
-    converged: bool  # gradient below tol before max_iter (multilabel: every label)
-
-
-# Paths one of which exists wherever CUDA can see a GPU on Linux: the driver's proc entry and
-# control node (also inside containers given a GPU), and WSL2's GPU paravirtualization device.
-NVIDIA_MARKERS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
-
-
-def cuda_available() -> bool:
-    """Whether torch sees a CUDA GPU, without importing torch (2 s) where there cannot be one:
-    torch not installed, or a Linux machine with no NVIDIA driver loaded."""
-    if importlib.util.find_spec("torch") is None:
-        return False
-    if sys.platform.startswith("linux") and not any(map(os.path.exists, NVIDIA_MARKERS)):
-        return False  # no NVIDIA kernel driver or device node: CUDA cannot see a GPU
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cuml_available() -> bool:
@@ -97,19 +71,6 @@ def cuml_available() -> bool:
     return True
 
 
-def probe_device(device: str | None) -> str:
-    """The device type a probe computes on: `device`'s, else cuda when a GPU is visible."""
-    if device is None:
-        return "cuda" if cuda_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda"):
-        raise InvalidArgumentError(f"device {device!r} is not valid; use cpu or cuda.")
-    if kind == "cuda" and not cuda_available():
-        raise InvalidArgumentError("--device cuda asked for, but no CUDA GPU is visible; "
-                                   "use --device cpu.")
-    return kind
-
-
 def resolve_solver(solver: str, *, device: str | None = None, work: int | None = None) -> str:
     """The concrete solver for `solver` (module docstring); an unavailable explicit choice is
     an error saying what to use. `work` (rows x features x logits) sizes the CPU choice."""
@@ -117,7 +78,7 @@ def resolve_solver(solver: str, *, device: str | None = None, work: int | None =
         raise InvalidArgumentError(
             f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}.")
     if solver == "auto":
-        if probe_device(device) == "cuda":
+        if device_type(device) == "cuda":
             return "batched"
         large = work is not None and work >= TORCH_MIN_WORK
         return "batched" if large and importlib.util.find_spec("torch") else "sklearn"
@@ -182,7 +143,7 @@ class TorchSolver:
         import torch
 
         self.torch = torch
-        self.device = torch.device(probe_device(device))
+        self.device = torch.device(device_type(device))
         self.device_type = self.device.type
         self.kind, self.max_iter, self.tol = kind, max_iter, tol
         self.X = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=self.device)

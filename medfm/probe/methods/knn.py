@@ -26,8 +26,8 @@ from medfm.data import Task
 from medfm.errors import InvalidArgumentError
 from medfm.probe.estimator import ProbeEstimator
 from medfm.probe.methods import Fitted, MethodOption, ProbeMethod, register
-from medfm.probe.solvers import probe_device
 from medfm.probe.targets import encode_targets
+from medfm.runtime import device_type
 
 KNN_K = 11  # neighbours (MedMNIST+)
 KNN_METRICS = ("cosine", "euclidean")
@@ -74,7 +74,7 @@ class KNNProbe(ProbeEstimator):
             return self._majority(X)
         import torch
 
-        device = torch.device(probe_device(self.device))
+        device = torch.device(device_type(self.device))
         train = torch.as_tensor(self.X_, device=device)  # (N, D)
         votes = torch.as_tensor(self.votes_, device=device)  # (N, K)
         queries = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=device)
@@ -131,7 +131,7 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
                      vote=params.get("vote", KNN_VOTES[0]), device=device)
     model.fit(features["train"][train_rows], labels["train"][train_rows])
     scores = model.predict_proba(features["test"]).astype(np.float32)
-    return Fitted(scores, None, {"k_effective": model.k_}, "", probe_device(device),
+    return Fitted(scores, None, {"k_effective": model.k_}, "", device_type(device),
                   model=model)
 
 
