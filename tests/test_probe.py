@@ -526,3 +526,29 @@ def test_the_cuda_iterations_synchronize_with_the_host_only_every_few_iterations
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 40 // CHECK_EVERY + 2, [str(w.message) for w in syncs[:3]]
+
+
+def test_features_resident_as_tensors_give_the_rows_of_numpy_features(tmp_path):
+    """The GPU path (features uploaded once as tensors, standardized, fitted, scored and
+    evaluated on the device) run on the CPU device: every task's rows equal those from numpy
+    features: the same C, metrics and intervals to rounding."""
+    from medfm.probe import StoreArrays, probe_job, resolve_probe
+    from medfm.sampling import SubsetSpec
+    from medfm.store.features import find_stores
+
+    work = tmp_path / "w"
+    for i, flag in enumerate(STORE_FLAGS):
+        write_store(work, flag, seed=i)
+    request = resolve_probe("logreg", solver="batched", device="cpu")
+    for store in find_stores(work):
+        on_host = StoreArrays.load(store)
+        resident = StoreArrays.load(store, device="cpu")
+        assert type(resident.features["train"]).__name__ == "Tensor"
+        np.testing.assert_array_equal(resident.features["test"].numpy(), on_host.features["test"])
+        for spec in (SubsetSpec(fraction=0.5, seed=1), SubsetSpec(fraction=1.0, seed=0)):
+            host_row = probe_job(store, spec=spec, probe=request, arrays=on_host).row
+            device_row = probe_job(store, spec=spec, probe=request, arrays=resident).row
+            assert device_row.chosen_C == host_row.chosen_C, store.path.name
+            for name in ("acc", "auc", "balanced_acc", "ece", "nll", "auc_ci_low", "auc_ci_high"):
+                assert getattr(device_row, name) == pytest.approx(getattr(host_row, name),
+                                                                  abs=1e-4), name

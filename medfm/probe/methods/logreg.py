@@ -388,7 +388,7 @@ def _rows_for(X, rows: np.ndarray):
     if _is_tensor(X):
         import torch
 
-        return torch.as_tensor(rows, device=X.device)
+        return torch.tensor(rows, device=X.device)  # a copy: subset indices are read-only
     return rows
 
 
