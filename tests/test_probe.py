@@ -463,9 +463,9 @@ def test_the_sync_free_ladder_takes_the_steps_of_the_sequential_search():
     start = torch.zeros(3, 3 * DIM + 3)
     ladder = minimize(problems, start, lam, sync_free=True)
     sequential = minimize(problems, start, lam, sync_free=False)
-    for a, b in zip(ladder, sequential, strict=True):
+    for a, b in zip(ladder[:3], sequential[:3], strict=True):
         assert torch.equal(a, b)
-    x, n_iter, converged = sequential
+    x, n_iter, converged, _ = sequential
     assert converged.all() and (n_iter > 3).all()
     # started at its solution, the first problem takes no step; the others still converge
     again = minimize(problems, torch.cat([x[:1], start[1:]]), lam, sync_free=False)

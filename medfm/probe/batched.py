@@ -32,6 +32,10 @@ The iteration is L-BFGS (history 10, scipy's and scikit-learn's memory) with a b
   stopping rule of the other solvers), whose direction stops descending, or whose line search
   finds no step even from a restart stops moving; the loop ends when all have stopped (asked
   every iteration on a CPU, every CHECK_EVERY on CUDA) or after max_iter iterations.
+- on the walk (`fit`, one C after another), the next C starts from the last solution and from
+  its curvature pairs: only the penalty differs between two C values, so a pair (s, y) stays
+  exact once y gains (lam' - lam) s on the weights, and the first step is quasi-Newton, not
+  steepest descent (about 20% fewer iterations on a PathMNIST-shaped store).
 Each accepted step costs two products (Z d, and the gradient), whatever the line search tried.
 The products are float32; logits, residuals and the slope's sums are float64, so the line search
 resolves steps far below float32's resolution of a logit.
@@ -40,6 +44,7 @@ resolves steps far below float32's resolution of a logit.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -110,15 +115,45 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() * b.double()).sum(dim=1)
 
 
+@dataclass
+class Memory:
+    """The curvature pairs a minimization ended with, to start the next C of a walk from: only
+    the penalty differs between two C values, so each pair carries over exactly once its y is
+    corrected by (lam' - lam) s on the weights (the intercept is not penalized)."""
+
+    pairs: list  # [s (P, F), y (P, F), rho (P,)], oldest first
+    H_diag: torch.Tensor  # (P,) y.s / y.y of the last used pair
+    scaled: torch.Tensor  # (P,) bool: whether H_diag comes from a pair
+    lam: torch.Tensor  # (P,) 1 / (C n) the pairs were measured under
+
+    def carried(self, lam: torch.Tensor, n_weights: int) -> Memory:
+        """These pairs for the objectives with penalty `lam`."""
+        delta = (lam - self.lam).to(self.H_diag.dtype)[:, None]
+        pairs, H_diag, scaled = [], self.H_diag.clone(), self.scaled.clone()
+        for s, y, _ in self.pairs:
+            y = y.clone()
+            y[:, :n_weights] += delta * s[:, :n_weights]
+            ys = _dot(y, s)
+            usable = ys > CURVATURE_EPS
+            pairs.append([s, y, torch.where(usable, 1.0 / ys.clamp_min(CURVATURE_EPS),
+                                            0.0).to(y.dtype)])
+            H_diag = torch.where(usable, (ys / _dot(y, y).clamp_min(1e-300)).to(y.dtype), H_diag)
+            scaled = scaled | usable
+        return Memory(pairs, H_diag, scaled, lam)
+
+
 @torch.no_grad()
 def minimize(problems: BatchedProblems, x0: torch.Tensor, lam: torch.Tensor, *,
              max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
-             history_size: int = LBFGS_HISTORY, sync_free: bool | None = None):
+             history_size: int = LBFGS_HISTORY, sync_free: bool | None = None,
+             memory: Memory | None = None):
     """Minimize every problem from x0 (P, F) (module docstring).
 
     `lam` (P,) is 1 / (C n) per problem. `sync_free` (default: on CUDA) evaluates the whole
     ladder of candidate steps and asks the host whether to stop only every CHECK_EVERY
-    iterations. Returns (x (P, F), n_iter (P,) int64, converged (P,) bool) as tensors.
+    iterations. `memory` (from the last C of a walk) starts the iteration from its corrected
+    pairs instead of steepest descent. Returns (x (P, F), n_iter (P,) int64, converged (P,)
+    bool, Memory).
     """
     if sync_free is None:
         sync_free = x0.device.type == "cuda"
@@ -129,11 +164,16 @@ def minimize(problems: BatchedProblems, x0: torch.Tensor, lam: torch.Tensor, *,
     g = problems.gradient(x, current, lam)
     P = x.shape[0]
     active = g.abs().amax(dim=1) > tol  # problems still moving
-    restart = torch.ones(P, dtype=torch.bool, device=x.device)  # steepest descent this iteration
+    if memory is None:
+        memory = Memory([], torch.ones(P, dtype=x.dtype, device=x.device),
+                        torch.zeros(P, dtype=torch.bool, device=x.device), lam)
+    else:
+        memory = memory.carried(lam, problems.width * problems.dim)
+    history = memory.pairs  # [s, y, rho] pairs, rho (P,) 0 where not used
+    H_diag = memory.H_diag  # y.s / y.y of the last used pair
+    scaled = memory.scaled  # whether H_diag comes from a pair
+    restart = ~scaled  # steepest descent this iteration
     n_iter = torch.zeros(P, dtype=torch.long, device=x.device)
-    history: list[list[torch.Tensor]] = []  # [s, y, rho] pairs, rho (P,) 0 where not used
-    H_diag = torch.ones(P, dtype=x.dtype, device=x.device)  # y.s / y.y of the last used pair
-    scaled = torch.zeros(P, dtype=torch.bool, device=x.device)  # whether H_diag comes from one
     d = t = g_prev = None
     for iteration in range(1, max_iter + 1):
         if (not sync_free or iteration % CHECK_EVERY == 1) and not bool(active.any()):
@@ -199,7 +239,7 @@ def minimize(problems: BatchedProblems, x0: torch.Tensor, lam: torch.Tensor, *,
         g = torch.where(moved.view(-1, 1), problems.gradient(x, current, lam), g)
         active = active & (g.abs().amax(dim=1) > tol)
     converged = g.abs().amax(dim=1) <= tol
-    return x, n_iter, converged
+    return x, n_iter, converged, Memory(history, H_diag, scaled, lam)
 
 
 class BatchedSolver:
@@ -228,6 +268,7 @@ class BatchedSolver:
         self.problems = BatchedProblems(self.Z, target, kind, width)
         self.width = width
         self.x = torch.zeros(1, width * self.Z.shape[1] + width, device=self.device)
+        self.memory: Memory | None = None  # the walk's curvature pairs, carried to the next C
 
     @property
     def solves_path(self) -> bool:
@@ -249,17 +290,19 @@ class BatchedSolver:
     def fit_path(self, Cs: Sequence[float]) -> list[Solution]:
         """Every C of `Cs` solved together from zero weights."""
         x0 = torch.zeros(len(Cs), self.x.shape[1], device=self.device)
-        x, n_iter, converged = minimize(self.problems, x0, self._lam(Cs),
-                                        max_iter=self.max_iter, tol=self.tol)
+        x, n_iter, converged, _ = minimize(self.problems, x0, self._lam(Cs),
+                                           max_iter=self.max_iter, tol=self.tol)
         return self._solutions(x, n_iter, converged)
 
     def fit(self, C: float, init: Solution | None = None) -> Solution:
-        """One C, started from `init` or from the last solution (the warm-started walk)."""
+        """One C, started from `init` or from the last solution and its curvature pairs (the
+        warm-started walk)."""
         if init is not None:
             self.x = torch.cat([torch.as_tensor(init.coef, dtype=torch.float32).reshape(-1),
                                 torch.as_tensor(init.intercept, dtype=torch.float32)])[None]
-            self.x = self.x.to(self.device)
-        x, n_iter, converged = minimize(self.problems, self.x, self._lam([C]),
-                                        max_iter=self.max_iter, tol=self.tol)
+            self.x, self.memory = self.x.to(self.device), None
+        x, n_iter, converged, self.memory = minimize(
+            self.problems, self.x, self._lam([C]), max_iter=self.max_iter, tol=self.tol,
+            memory=self.memory)
         self.x = x
         return self._solutions(x, n_iter, converged)[0]
