@@ -49,6 +49,7 @@ Definitions (identical to `medmnist.evaluator.getAUC` / `getACC` on the same sco
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -546,8 +547,8 @@ class _DeviceScorers:
             self.auc_columns.append((ref_is_pos, index(ref), index(query), index(below),
                                      index(at_or_below)))
 
-    def __call__(self, weights) -> dict[str, np.ndarray]:
-        """(B,) values of every metric under the weights (B, N) float64 on the device."""
+    def __call__(self, weights) -> dict:
+        """(B,) tensors on the device: every metric under the weights (B, N) float64."""
         torch, n = self.torch, weights.shape[1]
         values = {"acc": weights @ self.n_correct / self.n_entries}
         total = torch.zeros(weights.shape[0], dtype=torch.float64, device=self.device)
@@ -569,33 +570,42 @@ class _DeviceScorers:
         values["ece"] = (sums.abs().reshape(len(sums), -1, ECE_BINS).sum(dim=2).mean(dim=1) / n)
         values["brier"] = weights @ self.brier / n
         values["nll"] = weights @ self.nll / n
-        return {name: value.cpu().numpy() for name, value in values.items()}
+        return values
+
+
+@functools.lru_cache(maxsize=2)
+def _device_weights(n: int, n_bootstrap: int, seed: int, device: str) -> tuple:
+    """The resamples of `_resample_indices` as float64 count matrices on `device`,
+    BOOTSTRAP_DEVICE_CHUNK resamples each, made once per (n, n_bootstrap, seed, device): every
+    row of a store is scored on the same test split with seed 0, so they share them."""
+    import torch
+
+    resamples, weights = _resample_indices(n, n_bootstrap, seed), []
+    while True:
+        chunks = [c for _, c in zip(range(BOOTSTRAP_DEVICE_CHUNK // BOOTSTRAP_CHUNK), resamples,
+                                    strict=False)]
+        if not chunks:
+            return tuple(weights)
+        counts = _counts(np.concatenate(chunks), n).astype(np.int32)
+        weights.append(torch.as_tensor(counts, device=device).double())
 
 
 def _evaluate_on_device(y_true, y_score, task, device, n_bootstrap: int, seed: int, ci: float
                         ) -> dict[str, tuple[float, tuple[float, float]]]:
     """`bootstrap_metrics` for every metric with the products on `device` (the same resamples,
-    drawn by the same generator on the host; the counts uploaded BOOTSTRAP_DEVICE_CHUNK
-    resamples at a time)."""
+    drawn by the same generator on the host, uploaded once: `_device_weights`)."""
     import torch
 
     scorers = _DeviceScorers(y_true, y_score, task, device)
     n = np.asarray(y_true).shape[0]
-    resamples = _resample_indices(n, n_bootstrap, seed)
-    values: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
-    while True:
-        chunks = [c for _, c in zip(range(BOOTSTRAP_DEVICE_CHUNK // BOOTSTRAP_CHUNK), resamples,
-                                    strict=False)]
-        if not chunks:
-            break
-        counts = _counts(np.concatenate(chunks), n)
-        weights = torch.as_tensor(counts.astype(np.int32), device=scorers.device).double()
-        for name, value in scorers(weights).items():
-            values[name].append(value)
-    ones = torch.ones((1, n), dtype=torch.float64, device=scorers.device)
-    point = scorers(ones)
-    return {name: (float(point[name][0]), _percentile_interval(np.concatenate(values[name]), ci))
-            for name in METRIC_NAMES}
+    chunks = [scorers(weights)
+              for weights in _device_weights(n, n_bootstrap, seed, str(scorers.device))]
+    point = scorers(torch.ones((1, n), dtype=torch.float64, device=scorers.device))
+    # (metrics, 1 + resamples) on the device, then one copy to the host
+    table = torch.stack([torch.cat([point[name], *(c[name] for c in chunks)])
+                         for name in METRIC_NAMES]).cpu().numpy()
+    return {name: (float(row[0]), _percentile_interval(row[1:], ci))
+            for name, row in zip(METRIC_NAMES, table, strict=True)}
 
 
 def evaluate(
