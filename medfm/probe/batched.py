@@ -87,11 +87,10 @@ class BatchedProblems:
 
     def residual(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, P, K') float64 derivative of the summed loss with respect to the logits."""
-        if self.kind == "multinomial":
-            residual = torch.softmax(logits, dim=2)
-            rows = torch.arange(self.n, device=logits.device)
-            residual[rows, :, self.target] -= 1.0
-            return residual
+        if self.kind == "multinomial":  # softmax - one-hot (a scatter: no host sync on CUDA)
+            true = self.target.view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+            return torch.softmax(logits, dim=2).scatter_add_(
+                2, true, torch.full(true.shape, -1.0, dtype=logits.dtype, device=logits.device))
         return torch.sigmoid(logits) - self.target[:, None, :]
 
     def gradient(self, x: torch.Tensor, residual: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
