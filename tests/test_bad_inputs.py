@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -32,7 +33,7 @@ N_ROWS = (48, 16, 24)  # train, val, test rows of the synthetic BreastMNIST
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, _session_cache) -> dict:
+def finished(tmp_path_factory, _session_cache, real_root) -> dict:
     """A data root with a good BreastMNIST-28 and a work directory holding its finished store
     and one registry row (built before any bad input is tried)."""
     root = tmp_path_factory.mktemp("bad-inputs")
@@ -46,7 +47,7 @@ def finished(tmp_path_factory, _session_cache) -> dict:
                      str(data), "--workdir", str(work), *TINY]) == 0
         assert main(["probe", "--workdir", str(work), "--fractions", "1.0", "--seeds", "0",
                      "--quiet"]) == 0
-    return {"root": root, "data": data, "work": work}
+    return {"root": root, "data": data, "work": work, "real": real_root}
 
 
 def _arrays() -> dict:
@@ -83,6 +84,39 @@ def _set(arrays, key, value):
     arrays[key] = value
 
 
+def _finetune(f: dict, *extra: str) -> list[str]:
+    return ["finetune", "--dataset", "breastmnist", "--size", "28", "--data-root", str(f["data"]),
+            "--workdir", str(f["work"]), "--backbone", "test_efficientnet", "--weights", "random",
+            "--quiet", *extra]
+
+
+def _png_folder(real: Path, folder: Path) -> Path:
+    """Two class folders of real BreastMNIST images (4 PNGs each)."""
+    from PIL import Image
+
+    with np.load(real / "breastmnist.npz") as npz:
+        images, labels = npz["train_images"], npz["train_labels"][:, 0]
+    for label in (0, 1):
+        (folder / f"class{label}").mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(labels == label)[:4]:
+            Image.fromarray(images[i]).save(folder / f"class{label}" / f"{i}.png")
+    return folder
+
+
+def _labels_csv(real: Path, folder: Path, label_of_last: str) -> Path:
+    """A CSV over `_png_folder`'s images whose last row's label is `label_of_last`."""
+    src = _png_folder(real, folder / "src")
+    rows = [f"{p.relative_to(src)},{p.parent.name}" for p in sorted(src.rglob("*.png"))]
+    rows[-1] = rows[-1].rsplit(",", 1)[0] + "," + label_of_last
+    (folder / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
+def _import(f: dict, t: Path, *extra: str) -> list[str]:
+    return ["import", "mybreast", str(_png_folder(f["real"], t / "src")), "--sizes", "28",
+            "--data-root", str(t / "imported"), "--quiet", *extra]
+
+
 # --- the table ----------------------------------------------------------------------------------
 # id -> (make argv from (finished, tmp_path), words the one stderr line must contain)
 NPZ_ROWS = {  # extract with a broken data file: refused before any model loads
@@ -117,6 +151,14 @@ GRID_YAML = {  # grid --dry-run with a spec field of the wrong type
     "yaml-seed-float": ("sizes: [28]\nseeds: [1.5]\n", "'seeds' holds 1.5"),
     "yaml-sizes-nested": ("sizes: [[28]]\n", "'sizes' holds [28]"),
     "yaml-not-utf8": (b"sizes: [28]\nseeds: [0] # \xff\xfe\n", "is not UTF-8"),
+    "yaml-nested-5000-deep": ("sizes: " + "[" * 5000 + "28" + "]" * 5000 + "\n",
+                              "more than 16 deep"),
+    "yaml-list-too-long": ("sizes: [28]\nseeds: [" + ",".join(map(str, range(1001))) + "]\n",
+                           "1,001 values, above medfm's limit of 1,000"),
+    "yaml-expands-too-far": ("sizes: [28]\nmethods: [logreg, knn]\nfractions: []\nshots: ["
+                             + ",".join(map(str, range(1, 601))) + "]\nseeds: ["
+                             + ",".join(map(str, range(1000))) + "]\n",
+                             "expands to up to 1,200,000 jobs"),
 }
 
 
@@ -173,6 +215,55 @@ def _rows() -> dict:
         "argparse-unknown-option": (
             lambda f, t: ["probe", "--no-such-option", "--workdir", str(f["work"])],
             "unrecognized arguments"),
+        # bounded before they allocate (medfm.limits; also run under a memory limit below)
+        "probe-seeds-runaway-range": (
+            lambda f, t: ["probe", "--workdir", str(f["work"]), "--seeds", "0-100000000"],
+            "100,000,001 values, above medfm's limit of 1,000"),
+        "probe-seed-above-2pow32": (
+            lambda f, t: ["probe", "--workdir", str(f["work"]), "--seeds", "4294967296"],
+            "0..4294967295"),
+        "finetune-seed-above-2pow32": (lambda f, t: _finetune(f, "--seeds", "4294967296"),
+                                     "0..4294967295"),
+        "finetune-seed-overflow": (
+            lambda f, t: _finetune(f, "--seeds", "99999999999999999999999"), "0..4294967295"),
+        "finetune-lora-rank-runaway": (lambda f, t: _finetune(f, "--lora-rank", "1000000"),
+                                       "lora_rank 1000000 is above medfm's limit of 1,024"),
+        "finetune-input-size-runaway": (lambda f, t: _finetune(f, "--input-size", "100000"),
+                                        "input size 100000 is above medfm's limit of 1,024"),
+        "finetune-epochs-runaway": (lambda f, t: _finetune(f, "--epochs", "100000000"),
+                                    "epochs 100000000 is above medfm's limit of 10,000"),
+        "finetune-batch-runaway": (lambda f, t: _finetune(f, "--batch-size", "1000000"),
+                                   "batch_size 1000000 is above medfm's limit of 4,096"),
+        "extract-input-size-runaway": (
+            lambda f, t: [*_extract_from(f["data"], f["work"]), "--input-size", "100000"],
+            "input size 100000 is above medfm's limit of 1,024"),
+        "extract-batch-runaway": (
+            lambda f, t: [*_extract_from(f["data"], f["work"]), "--batch-size", "100000"],
+            "batch size 100000 is above medfm's limit of 4,096"),
+        "extract-batch-pixels-runaway": (
+            lambda f, t: [*_extract_from(f["data"], f["work"]), "--input-size", "1024",
+                          "--batch-size", "4096"], "pixels per batch"),
+        "extract-severities-runaway": (
+            lambda f, t: [*_extract_from(f["data"], f["work"]), "--corruptions", "medmnist-c",
+                          "--severities", "1..100000000"], "above medfm's limit of 1,000"),
+        "extract-corruption-seed-negative": (
+            lambda f, t: [*_extract_from(f["data"], f["work"]), "--corruptions", "medmnist-c",
+                          "--corruption-seed", "-1"], "--corruption-seed must be"),
+        "import-seed-negative": (lambda f, t: _import(f, t, "--seed", "-1"),
+                                 "--seed must be a whole number in 0..4294967295"),
+        "import-split-nan": (lambda f, t: _import(f, t, "--split", "nan,0.5,0.5"),
+                             "--split nan,0.5,0.5 must be three positive fractions"),
+        "import-label-nan": (
+            lambda f, t: ["import", "mybreast", str(t / "src"), "--labels",
+                          str(_labels_csv(f["real"], t, "nan")), "--sizes", "28",
+                          "--data-root", str(t / "imported"), "--quiet"],
+            "has label 'nan', a missing-value marker"),
+        "grid-too-many-jobs-without-yes": (
+            lambda f, t: ["grid", str(_yaml(t / "g.yaml", "sizes: [28]\nfractions: []\nshots: ["
+                                       + ",".join(map(str, range(1, 12))) + "]\nseeds: ["
+                                       + ",".join(map(str, range(1000))) + "]\n", f["data"])),
+                          "--workdir", str(f["work"]), "--quiet"],
+            "11,000 jobs to run, above the 10,000 that run without confirmation"),
         "argparse-bad-choice": (
             lambda f, t: ["probe", "--method", "svm", "--workdir", str(f["work"])],
             "invalid choice"),
@@ -248,10 +339,38 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(row, finished, tmp_pat
     assert _state(finished, tmp_path) == before
 
 
-def _medfm(*argv: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`python -m medfm ARGV` in a real process (after `prefix`, e.g. a mount namespace)."""
+def _medfm(*argv: str, prefix: tuple[str, ...] = (),
+           memory_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m medfm ARGV` in a real process (after `prefix`, e.g. a mount namespace), its
+    address space capped at `memory_limit` bytes if given."""
     command = [*prefix, sys.executable, "-m", "medfm", *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ)
+    cap = None if memory_limit is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit)))
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ,
+                          preexec_fn=cap)
+
+
+# enough address space for a real extract or fine-tune of BreastMNIST-28 with one OpenMP
+# thread (checked by hand: `medfm finetune ... --epochs 1` runs to its row under it), far less
+# than any of these inputs would take unbounded (17 GB to 560 GB)
+MEMORY_LIMIT = 6 << 30
+RUNAWAY_ROWS = ["probe-seeds-runaway-range", "finetune-lora-rank-runaway",
+                "finetune-input-size-runaway", "extract-input-size-runaway",
+                "extract-batch-pixels-runaway", "extract-severities-runaway",
+                "yaml-expands-too-far"]
+
+
+@pytest.mark.parametrize("row", RUNAWAY_ROWS)
+def test_runaway_inputs_are_refused_before_they_allocate(row, finished, tmp_path, monkeypatch):
+    """Under a 6 GiB address-space limit, each runaway input is the one-line refusal (not a
+    MemoryError, an allocator abort or the kernel's OOM killer)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each OpenMP thread reserves address space
+    make_argv, needle = ROWS[row]
+    argv = make_argv(finished, tmp_path)
+    before = _state(finished, tmp_path)
+    done = _medfm(*argv, memory_limit=MEMORY_LIMIT)
+    _assert_one_line(done.returncode, done.stderr, needle)
+    assert _state(finished, tmp_path) == before
 
 
 @pytest.mark.parametrize("row", ["npz-empty-file", "yaml-sizes-text", "argparse-unknown-option"])
@@ -356,3 +475,29 @@ def test_a_probe_that_lost_the_insert_race_reports_nothing_fitted(finished, tmp_
                  "--quiet"]) == 0
     assert "0 run(s) fitted, 1 already in the registry" in capsys.readouterr().out
     assert _registry_rows(work) == rows
+
+
+def test_grid_prints_its_job_count_before_it_runs(finished, tmp_path, capsys):
+    """The finished fixture's grid (its store and its one probe row): the count comes first."""
+    argv = ["grid", str(_yaml(tmp_path / "g.yaml", "sizes: [28]\n", finished["data"])),
+            "--workdir", str(finished["work"]), "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "grid: 0 job(s) to run, 2 already done", out
+
+
+def test_grid_duplicates_collapse_to_one_job_per_run(finished, tmp_path, capsys):
+    """Repeated values and other spellings of one dataset and backbone plan one job each (they
+    planned 6 jobs for 1 row)."""
+    body = ("sizes: [28, 28]\nfractions: [1.0, 1.0]\nseeds: [0, 0]\n"
+            "methods: [logreg, logreg]\n")
+    spec = _yaml(tmp_path / "g.yaml", body, finished["data"]).read_text().replace(
+        "datasets: [breastmnist]", "datasets: [breastmnist, BreastMNIST]").replace(
+        "backbones: [test_efficientnet]",
+        "backbones: [test_efficientnet, test_efficientnet.r160_in1k]")
+    (tmp_path / "g.yaml").write_text(spec)
+    from medfm.grid import load_spec
+    from medfm.grid.plan import plan_grid
+
+    plan = plan_grid(load_spec(tmp_path / "g.yaml"), workdir=finished["work"])
+    assert plan.total == {"extract": 1, "probe": 1, "finetune": 0}

@@ -101,7 +101,9 @@ def _finetune_preprocess(spec: GridSpec, backbone) -> PreprocessRequest:
 def _resolve(spec: GridSpec, data_root):
     """(dataset refs, skipped lines, backbone refs in spec order): every name, resolved once."""
     refs, skipped = resolve_datasets(spec.datasets, spec.sizes, data_root)
-    backbones = [resolve_backbone(name, spec.weights) for name in spec.backbones]
+    # two spellings of one model (an alias, arch, arch.tag) are one backbone: one job per run
+    backbones = list(dict.fromkeys(resolve_backbone(name, spec.weights)
+                                   for name in spec.backbones))
     return refs, skipped, backbones
 
 

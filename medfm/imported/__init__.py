@@ -47,10 +47,12 @@ from medfm.imported.source import (
     assign_splits,
     check_classes,
     check_files,
+    check_split,
     read_csv,
     read_folder,
     split_counts,
 )
+from medfm.limits import check_seed
 from medfm.paths import resolve_data_root
 
 CARD_SUFFIX = ".card.json"  # NAME.card.json beside NAME.npz
@@ -255,16 +257,18 @@ def import_dataset(
 ) -> ImportResult:
     """Import SOURCE as dataset NAME (module docstring); one-line MedfmErrors for bad input."""
     name = _check_name(name)
+    seed = check_seed(seed, "--seed")
     sizes = tuple(sorted({check_size(s) for s in sizes}))
     if not sizes:
         raise InvalidArgumentError(f"--sizes needs at least one of {SIZES}.")
     root = resolve_data_root(data_root)
     src = Path(source).expanduser().resolve()
     try:
+        split = check_split(tuple(float(f) for f in split))
         found = (read_csv(src, Path(labels_csv).expanduser()) if labels_csv
                  else read_folder(src))
         skipped = check_files(found, skip_bad)
-        splits_made = assign_splits(found, tuple(float(f) for f in split), seed)
+        splits_made = assign_splits(found, split, seed)
         if not found.items:
             raise SourceError(f"no image left to import from {src}.")
         check_classes(found)
