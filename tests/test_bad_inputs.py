@@ -12,6 +12,7 @@ rows run in a private mount namespace (a read-only bind mount, a 64 KiB tmpfs).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -110,6 +111,32 @@ def _labels_csv(real: Path, folder: Path, label_of_last: str) -> Path:
     rows[-1] = rows[-1].rsplit(",", 1)[0] + "," + label_of_last
     (folder / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     return folder / "labels.csv"
+
+
+def _work_copy(f: dict, t: Path) -> Path:
+    """A copy of the finished work directory, to plant files in."""
+    return Path(shutil.copytree(f["work"], t / "work"))
+
+
+def _only_store(work: Path) -> Path:
+    (store,) = (work / "stores").glob("*.h5")
+    return store
+
+
+def _store_on_another_name(f: dict, t: Path) -> Path:
+    """The finished store copied onto the file name of another request (input size 48): what a
+    store found by that name must not be trusted for."""
+    from medfm.preprocess import PreprocessRequest
+    from medfm.request import resolve_store_request
+
+    work = _work_copy(f, t)
+    other = resolve_store_request(dataset="breastmnist", size=28, data_root=f["data"],
+                                  backbone="test_efficientnet", weights="random",
+                                  preprocess=PreprocessRequest(input_size=48), device="cpu")
+    planted = work / "stores" / other.filename()
+    shutil.copy2(_only_store(work), planted)
+    _only_store(f["work"])  # the fixture's own work directory still holds its one store
+    return planted
 
 
 def _import(f: dict, t: Path, *extra: str) -> list[str]:
@@ -264,6 +291,15 @@ def _rows() -> dict:
                                        + ",".join(map(str, range(1000))) + "]\n", f["data"])),
                           "--workdir", str(f["work"]), "--quiet"],
             "11,000 jobs to run, above the 10,000 that run without confirmation"),
+        # identity checked on read: a file's name is a claim its contents must back
+        "store-copied-onto-another-requests-name-extract": (
+            lambda f, t: [*_extract_from(f["data"], Path(_store_on_another_name(f, t)).parents[1]),
+                          "--input-size", "48", "--device", "cpu"],
+            "is named for request"),
+        "store-copied-onto-another-requests-name-probe": (
+            lambda f, t: ["probe", "--store", str(_store_on_another_name(f, t)),
+                          "--workdir", str(t / "work"), "--quiet"],
+            "it was copied or renamed onto this name"),
         "argparse-bad-choice": (
             lambda f, t: ["probe", "--method", "svm", "--workdir", str(f["work"])],
             "invalid choice"),
@@ -501,3 +537,40 @@ def test_grid_duplicates_collapse_to_one_job_per_run(finished, tmp_path, capsys)
 
     plan = plan_grid(load_spec(tmp_path / "g.yaml"), workdir=finished["work"])
     assert plan.total == {"extract": 1, "probe": 1, "finetune": 0}
+
+
+def test_a_probe_state_copied_onto_another_runs_name_is_refused(finished, tmp_path):
+    """The finished run's kept probe state (a real fit), copied onto another run's file name:
+    reading it for that run is one line naming both runs; under its own name it loads."""
+    from medfm.errors import StoreError
+    from medfm.probe.robust import load_state, state_path
+
+    work = _work_copy(finished, tmp_path)
+    (kept,) = (work / "probes").glob("*.npz")
+    own = kept.stem
+    other = "f" * len(own)
+    shutil.copy2(kept, state_path(work, other))
+    assert load_state(work, own) is not None
+    with pytest.raises(StoreError, match=f"named for run {other} but holds run {own}"):
+        load_state(work, other)
+
+
+def test_a_corrupted_store_copied_onto_another_name_is_refused(finished, tmp_path):
+    """A corrupted-split sibling's name ends in its request's digest, as a store's does."""
+    import h5py
+
+    from medfm.errors import StoreError
+    from medfm.request import store_digest
+    from medfm.store.corrupted import CorruptedStore
+
+    identity = {"store": {"dataset": "breastmnist", "size": 28, "backbone": "test_efficientnet"},
+                "pairs": [["pixelate", 1]], "seed": 0}
+    named = tmp_path / f"s__c{store_digest(identity)}.h5"
+    with h5py.File(named, "w") as fh:
+        fh.attrs.update({"complete": True, "request_json": json.dumps(identity),
+                         "fingerprint": "0" * 16, "pairs_json": "[]", "skipped_json": "[]"})
+    CorruptedStore(named)  # under its own name it opens
+    planted = tmp_path / f"s__c{'0' * 16}.h5"
+    shutil.copy2(named, planted)
+    with pytest.raises(StoreError, match=f"named for request {'0' * 16} but holds request"):
+        CorruptedStore(planted)

@@ -47,7 +47,7 @@ from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.data import SPLITS
 from medfm.errors import DiskFullError, InvalidArgumentError, StoreError, is_disk_full
 from medfm.paths import resolve_workdir
-from medfm.request import STORES_DIRNAME, store_digest
+from medfm.request import STORE_DIGEST_CHARS, STORES_DIRNAME, store_digest, store_filename
 from medfm.store.registry import canonical_json
 
 FORMAT_VERSION = 2  # 2: identified by its request (request_json); 1 (StoreKey) is upgraded
@@ -207,10 +207,26 @@ class FeatureStore:
             raise StoreError(f"feature store {self.path} is corrupt ({'; '.join(problems)}); "
                              f"{_rebuild_hint(self.path)}.")
         self.request: dict = json.loads(attrs["request_json"])
+        if version == FORMAT_VERSION:  # as written (a layout-1 store's name carries no digest)
+            self._check_named_request()
         self.fingerprint: str = attrs["fingerprint"]
         self.weights_digest: str = attrs.get("weights_digest") or ""  # the tensors embedded with
         self._checked = False  # bytes compared with the fingerprint (or recorded as verified)
         self._pending: dict = {}  # (split, name) -> array read while verifying, not yet returned
+
+    def _check_named_request(self) -> None:
+        """A store found by its file name holds the request that name carries: a store copied
+        or renamed onto another request's name is refused, naming both requests."""
+        named = digest_in_name(self.path.name)
+        held = store_digest(self.request)
+        if named is not None and named != held:
+            r = self.request
+            raise StoreError(
+                f"feature store {self.path} is named for request {named} but holds request "
+                f"{held} ({r.get('dataset')}@{r.get('size')} {r.get('backbone')}, weights "
+                f"{r.get('weights')}): it was copied or renamed onto this name; move it back to "
+                f"{store_filename(self.request)} or delete it, then run `medfm extract` for the "
+                "request you want.")
 
     def _damaged(self, why: str) -> StoreError:
         return StoreError(f"feature store {self.path} is damaged ({why}); "
@@ -582,6 +598,15 @@ def list_stores(workdir: str | os.PathLike | None = None, *, verify: bool = True
                 pass
             rows.append(row)
     return rows
+
+
+def digest_in_name(name: str) -> str | None:
+    """The request digest a store (or corrupted sibling) file name ends in (`...__<16 hex>.h5`,
+    `...__c<16 hex>.h5`), or None for a name without one (a user's own name, layout 1)."""
+    stem = name.removesuffix(PARTIAL_SUFFIX).removesuffix(".h5")
+    digest = stem.rpartition("__")[2].removeprefix("c")
+    return digest if len(digest) == STORE_DIGEST_CHARS and all(
+        c in "0123456789abcdef" for c in digest) else None
 
 
 def parse_store_filename(name: str) -> dict | None:
