@@ -206,15 +206,20 @@ def _add_stores(sub) -> None:
                        "store changed since it was last checked is checked against its "
                        "fingerprint")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
-    p.add_argument("--no-verify", action="store_true",
-                   help="do not read stores to check them (unchecked ones show as unverified)")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--no-verify", action="store_true",
+                       help="do not read stores to check them (unchecked ones show as "
+                            "unverified)")
+    check.add_argument("--verify", action="store_true",
+                       help="read and check every store (fingerprint and block checksums), "
+                            "also those recorded as verified")
     p.set_defaults(run=_run_stores)
 
 
 def _run_stores(args) -> int:
     from medfm.store.features import list_stores
 
-    rows = list_stores(args.workdir, verify=not args.no_verify)
+    rows = list_stores(args.workdir, verify=not args.no_verify, recheck=args.verify)
     _print_table(rows, ["dataset", "size", "backbone", "policy", "dtype", "dims", "rows",
                         "bytes", "status"])
     return 0

@@ -139,6 +139,25 @@ def _store_on_another_name(f: dict, t: Path) -> Path:
     return planted
 
 
+def _rotted_store(f: dict, t: Path) -> Path:
+    """A work copy whose store was verified, then had one train label flipped in place with
+    its size and modification time kept (bit rot the verified cache cannot see); returns the
+    work directory."""
+    import h5py
+
+    from medfm.store.features import FeatureStore
+
+    work = _work_copy(f, t)
+    store = _only_store(work)
+    FeatureStore(store).verify()  # recorded as verified, as any store that was read once
+    stat = store.stat()
+    with h5py.File(store, "r+") as fh:
+        fh["train"]["labels"][0, 0] = 1 - fh["train"]["labels"][0, 0]
+    os.utime(store, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert store.stat().st_size == stat.st_size
+    return work
+
+
 def _import(f: dict, t: Path, *extra: str) -> list[str]:
     return ["import", "mybreast", str(_png_folder(f["real"], t / "src")), "--sizes", "28",
             "--data-root", str(t / "imported"), "--quiet", *extra]
@@ -300,6 +319,10 @@ def _rows() -> dict:
             lambda f, t: ["probe", "--store", str(_store_on_another_name(f, t)),
                           "--workdir", str(t / "work"), "--quiet"],
             "it was copied or renamed onto this name"),
+        # bit rot caught at read cost: block checksums, whatever the mtime says
+        "store-bit-rot-same-size-and-mtime": (
+            lambda f, t: ["probe", "--workdir", str(_rotted_store(f, t)), "--fractions", "0.5",
+                          "--quiet"], "train/labels rows 0-47 fail their checksum"),
         "argparse-bad-choice": (
             lambda f, t: ["probe", "--method", "svm", "--workdir", str(f["work"])],
             "invalid choice"),
@@ -574,3 +597,33 @@ def test_a_corrupted_store_copied_onto_another_name_is_refused(finished, tmp_pat
     shutil.copy2(named, planted)
     with pytest.raises(StoreError, match=f"named for request {'0' * 16} but holds request"):
         CorruptedStore(planted)
+
+
+def test_stores_verify_rechecks_what_the_verified_cache_vouches_for(finished, tmp_path, capsys):
+    """`medfm stores` trusts its record of a verified store (size and mtime unchanged);
+    `medfm stores --verify` reads every block again and shows the rotted store corrupt."""
+    work = _rotted_store(finished, tmp_path)
+    assert main(["stores", "--workdir", str(work)]) == 0
+    assert "complete" in capsys.readouterr().out
+    assert main(["stores", "--workdir", str(work), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "corrupt" in out and "complete" not in out
+
+
+def test_a_store_written_before_checksums_still_reads_with_nothing_recomputed(finished,
+                                                                              tmp_path, capsys):
+    """A store without block checksums (as every store before them) is checked by its
+    fingerprint as before, and its recorded run is found: nothing is refitted."""
+    import h5py
+
+    from medfm.store.features import CHECKSUM_ATTR, FeatureStore
+
+    work = _work_copy(finished, tmp_path)
+    with h5py.File(_only_store(work), "r+") as fh:
+        for split in SPLITS:
+            for name in ("features", "labels", "index"):
+                del fh[split][name].attrs[CHECKSUM_ATTR]
+    assert FeatureStore(_only_store(work)).labels("train").shape == (N_ROWS[0], 1)
+    assert main(["probe", "--workdir", str(work), "--fractions", "1.0", "--seeds", "0",
+                 "--quiet"]) == 0
+    assert "0 run(s) fitted, 1 already in the registry" in capsys.readouterr().out

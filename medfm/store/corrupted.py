@@ -24,8 +24,8 @@ import numpy as np
 
 from medfm.errors import StoreError
 from medfm.request import store_digest
-from medfm.store.features import (FeatureStore, _decode, digest_in_name, is_verified,
-                                  mark_verified, upcast)
+from medfm.store.features import (FeatureStore, _decode, digest_in_name, failed_block,
+                                  is_verified, mark_verified, upcast)
 
 CORRUPTED_DIRNAME = "corrupted"  # <workdir>/stores/corrupted/
 
@@ -105,7 +105,13 @@ class CorruptedStore:
         """(N_test, D) float32 features of the corrupted test split."""
         self._check()
         with h5py.File(self.path, "r") as fh:
-            values = upcast(fh[group_name(corruption, severity)]["features"][()])
+            dset = fh[group_name(corruption, severity)]["features"]
+            stored = dset[()]
+            if failed_block(dset, stored) is not None:
+                raise StoreError(f"corrupted-split store {self.path}: {corruption} severity "
+                                 f"{severity} fails its checksum (bytes changed after it was "
+                                 "finished); delete it and extract again.")
+            values = upcast(stored)
         if not np.isfinite(values).all():
             raise StoreError(f"corrupted-split store {self.path}: {corruption} severity "
                              f"{severity} holds NaN or infinite features; delete it and "
