@@ -27,9 +27,8 @@ array (attribute `crc32`, the per-chunk checksum HDF5's Fletcher-32 would give, 
 resumable contiguous layout), and every read checks the blocks it reads (0.06 s per 230 MB).
 Stores written before checksums have none and are checked as before; `medfm stores --verify`
 rechecks every store in full. Non-finite features are refused on every read. One writer per
-store: StoreWriter is used under `store_lock` (an advisory lock the
-OS releases when its holder dies), so a second extraction of the same request waits, then finds
-the store built.
+store: StoreWriter is used under `store_lock` (an advisory lock the OS releases when its holder
+dies), so a second extraction of the same request waits, then finds the store built.
 """
 
 from __future__ import annotations
