@@ -627,3 +627,48 @@ def test_a_store_written_before_checksums_still_reads_with_nothing_recomputed(fi
     assert main(["probe", "--workdir", str(work), "--fractions", "1.0", "--seeds", "0",
                  "--quiet"]) == 0
     assert "0 run(s) fitted, 1 already in the registry" in capsys.readouterr().out
+
+
+def _damage_registry_index(work: Path) -> None:
+    """Flip 4 bytes of a cell pointer in the registry's results_by_run index page: the file
+    opens and its rows read, but `PRAGMA quick_check` finds the page broken."""
+    path = work / "registry.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master "
+                               "WHERE name = 'results_by_run'").fetchone()
+    with open(path, "r+b") as fh:
+        fh.seek((root - 1) * page_size + 8)
+        cell = fh.read(4)
+        fh.seek((root - 1) * page_size + 8)
+        fh.write(bytes(b ^ 0xFF for b in cell))
+
+
+def test_a_registry_with_damaged_pages_is_refused_before_anything_is_written(finished,
+                                                                             tmp_path):
+    """A probe of a new run used to add its row to a damaged registry (exit 0) or die with
+    sqlite3.IntegrityError; now: one line, exit 2, the file's bytes as they were."""
+    work = _work_copy(finished, tmp_path)
+    _damage_registry_index(work)
+    registry = work / "registry.sqlite"
+    before = hashlib.sha256(registry.read_bytes()).hexdigest()
+    done = _medfm("probe", "--workdir", str(work), "--fractions", "0.5", "--seeds", "0",
+                  "--quiet")
+    _assert_one_line(done.returncode, done.stderr, "is damaged (quick_check: ")
+    assert "nothing was written" in done.stderr
+    assert hashlib.sha256(registry.read_bytes()).hexdigest() == before
+    assert not (work / "probes").exists() or len(list((work / "probes").glob("*.npz"))) == 1
+
+
+def test_results_read_a_read_only_registry(finished, tmp_path, monkeypatch):
+    """A registry on a read-only mount (a lab's shared results) is read, not refused."""
+    prefix = _namespace_or_skip()
+    work = finished["work"]
+    monkeypatch.setenv("MOUNT", f"mount --bind {work} {work} && "
+                                f"mount -o remount,bind,ro {work}")
+    before = _state(finished, tmp_path)
+    done = _medfm("results", "--workdir", str(work), "--format", "csv", prefix=prefix)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 2 and "breastmnist" in done.stdout
+    assert _state(finished, tmp_path) == before
