@@ -672,3 +672,37 @@ def test_results_read_a_read_only_registry(finished, tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.strip().splitlines()) == 2 and "breastmnist" in done.stdout
     assert _state(finished, tmp_path) == before
+
+
+FUZZ_POSITIONS = 500  # seeded sample of byte positions of the real BreastMNIST-28 npz
+
+
+def test_a_flipped_byte_anywhere_in_a_real_npz_is_a_clean_load_or_one_medfm_error(real_root,
+                                                                                  tmp_path):
+    """Each of 500 seeded positions of the official breastmnist.npz (560 KB, deflated) flipped
+    in turn: checking the file and loading every split either works or raises one MedfmError
+    on one line (293 of 1,300 positions used to raise TokenError, zlib.error,
+    NotImplementedError or OSError)."""
+    from medfm.data import check_npz, load_split
+    from medfm.errors import MedfmError
+
+    original = (real_root / "breastmnist.npz").read_bytes()
+    rng = np.random.default_rng(26)
+    positions = np.sort(rng.choice(len(original), size=FUZZ_POSITIONS, replace=False))
+    outcomes = {"clean": 0, "refused": 0}
+    for i, position in enumerate(positions):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        damaged = bytearray(original)
+        damaged[position] ^= 0xFF
+        (folder / "breastmnist.npz").write_bytes(damaged)
+        try:
+            check_npz(folder / "breastmnist.npz", "breastmnist", 28)
+            for split in SPLITS:
+                load_split("breastmnist", 28, split, folder, mmap=False)
+            outcomes["clean"] += 1
+        except MedfmError as exc:
+            assert "\n" not in str(exc) and str(folder) in str(exc), (position, str(exc))
+            outcomes["refused"] += 1
+        shutil.rmtree(folder)
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == FUZZ_POSITIONS, outcomes
