@@ -31,8 +31,8 @@ GRID_SPEC_BYTES_MAX = 1_048_576  # size of a grid spec file (1 MiB)
 GRID_SPEC_DEPTH_MAX = 16  # nesting of lists and mappings in a grid spec (real specs use 3)
 GRID_JOBS_MAX = 10_000  # jobs one `medfm grid` runs without --yes (`--dry-run` shows the count)
 GRID_EXPANDED_MAX = 1_000_000  # jobs a grid spec may expand to at all (counted before expanding)
-IMAGE_PIXELS_MAX = 2**28  # pixels of one imported image (16384 x 16384); Pillow's own
-#                           decompression-bomb guard is set to this bound
+IMAGE_PIXELS_MAX = 89_478_485  # pixels of one imported image (about 9459 x 9459): Pillow's
+#                                own decompression-bomb bound (PIL.Image.MAX_IMAGE_PIXELS)
 
 
 def check_at_most(value: int, limit: int, what: str, *, minimum: int | None = None) -> int:

@@ -158,6 +158,25 @@ def _rotted_store(f: dict, t: Path) -> Path:
     return work
 
 
+def _png(path: Path, width: int, height: int, *, rows: int | None = None) -> Path:
+    """A grayscale PNG of width x height whose first `rows` rows (all, if None) are written:
+    a real PNG stream (IHDR, IDAT, IEND) for any size, without the pixels in memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    packer = zlib.compressobj()
+    line = bytes(width + 1)  # filter byte 0, then black pixels
+    idat = b"".join(packer.compress(line) for _ in range(height if rows is None else rows))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat + packer.flush()) + chunk(b"IEND", b""))
+    return path
+
+
 def _import(f: dict, t: Path, *extra: str) -> list[str]:
     return ["import", "mybreast", str(_png_folder(f["real"], t / "src")), "--sizes", "28",
             "--data-root", str(t / "imported"), "--quiet", *extra]
@@ -295,6 +314,14 @@ def _rows() -> dict:
         "extract-corruption-seed-negative": (
             lambda f, t: [*_extract_from(f["data"], f["work"]), "--corruptions", "medmnist-c",
                           "--corruption-seed", "-1"], "--corruption-seed must be"),
+        "import-png-decompression-bomb": (  # Pillow's DecompressionBombError, traceback
+            lambda f, t: [*_import(f, t), *()] if _png(
+                _png_folder(f["real"], t / "src") / "class0" / "bomb.png", 20000, 20000,
+                rows=1) else [], "bomb.png: more than 178,956,970 pixels, above medfm's limit"),
+        "import-png-above-the-pixel-limit": (  # 1-2x Pillow's bound: decoded whole, 100 MB
+            lambda f, t: [*_import(f, t), *()] if _png(
+                _png_folder(f["real"], t / "src") / "class1" / "big.png", 10000, 10000) else [],
+            "big.png: 10000 x 10000 = 100,000,000 pixels, above medfm's limit of 89,478,485"),
         "import-seed-negative": (lambda f, t: _import(f, t, "--seed", "-1"),
                                  "--seed must be a whole number in 0..4294967295"),
         "import-split-nan": (lambda f, t: _import(f, t, "--split", "nan,0.5,0.5"),
@@ -706,3 +733,13 @@ def test_a_flipped_byte_anywhere_in_a_real_npz_is_a_clean_load_or_one_medfm_erro
             outcomes["refused"] += 1
         shutil.rmtree(folder)
     assert outcomes["refused"] > 0 and sum(outcomes.values()) == FUZZ_POSITIONS, outcomes
+
+
+def test_skip_bad_skips_a_decompression_bomb_naming_the_limit(finished, tmp_path, capsys):
+    src = _png_folder(finished["real"], tmp_path / "src")
+    _png(src / "class0" / "bomb.png", 20000, 20000, rows=1)
+    argv = _import(finished, tmp_path, "--skip-bad", "--split", "0.5,0.25,0.25")
+    assert main(argv) == 0, capsys.readouterr().err
+    (card,) = (tmp_path / "imported").glob("*.card.json")
+    (skipped,) = json.loads(card.read_text())["skipped"]
+    assert skipped["path"] == "class0/bomb.png" and "limit of 89,478,485" in skipped["reason"]

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from medfm.cache import file_digest, write_atomic
 from medfm.data import DATASETS, SIZES, SPLITS, Task, check_size
 from medfm.errors import InvalidArgumentError, InvalidDataFileError, MedfmError
-from medfm.imported.images import RULES, ImageReadError, decode, resize_square, to_channels
+from medfm.imported.images import (RULES, ImageReadError, decode, open_image, resize_square,
+                                   to_channels)
 from medfm.imported.source import (
     Source,
     SourceError,
@@ -167,10 +168,8 @@ def _header_kind(path: Path, head: bytes) -> str | None:
             raise
         except Exception:  # noqa: BLE001 - a bad file is reported when decoded
             return None
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             mode = image.mode
     except Exception:  # noqa: BLE001 - a bad file is reported when decoded
         return None

@@ -20,9 +20,12 @@ Rules (recorded in every dataset card as RULES):
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from medfm.limits import IMAGE_PIXELS_MAX
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -69,11 +72,42 @@ def _scale_bits(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def _check_pixels(width: int, height: int) -> None:
+    """ImageReadError for an image too large to decode (a decompression bomb or a scan far
+    beyond what an import resizes to 224 px), from its header, before any pixel is decoded."""
+    if width * height > IMAGE_PIXELS_MAX:
+        raise ImageReadError(
+            f"{width} x {height} = {width * height:,} pixels, above medfm's limit of "
+            f"{IMAGE_PIXELS_MAX:,} pixels per image (Pillow's decompression-bomb bound); "
+            "downscale it first")
+
+
+def open_image(source):
+    """Pillow's Image.open (the header only), without its warning for images between 1x and 2x
+    its decompression-bomb bound: medfm refuses those itself (`_check_pixels`)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
 def _decode_pil(data: bytes) -> tuple[np.ndarray, str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        image = open_image(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        image = None  # above 2x Pillow's bound: Pillow refuses before it names the size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"not a readable image ({exc})") from None
+    if image is None:
+        raise ImageReadError(f"more than {2 * IMAGE_PIXELS_MAX:,} pixels, above medfm's limit "
+                             f"of {IMAGE_PIXELS_MAX:,} pixels per image (Pillow's "
+                             "decompression-bomb bound); downscale it first")
+    _check_pixels(*image.size)
+    try:
+        with image:
             image.load()
             mode = image.mode
             if mode == "P":
@@ -110,7 +144,11 @@ def _decode_dicom(data: bytes) -> tuple[np.ndarray, str]:
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        _check_pixels(int(ds.get("Columns", 0)),
+                      int(ds.get("Rows", 0)) * int(ds.get("NumberOfFrames", 1) or 1))
         pixels = ds.pixel_array
+    except ImageReadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom fails in many ways on a bad file
         raise ImageReadError(f"not a readable DICOM image ({type(exc).__name__}: {exc})") from None
     if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
