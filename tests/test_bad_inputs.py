@@ -16,9 +16,11 @@ import json
 import os
 import resource
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -743,3 +745,55 @@ def test_skip_bad_skips_a_decompression_bomb_naming_the_limit(finished, tmp_path
     (card,) = (tmp_path / "imported").glob("*.card.json")
     (skipped,) = json.loads(card.read_text())["skipped"]
     assert skipped["path"] == "class0/bomb.png" and "limit of 89,478,485" in skipped["reason"]
+
+
+def _breast_folder(real: Path, folder: Path, n: int) -> Path:
+    """The first `n` real BreastMNIST-28 training images as PNGs in class folders."""
+    from PIL import Image
+
+    with np.load(real / "breastmnist.npz") as npz:
+        images, labels = npz["train_images"][:n], npz["train_labels"][:n, 0]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (folder / f"class{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"class{label}" / f"{i:04d}.png")
+    return folder
+
+
+def test_two_imports_of_one_name_from_different_folders_take_turns(finished, tmp_path):
+    """The second import of NAME (other images) waits for the first instead of deleting its
+    work under it (the first died on its progress file); then it says NAME is taken."""
+    root = tmp_path / "imported"
+    first_src = _breast_folder(finished["real"], tmp_path / "a", 546)
+    second_src = _breast_folder(finished["real"], tmp_path / "b", 200)
+    argv = ["import", "shared", "--sizes", "28,64,128,224", "--data-root", str(root), "--quiet"]
+    command = [sys.executable, "-m", "medfm", argv[0], argv[1]]
+    first = subprocess.Popen([*command, str(first_src), *argv[2:]], stderr=subprocess.PIPE,
+                             text=True, env=os.environ)
+    deadline = time.monotonic() + 120
+    while not (root / ".import-shared" / "progress.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # mid-import, until the second has had its go
+    second = subprocess.Popen([*command, str(second_src), *argv[2:]], stderr=subprocess.PIPE,
+                              text=True, env=os.environ)
+    said = second.stderr.readline()  # the waiting line, or (unlocked) whatever it ends with
+    first.send_signal(signal.SIGCONT)
+    said += second.stderr.read()
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert second.wait(timeout=300) == 2, said
+    assert said.startswith(f"waiting for pid {first.pid}, which is writing import shared"), said
+    assert "already imported" in said and "Traceback" not in said
+    card = json.loads((root / "shared.card.json").read_text())
+    assert sum(card["n_samples"].values()) == 546
+
+
+def test_an_import_rerun_removes_the_temp_files_a_killed_final_write_left(finished, tmp_path,
+                                                                          capsys):
+    root = tmp_path / "imported"
+    root.mkdir()
+    stale = [root / ".mybreast.npz.tmp-99999", root / ".mybreast_64.npz.tmp-12345"]
+    other = root / ".mybreast2.npz.tmp-99999"  # another dataset's: not ours to remove
+    for path in (*stale, other):
+        path.write_bytes(b"\0" * 1024)
+    assert main(_import(finished, tmp_path, "--split", "0.5,0.25,0.25")) == 0
+    assert not any(path.exists() for path in stale) and other.exists()

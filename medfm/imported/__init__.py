@@ -54,6 +54,7 @@ from medfm.imported.source import (
     split_counts,
 )
 from medfm.limits import check_seed
+from medfm.locks import exclusive_lock
 from medfm.paths import resolve_data_root
 
 CARD_SUFFIX = ".card.json"  # NAME.card.json beside NAME.npz
@@ -61,6 +62,7 @@ CARD_FORMAT = 1
 DEFAULT_SIZES = (28, 224)
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
 WORK_PREFIX = ".import-"  # DATA_ROOT/.import-NAME: arrays of an import in progress
+LOCKS_DIRNAME = ".locks"  # DATA_ROOT/.locks/import-NAME.lock: one import of NAME at a time
 FLUSH_ROWS = 512  # rows between flushes of the arrays and the progress file
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: same images, same npz bytes
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
@@ -279,106 +281,122 @@ def import_dataset(
                "splits": splits_made, "rules": RULES, "resize": "center-crop, PIL bicubic",
                "skipped": skipped}
     plan = _plan_digest(found, options)
-    card_file = root / f"{name}{CARD_SUFFIX}"
-    if card_file.exists() and not force:
-        card = read_card(card_file)
-        if card.get("plan") == plan:
-            return ImportResult(name, card_file, "exists", card["n_samples"], card["skipped"],
-                                0.0)
-        raise InvalidArgumentError(
-            f"a dataset named {name!r} is already imported in {root} from other images or "
-            "options; pass --force to replace it, or choose another name.")
-    root.mkdir(parents=True, exist_ok=True)
-    by_split = {s: [it for it in found.items if it.split == s] for s in SPLITS}
-    work = _Work(root / f"{WORK_PREFIX}{name}", plan, sizes, n_channels,
-                 {s: len(v) for s, v in by_split.items()}, force)
-    started, decoded = time.perf_counter(), 0
-    total = sum(map(len, by_split.values()))
-    bar = tqdm(total=total, initial=sum(work.state["done"].values()), unit="img",
-               disable=not progress, desc=f"import {name}", dynamic_ncols=True)
-    bad = {b["path"] for b in work.state["bad"]}
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
-        for split in SPLITS:
-            items = by_split[split]
-            start = work.state["done"][split]
-            window = max(FLUSH_ROWS, 4 * (workers or 4))
-            for lo in range(start, len(items), window):
-                chunk = items[lo:lo + window]
-                for offset, (item, (digest, result)) in enumerate(zip(
-                        chunk, pool.map(lambda it: _read_one(it, n_channels, sizes), chunk),
-                        strict=True)):
-                    if digest is None:
-                        if not skip_bad:
-                            raise InvalidDataFileError(
-                                f"{item.path}: {result}; fix or remove it, or pass --skip-bad "
-                                "to skip such images (they are listed in the dataset card).")
-                        if item.rel not in bad:
-                            work.state["bad"].append({"path": item.rel, "reason": result,
-                                                      "split": split, "row": lo + offset})
-                            bad.add(item.rel)
-                        continue
-                    for size in sizes:
-                        work.arrays[(size, split)][lo + offset] = result[size]
-                    work.digests[split][lo + offset] = np.frombuffer(digest, np.uint8)
-                decoded += len(chunk)
-                work.state["done"][split] = lo + len(chunk)
-                work.commit()
-                bar.update(len(chunk))
-    bar.close()
-    wall = time.perf_counter() - started
-    labels = {s: np.array([it.label for it in by_split[s]], dtype=np.uint8).reshape(
-        len(by_split[s]), -1) for s in SPLITS}
-    dropped = {s: {b["row"] for b in work.state["bad"] if b["split"] == s} for s in SPLITS}
-    keep = {s: np.setdiff1d(np.arange(len(by_split[s])), sorted(dropped[s])) for s in SPLITS}
-    for item in (it for s in SPLITS for i, it in enumerate(by_split[s]) if i in dropped[s]):
-        found.items.remove(item)
-    counts = {s: int(len(keep[s])) for s in SPLITS}
-    if not all(counts.values()):
-        raise InvalidDataFileError(f"after skipping bad images, a split is empty ({counts}); "
-                                   "fix the images or the splits.")
-    check_classes(found)
-    files = {}
-    for size in sizes:
-        fname = f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
-        tmp = root / f".{fname}.tmp-{os.getpid()}"
-        _write_npz(tmp, {**{f"{s}_images": (work.arrays[(size, s)], keep[s]) for s in SPLITS},
-                         **{f"{s}_labels": (labels[s], keep[s]) for s in SPLITS}})
-        files[size] = (tmp, root / fname)
-    for tmp, final in files.values():
-        os.replace(tmp, final)
-    content = hashlib.sha256(b"".join(work.digests[s][keep[s]].tobytes()
-                                      for s in SPLITS)).hexdigest()
-    card = {
-        "format": CARD_FORMAT,
-        "name": name,
-        "task": task_type.value,
-        "label_names": found.label_names,
-        "n_channels": n_channels,
-        "n_samples": counts,
-        "counts": split_counts(found),
-        "splits": splits_made,
-        "sizes": {str(s): {"file": final.name, "md5": file_digest(final, "md5")}
-                  for s, (_, final) in files.items()},
-        "resize": "centre-crop to a square, then PIL bicubic to SIZE x SIZE (kept as is at "
-                  "its own size)",
-        "intensity": RULES,
-        "source": {"path": str(src), "labels_csv": str(labels_csv) if labels_csv else None,
-                   "files": counts["train"] + counts["val"] + counts["test"],
-                   "sha256": content},
-        "skipped": skipped + [{k: v for k, v in b.items() if k in ("path", "reason")}
-                              for b in work.state["bad"]],
-        "plan": plan,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "license": "",
-    }
-    write_atomic(card_file, json.dumps(card, indent=1))
-    shutil.rmtree(work.folder, ignore_errors=True)
-    from medfm.data import register_card
+    # one import of NAME at a time: a second (of other images too) waits, then finds it done or
+    # says it needs --force; the holder alone may clear what killed imports of NAME left
+    with exclusive_lock(root / LOCKS_DIRNAME / f"import-{name}.lock", label=f"import {name}"):
+        _remove_stale_temps(root, name)
+        card_file = root / f"{name}{CARD_SUFFIX}"
+        if card_file.exists() and not force:
+            card = read_card(card_file)
+            if card.get("plan") == plan:
+                return ImportResult(name, card_file, "exists", card["n_samples"], card["skipped"],
+                                    0.0)
+            raise InvalidArgumentError(
+                f"a dataset named {name!r} is already imported in {root} from other images or "
+                "options; pass --force to replace it, or choose another name.")
+        root.mkdir(parents=True, exist_ok=True)
+        by_split = {s: [it for it in found.items if it.split == s] for s in SPLITS}
+        work = _Work(root / f"{WORK_PREFIX}{name}", plan, sizes, n_channels,
+                     {s: len(v) for s, v in by_split.items()}, force)
+        started, decoded = time.perf_counter(), 0
+        total = sum(map(len, by_split.values()))
+        bar = tqdm(total=total, initial=sum(work.state["done"].values()), unit="img",
+                   disable=not progress, desc=f"import {name}", dynamic_ncols=True)
+        bad = {b["path"] for b in work.state["bad"]}
+        with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
+            for split in SPLITS:
+                items = by_split[split]
+                start = work.state["done"][split]
+                window = max(FLUSH_ROWS, 4 * (workers or 4))
+                for lo in range(start, len(items), window):
+                    chunk = items[lo:lo + window]
+                    for offset, (item, (digest, result)) in enumerate(zip(
+                            chunk, pool.map(lambda it: _read_one(it, n_channels, sizes), chunk),
+                            strict=True)):
+                        if digest is None:
+                            if not skip_bad:
+                                raise InvalidDataFileError(
+                                    f"{item.path}: {result}; fix or remove it, or pass --skip-bad "
+                                    "to skip such images (they are listed in the dataset card).")
+                            if item.rel not in bad:
+                                work.state["bad"].append({"path": item.rel, "reason": result,
+                                                          "split": split, "row": lo + offset})
+                                bad.add(item.rel)
+                            continue
+                        for size in sizes:
+                            work.arrays[(size, split)][lo + offset] = result[size]
+                        work.digests[split][lo + offset] = np.frombuffer(digest, np.uint8)
+                    decoded += len(chunk)
+                    work.state["done"][split] = lo + len(chunk)
+                    work.commit()
+                    bar.update(len(chunk))
+        bar.close()
+        wall = time.perf_counter() - started
+        labels = {s: np.array([it.label for it in by_split[s]], dtype=np.uint8).reshape(
+            len(by_split[s]), -1) for s in SPLITS}
+        dropped = {s: {b["row"] for b in work.state["bad"] if b["split"] == s} for s in SPLITS}
+        keep = {s: np.setdiff1d(np.arange(len(by_split[s])), sorted(dropped[s])) for s in SPLITS}
+        for item in (it for s in SPLITS for i, it in enumerate(by_split[s]) if i in dropped[s]):
+            found.items.remove(item)
+        counts = {s: int(len(keep[s])) for s in SPLITS}
+        if not all(counts.values()):
+            raise InvalidDataFileError(f"after skipping bad images, a split is empty ({counts}); "
+                                       "fix the images or the splits.")
+        check_classes(found)
+        files = {}
+        for size in sizes:
+            fname = _npz_name(name, size)
+            tmp = root / f".{fname}.tmp-{os.getpid()}"
+            _write_npz(tmp, {**{f"{s}_images": (work.arrays[(size, s)], keep[s]) for s in SPLITS},
+                             **{f"{s}_labels": (labels[s], keep[s]) for s in SPLITS}})
+            files[size] = (tmp, root / fname)
+        for tmp, final in files.values():
+            os.replace(tmp, final)
+        content = hashlib.sha256(b"".join(work.digests[s][keep[s]].tobytes()
+                                          for s in SPLITS)).hexdigest()
+        card = {
+            "format": CARD_FORMAT,
+            "name": name,
+            "task": task_type.value,
+            "label_names": found.label_names,
+            "n_channels": n_channels,
+            "n_samples": counts,
+            "counts": split_counts(found),
+            "splits": splits_made,
+            "sizes": {str(s): {"file": final.name, "md5": file_digest(final, "md5")}
+                      for s, (_, final) in files.items()},
+            "resize": "centre-crop to a square, then PIL bicubic to SIZE x SIZE (kept as is at "
+                      "its own size)",
+            "intensity": RULES,
+            "source": {"path": str(src), "labels_csv": str(labels_csv) if labels_csv else None,
+                       "files": counts["train"] + counts["val"] + counts["test"],
+                       "sha256": content},
+            "skipped": skipped + [{k: v for k, v in b.items() if k in ("path", "reason")}
+                                  for b in work.state["bad"]],
+            "plan": plan,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "license": "",
+        }
+        write_atomic(card_file, json.dumps(card, indent=1))
+        shutil.rmtree(work.folder, ignore_errors=True)
+        from medfm.data import register_card
 
-    register_card(card_file)
-    status = "resumed" if work.resumed else "imported"
-    return ImportResult(name, card_file, status, counts, card["skipped"],
-                        decoded / wall if wall > 0 else 0.0)
+        register_card(card_file)
+        status = "resumed" if work.resumed else "imported"
+        return ImportResult(name, card_file, status, counts, card["skipped"],
+                            decoded / wall if wall > 0 else 0.0)
+
+
+def _npz_name(name: str, size: int) -> str:
+    return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
+
+
+def _remove_stale_temps(root: Path, name: str) -> None:
+    """Delete the `.NAME[_SIZE].npz.tmp-PID` files an import of NAME killed during its final
+    write left behind (call it holding NAME's import lock)."""
+    for size in SIZES:
+        for stale in root.glob(f".{_npz_name(name, size)}.tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 def _write_npz(path: Path, members: dict) -> None:

@@ -34,7 +34,6 @@ dies), so a second extraction of the same request waits, then finds the store bu
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -51,6 +50,7 @@ from medfm.backbones.names import canonical_backbone_id
 from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.data import SPLITS
 from medfm.errors import DiskFullError, InvalidArgumentError, StoreError, is_disk_full
+from medfm.locks import LockHeld, exclusive_lock
 from medfm.paths import resolve_workdir
 from medfm.request import STORE_DIGEST_CHARS, STORES_DIRNAME, store_digest, store_filename
 from medfm.store.registry import canonical_json
@@ -597,31 +597,13 @@ def store_lock(path: Path, *, wait: bool = True, label: str = "") -> Iterator[No
     StoreError. The lock is flock(2): the OS releases it when its holder exits, killed or not,
     so a stale lock never blocks a rerun. The lock file keeps the holder's pid for the message.
     """
-    locks = path.parent / LOCKS_DIRNAME
-    locks.mkdir(parents=True, exist_ok=True)
-    lock_path = locks / (path.name + ".lock")
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            if not wait:
-                raise StoreError(f"another process (pid {holder}) is writing {path.name}; wait "
-                                 "for it to finish, then rerun.") from None
-            print(f"waiting for pid {holder}, which is writing {label or path.name}",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
+    try:
+        with exclusive_lock(path.parent / LOCKS_DIRNAME / (path.name + ".lock"),
+                            label=label or path.name, wait=wait):
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except LockHeld as held:  # raised on entry only (wait=False)
+        raise StoreError(f"another process (pid {held.holder}) is writing {path.name}; wait "
+                         "for it to finish, then rerun.") from None
 
 
 def list_stores(workdir: str | os.PathLike | None = None, *, verify: bool = True,
