@@ -797,3 +797,82 @@ def test_an_import_rerun_removes_the_temp_files_a_killed_final_write_left(finish
         path.write_bytes(b"\0" * 1024)
     assert main(_import(finished, tmp_path, "--split", "0.5,0.25,0.25")) == 0
     assert not any(path.exists() for path in stale) and other.exists()
+
+
+def _dicom_classes(folder: Path, name: str, n: int = 3) -> Path:
+    """Two class folders of `n` copies each of pydicom's own test file `name`."""
+    from pydicom.data import get_testdata_file
+
+    source = Path(get_testdata_file(name))
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shutil.copy(source, folder / label / f"{i}.dcm")
+    return folder
+
+
+def test_a_ct_without_a_window_maps_a_fixed_hu_range_with_one_warning(tmp_path, capsys):
+    """pydicom's CT_small.dcm (int16, rescaled to HU, no VOI LUT or window) used 8 of the 256
+    gray levels (the whole int16 range mapped); now HU -1024..3071, one warning naming how many
+    files took that default, recorded in the card."""
+    pytest.importorskip("pydicom")
+    from medfm.data import load_split
+
+    src = _dicom_classes(tmp_path / "src", "CT_small.dcm")
+    root = tmp_path / "root"
+    assert main(["import", "myct", str(src), "--sizes", "64", "--split", "0.34,0.33,0.33",
+                 "--data-root", str(root), "--quiet"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "warning: 6 CT DICOM file(s) have no window" in lines[0], lines
+    images, _ = load_split("myct", 64, "train", root)
+    assert len(np.unique(images)) > 64  # was 8 levels (128..135)
+    card = json.loads((root / "myct.card.json").read_text())
+    assert card["intensity"]["files_with_default_window"] == 6
+    assert card["intensity"]["dicom_window"] is None
+
+
+def test_window_option_maps_every_dicom_through_it(tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    from medfm.imported.images import decode
+
+    src = _dicom_classes(tmp_path / "src", "CT_small.dcm")
+    root = tmp_path / "root"
+    assert main(["import", "myct", str(src), "--window", "40,400", "--sizes", "64",
+                 "--split", "0.34,0.33,0.33", "--data-root", str(root), "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    card = json.loads((root / "myct.card.json").read_text())
+    assert card["intensity"]["dicom_window"] == [40.0, 400.0]
+    assert card["intensity"]["files_with_default_window"] == 0
+    raw = decode(src / "a" / "0.dcm", (src / "a" / "0.dcm").read_bytes(), window=(40, 400))
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(src / "a" / "0.dcm")
+    hu = apply_modality_lut(ds.pixel_array, ds)
+    expected = np.clip(np.rint((hu - (40 - 200)) * (255 / 400)), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(raw.pixels, expected)
+
+
+@pytest.mark.parametrize("window", ["40", "40,0", "nan,400"])
+def test_a_bad_window_is_one_line(window, tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    code = main(["import", "myct", str(src), "--window", window, "--data-root",
+                 str(tmp_path / "root"), "--quiet"])
+    _assert_one_line(code, capsys.readouterr().err, "--window")
+    assert not (tmp_path / "root").exists()
+
+
+def test_every_encoding_of_mr_small_imports_to_the_same_pixels():
+    """Big endian, implicit VR, RLE, JPEG 2000 / JPEG-LS lossless, padded: one image (kept)."""
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from medfm.imported.images import decode
+
+    names = ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
+             "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_padded.dcm"]
+    decoded = [decode(Path(p), Path(p).read_bytes()) for p in map(get_testdata_file, names)]
+    assert all(not d.default_window for d in decoded)  # MR: its stored bits, as before
+    for other in decoded[1:]:
+        np.testing.assert_array_equal(other.pixels, decoded[0].pixels)

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import time
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,9 +41,9 @@ from tqdm.auto import tqdm
 
 from medfm.cache import file_digest, write_atomic
 from medfm.data import DATASETS, SIZES, SPLITS, Task, check_size
-from medfm.errors import InvalidArgumentError, InvalidDataFileError, MedfmError
-from medfm.imported.images import (RULES, ImageReadError, decode, open_image, resize_square,
-                                   to_channels)
+from medfm.errors import InvalidArgumentError, InvalidDataFileError, MedfmError, MedfmWarning
+from medfm.imported.images import (CT_HU_RANGE, DICOM_DEFAULT, RULES, ImageReadError, decode,
+                                   is_dicom, open_image, resize_square, to_channels)
 from medfm.imported.source import (
     Source,
     SourceError,
@@ -49,6 +51,7 @@ from medfm.imported.source import (
     check_classes,
     check_files,
     check_split,
+    file_head,
     read_csv,
     read_folder,
     split_counts,
@@ -142,9 +145,7 @@ def _channels(source: Source, channels: int | None) -> int:
         return channels
     gray = color = None
     for it in source.items:
-        with open(it.path, "rb") as fh:
-            head = fh.read(132)
-        kind = _header_kind(it.path, head)
+        kind = _header_kind(it.path, file_head(it.path))
         if kind == "color":
             color = color or it
         elif kind == "gray":
@@ -224,20 +225,22 @@ class _Work:
         write_atomic(self.folder / "progress.json", json.dumps(self.state))
 
 
-def _read_one(item, channels: int, sizes: tuple[int, ...]):
-    """(sha256 of the file, {size: pixels}) or (None, error text)."""
+def _read_one(item, channels: int, sizes: tuple[int, ...], window: tuple[float, float] | None):
+    """(sha256 of the file, {size: pixels}, took the default window) or (None, error text,
+    False)."""
     try:
         data = item.path.read_bytes()
     except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or exc})"
+        return None, f"cannot be read ({exc.strerror or exc})", False
     try:
-        pixels, _ = decode(item.path, data)
+        decoded = decode(item.path, data, window=window)
     except ImageReadError as exc:
-        return None, str(exc)
-    pixels = to_channels(pixels, channels)
+        return None, str(exc), False
+    pixels = to_channels(decoded.pixels, channels)
     if min(pixels.shape[:2]) < 1:
-        return None, "has no pixels"
-    return hashlib.sha256(data).digest(), {s: resize_square(pixels, s) for s in sizes}
+        return None, "has no pixels", False
+    return (hashlib.sha256(data).digest(), {s: resize_square(pixels, s) for s in sizes},
+            decoded.default_window)
 
 
 def import_dataset(
@@ -255,9 +258,16 @@ def import_dataset(
     force: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    window: tuple[float, float] | None = None,
 ) -> ImportResult:
-    """Import SOURCE as dataset NAME (module docstring); one-line MedfmErrors for bad input."""
+    """Import SOURCE as dataset NAME (module docstring); one-line MedfmErrors for bad input.
+    `window` (center, width) maps every grayscale DICOM (medfm.imported.images)."""
     name = _check_name(name)
+    if window is not None and (len(window) != 2 or not all(map(math.isfinite, window))
+                               or window[1] <= 0):
+        raise InvalidArgumentError(f"--window {','.join(map(str, window))} must be CENTER,WIDTH: "
+                                   "two finite numbers, the width > 0 (e.g. 40,400 for CT soft "
+                                   "tissue).")
     seed = check_seed(seed, "--seed")
     sizes = tuple(sorted({check_size(s) for s in sizes}))
     if not sizes:
@@ -280,6 +290,8 @@ def import_dataset(
     options = {"sizes": sizes, "channels": n_channels, "task": task_type.value,
                "splits": splits_made, "rules": RULES, "resize": "center-crop, PIL bicubic",
                "skipped": skipped}
+    if window is not None or any(is_dicom(it.path, file_head(it.path)) for it in found.items):
+        options["dicom"] = {"window": window, "no_window": DICOM_DEFAULT}  # (absent before)
     plan = _plan_digest(found, options)
     # one import of NAME at a time: a second (of other images too) waits, then finds it done or
     # says it needs --force; the holder alone may clear what killed imports of NAME left
@@ -307,12 +319,14 @@ def import_dataset(
             for split in SPLITS:
                 items = by_split[split]
                 start = work.state["done"][split]
-                window = max(FLUSH_ROWS, 4 * (workers or 4))
-                for lo in range(start, len(items), window):
-                    chunk = items[lo:lo + window]
-                    for offset, (item, (digest, result)) in enumerate(zip(
-                            chunk, pool.map(lambda it: _read_one(it, n_channels, sizes), chunk),
-                            strict=True)):
+                chunk_rows = max(FLUSH_ROWS, 4 * (workers or 4))
+                for lo in range(start, len(items), chunk_rows):
+                    chunk = items[lo:lo + chunk_rows]
+                    for offset, (item, (digest, result, default)) in enumerate(zip(
+                            chunk, pool.map(lambda it: _read_one(it, n_channels, sizes, window),
+                                            chunk), strict=True)):
+                        work.state["default_window"] = (work.state.get("default_window", 0)
+                                                        + int(default))
                         if digest is None:
                             if not skip_bad:
                                 raise InvalidDataFileError(
@@ -343,6 +357,12 @@ def import_dataset(
             raise InvalidDataFileError(f"after skipping bad images, a split is empty ({counts}); "
                                        "fix the images or the splits.")
         check_classes(found)
+        n_default = work.state.get("default_window", 0)
+        if n_default:
+            warnings.warn(MedfmWarning(
+                f"{n_default} CT DICOM file(s) have no window of their own: Hounsfield units "
+                f"{CT_HU_RANGE[0]:g}..{CT_HU_RANGE[1]:g} were mapped onto 0..255 (recorded in "
+                "the card); pass --window CENTER,WIDTH to choose another"), stacklevel=2)
         files = {}
         for size in sizes:
             fname = _npz_name(name, size)
@@ -367,7 +387,9 @@ def import_dataset(
                       for s, (_, final) in files.items()},
             "resize": "centre-crop to a square, then PIL bicubic to SIZE x SIZE (kept as is at "
                       "its own size)",
-            "intensity": RULES,
+            "intensity": {**RULES, **({"dicom_window": window, "dicom_no_window": DICOM_DEFAULT,
+                                       "files_with_default_window": n_default}
+                                      if "dicom" in options else {})},
             "source": {"path": str(src), "labels_csv": str(labels_csv) if labels_csv else None,
                        "files": counts["train"] + counts["val"] + counts["test"],
                        "sha256": content},

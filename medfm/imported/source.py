@@ -65,7 +65,7 @@ def _natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
-def _head(path: Path) -> bytes:
+def file_head(path: Path) -> bytes:
     try:
         with open(path, "rb") as fh:
             return fh.read(HEAD_BYTES)
@@ -193,7 +193,7 @@ def check_files(source: Source, skip_bad: bool) -> list[dict]:
     for item in source.items:
         if not item.path.is_file():
             why = "file not found"
-        elif not supported(item.path, _head(item.path)):
+        elif not supported(item.path, file_head(item.path)):
             why = (f"unsupported format {item.path.suffix or '(no suffix)'}: use PNG, JPEG, "
                    "TIFF, BMP or DICOM")
         else:
