@@ -179,6 +179,20 @@ def _png(path: Path, width: int, height: int, *, rows: int | None = None) -> Pat
     return path
 
 
+class _Shell:
+    """Pickles as a call of os.system: what a crafted weights file would make torch.load run."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def _pickled_weights(t: Path) -> Path:
+    import torch
+
+    torch.save({"model": _Shell()}, t / "evil.pth")
+    return t / "evil.pth"
+
+
 def _import(f: dict, t: Path, *extra: str) -> list[str]:
     return ["import", "mybreast", str(_png_folder(f["real"], t / "src")), "--sizes", "28",
             "--data-root", str(t / "imported"), "--quiet", *extra]
@@ -324,6 +338,13 @@ def _rows() -> dict:
             lambda f, t: [*_import(f, t), *()] if _png(
                 _png_folder(f["real"], t / "src") / "class1" / "big.png", 10000, 10000) else [],
             "big.png: 10000 x 10000 = 100,000,000 pixels, above medfm's limit of 89,478,485"),
+        # the smaller list
+        "finetune-set-nan": (lambda f, t: _finetune(f, "--set", "lr_head=nan"),
+                             "recipe field lr_head must be a finite number; got nan."),
+        "extract-pickled-weights": (
+            lambda f, t: [*_extract_from(f["data"], f["work"]), "--input-size", "48",
+                          "--weights", str(_pickled_weights(t))],
+            "holds pickled Python objects beyond tensors (posix.system)"),
         "import-seed-negative": (lambda f, t: _import(f, t, "--seed", "-1"),
                                  "--seed must be a whole number in 0..4294967295"),
         "import-split-nan": (lambda f, t: _import(f, t, "--split", "nan,0.5,0.5"),
@@ -876,3 +897,15 @@ def test_every_encoding_of_mr_small_imports_to_the_same_pixels():
     assert all(not d.default_window for d in decoded)  # MR: its stored bits, as before
     for other in decoded[1:]:
         np.testing.assert_array_equal(other.pixels, decoded[0].pixels)
+
+
+def test_a_value_json_refuses_is_named_by_its_field_not_quoted_whole():
+    """The error used to quote a whole recipe (660 characters)."""
+    from medfm.errors import InvalidArgumentError
+    from medfm.store.registry import canonical_json
+
+    recipe = {f"field_{i}": i for i in range(40)} | {"lora": {"alpha": float("inf")}}
+    with pytest.raises(InvalidArgumentError) as refused:
+        canonical_json(recipe)
+    assert str(refused.value).startswith("cannot store lora.alpha=inf as JSON")
+    assert len(str(refused.value)) < 200

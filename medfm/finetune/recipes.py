@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 
 from medfm.errors import InvalidArgumentError
@@ -140,6 +141,11 @@ class Recipe:
 
     def __post_init__(self) -> None:
         """Check every choice and range, so a bad recipe fails before any data or model loads."""
+        for item in dataclasses.fields(self):  # NaN and inf pass every range check below
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgumentError(
+                    f"recipe field {item.name} must be a finite number; got {value}.")
         for name, choices in (
             ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("select_metric", SELECT_METRICS),
             ("monitor", SELECT_METRICS), ("binary_head", BINARY_HEADS),

@@ -96,10 +96,35 @@ def canonical_json(value: Any) -> str:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
+        where, bad = _not_json(value)
+        if not where:  # not a value's fault (e.g. a reference cycle): name its type only
+            where, bad = "value", type(value).__name__
         raise InvalidArgumentError(
-            f"cannot store {value!r} as JSON ({exc}); "
-            "pass plain str/int/float/bool/list/dict values"
+            f"cannot store {where}={bad!r} as JSON ({exc}); give a finite number or a plain "
+            "str/int/float/bool/list/dict value"
         ) from exc
+
+
+def _not_json(value: Any, where: str = "value") -> tuple[str, Any]:
+    """(path, value) of the first part of `value` that canonical JSON refuses (NaN, inf, an
+    object), so the error names the field instead of quoting the whole value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _not_json(item, str(key) if where == "value" else f"{where}.{key}")
+            if found[0]:
+                return found
+        return "", None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _not_json(item, f"{where}[{i}]")
+            if found[0]:
+                return found
+        return "", None
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    if value is None or isinstance(value, (str, int, float)):
+        return "", None
+    return where, value
 
 
 @dataclass(frozen=True, kw_only=True)
