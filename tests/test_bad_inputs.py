@@ -71,8 +71,8 @@ def _bad_npz(folder: Path, spoil) -> Path:
     return folder
 
 
-def _yaml(path: Path, body: str | bytes, data: Path) -> Path:
-    head = (f"datasets: [breastmnist]\nbackbones: [test_efficientnet]\nweights: random\n"
+def _yaml(path: Path, body: str | bytes, data: Path, weights: str | Path = "random") -> Path:
+    head = (f"datasets: [breastmnist]\nbackbones: [test_efficientnet]\nweights: {weights}\n"
             f"input_size: 32\nmethods: [logreg]\ndata_root: {data}\n")
     path.write_bytes(head.encode() + (body if isinstance(body, bytes) else body.encode()))
     return path
@@ -87,10 +87,10 @@ def _set(arrays, key, value):
     arrays[key] = value
 
 
-def _finetune(f: dict, *extra: str) -> list[str]:
+def _finetune(f: dict, *extra: str, work: Path | None = None) -> list[str]:
     return ["finetune", "--dataset", "breastmnist", "--size", "28", "--data-root", str(f["data"]),
-            "--workdir", str(f["work"]), "--backbone", "test_efficientnet", "--weights", "random",
-            "--quiet", *extra]
+            "--workdir", str(work or f["work"]), "--backbone", "test_efficientnet",
+            "--weights", "random", "--quiet", *extra]
 
 
 def _png_folder(real: Path, folder: Path) -> Path:
@@ -909,3 +909,41 @@ def test_a_value_json_refuses_is_named_by_its_field_not_quoted_whole():
         canonical_json(recipe)
     assert str(refused.value).startswith("cannot store lora.alpha=inf as JSON")
     assert len(str(refused.value)) < 200
+
+
+def _no_gpu() -> None:
+    from medfm.probe.solvers import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU is visible: --device cuda works here")
+
+
+CREATES_NOTHING = {  # verb argv in a fresh work directory W -> (expected exit code, needs no GPU)
+    "extract-device-cuda": (lambda f, w, t: [*_extract_from(f["data"], w), "--device", "cuda"],
+                            2, True),
+    "finetune-device-cuda": (lambda f, w, t: _finetune(f, "--device", "cuda", work=w), 2, True),
+    "grid-dry-run": (lambda f, w, t: ["grid", str(_yaml(t / "g.yaml", "sizes: [28]\n",
+                                                        f["data"])),
+                                      "--dry-run", "--workdir", str(w)], 0, False),
+    "grid-unreadable-weights": (
+        lambda f, w, t: ["grid", str(_yaml(t / "g.yaml", "sizes: [28]\n", f["data"],
+                                           weights=_pickled_weights(t))),
+                         "--workdir", str(w), "--quiet"], 2, False),
+    "probe-nothing-extracted": (lambda f, w, t: ["probe", "--workdir", str(w), "--quiet"], 2,
+                                False),
+    "stores-nothing-extracted": (lambda f, w, t: ["stores", "--workdir", str(w)], 0, False),
+}
+
+
+@pytest.mark.parametrize("row", sorted(CREATES_NOTHING))
+def test_a_command_that_fails_or_only_reads_creates_nothing(row, finished, tmp_path, capsys):
+    """No registry, stores folder, lock or checkpoint folder is left by a command that fails
+    (a missing GPU, an unreadable weights file) or only reads (--dry-run, stores)."""
+    make_argv, expected, gpu_row = CREATES_NOTHING[row]
+    if gpu_row:
+        _no_gpu()
+    work = tmp_path / "w"
+    work.mkdir()
+    argv = make_argv(finished, work, tmp_path)
+    assert main(argv) == expected, capsys.readouterr().err
+    assert list(work.iterdir()) == []

@@ -568,6 +568,7 @@ def finetune(
         seeds=seeds, recipe=recipe, overrides=overrides, resize_policy=resize_policy,
         input_size=input_size, normalize=normalize, weights=weights, lora=lora,
         data_root=data_root, sampler=sampler, preset=preset)
+    resolve_device(device)  # an unusable --device is one line before anything is written
     reg = Registry.in_workdir(workdir)
     done = set() if force else reg.done_keys([r.key() for r in requests])
     ran, skipped, filled = [], [], 0

@@ -98,7 +98,7 @@ def run_plan(plan: GridPlan, executor: Executor, *, progress: bool = True) -> Gr
             result.rows_added += _record(registry, outcome, plan.workdir)
             result.outcomes.append(outcome)
             if not outcome.ok:
-                tqdm.write(f"FAILED {outcome.job.label}: {outcome.error.splitlines()[0]}")
+                tqdm.write(f"FAILED {outcome.job.label} (its error is in the summary)")
                 if outcome.job.kind == "extract":
                     failed_extracts.add(outcome.job)
             bar.update(1)
@@ -136,7 +136,7 @@ def run_grid(
     more than GRID_JOBS_MAX jobs runs only with `yes`."""
     made = None  # an executor built here from its name (starts nothing until it runs jobs)
     if isinstance(executor, str):
-        executor = made = make_executor(executor, workdir=resolve_workdir(workdir),
+        executor = made = make_executor(executor, workdir=resolve_workdir(workdir, create=False),
                                         **executor_options)
     plan = plan_grid(spec, workdir=workdir)
     if dry_run:
