@@ -193,6 +193,18 @@ def _pickled_weights(t: Path) -> Path:
     return t / "evil.pth"
 
 
+def _store_copy(f: dict, t: Path, name_suffix: str = "", keep_bytes: int | None = None) -> Path:
+    """The finished store copied into a work copy under its name + `name_suffix`, its first
+    `keep_bytes` bytes only if given (a truncated file)."""
+    work = _work_copy(f, t)
+    store = _only_store(work)
+    copy = store.with_name(store.name + name_suffix)
+    data = store.read_bytes()
+    store.unlink()
+    copy.write_bytes(data if keep_bytes is None else data[:keep_bytes])
+    return copy
+
+
 def _import(f: dict, t: Path, *extra: str) -> list[str]:
     return ["import", "mybreast", str(_png_folder(f["real"], t / "src")), "--sizes", "28",
             "--data-root", str(t / "imported"), "--quiet", *extra]
@@ -339,6 +351,17 @@ def _rows() -> dict:
                 _png_folder(f["real"], t / "src") / "class1" / "big.png", 10000, 10000) else [],
             "big.png: 10000 x 10000 = 100,000,000 pixels, above medfm's limit of 89,478,485"),
         # the smaller list
+        "probe-a-partial-store": (
+            lambda f, t: ["probe", "--store", str(_store_copy(f, t, ".partial")), "--workdir",
+                          str(t / "work"), "--quiet"],
+            "resumes from its last complete chunk when you rerun `medfm extract --dataset "
+            "breastmnist --size 28"),
+        "probe-a-truncated-store": (
+            lambda f, t: ["probe", "--store", str(_store_copy(f, t, keep_bytes=4096)),
+                          "--workdir", str(t / "work"), "--quiet"],
+            "rebuild it with `medfm extract --dataset breastmnist --size 28 --backbone "
+            "test_efficientnet.r160_in1k --resize-policy bilinear --input-size 32 --dtype "
+            "float16 --workdir"),
         "finetune-set-nan": (lambda f, t: _finetune(f, "--set", "lr_head=nan"),
                              "recipe field lr_head must be a finite number; got nan."),
         "extract-pickled-weights": (

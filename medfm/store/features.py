@@ -102,22 +102,38 @@ def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
 
 
 def _rebuild_hint(path: Path, request: dict | None = None) -> str:
-    """How to rebuild the store at `path`: the exact extract command when its request is known."""
-    if not request:
+    """How to rebuild the store at `path`: the exact extract command when its request is known;
+    for a file too damaged to hold one, the command its name gives (medfm.request
+    .store_filename) and the options the name keeps only in its digest."""
+    if request:
+        return f"rebuild it with `{_extract_command(path, request)} --force`"
+    named = parse_store_filename(path.name)
+    policy = (named or {}).get("policy", "").rstrip("0123456789")
+    if not named or not policy or not path.name.split("__")[3].startswith("prelogits-"):
         return (f"delete {path} and run `medfm extract` again (or rerun it with --force) "
                 f"to rebuild it")
+    flags = (f"--dataset {named['dataset']} --size {named['size']} --backbone "
+             f"{named['backbone']} --resize-policy {policy} --input-size "
+             f"{named['policy'][len(policy):]} --dtype {path.name.split('__')[3][10:]}")
+    return (f"rebuild it with `medfm extract {flags} --workdir {path.parent.parent} --force`, "
+            "adding the --weights, --normalize and --precision it was built with (its name "
+            "keeps them only in its digest)")
+
+
+def _extract_command(path: Path, request: dict) -> str:
+    """The `medfm extract` command that builds the store of `request` at `path`."""
     weights = request.get("weights", "pretrained")
     flags = [f"--dataset {request['dataset']}", f"--size {request['size']}",
              f"--backbone {request['backbone']}",
              f"--resize-policy {request['resize_policy']}",
              f"--input-size {request['input_size']}", f"--normalize {request['normalize']}",
-             f"--dtype {request['dtype']}"]
+             f"--dtype {request['dtype']}", f"--precision {request.get('precision', 'float32')}"]
     if weights == "random":
         flags.append("--weights random")
     elif weights.startswith("file:"):
         flags.append(f"--weights <the weights file with sha256 {weights[5:]}...>")
     workdir = path.parent.parent
-    return (f"rebuild it with `medfm extract {' '.join(flags)} --workdir {workdir} --force`")
+    return f"medfm extract {' '.join(flags)} --workdir {workdir}"
 
 
 def _verified_entry(path: Path, fingerprint: str) -> tuple[Path, str] | None:
@@ -169,6 +185,8 @@ class FeatureStore:
         if not self.path.exists():
             raise StoreError(
                 f"feature store {self.path} does not exist; run `medfm extract` first.")
+        if self.path.name.endswith(PARTIAL_SUFFIX):
+            raise StoreError(_partial_is_not_a_store(self.path))
         self._all_attrs: dict | None = None
         try:
             with h5py.File(self.path, "r") as fh:
@@ -342,6 +360,19 @@ class FeatureStore:
             "status": "complete",
             "path": str(self.path),
         }
+
+
+def _partial_is_not_a_store(path: Path) -> str:
+    """What to do with a `.partial` file named where a finished store is wanted: resume it."""
+    try:
+        with h5py.File(path, "r") as fh:
+            request = json.loads(_decode(fh.attrs["request_json"]))
+        how = f"`{_extract_command(path.with_name(path.name[:-len(PARTIAL_SUFFIX)]), request)}`"
+    except (OSError, KeyError, ValueError):
+        how = "the `medfm extract` that started it"
+    return (f"{path} is an extraction in progress or interrupted, not a finished store: it "
+            f"resumes from its last complete chunk when you rerun {how} (nothing is lost); "
+            f"then use {path.name[:-len(PARTIAL_SUFFIX)]}.")
 
 
 def _request_columns(request: dict) -> dict:
