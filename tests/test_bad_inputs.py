@@ -970,3 +970,12 @@ def test_a_command_that_fails_or_only_reads_creates_nothing(row, finished, tmp_p
     argv = make_argv(finished, work, tmp_path)
     assert main(argv) == expected, capsys.readouterr().err
     assert list(work.iterdir()) == []
+
+
+def test_report_md_quotes_an_odd_work_directory_name_as_code(finished, tmp_path):
+    """A work directory named with Markdown and HTML in it (and a newline) stays text."""
+    odd = tmp_path / "lab *x*_[a](b) <script>\n`tick`"
+    shutil.copytree(finished["work"], odd)
+    assert main(["report", "--workdir", str(odd), "--out", str(tmp_path / "rep")]) == 0
+    note = (tmp_path / "rep" / "report.md").read_text().split("\n\n")[1]
+    assert note.startswith("1 runs from `` ") and "<script>\\n`tick`/registry.sqlite ``" in note
