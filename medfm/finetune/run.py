@@ -240,7 +240,7 @@ def _recorded(workdir: str | os.PathLike | None,
     if not path.exists() or not (checkpoint_folder(workdir, key) / BEST_WEIGHTS_NAME).exists():
         return None
     try:
-        reg = Registry(path)
+        reg = Registry(path, read_only=True)  # a worker reads; the driver writes
         try:
             row = reg.get(key)
             if row is None:
