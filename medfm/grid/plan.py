@@ -110,7 +110,7 @@ def _resolve(spec: GridSpec, data_root):
 def _extract_jobs(spec: GridSpec, refs, backbones, root: str):
     """[(ExtractJob, finished store or None)] for every dataset file x backbone."""
     stores = Path(root) / STORES_DIRNAME
-    if stores.is_dir():
+    if stores.exists():  # (a file there: stores_dir says so)
         stores_dir(root)  # upgrades stores of an older layout, so their names are found
     found = []
     for ref in refs:

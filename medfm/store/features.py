@@ -650,7 +650,7 @@ def list_stores(workdir: str | os.PathLike | None = None, *, verify: bool = True
     if not where.is_dir():
         raise InvalidArgumentError(f"work directory {where} does not exist; check --workdir (or "
                                    "$MEDFM_WORKDIR): `medfm extract` creates it")
-    if not (where / STORES_DIRNAME).is_dir():
+    if not (where / STORES_DIRNAME).exists():
         return []  # nothing extracted yet (and listing creates nothing)
     rows = []
     for path in sorted(stores_dir(workdir).glob("*.h5*")):
@@ -710,7 +710,7 @@ def find_stores(workdir: str | os.PathLike | None = None, *, dataset: str | None
     a corrupt store stops only work that asks for it."""
     wanted_backbone = canonical_backbone_id(backbone) if backbone else None
     found = []
-    if not (resolve_workdir(workdir, create=False) / STORES_DIRNAME).is_dir():
+    if not (resolve_workdir(workdir, create=False) / STORES_DIRNAME).exists():
         return found  # nothing extracted there (and looking creates nothing)
     for path in sorted(stores_dir(workdir).glob("*.h5")):
         named = parse_store_filename(path.name)
