@@ -27,6 +27,7 @@ BATCH_PIXELS_MAX = 2**28  # batch size x input side^2: a float32 RGB batch of at
 LORA_RANK_MAX = 1_024  # LoRA adapter rank (a rank above a layer's width adapts nothing more)
 EPOCHS_MAX = 10_000  # fine-tune epochs
 ITERATIONS_MAX = 10_000_000  # fine-tune optimizer steps
+WORKERS_MAX = 256  # decoding threads of an import, worker processes of a local grid
 GRID_SPEC_BYTES_MAX = 1_048_576  # size of a grid spec file (1 MiB)
 GRID_SPEC_DEPTH_MAX = 16  # nesting of lists and mappings in a grid spec (real specs use 3)
 GRID_JOBS_MAX = 10_000  # jobs one `medfm grid` runs without --yes (`--dry-run` shows the count)

@@ -56,7 +56,7 @@ from medfm.imported.source import (
     read_folder,
     split_counts,
 )
-from medfm.limits import check_seed
+from medfm.limits import WORKERS_MAX, check_at_most, check_seed
 from medfm.locks import exclusive_lock
 from medfm.paths import resolve_data_root
 
@@ -269,6 +269,8 @@ def import_dataset(
                                    "two finite numbers, the width > 0 (e.g. 40,400 for CT soft "
                                    "tissue).")
     seed = check_seed(seed, "--seed")
+    if workers is not None:
+        check_at_most(workers, WORKERS_MAX, "--workers", minimum=1)
     sizes = tuple(sorted({check_size(s) for s in sizes}))
     if not sizes:
         raise InvalidArgumentError(f"--sizes needs at least one of {SIZES}.")

@@ -54,8 +54,6 @@ def run_import(args) -> int:
     from medfm.cli import _sizes
     from medfm.imported import import_dataset
 
-    if args.workers is not None and args.workers < 1:
-        raise InvalidArgumentError(f"--workers {args.workers} must be at least 1.")
     result = import_dataset(
         args.name, args.source, labels_csv=args.labels, sizes=tuple(_sizes(args.sizes)),
         task=args.task, split=_floats(args.split, "--split"), seed=args.seed,
