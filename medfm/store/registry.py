@@ -33,6 +33,11 @@ before a fork reconnects in the child. The schema version lives in `PRAGMA user_
 `_MIGRATIONS` upgrades older files in place on open, in one transaction (schema 1 -> 2 re-keys
 every row by its resolved request; 2 -> 3 adds the calibration columns, computed from each row's
 stored scores, and the `evaluations` table; medfm.store.migrate).
+
+Integrity. Opening a registry to write first runs `PRAGMA quick_check` (0.3 s for 200 MB; once
+per state of the file and its WAL, recorded in $MEDFM_CACHE/registry-checks): a damaged file is
+a RegistryError and nothing is written to it. `Registry.existing` (results, report) and grid
+planning open a current file read-only, so a read-only registry is read.
 """
 
 from __future__ import annotations
