@@ -161,6 +161,14 @@ def _run_extract(args) -> int:
                                           precision=args.precision, device=args.device)
                     for ref in _datasets(args, _sizes(args.size))
                     for backbone in _csv(args.backbone, "--backbone")]
+    if args.corruptions:  # every corruption and severity checked before any store is built
+        from medfm.corrupt import parse_severities, resolve_corruptions
+        from medfm.limits import check_seed
+
+        check_seed(args.corruption_seed, "--corruption-seed")
+        for request in requests:
+            resolve_corruptions(request.dataset.name, args.corruptions,
+                                parse_severities(args.severities), args.corruption_base)
     for request in requests:
         result = extract_request(request, batch_size=args.batch_size, device=args.device,
                                  workdir=args.workdir, force=args.force,
@@ -198,15 +206,20 @@ def _add_stores(sub) -> None:
                        "store changed since it was last checked is checked against its "
                        "fingerprint")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
-    p.add_argument("--no-verify", action="store_true",
-                   help="do not read stores to check them (unchecked ones show as unverified)")
+    check = p.add_mutually_exclusive_group()
+    check.add_argument("--no-verify", action="store_true",
+                       help="do not read stores to check them (unchecked ones show as "
+                            "unverified)")
+    check.add_argument("--verify", action="store_true",
+                       help="read and check every store (fingerprint and block checksums), "
+                            "also those recorded as verified")
     p.set_defaults(run=_run_stores)
 
 
 def _run_stores(args) -> int:
     from medfm.store.features import list_stores
 
-    rows = list_stores(args.workdir, verify=not args.no_verify)
+    rows = list_stores(args.workdir, verify=not args.no_verify, recheck=args.verify)
     _print_table(rows, ["dataset", "size", "backbone", "policy", "dtype", "dims", "rows",
                         "bytes", "status"])
     return 0
@@ -497,6 +510,8 @@ def _add_grid(sub) -> None:
     p.add_argument("--size", "--sizes", dest="size", help="narrow the grid to these sizes")
     p.add_argument("--executor", choices=sorted(found), default="local")
     p.add_argument("--dry-run", action="store_true", help="print the plan with counts, run nothing")
+    p.add_argument("--yes", action="store_true",
+                   help="run a grid of more jobs than medfm runs unconfirmed (README, Guarantees)")
     options = {}
     for cls in found.values():
         for option in dataclasses.fields(cls.Options):
@@ -540,9 +555,16 @@ def _run_grid(args) -> int:
     options = {name.removeprefix("executor_"): value for name, value in vars(args).items()
                if name.startswith("executor_")}
     result = run_grid(spec, workdir=args.workdir, executor=args.executor,
-                      dry_run=args.dry_run, progress=not args.quiet, **options)
+                      dry_run=args.dry_run, progress=not args.quiet, yes=args.yes,
+                      on_plan=_announce, **options)
     print(result.plan.describe() if args.dry_run else result.summary())
     return 0 if result.ok else 1
+
+
+def _announce(plan) -> None:
+    """The job count, printed before a grid runs anything."""
+    print(f"grid: {len(plan.jobs)} job(s) to run, {sum(plan.done.values())} already done",
+          flush=True)
 
 
 # --- entry point ------------------------------------------------------------------------------

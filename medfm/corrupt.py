@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from medfm.errors import InvalidArgumentError, MedfmError
+from medfm.limits import check_list_length
 
 SEVERITIES = (1, 2, 3, 4, 5)  # MedMNIST-C's five levels (the package indexes them 0..4)
 CORRUPTION_SET = "medmnist-c"  # every corruption MedMNIST-C defines for the dataset
@@ -48,7 +49,7 @@ def _registry() -> tuple[dict, dict]:
         from medmnistc.corruptions.registry import CORRUPTIONS_DS, DATASET_RGB
     except ImportError as exc:
         raise MedfmError(f"corrupted test splits need the medmnistc package and its "
-                         f"dependencies ({exc}): {INSTALL_HINT}.") from None
+                         f"dependencies ({' '.join(str(exc).split())}): {INSTALL_HINT}.") from None
     _numpy2_motion_blur()
     return CORRUPTIONS_DS, DATASET_RGB
 
@@ -122,9 +123,11 @@ def parse_severities(text: str) -> tuple[int, ...]:
         if sep in text:
             lo, _, hi = text.partition(sep)
             try:
-                return tuple(range(int(lo), int(hi) + 1))
+                lo, hi = int(lo), int(hi)
             except ValueError:
                 break
+            check_list_length(hi - lo + 1, "severities")  # before expanding
+            return tuple(range(lo, hi + 1))
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:

@@ -43,6 +43,7 @@ from medfm.errors import (
     DataFileMissingError,
     InvalidArgumentError,
     InvalidDataFileError,
+    MedfmError,
     MedfmWarning,
     UnknownDatasetError,
 )
@@ -435,6 +436,7 @@ def load_split(
 # --- checking a file against INFO ---------------------------------------------------------------
 
 NPZ_CHECK_VERSION = 1  # part of every cached verdict's name: bump when _check_split changes
+WHY_CHARS = 160  # of a reader's own error message quoted in a broken file's one line
 
 
 def _refetch_hint(info: DatasetInfo, size: int) -> str:
@@ -445,13 +447,18 @@ def _refetch_hint(info: DatasetInfo, size: int) -> str:
 
 @contextmanager
 def _reading(path: Path, info: DatasetInfo, size: int) -> Iterator[None]:
-    """Turn the ways numpy and zipfile fail on a broken npz into one InvalidDataFileError."""
+    """Turn any way numpy, zipfile, zlib or the .npy header parser fail on a broken npz
+    (BadZipFile, zlib.error, tokenize's TokenError, NotImplementedError, a header asking for
+    more memory than there is...) into one InvalidDataFileError: a flipped byte anywhere in a
+    file is a broken file, never a traceback (tests/test_bad_inputs.py fuzzes this)."""
     try:
         yield
-    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as exc:
+    except MedfmError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes a reader raise
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # a file-system failure (permission, disk), not a broken file
-        why = str(exc).strip("'\"") or type(exc).__name__
+        why = " ".join(str(exc).strip("'\"").split())[:WHY_CHARS] or type(exc).__name__
         raise InvalidDataFileError(f"{path} is not a readable MedMNIST npz ({why}); "
                                    f"{_refetch_hint(info, size)}.") from None
 
@@ -472,10 +479,7 @@ def _check_split(path: Path, info: DatasetInfo, size: int, split: str, image_sha
     if n == 0:
         raise bad(f"{split}_images holds no image")
     multi_label = info.task is Task.MULTI_LABEL
-    columns = info.n_classes if multi_label else 1
-    if labels.shape != (n, columns):
-        raise bad(f"{split}_labels is shaped {labels.shape}, not ({n}, {columns}): one row of "
-                  f"{columns} label(s) per image of {split}_images")
+    _check_label_shape(path, info, size, split, image_shape[:1], labels.shape)
     if labels.dtype.kind not in "iu":
         raise bad(f"{split}_labels are {labels.dtype}, not integers")
     if multi_label:
@@ -484,6 +488,18 @@ def _check_split(path: Path, info: DatasetInfo, size: int, split: str, image_sha
     elif labels.min() < 0 or labels.max() >= info.n_classes:
         raise bad(f"{split}_labels range over {labels.min()}..{labels.max()}, not class ids "
                   f"0..{info.n_classes - 1} of {info.flag}")
+
+
+def _check_label_shape(path: Path, info: DatasetInfo, size: int, split: str,
+                       n_images: tuple, label_shape: tuple) -> None:
+    """One row of INFO's label count per image."""
+    columns = info.n_classes if info.task is Task.MULTI_LABEL else 1
+    n = n_images[0] if n_images else 0
+    if tuple(label_shape) != (n, columns):
+        raise InvalidDataFileError(
+            f"{path}: {split}_labels is shaped {tuple(label_shape)}, not ({n}, {columns}): one "
+            f"row of {columns} label(s) per image of {split}_images; "
+            f"{_refetch_hint(info, size)}.")
 
 
 def _npy_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -522,6 +538,9 @@ def check_npz(path: str | os.PathLike, flag: str, size: int, *,
         if missing:
             raise InvalidDataFileError(f"{path} lacks {', '.join(missing)}; "
                                        f"{_refetch_hint(info, size)}.")
+        for s in SPLITS:  # from the headers, before a damaged one can size an allocation
+            _check_label_shape(path, info, size, s, headers[f"{s}_images"][0][:1],
+                               headers[f"{s}_labels"][0])
         with np.load(path) as npz:
             labels = {s: npz[f"{s}_labels"] for s in SPLITS}
     for s in SPLITS:

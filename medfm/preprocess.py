@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from medfm.errors import InvalidArgumentError
+from medfm.limits import INPUT_SIZE_MAX, check_at_most
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,8 @@ class PreprocessRequest:
                     not math.isfinite(size)) or int(size) != size or size <= 0:
                 raise InvalidArgumentError(
                     f"input size {self.input_size!r} must be a positive integer.")
-            object.__setattr__(self, "input_size", int(size))
+            object.__setattr__(self, "input_size",
+                               check_at_most(int(size), INPUT_SIZE_MAX, "input size"))
 
     def merged(self, override: PreprocessRequest | None) -> PreprocessRequest:
         """This request with every field that `override` sets replaced by the override's."""

@@ -47,6 +47,7 @@ import numpy as np
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
+from medfm.limits import SHOTS_MAX, check_at_most, check_list_length, check_seed
 
 DIGEST_CHARS = 16  # hex digits of the SHA-256 kept as a subset's digest
 SAMPLERS = ("shuffled", "first-per-class")  # sampler modes (module docstring); first: default
@@ -62,7 +63,7 @@ class SubsetSpec:
 
     fraction: float | None = None  # in (0, 1]; 1.0 is the whole split
     shots: int | None = None  # images per class (stratum), >= 1
-    seed: int = 0  # >= 0; the same seed gives nested subsets across fractions and shots
+    seed: int = 0  # 0 .. 2^32 - 1; the same seed gives nested subsets across fractions and shots
     sampler: str = SAMPLERS[0]  # one of SAMPLERS
 
     def __post_init__(self) -> None:
@@ -74,8 +75,9 @@ class SubsetSpec:
         if self.fraction is not None:
             object.__setattr__(self, "fraction", _check_fraction(self.fraction))
         if self.shots is not None:
-            object.__setattr__(self, "shots", _check_int(self.shots, "shots", minimum=1))
-        object.__setattr__(self, "seed", _check_int(self.seed, "seed", minimum=0))
+            object.__setattr__(self, "shots", check_at_most(self.shots, SHOTS_MAX, "shots",
+                                                            minimum=1))
+        object.__setattr__(self, "seed", check_seed(self.seed))
         if self.sampler not in SAMPLERS:
             raise InvalidArgumentError(
                 f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}.")
@@ -104,15 +106,10 @@ def _check_fraction(value: object) -> float:
     return fraction
 
 
-def _check_int(value: object, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise InvalidArgumentError(f"{what} must be an integer >= {minimum}; got {value!r}.")
-    return int(value)
-
-
 def _items(text: str, what: str) -> list[str]:
     """Comma-separated items, stripped; a clear error for an empty list or an empty item."""
     items = [item.strip() for item in str(text).split(",")]
+    check_list_length(len(items), what)
     if not any(items) or not all(items):
         raise InvalidArgumentError(
             f"{what} {text!r} has an empty item; give a comma-separated list such as "
@@ -163,7 +160,7 @@ def parse_shots(text: str) -> list[int]:
                 f"shots {item!r} is not a positive integer; give images per class such as "
                 f"{_EXAMPLES['shots']}."
             )
-        shots.append(int(item))
+        shots.append(check_at_most(int(item), SHOTS_MAX, "shots"))
     return _unique(shots, "shots", text)
 
 
@@ -178,6 +175,8 @@ def parse_seeds(text: str) -> list[int]:
                 f"seed {item!r} is not a non-negative integer or an ascending range; give "
                 f"{_EXAMPLES['seeds']}."
             )
+        check_seed(int(high), "--seeds")
+        check_list_length(len(seeds) + int(high) - int(low) + 1, "seeds")  # before expanding
         seeds.extend(range(int(low), int(high) + 1))
     return _unique(seeds, "seeds", text)
 

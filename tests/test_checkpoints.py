@@ -17,6 +17,7 @@ import resource
 import select
 import signal
 import subprocess
+import shutil
 import sys
 import time
 import warnings
@@ -43,9 +44,9 @@ STEPS = 8  # 48 training images in batches of 12 (medfm: at least 4 steps an epo
 FILE_LIMIT = 1 << 20  # bytes: above what a run writes elsewhere, below a test_resnet checkpoint
 
 
-def _request(root):
+def _request(root, seed: int = 0):
     return resolve_finetune(dataset="breastmnist", size=28, backbone="test_resnet",
-                            weights="random", spec=SubsetSpec(fraction=1.0, seed=0),
+                            weights="random", spec=SubsetSpec(fraction=1.0, seed=seed),
                             recipe=resolve_recipe("medfm", **FAST), data_root=root)
 
 
@@ -104,6 +105,26 @@ def test_a_crafted_checkpoint_runs_no_code_and_is_set_aside(synthetic_root, tmp_
     assert len(notices) == 1 and "\n" not in notices[0]
     assert f"set aside as {CHECKPOINT_NAME}{UNREADABLE_SUFFIX}" in notices[0]
     assert (folder / f"{CHECKPOINT_NAME}{UNREADABLE_SUFFIX}").is_file()  # kept, not deleted
+    assert not row.extra["resumed"] and row.extra["steps"] == STEPS  # trained from scratch
+
+
+def test_a_checkpoint_copied_from_another_run_is_set_aside(synthetic_root, tmp_path):
+    """Seed 1's checkpoint has the plan of seed 0's run (same data, batches and steps): copied
+    into seed 0's folder it would resume as seed 0; the run it names says it is not."""
+    other = _request(synthetic_root, seed=1)
+
+    def die(round_: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_job(other, device="cpu", workdir=tmp_path, progress=False, on_checkpoint=die)
+    folder = checkpoint_folder(tmp_path, _request(synthetic_root).key())
+    folder.mkdir(parents=True)
+    shutil.copy2(checkpoint_folder(tmp_path, other.key()) / CHECKPOINT_NAME,
+                 folder / CHECKPOINT_NAME)
+
+    row, _, notices = _job(synthetic_root, tmp_path)
+    assert len(notices) == 1 and f"holds run {other.key().digest()}" in notices[0], notices
     assert not row.extra["resumed"] and row.extra["steps"] == STEPS  # trained from scratch
 
 

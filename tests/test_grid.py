@@ -192,6 +192,7 @@ def test_failing_job_is_reported_while_the_rest_completes(pool, data_root, tmp_p
     vit = next(j for j in plan_grid(spec, workdir=tmp_path).todo("extract")
                if j.where.endswith("test_efficientnet"))
     path = tmp_path / "stores" / vit.request.filename()
+    path.parent.mkdir()  # planning creates nothing
     path.write_bytes(b"not an hdf5 file")
     result = run_grid(spec, workdir=tmp_path, executor=pool, progress=False)
     assert not result.ok

@@ -197,7 +197,7 @@ def test_dicom_window_is_applied_before_mapping(tmp_path):
 def _decoded(path: Path) -> np.ndarray:
     from medfm.imported.images import decode
 
-    return decode(path, path.read_bytes())[0]
+    return decode(path, path.read_bytes()).pixels
 
 
 def test_rgb_collection_stays_three_channels(breast, tmp_path):

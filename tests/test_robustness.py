@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-pytest.importorskip("medmnistc.corruptions.registry",
+pytest.importorskip("medmnistc.corruptions.registry", exc_type=ImportError,  # wand's too
                     reason="robustness needs medmnistc and ImageMagick (the robustness extra)")
 
 from medfm.cli import main  # noqa: E402
@@ -191,6 +191,33 @@ def test_finetunes_are_scored_on_the_corrupted_splits_of_their_data(real_root, t
     assert again.ran == () and again.corrupted_filled == 1
     assert {(e["corruption"], e["severity"]) for e in registry.evaluations(row.key)} == {
         ("pixelate", 5), ("contrast_down", 2)}
+
+
+def test_an_unreadable_best_pt_is_named_when_it_keeps_a_run_from_corrupted_scoring(real_root,
+                                                                                   tmp_path):
+    """A planted best.pt used to skip the recorded run's corrupted scoring without a word."""
+    import os
+    import warnings
+
+    from medfm.errors import MedfmWarning
+    from medfm.finetune import finetune
+    from medfm.finetune.run import BEST_WEIGHTS_NAME, checkpoint_folder
+
+    work = tmp_path / "work"
+    args = dict(backbones=["test_resnet"], sizes=[28], datasets=["breastmnist"],
+                fractions=[0.3], seeds=[0], weights="random", data_root=real_root,
+                workdir=work, progress=False, resize_policy="native",
+                overrides={"epochs": 1, "batch_size": 64, "augment": False})
+    (row,) = finetune(**args).ran
+    (checkpoint_folder(work, row.key) / BEST_WEIGHTS_NAME).write_bytes(os.urandom(4096))
+    extract_corrupted(_request(real_root), corruptions="pixelate", severities=(5,),
+                      workdir=work, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = finetune(**args)
+    said = [str(w.message) for w in caught if issubclass(w.category, MedfmWarning)]
+    assert again.corrupted_filled == 0
+    assert any(BEST_WEIGHTS_NAME in line and "1 corrupted split" in line for line in said), said
 
 
 def test_an_imported_dataset_borrows_a_medmnist_corruption_set(real_root, tmp_path):

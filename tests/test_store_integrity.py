@@ -19,8 +19,9 @@ import torch
 from medfm.cli import main
 from medfm.errors import StoreError
 from medfm.extract import extract
+from medfm.data import SPLITS
 from medfm.store.features import (FeatureStore, content_fingerprint, is_verified, list_stores,
-                                  store_lock, upcast)
+                                  store_lock, upcast, write_checksums)
 from medfm.store.registry import Registry
 
 TINY = dict(backbone="test_resnet", weights="random", input_size=32)
@@ -77,6 +78,7 @@ def test_nan_features_with_a_matching_fingerprint_are_refused(real_store, tmp_pa
     with h5py.File(real_store, "r+") as fh:
         fh["val"]["features"][3, :] = np.nan
         fh.attrs["fingerprint"] = content_fingerprint(fh)
+        write_checksums(fh, SPLITS)  # every check the store carries agrees with the NaN
     code, err = _probe(tmp_path, capsys)
     assert code == 2 and len(err) == 1
     assert "NaN or infinite" in err[0] and "val/features" in err[0] and str(real_store) in err[0]
@@ -96,7 +98,7 @@ def test_verified_once_then_rechecked_after_any_write(real_store, monkeypatch):
         fh["test"]["features"][5, 7] += 0.5
     store = FeatureStore(real_store)
     assert not is_verified(real_store, store.fingerprint)
-    with pytest.raises(StoreError, match="not its fingerprint"):
+    with pytest.raises(StoreError, match="test/features rows 0-.* fail their checksum"):
         store.features("train")
     assert calls == [1]
 

@@ -23,6 +23,8 @@ identifies exactly the tensors loaded.
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 CHECKPOINT_WRAPPER_KEYS = ("state_dict", "model")  # {"state_dict": sd} / {"model": sd} wrappers
 DATA_PARALLEL_PREFIX = "module."  # keys saved from DataParallel / DDP models
 SHOWN_KEYS = 5  # mismatched keys quoted in a WeightsError
+WHY_CHARS = 160  # of a loader's own error message quoted in a WeightsError
 
 
 @dataclass
@@ -94,9 +97,16 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as err:  # unpickling, truncated or foreign files raise many types
+        if isinstance(err, pickle.UnpicklingError):  # torch's weights_only refusal: 5 lines
+            named = re.search(r"GLOBAL (\S+)", str(err))
+            why = ("it holds pickled Python objects beyond tensors"
+                   f"{f' ({named.group(1)})' if named else ''}, which medfm never unpickles "
+                   "(they could run code)")
+        else:
+            why = f"{type(err).__name__}: {' '.join(str(err).split())[:WHY_CHARS]}"
         raise WeightsError(
-            f"cannot read weights file {path} ({type(err).__name__}: {err}); "
-            "save it with safetensors.torch.save_file or torch.save(model.state_dict())."
+            f"cannot read weights file {path} ({why}); save it with "
+            "safetensors.torch.save_file or torch.save(model.state_dict())."
         ) from err
     for wrapper in CHECKPOINT_WRAPPER_KEYS:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

@@ -40,6 +40,7 @@ from medfm.corrupt import SEVERITIES
 from medfm.data import SPLITS, get_dataset, load_split
 from medfm.errors import InvalidArgumentError
 from medfm.extract.fold import check_batch, fold_verified
+from medfm.limits import check_batch_size, check_seed
 from medfm.preprocess import DevicePreprocessor, PreprocessRequest
 from medfm.request import StoreRequest, resolve_store_request
 from medfm.runtime import device_name, resolve_device, versions
@@ -236,8 +237,8 @@ def extract_request(
     one is an error naming it; a partial one from a killed run resumes from its last complete
     chunk.
     """
-    if batch_size is not None and batch_size < 1:
-        raise InvalidArgumentError(f"batch size {batch_size} must be at least 1.")
+    if batch_size is not None:
+        check_batch_size(batch_size, request.preprocess.input_size)
     dev = resolve_device(device)
     path = stores_dir(workdir) / request.filename()
     if path.exists() and not force:
@@ -390,11 +391,12 @@ def extract_corrupted(
     from medfm.corrupt import NotApplicable, corrupt, package_version, resolve_corruptions
     from medfm.store.corrupted import corrupted_identity, corrupted_path, group_name
 
+    seed = check_seed(seed, "corruption seed")
+    pairs = resolve_corruptions(request.dataset.name, corruptions, severities, base)
     main = extract_request(request, batch_size=batch_size, device=device, workdir=workdir,
                            progress=progress, chunk_rows=chunk_rows)
     store = FeatureStore(main.path)
     dataset = request.dataset.name
-    pairs = resolve_corruptions(dataset, corruptions, severities, base)
     corruption_set = corruptions if isinstance(corruptions, str) else ",".join(
         corruptions or ["medmnist-c"])
     identity = corrupted_identity(store, pairs, seed=seed, corruption_set=corruption_set,

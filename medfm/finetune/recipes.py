@@ -48,9 +48,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 
 from medfm.errors import InvalidArgumentError
+from medfm.limits import (EPOCHS_MAX, INPUT_SIZE_MAX, ITERATIONS_MAX, LORA_RANK_MAX,
+                          check_at_most, check_batch_size)
 from medfm.preprocess import NORMALIZATIONS, RESIZE_POLICIES, PreprocessRequest
 
 OPTIMIZERS = ("adamw", "adam")
@@ -138,6 +141,11 @@ class Recipe:
 
     def __post_init__(self) -> None:
         """Check every choice and range, so a bad recipe fails before any data or model loads."""
+        for item in dataclasses.fields(self):  # NaN and inf pass every range check below
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgumentError(
+                    f"recipe field {item.name} must be a finite number; got {value}.")
         for name, choices in (
             ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("select_metric", SELECT_METRICS),
             ("monitor", SELECT_METRICS), ("binary_head", BINARY_HEADS),
@@ -170,6 +178,12 @@ class Recipe:
         for name, value in positive.items():
             if value <= 0:
                 raise InvalidArgumentError(f"recipe field {name} must be > 0; got {value}.")
+        for name, limit in (("epochs", EPOCHS_MAX), ("iterations", ITERATIONS_MAX),
+                            ("lora_rank", LORA_RANK_MAX)):
+            check_at_most(getattr(self, name), limit, f"recipe field {name}")
+        if self.input_size is not None:
+            check_at_most(self.input_size, INPUT_SIZE_MAX, "recipe field input_size")
+        check_batch_size(self.batch_size, self.input_size, "recipe field batch_size")
         for name, value in non_negative.items():
             if value < 0:
                 raise InvalidArgumentError(f"recipe field {name} must be >= 0; got {value}.")

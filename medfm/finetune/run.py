@@ -39,6 +39,7 @@ import os
 import sqlite3
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ from tqdm.auto import tqdm
 
 from medfm.backbones import RANDOM, BackboneRef, create_backbone, resolve_backbone
 from medfm.data import DatasetRef, get_dataset, load_split, resolve_datasets
-from medfm.errors import InvalidArgumentError, MedfmError
+from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
 from medfm.finetune.lora import adapted_modules, apply_lora
 from medfm.finetune.recipes import LORA_RANK, Recipe, resolve_recipe
 from medfm.finetune.train import (
@@ -239,7 +240,7 @@ def _recorded(workdir: str | os.PathLike | None,
     if not path.exists() or not (checkpoint_folder(workdir, key) / BEST_WEIGHTS_NAME).exists():
         return None
     try:
-        reg = Registry(path)
+        reg = Registry(path, read_only=True)  # a worker reads; the driver writes
         try:
             row = reg.get(key)
             if row is None:
@@ -417,7 +418,11 @@ def fill_corrupted(request: FinetuneRequest, *, device: str | None = None,
         return []
     try:
         weights = torch.load(best, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable best.pt: nothing to score from
+    except Exception as exc:  # noqa: BLE001 - an unreadable best.pt: nothing to score from
+        warnings.warn(MedfmWarning(
+            f"{best} cannot be read as tensors ({type(exc).__name__}), so run "
+            f"{key.digest()[:12]} is not scored on {len(missing)} corrupted split(s); its clean "
+            "row is kept: delete the file and rerun with --force to retrain it"), stacklevel=2)
         return []
     model, _, _ = _build_model(request)
     load_model_state(model, weights, request.recipe)
@@ -563,6 +568,7 @@ def finetune(
         seeds=seeds, recipe=recipe, overrides=overrides, resize_policy=resize_policy,
         input_size=input_size, normalize=normalize, weights=weights, lora=lora,
         data_root=data_root, sampler=sampler, preset=preset)
+    resolve_device(device)  # an unusable --device is one line before anything is written
     reg = Registry.in_workdir(workdir)
     done = set() if force else reg.done_keys([r.key() for r in requests])
     ran, skipped, filled = [], [], 0

@@ -610,6 +610,10 @@ def _resume(path: Path | None, plan: _Plan, model, optimizer, scheduler, seed: i
     if path is not None:
         remove_stale_temps(path.parent)
         saved = load_checkpoint(path)
+    if saved is not None and saved.get("run", path.parent.name) != path.parent.name:
+        set_aside(path, f"holds run {saved['run']}, not run {path.parent.name} (its folder's "
+                        "name): it was copied here")
+        saved = None
     if saved is not None and saved["plan"] == vars(plan):
         try:
             return _restore(saved, model, optimizer, scheduler, recipe, device), True
@@ -768,7 +772,7 @@ def train(
                 save_checkpoint({"plan": vars(plan), "model": model_state(model, recipe),
                                  "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "state": vars(state),
-                                 "rng": _rng_states(device)}, path)
+                                 "rng": _rng_states(device), "run": path.parent.name}, path)
             if on_checkpoint is not None:
                 on_checkpoint(state.round)
     finally:

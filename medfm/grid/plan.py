@@ -32,10 +32,10 @@ from medfm.grid.jobs import ExtractJob, FinetuneJob, Job, ProbeJob
 from medfm.grid.spec import HEAD_PROBE, TRAINED, GridSpec
 from medfm.paths import resolve_workdir
 from medfm.preprocess import PreprocessRequest
-from medfm.request import resolve_store_request
+from medfm.request import STORES_DIRNAME, resolve_store_request
 from medfm.runtime import device_type
 from medfm.store.features import FeatureStore, stores_dir
-from medfm.store.registry import Registry
+from medfm.store.registry import REGISTRY_FILENAME, Registry
 
 KINDS = ("extract", "probe", "finetune")  # job kinds, in dependency order
 
@@ -101,13 +101,17 @@ def _finetune_preprocess(spec: GridSpec, backbone) -> PreprocessRequest:
 def _resolve(spec: GridSpec, data_root):
     """(dataset refs, skipped lines, backbone refs in spec order): every name, resolved once."""
     refs, skipped = resolve_datasets(spec.datasets, spec.sizes, data_root)
-    backbones = [resolve_backbone(name, spec.weights) for name in spec.backbones]
+    # two spellings of one model (an alias, arch, arch.tag) are one backbone: one job per run
+    backbones = list(dict.fromkeys(resolve_backbone(name, spec.weights)
+                                   for name in spec.backbones))
     return refs, skipped, backbones
 
 
 def _extract_jobs(spec: GridSpec, refs, backbones, root: str):
     """[(ExtractJob, finished store or None)] for every dataset file x backbone."""
-    stores = stores_dir(root)
+    stores = Path(root) / STORES_DIRNAME
+    if stores.exists():  # (a file there: stores_dir says so)
+        stores_dir(root)  # upgrades stores of an older layout, so their names are found
     found = []
     for ref in refs:
         for backbone in backbones:
@@ -151,9 +155,19 @@ def _probe_jobs(extract: ExtractJob, probe, subsets, digests: list[str] | None,
     return [ProbeJob(extract, group, probe) for group in groups], len(subsets) - len(pending)
 
 
+def _check_weights_file(backbones, jobs: list[Job]) -> None:
+    """A weights file the grid's models load is read once now (WeightsError, one line, before
+    any job runs), not found unreadable by every extract and fine-tune job."""
+    if any(job.kind in ("extract", "finetune") for job in jobs):
+        from medfm.backbones.create import read_checkpoint
+
+        for path in dict.fromkeys(b.path for b in backbones if b.path is not None):
+            read_checkpoint(Path(path))
+
+
 def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> GridPlan:
     """Every job of `spec`, minus those already finished in `workdir` (see module docstring)."""
-    root = str(Path(resolve_workdir(workdir)).resolve())
+    root = str(Path(resolve_workdir(workdir, create=False)).resolve())  # planning writes nothing
     refs, skipped, backbones = _resolve(spec, spec.data_root)
     # where a probe computes is decided here, by the driver, not by the worker that runs it:
     # its rows then say the same device and solver on any executor (a CPU worker beside a GPU
@@ -166,8 +180,10 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> Gr
                      for i, (_, store) in enumerate(extracts) if store is not None
                      for j, p in enumerate(probes)}  # each key built once
     finetune_digests = [job.request.key().digest() for job in finetunes]
-    finished = Registry.in_workdir(root).done_keys(
-        [d for digests in probe_digests.values() for d in digests] + finetune_digests)
+    registry = Path(root) / REGISTRY_FILENAME
+    finished = Registry(registry, read_only=True).done_keys(
+        [d for digests in probe_digests.values() for d in digests] + finetune_digests
+    ) if registry.is_file() else set()
 
     total, done, jobs = Counter(), Counter(), []
     for i, (extract, store) in enumerate(extracts):
@@ -188,6 +204,7 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> Gr
             done["finetune"] += 1
         else:
             jobs.append(job)
+    _check_weights_file(backbones, jobs)
     return GridPlan(spec=spec, workdir=root, jobs=tuple(jobs),
                     total={k: total[k] for k in KINDS}, done={k: done[k] for k in KINDS},
                     skipped=tuple(skipped))

@@ -16,15 +16,18 @@ finished, and a rerun (which plans again) recomputes nothing that finished.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from medfm.errors import InvalidArgumentError
 from medfm.grid.executors import Executor, make_executor
 from medfm.grid.jobs import Job, JobOutcome
 from medfm.grid.plan import GridPlan, plan_grid
 from medfm.grid.spec import GridSpec
+from medfm.limits import GRID_JOBS_MAX
 from medfm.paths import resolve_workdir
 from medfm.store.registry import Registry
 
@@ -95,7 +98,7 @@ def run_plan(plan: GridPlan, executor: Executor, *, progress: bool = True) -> Gr
             result.rows_added += _record(registry, outcome, plan.workdir)
             result.outcomes.append(outcome)
             if not outcome.ok:
-                tqdm.write(f"FAILED {outcome.job.label}: {outcome.error.splitlines()[0]}")
+                tqdm.write(f"FAILED {outcome.job.label} (its error is in the summary)")
                 if outcome.job.kind == "extract":
                     failed_extracts.add(outcome.job)
             bar.update(1)
@@ -122,19 +125,28 @@ def run_grid(
     executor: str | Executor = "local",
     dry_run: bool = False,
     progress: bool = True,
+    yes: bool = False,
+    on_plan: Callable[[GridPlan], None] | None = None,
     **executor_options: Any,
 ) -> GridResult:
     """Plan `spec` in `workdir` and run what is not done on `executor`: a name ("local", "ray",
     "slurm"; `executor_options` are its typed options, checked before anything is planned, and
     it is closed at the end) or an executor object (kept open, so one pool can serve several
-    grids). `dry_run` plans only."""
+    grids). `dry_run` plans only. `on_plan` is shown the plan before any job runs; a plan of
+    more than GRID_JOBS_MAX jobs runs only with `yes`."""
     made = None  # an executor built here from its name (starts nothing until it runs jobs)
     if isinstance(executor, str):
-        executor = made = make_executor(executor, workdir=resolve_workdir(workdir),
+        executor = made = make_executor(executor, workdir=resolve_workdir(workdir, create=False),
                                         **executor_options)
     plan = plan_grid(spec, workdir=workdir)
     if dry_run:
         return GridResult(plan=plan, executor=executor.name)
+    if len(plan.jobs) > GRID_JOBS_MAX and not yes:
+        raise InvalidArgumentError(
+            f"the grid has {len(plan.jobs):,} jobs to run, above the {GRID_JOBS_MAX:,} that "
+            "run without confirmation; check the plan with --dry-run, then pass --yes.")
+    if on_plan is not None:
+        on_plan(plan)
     try:
         return run_plan(plan, executor, progress=progress)
     finally:

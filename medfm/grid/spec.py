@@ -47,8 +47,10 @@ from typing import Any
 
 import yaml
 
-from medfm.data import check_size, get_dataset
+from medfm.data import DATASETS, check_size, get_dataset
 from medfm.errors import InvalidArgumentError
+from medfm.limits import (GRID_EXPANDED_MAX, GRID_SPEC_BYTES_MAX, GRID_SPEC_DEPTH_MAX,
+                          check_list_length)
 from medfm.preprocess import PreprocessRequest
 from medfm.presets import FINETUNE, HEAD_PROBE, get_preset
 from medfm.presets import PRESETS as PROTOCOLS
@@ -234,6 +236,27 @@ def _choice(name: str, value: Any, choices) -> str:
     return value
 
 
+def _once(values) -> tuple | None:
+    """`values` in their order with repeats dropped (None stays None)."""
+    return None if values is None else tuple(dict.fromkeys(values))
+
+
+def _check_expansion(spec: GridSpec) -> None:
+    """Every list within LIST_MAX values, and the grid's jobs (an upper bound: every dataset x
+    size x backbone x subset x method) within GRID_EXPANDED_MAX, counted before any is built."""
+    for name in FIELD_TYPES:
+        values = getattr(spec, name)
+        if values is not None:
+            check_list_length(len(values), f"spec field {name!r}")
+    n_datasets = len(spec.datasets) if spec.datasets is not None else len(DATASETS)
+    jobs = (n_datasets * len(spec.sizes) * len(spec.backbones) * len(spec.methods)
+            * (len(spec.fractions) + len(spec.shots)) * len(spec.seeds))
+    if jobs > GRID_EXPANDED_MAX:
+        raise InvalidArgumentError(
+            f"the grid expands to up to {jobs:,} jobs, above medfm's limit of "
+            f"{GRID_EXPANDED_MAX:,} (README, Guarantees); split it into smaller grids.")
+
+
 def validate(spec: GridSpec) -> GridSpec:
     """Check every axis (without loading data or models) and normalize names and types.
 
@@ -259,11 +282,14 @@ def validate(spec: GridSpec) -> GridSpec:
         raise InvalidArgumentError("spec gives neither fractions nor shots; give one of them")
     if not spec.seeds:
         raise InvalidArgumentError("spec field 'seeds' is empty; e.g. seeds: [0, 1, 2]")
-    spec = replace(spec, datasets=datasets, sizes=sizes,
-                   fractions=tuple(float(f) for f in spec.fractions),
-                   shots=tuple(int(k) for k in spec.shots),
-                   seeds=tuple(int(s) for s in spec.seeds),
-                   backbones=tuple(str(b) for b in spec.backbones))
+    # one value per run: a value listed twice (or two spellings of one dataset) is one axis value
+    spec = replace(spec, datasets=_once(datasets), sizes=_once(sizes),
+                   fractions=_once(float(f) for f in spec.fractions),
+                   shots=_once(int(k) for k in spec.shots),
+                   seeds=_once(int(s) for s in spec.seeds),
+                   methods=_once(spec.methods),
+                   backbones=_once(str(b) for b in spec.backbones))
+    _check_expansion(spec)
     spec.subsets  # noqa: B018 - SubsetSpec validates each fraction, shot count and seed
     spec.preprocess  # noqa: B018 - PreprocessRequest validates policy, size, normalization
     _choice("solver", spec.solver, SOLVERS)
@@ -320,8 +346,14 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
     path = Path(path)
     if not path.is_file():
         raise InvalidArgumentError(f"grid spec {path} does not exist; pass a YAML file")
+    if path.stat().st_size > GRID_SPEC_BYTES_MAX:
+        raise InvalidArgumentError(
+            f"grid spec {path} is {path.stat().st_size:,} bytes, above medfm's limit of "
+            f"{GRID_SPEC_BYTES_MAX:,} (README, Guarantees); a grid spec lists axes, not data")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        _check_depth(text, path)
+        raw = yaml.safe_load(text)
     except UnicodeDecodeError as exc:
         raise InvalidArgumentError(f"grid spec {path} is not UTF-8 text (byte {exc.start}: "
                                    f"{exc.reason}); save it as UTF-8 YAML") from None
@@ -332,6 +364,22 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
     if spec.data_root is not None and not Path(spec.data_root).expanduser().is_absolute():
         spec = replace(spec, data_root=str((path.parent / spec.data_root).resolve()))
     return spec
+
+
+def _check_depth(text: str, path: Path) -> None:
+    """Lists and mappings nest at most GRID_SPEC_DEPTH_MAX deep, counted on PyYAML's event
+    stream (a loop, so a spec nested thousands deep never reaches the recursive composer)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > GRID_SPEC_DEPTH_MAX:
+                raise InvalidArgumentError(
+                    f"grid spec {path} nests lists or mappings more than "
+                    f"{GRID_SPEC_DEPTH_MAX} deep (line {event.start_mark.line + 1}); a grid "
+                    "spec is a mapping of flat lists")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def _preset_grid(name: str) -> GridSpec:

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import time
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,18 +41,23 @@ from tqdm.auto import tqdm
 
 from medfm.cache import file_digest, write_atomic
 from medfm.data import DATASETS, SIZES, SPLITS, Task, check_size
-from medfm.errors import InvalidArgumentError, InvalidDataFileError, MedfmError
-from medfm.imported.images import RULES, ImageReadError, decode, resize_square, to_channels
+from medfm.errors import InvalidArgumentError, InvalidDataFileError, MedfmError, MedfmWarning
+from medfm.imported.images import (CT_HU_RANGE, DICOM_DEFAULT, RULES, ImageReadError, decode,
+                                   is_dicom, open_image, resize_square, to_channels)
 from medfm.imported.source import (
     Source,
     SourceError,
     assign_splits,
     check_classes,
     check_files,
+    check_split,
+    file_head,
     read_csv,
     read_folder,
     split_counts,
 )
+from medfm.limits import WORKERS_MAX, check_at_most, check_seed
+from medfm.locks import exclusive_lock
 from medfm.paths import resolve_data_root
 
 CARD_SUFFIX = ".card.json"  # NAME.card.json beside NAME.npz
@@ -58,6 +65,7 @@ CARD_FORMAT = 1
 DEFAULT_SIZES = (28, 224)
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
 WORK_PREFIX = ".import-"  # DATA_ROOT/.import-NAME: arrays of an import in progress
+LOCKS_DIRNAME = ".locks"  # DATA_ROOT/.locks/import-NAME.lock: one import of NAME at a time
 FLUSH_ROWS = 512  # rows between flushes of the arrays and the progress file
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: same images, same npz bytes
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{1,63}$")
@@ -137,9 +145,7 @@ def _channels(source: Source, channels: int | None) -> int:
         return channels
     gray = color = None
     for it in source.items:
-        with open(it.path, "rb") as fh:
-            head = fh.read(132)
-        kind = _header_kind(it.path, head)
+        kind = _header_kind(it.path, file_head(it.path))
         if kind == "color":
             color = color or it
         elif kind == "gray":
@@ -165,10 +171,8 @@ def _header_kind(path: Path, head: bytes) -> str | None:
             raise
         except Exception:  # noqa: BLE001 - a bad file is reported when decoded
             return None
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             mode = image.mode
     except Exception:  # noqa: BLE001 - a bad file is reported when decoded
         return None
@@ -221,20 +225,22 @@ class _Work:
         write_atomic(self.folder / "progress.json", json.dumps(self.state))
 
 
-def _read_one(item, channels: int, sizes: tuple[int, ...]):
-    """(sha256 of the file, {size: pixels}) or (None, error text)."""
+def _read_one(item, channels: int, sizes: tuple[int, ...], window: tuple[float, float] | None):
+    """(sha256 of the file, {size: pixels}, took the default window) or (None, error text,
+    False)."""
     try:
         data = item.path.read_bytes()
     except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or exc})"
+        return None, f"cannot be read ({exc.strerror or exc})", False
     try:
-        pixels, _ = decode(item.path, data)
+        decoded = decode(item.path, data, window=window)
     except ImageReadError as exc:
-        return None, str(exc)
-    pixels = to_channels(pixels, channels)
+        return None, str(exc), False
+    pixels = to_channels(decoded.pixels, channels)
     if min(pixels.shape[:2]) < 1:
-        return None, "has no pixels"
-    return hashlib.sha256(data).digest(), {s: resize_square(pixels, s) for s in sizes}
+        return None, "has no pixels", False
+    return (hashlib.sha256(data).digest(), {s: resize_square(pixels, s) for s in sizes},
+            decoded.default_window)
 
 
 def import_dataset(
@@ -252,19 +258,30 @@ def import_dataset(
     force: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    window: tuple[float, float] | None = None,
 ) -> ImportResult:
-    """Import SOURCE as dataset NAME (module docstring); one-line MedfmErrors for bad input."""
+    """Import SOURCE as dataset NAME (module docstring); one-line MedfmErrors for bad input.
+    `window` (center, width) maps every grayscale DICOM (medfm.imported.images)."""
     name = _check_name(name)
+    if window is not None and (len(window) != 2 or not all(map(math.isfinite, window))
+                               or window[1] <= 0):
+        raise InvalidArgumentError(f"--window {','.join(map(str, window))} must be CENTER,WIDTH: "
+                                   "two finite numbers, the width > 0 (e.g. 40,400 for CT soft "
+                                   "tissue).")
+    seed = check_seed(seed, "--seed")
+    if workers is not None:
+        check_at_most(workers, WORKERS_MAX, "--workers", minimum=1)
     sizes = tuple(sorted({check_size(s) for s in sizes}))
     if not sizes:
         raise InvalidArgumentError(f"--sizes needs at least one of {SIZES}.")
     root = resolve_data_root(data_root)
     src = Path(source).expanduser().resolve()
     try:
+        split = check_split(tuple(float(f) for f in split))
         found = (read_csv(src, Path(labels_csv).expanduser()) if labels_csv
                  else read_folder(src))
         skipped = check_files(found, skip_bad)
-        splits_made = assign_splits(found, tuple(float(f) for f in split), seed)
+        splits_made = assign_splits(found, split, seed)
         if not found.items:
             raise SourceError(f"no image left to import from {src}.")
         check_classes(found)
@@ -275,107 +292,135 @@ def import_dataset(
     options = {"sizes": sizes, "channels": n_channels, "task": task_type.value,
                "splits": splits_made, "rules": RULES, "resize": "center-crop, PIL bicubic",
                "skipped": skipped}
+    if window is not None or any(is_dicom(it.path, file_head(it.path)) for it in found.items):
+        options["dicom"] = {"window": window, "no_window": DICOM_DEFAULT}  # (absent before)
     plan = _plan_digest(found, options)
-    card_file = root / f"{name}{CARD_SUFFIX}"
-    if card_file.exists() and not force:
-        card = read_card(card_file)
-        if card.get("plan") == plan:
-            return ImportResult(name, card_file, "exists", card["n_samples"], card["skipped"],
-                                0.0)
-        raise InvalidArgumentError(
-            f"a dataset named {name!r} is already imported in {root} from other images or "
-            "options; pass --force to replace it, or choose another name.")
-    root.mkdir(parents=True, exist_ok=True)
-    by_split = {s: [it for it in found.items if it.split == s] for s in SPLITS}
-    work = _Work(root / f"{WORK_PREFIX}{name}", plan, sizes, n_channels,
-                 {s: len(v) for s, v in by_split.items()}, force)
-    started, decoded = time.perf_counter(), 0
-    total = sum(map(len, by_split.values()))
-    bar = tqdm(total=total, initial=sum(work.state["done"].values()), unit="img",
-               disable=not progress, desc=f"import {name}", dynamic_ncols=True)
-    bad = {b["path"] for b in work.state["bad"]}
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
-        for split in SPLITS:
-            items = by_split[split]
-            start = work.state["done"][split]
-            window = max(FLUSH_ROWS, 4 * (workers or 4))
-            for lo in range(start, len(items), window):
-                chunk = items[lo:lo + window]
-                for offset, (item, (digest, result)) in enumerate(zip(
-                        chunk, pool.map(lambda it: _read_one(it, n_channels, sizes), chunk),
-                        strict=True)):
-                    if digest is None:
-                        if not skip_bad:
-                            raise InvalidDataFileError(
-                                f"{item.path}: {result}; fix or remove it, or pass --skip-bad "
-                                "to skip such images (they are listed in the dataset card).")
-                        if item.rel not in bad:
-                            work.state["bad"].append({"path": item.rel, "reason": result,
-                                                      "split": split, "row": lo + offset})
-                            bad.add(item.rel)
-                        continue
-                    for size in sizes:
-                        work.arrays[(size, split)][lo + offset] = result[size]
-                    work.digests[split][lo + offset] = np.frombuffer(digest, np.uint8)
-                decoded += len(chunk)
-                work.state["done"][split] = lo + len(chunk)
-                work.commit()
-                bar.update(len(chunk))
-    bar.close()
-    wall = time.perf_counter() - started
-    labels = {s: np.array([it.label for it in by_split[s]], dtype=np.uint8).reshape(
-        len(by_split[s]), -1) for s in SPLITS}
-    dropped = {s: {b["row"] for b in work.state["bad"] if b["split"] == s} for s in SPLITS}
-    keep = {s: np.setdiff1d(np.arange(len(by_split[s])), sorted(dropped[s])) for s in SPLITS}
-    for item in (it for s in SPLITS for i, it in enumerate(by_split[s]) if i in dropped[s]):
-        found.items.remove(item)
-    counts = {s: int(len(keep[s])) for s in SPLITS}
-    if not all(counts.values()):
-        raise InvalidDataFileError(f"after skipping bad images, a split is empty ({counts}); "
-                                   "fix the images or the splits.")
-    check_classes(found)
-    files = {}
-    for size in sizes:
-        fname = f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
-        tmp = root / f".{fname}.tmp-{os.getpid()}"
-        _write_npz(tmp, {**{f"{s}_images": (work.arrays[(size, s)], keep[s]) for s in SPLITS},
-                         **{f"{s}_labels": (labels[s], keep[s]) for s in SPLITS}})
-        files[size] = (tmp, root / fname)
-    for tmp, final in files.values():
-        os.replace(tmp, final)
-    content = hashlib.sha256(b"".join(work.digests[s][keep[s]].tobytes()
-                                      for s in SPLITS)).hexdigest()
-    card = {
-        "format": CARD_FORMAT,
-        "name": name,
-        "task": task_type.value,
-        "label_names": found.label_names,
-        "n_channels": n_channels,
-        "n_samples": counts,
-        "counts": split_counts(found),
-        "splits": splits_made,
-        "sizes": {str(s): {"file": final.name, "md5": file_digest(final, "md5")}
-                  for s, (_, final) in files.items()},
-        "resize": "centre-crop to a square, then PIL bicubic to SIZE x SIZE (kept as is at "
-                  "its own size)",
-        "intensity": RULES,
-        "source": {"path": str(src), "labels_csv": str(labels_csv) if labels_csv else None,
-                   "files": counts["train"] + counts["val"] + counts["test"],
-                   "sha256": content},
-        "skipped": skipped + [{k: v for k, v in b.items() if k in ("path", "reason")}
-                              for b in work.state["bad"]],
-        "plan": plan,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "license": "",
-    }
-    write_atomic(card_file, json.dumps(card, indent=1))
-    shutil.rmtree(work.folder, ignore_errors=True)
-    from medfm.data import register_card
+    # one import of NAME at a time: a second (of other images too) waits, then finds it done or
+    # says it needs --force; the holder alone may clear what killed imports of NAME left
+    with exclusive_lock(root / LOCKS_DIRNAME / f"import-{name}.lock", label=f"import {name}"):
+        _remove_stale_temps(root, name)
+        card_file = root / f"{name}{CARD_SUFFIX}"
+        if card_file.exists() and not force:
+            card = read_card(card_file)
+            if card.get("plan") == plan:
+                return ImportResult(name, card_file, "exists", card["n_samples"], card["skipped"],
+                                    0.0)
+            raise InvalidArgumentError(
+                f"a dataset named {name!r} is already imported in {root} from other images or "
+                "options; pass --force to replace it, or choose another name.")
+        root.mkdir(parents=True, exist_ok=True)
+        by_split = {s: [it for it in found.items if it.split == s] for s in SPLITS}
+        work = _Work(root / f"{WORK_PREFIX}{name}", plan, sizes, n_channels,
+                     {s: len(v) for s, v in by_split.items()}, force)
+        started, decoded = time.perf_counter(), 0
+        total = sum(map(len, by_split.values()))
+        bar = tqdm(total=total, initial=sum(work.state["done"].values()), unit="img",
+                   disable=not progress, desc=f"import {name}", dynamic_ncols=True)
+        bad = {b["path"] for b in work.state["bad"]}
+        with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
+            for split in SPLITS:
+                items = by_split[split]
+                start = work.state["done"][split]
+                chunk_rows = max(FLUSH_ROWS, 4 * (workers or 4))
+                for lo in range(start, len(items), chunk_rows):
+                    chunk = items[lo:lo + chunk_rows]
+                    for offset, (item, (digest, result, default)) in enumerate(zip(
+                            chunk, pool.map(lambda it: _read_one(it, n_channels, sizes, window),
+                                            chunk), strict=True)):
+                        work.state["default_window"] = (work.state.get("default_window", 0)
+                                                        + int(default))
+                        if digest is None:
+                            if not skip_bad:
+                                raise InvalidDataFileError(
+                                    f"{item.path}: {result}; fix or remove it, or pass --skip-bad "
+                                    "to skip such images (they are listed in the dataset card).")
+                            if item.rel not in bad:
+                                work.state["bad"].append({"path": item.rel, "reason": result,
+                                                          "split": split, "row": lo + offset})
+                                bad.add(item.rel)
+                            continue
+                        for size in sizes:
+                            work.arrays[(size, split)][lo + offset] = result[size]
+                        work.digests[split][lo + offset] = np.frombuffer(digest, np.uint8)
+                    decoded += len(chunk)
+                    work.state["done"][split] = lo + len(chunk)
+                    work.commit()
+                    bar.update(len(chunk))
+        bar.close()
+        wall = time.perf_counter() - started
+        labels = {s: np.array([it.label for it in by_split[s]], dtype=np.uint8).reshape(
+            len(by_split[s]), -1) for s in SPLITS}
+        dropped = {s: {b["row"] for b in work.state["bad"] if b["split"] == s} for s in SPLITS}
+        keep = {s: np.setdiff1d(np.arange(len(by_split[s])), sorted(dropped[s])) for s in SPLITS}
+        for item in (it for s in SPLITS for i, it in enumerate(by_split[s]) if i in dropped[s]):
+            found.items.remove(item)
+        counts = {s: int(len(keep[s])) for s in SPLITS}
+        if not all(counts.values()):
+            raise InvalidDataFileError(f"after skipping bad images, a split is empty ({counts}); "
+                                       "fix the images or the splits.")
+        check_classes(found)
+        n_default = work.state.get("default_window", 0)
+        if n_default:
+            warnings.warn(MedfmWarning(
+                f"{n_default} CT DICOM file(s) have no window of their own: Hounsfield units "
+                f"{CT_HU_RANGE[0]:g}..{CT_HU_RANGE[1]:g} were mapped onto 0..255 (recorded in "
+                "the card); pass --window CENTER,WIDTH to choose another"), stacklevel=2)
+        files = {}
+        for size in sizes:
+            fname = _npz_name(name, size)
+            tmp = root / f".{fname}.tmp-{os.getpid()}"
+            _write_npz(tmp, {**{f"{s}_images": (work.arrays[(size, s)], keep[s]) for s in SPLITS},
+                             **{f"{s}_labels": (labels[s], keep[s]) for s in SPLITS}})
+            files[size] = (tmp, root / fname)
+        for tmp, final in files.values():
+            os.replace(tmp, final)
+        content = hashlib.sha256(b"".join(work.digests[s][keep[s]].tobytes()
+                                          for s in SPLITS)).hexdigest()
+        card = {
+            "format": CARD_FORMAT,
+            "name": name,
+            "task": task_type.value,
+            "label_names": found.label_names,
+            "n_channels": n_channels,
+            "n_samples": counts,
+            "counts": split_counts(found),
+            "splits": splits_made,
+            "sizes": {str(s): {"file": final.name, "md5": file_digest(final, "md5")}
+                      for s, (_, final) in files.items()},
+            "resize": "centre-crop to a square, then PIL bicubic to SIZE x SIZE (kept as is at "
+                      "its own size)",
+            "intensity": {**RULES, **({"dicom_window": window, "dicom_no_window": DICOM_DEFAULT,
+                                       "files_with_default_window": n_default}
+                                      if "dicom" in options else {})},
+            "source": {"path": str(src), "labels_csv": str(labels_csv) if labels_csv else None,
+                       "files": counts["train"] + counts["val"] + counts["test"],
+                       "sha256": content},
+            "skipped": skipped + [{k: v for k, v in b.items() if k in ("path", "reason")}
+                                  for b in work.state["bad"]],
+            "plan": plan,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "license": "",
+        }
+        write_atomic(card_file, json.dumps(card, indent=1))
+        shutil.rmtree(work.folder, ignore_errors=True)
+        from medfm.data import register_card
 
-    register_card(card_file)
-    status = "resumed" if work.resumed else "imported"
-    return ImportResult(name, card_file, status, counts, card["skipped"],
-                        decoded / wall if wall > 0 else 0.0)
+        register_card(card_file)
+        status = "resumed" if work.resumed else "imported"
+        return ImportResult(name, card_file, status, counts, card["skipped"],
+                            decoded / wall if wall > 0 else 0.0)
+
+
+def _npz_name(name: str, size: int) -> str:
+    return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
+
+
+def _remove_stale_temps(root: Path, name: str) -> None:
+    """Delete the `.NAME[_SIZE].npz.tmp-PID` files an import of NAME killed during its final
+    write left behind (call it holding NAME's import lock)."""
+    for size in SIZES:
+        for stale in root.glob(f".{_npz_name(name, size)}.tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 def _write_npz(path: Path, members: dict) -> None:

@@ -36,6 +36,10 @@ def add_import(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of that split (default 0)")
     p.add_argument("--channels", type=int, choices=(1, 3),
                    help="force 1 (luminance) or 3 (RGB) channels (default: the images')")
+    p.add_argument("--window", metavar="CENTER,WIDTH",
+                   help="map every grayscale DICOM's modality values CENTER +- WIDTH/2 onto "
+                        "0..255 (default: the file's own window; a CT without one: HU "
+                        "-1024..3071; others: the stored bits' range)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable or unsupported images (listed in the card)")
     p.add_argument("--workers", type=int, help="decoding threads (default: cores + 1, max 8)")
@@ -50,13 +54,12 @@ def run_import(args) -> int:
     from medfm.cli import _sizes
     from medfm.imported import import_dataset
 
-    if args.workers is not None and args.workers < 1:
-        raise InvalidArgumentError(f"--workers {args.workers} must be at least 1.")
     result = import_dataset(
         args.name, args.source, labels_csv=args.labels, sizes=tuple(_sizes(args.sizes)),
         task=args.task, split=_floats(args.split, "--split"), seed=args.seed,
         channels=args.channels, skip_bad=args.skip_bad, data_root=args.data_root,
-        force=args.force, workers=args.workers, progress=not args.quiet)
+        force=args.force, workers=args.workers, progress=not args.quiet,
+        window=_floats(args.window, "--window") if args.window is not None else None)
     counts = "/".join(str(result.counts[s]) for s in ("train", "val", "test"))
     rate = f", {result.images_per_s:.0f} img/s" if result.images_per_s else ""
     verb = {"exists": "already imported, nothing to do"}.get(result.status, result.status)

@@ -15,14 +15,23 @@ Rules (recorded in every dataset card as RULES):
   apply_voi_lut); the output range those define (pydicom's: the stored bit depth through the
   modality rescale, or the VOI LUT's bit depth) maps linearly onto 0..255; MONOCHROME1 is
   inverted so that 255 is always bright. Colour DICOM (RGB, YBR_*) is converted to RGB.
+- DICOM with no VOI LUT and no window (DICOM_DEFAULT): a CT maps the fixed HU range
+  CT_HU_RANGE (-1024..3071, air to dense bone) onto 0..255 (its stored bits' range, e.g. the
+  whole int16 range, would leave it nearly flat); any other modality its stored bits' range.
+- `window=(center, width)` (`medfm import --window C,W`) replaces every grayscale DICOM's own
+  VOI: center - width/2 .. center + width/2 of the modality LUT's output maps onto 0..255.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from medfm.limits import IMAGE_PIXELS_MAX
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -35,6 +44,18 @@ RULES = {
              "that output range maps linearly onto 0..255; MONOCHROME1 inverted",
     "color": "palette expanded, alpha dropped, 1-bit -> 0/255",
 }
+CT_HU_RANGE = (-1024.0, 3071.0)  # Hounsfield units a CT without a window maps onto 0..255
+DICOM_DEFAULT = ("DICOM without VOI LUT or window: CT maps HU -1024..3071 onto 0..255, other "
+                 "modalities their stored bits' range")  # recorded in cards of DICOM imports
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image."""
+
+    pixels: np.ndarray  # (H, W) or (H, W, 3) uint8
+    kind: str  # "gray" or "color"
+    default_window: bool = False  # a CT DICOM without a window, mapped through CT_HU_RANGE
 
 
 class ImageReadError(Exception):
@@ -51,14 +72,14 @@ def supported(path: Path, head: bytes) -> bool:
     return path.suffix.lower() in PIL_SUFFIXES or is_dicom(path, head)
 
 
-def decode(path: Path, data: bytes) -> tuple[np.ndarray, str]:
-    """(pixels, kind): (H, W) uint8 "gray" or (H, W, 3) uint8 "color"."""
+def decode(path: Path, data: bytes, *, window: tuple[float, float] | None = None) -> Decoded:
+    """The image in `data`; `window` (center, width) for grayscale DICOM (module docstring)."""
     if is_dicom(path, data):
-        return _decode_dicom(data)
+        return _decode_dicom(data, window)
     if path.suffix.lower() not in PIL_SUFFIXES:
         raise ImageReadError(f"unsupported format {path.suffix or '(no suffix)'}: use PNG, "
                              "JPEG, TIFF, BMP or DICOM")
-    return _decode_pil(data)
+    return Decoded(*_decode_pil(data))
 
 
 def _scale_bits(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -69,11 +90,42 @@ def _scale_bits(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def _check_pixels(width: int, height: int) -> None:
+    """ImageReadError for an image too large to decode (a decompression bomb or a scan far
+    beyond what an import resizes to 224 px), from its header, before any pixel is decoded."""
+    if width * height > IMAGE_PIXELS_MAX:
+        raise ImageReadError(
+            f"{width} x {height} = {width * height:,} pixels, above medfm's limit of "
+            f"{IMAGE_PIXELS_MAX:,} pixels per image (Pillow's decompression-bomb bound); "
+            "downscale it first")
+
+
+def open_image(source):
+    """Pillow's Image.open (the header only), without its warning for images between 1x and 2x
+    its decompression-bomb bound: medfm refuses those itself (`_check_pixels`)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
 def _decode_pil(data: bytes) -> tuple[np.ndarray, str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        image = open_image(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        image = None  # above 2x Pillow's bound: Pillow refuses before it names the size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"not a readable image ({exc})") from None
+    if image is None:
+        raise ImageReadError(f"more than {2 * IMAGE_PIXELS_MAX:,} pixels, above medfm's limit "
+                             f"of {IMAGE_PIXELS_MAX:,} pixels per image (Pillow's "
+                             "decompression-bomb bound); downscale it first")
+    _check_pixels(*image.size)
+    try:
+        with image:
             image.load()
             mode = image.mode
             if mode == "P":
@@ -104,13 +156,17 @@ def _dicom():
     return pydicom
 
 
-def _decode_dicom(data: bytes) -> tuple[np.ndarray, str]:
+def _decode_dicom(data: bytes, window: tuple[float, float] | None) -> Decoded:
     pydicom = _dicom()
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        _check_pixels(int(ds.get("Columns", 0)),
+                      int(ds.get("Rows", 0)) * int(ds.get("NumberOfFrames", 1) or 1))
         pixels = ds.pixel_array
+    except ImageReadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom fails in many ways on a bad file
         raise ImageReadError(f"not a readable DICOM image ({type(exc).__name__}: {exc})") from None
     if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
@@ -121,15 +177,23 @@ def _decode_dicom(data: bytes) -> tuple[np.ndarray, str]:
         if photometric.startswith("YBR"):
             pixels = convert_color_space(pixels, photometric, "RGB")
         bits = int(ds.get("BitsStored", 8))
-        return (pixels.astype(np.uint8) if bits <= 8 else
-                _scale_bits(pixels, 0, 2 ** bits - 1)), "color"
+        return Decoded(pixels.astype(np.uint8) if bits <= 8 else
+                       _scale_bits(pixels, 0, 2 ** bits - 1), "color")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
-    lo, hi = _dicom_range(ds)
+    values = apply_modality_lut(pixels, ds)
+    own_voi = bool(ds.get("VOILUTSequence")) or ds.get("WindowCenter") is not None
+    default = window is None and not own_voi and str(ds.get("Modality", "")) == "CT"
+    if window is not None:
+        lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
+    elif default:
+        lo, hi = CT_HU_RANGE
+    else:
+        values = apply_voi_lut(values, ds)
+        lo, hi = _dicom_range(ds)
     gray = _scale_bits(values, lo, hi)
     if photometric == "MONOCHROME1":
         gray = 255 - gray
-    return gray, "gray"
+    return Decoded(gray, "gray", default)
 
 
 def _dicom_range(ds) -> tuple[float, float]:

@@ -13,6 +13,7 @@ Layouts:
 from __future__ import annotations
 
 import csv
+import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "validation": "val", "test": "test", "testing": "test"}
 RESERVED_COLUMNS = ("path", "label", "split", "group")
 HEAD_BYTES = 132  # enough of a file to see DICOM's magic
+# a label column cell that spells a missing value (pandas' default na_values), never a class
+MISSING_LABELS = frozenset({"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                            "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None",
+                            "n/a", "nan", "null"})
 
 
 class SourceError(Exception):
@@ -60,7 +65,7 @@ def _natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
-def _head(path: Path) -> bytes:
+def file_head(path: Path) -> bytes:
     try:
         with open(path, "rb") as fh:
             return fh.read(HEAD_BYTES)
@@ -151,6 +156,10 @@ def read_csv(root: Path, csv_path: Path) -> Source:
         else:
             if not row["label"]:
                 raise SourceError(f"{csv_path} line {line}: {rel} has no label.")
+            if row["label"] in MISSING_LABELS:
+                raise SourceError(
+                    f"{csv_path} line {line}: {rel} has label {row['label']!r}, a missing-value "
+                    "marker, not a class; give its label or drop the row.")
             raw_labels.append(row["label"])
     if multi:
         names = label_columns
@@ -184,7 +193,7 @@ def check_files(source: Source, skip_bad: bool) -> list[dict]:
     for item in source.items:
         if not item.path.is_file():
             why = "file not found"
-        elif not supported(item.path, _head(item.path)):
+        elif not supported(item.path, file_head(item.path)):
             why = (f"unsupported format {item.path.suffix or '(no suffix)'}: use PNG, JPEG, "
                    "TIFF, BMP or DICOM")
         else:
@@ -196,6 +205,16 @@ def check_files(source: Source, skip_bad: bool) -> list[dict]:
         skipped.append({"path": item.rel, "reason": why})
     source.items = kept
     return skipped
+
+
+def check_split(fractions: tuple[float, ...]) -> tuple[float, float, float]:
+    """--split as three finite positive fractions (train, val, test) summing to 1 (NaN is
+    refused: it compares false with everything, so it would pass a plain range check)."""
+    if len(fractions) != 3 or not all(math.isfinite(f) and f > 0 for f in fractions) or abs(
+            sum(fractions) - 1.0) > 1e-6:
+        raise SourceError(f"--split {','.join(map(str, fractions))} must be three positive "
+                          "fractions (train,val,test) summing to 1.")
+    return fractions
 
 
 def assign_splits(source: Source, fractions: tuple[float, float, float], seed: int) -> dict:
@@ -219,9 +238,6 @@ def assign_splits(source: Source, fractions: tuple[float, float, float], seed: i
                     f"({len(straddling)} group(s) straddle splits): a patient in two splits "
                     "leaks; fix the split column so each group is in one split.")
         return {"method": source.split_origin, "group_level": source.has_groups}
-    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise SourceError(f"--split {','.join(map(str, fractions))} must be three positive "
-                          "fractions (train,val,test) summing to 1.")
     units: dict[str, list[Item]] = defaultdict(list)  # group (or the image itself) -> items
     for i, it in enumerate(items):
         units[it.group if source.has_groups else f"#{i}"].append(it)

@@ -14,16 +14,19 @@ deterministic fit, same subset), its state kept, its row left as it is. kNN keep
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medfm.data import Task
+from medfm.errors import StoreError
 from medfm.metrics import evaluate
 from medfm.paths import resolve_workdir
 
 PROBES_DIRNAME = "probes"  # <workdir>/probes/<digest>.npz: fitted probe states
+RUN_ARRAY = "_run"  # the array of a state file that names its run (key digest)
 N_BOOTSTRAP = 1000  # as the clean test metrics
 
 
@@ -63,7 +66,7 @@ def save_state(workdir: str | os.PathLike | None, digest: str, state: dict) -> N
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **state)
+            np.savez(fh, **state, **{RUN_ARRAY: np.array(digest)})
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -71,13 +74,20 @@ def save_state(workdir: str | os.PathLike | None, digest: str, state: dict) -> N
 
 
 def load_state(workdir: str | os.PathLike | None, digest: str) -> dict | None:
-    """The kept arrays of a run, or None (never kept, or unreadable: then the run is refitted)."""
+    """The kept arrays of a run, or None (never kept, or unreadable: then the run is refitted).
+    A state that names another run (copied or renamed onto this run's name) is refused."""
     path = state_path(workdir, digest)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, KeyError):
+            state = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, KeyError, EOFError, zlib.error):
         return None
+    held = state.pop(RUN_ARRAY, None)  # states kept before it was recorded have none
+    if held is not None and str(held) != digest:
+        raise StoreError(f"probe state {path} is named for run {digest} but holds run "
+                         f"{held}: it was copied or renamed onto this name; delete it and "
+                         "rerun (the run is refitted).")
+    return state
 
 
 def score_pairs(model, store, pairs, task: Task, y_test: np.ndarray,

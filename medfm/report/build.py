@@ -20,6 +20,7 @@ and `report.html` (everything, images inlined).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,11 @@ def report(
                                                            if filters else "")
              + f"; {len(corrupted)} corrupted-split evaluations."]
     combined = out_dir / "report.md"
+    md_note = (f"{len(frame)} runs from {_md_code(str(registry.path))}"
+               + (f", filtered by {_md_code(str(filters))}" if filters else "")
+               + f"; {len(corrupted)} corrupted-split evaluations.")
     combined.write_text(
-        f"# {TITLE}\n\n{notes[0]}\n\n" + guideline_markdown(entries) + "\n"
+        f"# {TITLE}\n\n{md_note}\n\n" + guideline_markdown(entries) + "\n"
         + "\n".join(t.to_markdown() for t in tables) + "\n"
         + "".join(f"## {heading}\n\n" + "".join(f"{n}\n\n" for n in section_notes)
                   + "\n".join(t.to_markdown() for t in section_tables) + "\n"
@@ -178,6 +182,14 @@ def report(
         out=out_dir, html=page, markdown=(combined, guideline, *markdown), latex=tuple(latex),
         csv=tuple(csv), plots=tuple(figures), guideline=guideline, n_runs=len(frame),
     )
+
+
+def _md_code(text: str) -> str:
+    """`text` as one Markdown code span: nothing in it (*, _, [, <, a newline, backticks) is
+    read as Markdown or HTML (a work directory may be named anything)."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def _reliability_diagrams(registry: Registry, runs: pd.DataFrame, summary: pd.DataFrame,

@@ -16,7 +16,6 @@ image size the corruptions were applied at.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -24,8 +23,9 @@ import h5py
 import numpy as np
 
 from medfm.errors import StoreError
-from medfm.store.features import FeatureStore, _decode, is_verified, mark_verified, upcast
-from medfm.store.registry import canonical_json
+from medfm.request import store_digest
+from medfm.store.features import (FeatureStore, _decode, digest_in_name, failed_block,
+                                  is_verified, mark_verified, upcast)
 
 CORRUPTED_DIRNAME = "corrupted"  # <workdir>/stores/corrupted/
 
@@ -44,8 +44,8 @@ def corrupted_identity(store: FeatureStore, pairs: list[tuple[str, int]], *, see
 
 
 def corrupted_path(store: FeatureStore, identity: dict) -> Path:
-    digest = hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
-    return store.path.parent / CORRUPTED_DIRNAME / f"{store.path.stem}__c{digest}.h5"
+    return (store.path.parent / CORRUPTED_DIRNAME
+            / f"{store.path.stem}__c{store_digest(identity)}.h5")
 
 
 class CorruptedStore:
@@ -65,6 +65,14 @@ class CorruptedStore:
             raise StoreError(f"corrupted-split store {self.path} is not complete; delete it "
                              "and run the extraction with --corruptions again.")
         self.identity = json.loads(attrs["request_json"])
+        named, held = digest_in_name(self.path.name), store_digest(self.identity)
+        if named is not None and named != held:
+            raise StoreError(
+                f"corrupted-split store {self.path} is named for request {named} but holds "
+                f"request {held} (corruptions of {self.identity['store'].get('dataset')}@"
+                f"{self.identity['store'].get('size')} {self.identity['store'].get('backbone')})"
+                ": it was copied or renamed onto this name; delete it and run the extraction "
+                "with --corruptions again.")
         self.fingerprint = attrs["fingerprint"]
         self.pairs = [tuple(p) for p in json.loads(attrs["pairs_json"])]
         self.skipped = json.loads(attrs["skipped_json"] or "[]")
@@ -97,7 +105,13 @@ class CorruptedStore:
         """(N_test, D) float32 features of the corrupted test split."""
         self._check()
         with h5py.File(self.path, "r") as fh:
-            values = upcast(fh[group_name(corruption, severity)]["features"][()])
+            dset = fh[group_name(corruption, severity)]["features"]
+            stored = dset[()]
+            if failed_block(dset, stored) is not None:
+                raise StoreError(f"corrupted-split store {self.path}: {corruption} severity "
+                                 f"{severity} fails its checksum (bytes changed after it was "
+                                 "finished); delete it and extract again.")
+            values = upcast(stored)
         if not np.isfinite(values).all():
             raise StoreError(f"corrupted-split store {self.path}: {corruption} severity "
                              f"{severity} holds NaN or infinite features; delete it and "

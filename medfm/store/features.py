@@ -20,22 +20,26 @@ Integrity. A store's bytes are checked against its fingerprint before any of the
 first read of a store's arrays reads every split once, hashing as it goes, and a mismatch is a
 StoreError naming the store and the command that rebuilds it. A store that passed is recorded
 as verified in `$MEDFM_CACHE/verified`, keyed by its path, size, modification time and
-fingerprint, so later reads cost nothing extra; any write to the file (a flipped byte included)
-changes its modification time and the next read checks it again. Non-finite features are refused
-on every read. One writer per store: StoreWriter is used under `store_lock` (an advisory lock the
-OS releases when its holder dies), so a second extraction of the same request waits, then finds
-the store built.
+fingerprint, so later reads skip the full hash; any write to the file (a flipped byte
+included) changes its modification time and the next read checks it again. Bit rot that keeps
+size and mtime is caught too: a store is finalized with a CRC-32 per CHECK_ROWS rows of each
+array (attribute `crc32`, the per-chunk checksum HDF5's Fletcher-32 would give, but kept off the
+resumable contiguous layout), and every read checks the blocks it reads (0.06 s per 230 MB).
+Stores written before checksums have none and are checked as before; `medfm stores --verify`
+rechecks every store in full. Non-finite features are refused on every read. One writer per
+store: StoreWriter is used under `store_lock` (an advisory lock the OS releases when its holder
+dies), so a second extraction of the same request waits, then finds the store built.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,8 +50,9 @@ from medfm.backbones.names import canonical_backbone_id
 from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.data import SPLITS
 from medfm.errors import DiskFullError, InvalidArgumentError, StoreError, is_disk_full
+from medfm.locks import LockHeld, exclusive_lock
 from medfm.paths import resolve_workdir
-from medfm.request import STORES_DIRNAME, store_digest
+from medfm.request import STORE_DIGEST_CHARS, STORES_DIRNAME, store_digest, store_filename
 from medfm.store.registry import canonical_json
 
 FORMAT_VERSION = 2  # 2: identified by its request (request_json); 1 (StoreKey) is upgraded
@@ -55,6 +60,8 @@ PARTIAL_SUFFIX = ".partial"  # a store being built: <name>.h5.partial
 FLOAT16_MAX = 65504.0  # features beyond this are clipped (and counted) when stored as float16
 LOCKS_DIRNAME = ".locks"  # <workdir>/stores/.locks/<store name>.lock: one writer per store
 ARRAYS = ("features", "labels", "index")  # datasets of each split, in fingerprint order
+CHECK_ROWS = 1024  # rows per checksummed block of a finished store's arrays
+CHECKSUM_ATTR = "crc32"  # attribute of each array: (ceil(N / CHECK_ROWS),) uint32 CRC-32s
 
 
 _FLOAT16_TABLE: np.ndarray | None = None  # every float16 bit pattern as float32 (256 KB)
@@ -95,22 +102,38 @@ def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
 
 
 def _rebuild_hint(path: Path, request: dict | None = None) -> str:
-    """How to rebuild the store at `path`: the exact extract command when its request is known."""
-    if not request:
+    """How to rebuild the store at `path`: the exact extract command when its request is known;
+    for a file too damaged to hold one, the command its name gives (medfm.request
+    .store_filename) and the options the name keeps only in its digest."""
+    if request:
+        return f"rebuild it with `{_extract_command(path, request)} --force`"
+    named = parse_store_filename(path.name)
+    policy = (named or {}).get("policy", "").rstrip("0123456789")
+    if not named or not policy or not path.name.split("__")[3].startswith("prelogits-"):
         return (f"delete {path} and run `medfm extract` again (or rerun it with --force) "
                 f"to rebuild it")
+    flags = (f"--dataset {named['dataset']} --size {named['size']} --backbone "
+             f"{named['backbone']} --resize-policy {policy} --input-size "
+             f"{named['policy'][len(policy):]} --dtype {path.name.split('__')[3][10:]}")
+    return (f"rebuild it with `medfm extract {flags} --workdir {path.parent.parent} --force`, "
+            "adding the --weights, --normalize and --precision it was built with (its name "
+            "keeps them only in its digest)")
+
+
+def _extract_command(path: Path, request: dict) -> str:
+    """The `medfm extract` command that builds the store of `request` at `path`."""
     weights = request.get("weights", "pretrained")
     flags = [f"--dataset {request['dataset']}", f"--size {request['size']}",
              f"--backbone {request['backbone']}",
              f"--resize-policy {request['resize_policy']}",
              f"--input-size {request['input_size']}", f"--normalize {request['normalize']}",
-             f"--dtype {request['dtype']}"]
+             f"--dtype {request['dtype']}", f"--precision {request.get('precision', 'float32')}"]
     if weights == "random":
         flags.append("--weights random")
     elif weights.startswith("file:"):
         flags.append(f"--weights <the weights file with sha256 {weights[5:]}...>")
     workdir = path.parent.parent
-    return (f"rebuild it with `medfm extract {' '.join(flags)} --workdir {workdir} --force`")
+    return f"medfm extract {' '.join(flags)} --workdir {workdir}"
 
 
 def _verified_entry(path: Path, fingerprint: str) -> tuple[Path, str] | None:
@@ -162,6 +185,8 @@ class FeatureStore:
         if not self.path.exists():
             raise StoreError(
                 f"feature store {self.path} does not exist; run `medfm extract` first.")
+        if self.path.name.endswith(PARTIAL_SUFFIX):
+            raise StoreError(_partial_is_not_a_store(self.path))
         self._all_attrs: dict | None = None
         try:
             with h5py.File(self.path, "r") as fh:
@@ -207,10 +232,26 @@ class FeatureStore:
             raise StoreError(f"feature store {self.path} is corrupt ({'; '.join(problems)}); "
                              f"{_rebuild_hint(self.path)}.")
         self.request: dict = json.loads(attrs["request_json"])
+        if version == FORMAT_VERSION:  # as written (a layout-1 store's name carries no digest)
+            self._check_named_request()
         self.fingerprint: str = attrs["fingerprint"]
         self.weights_digest: str = attrs.get("weights_digest") or ""  # the tensors embedded with
         self._checked = False  # bytes compared with the fingerprint (or recorded as verified)
         self._pending: dict = {}  # (split, name) -> array read while verifying, not yet returned
+
+    def _check_named_request(self) -> None:
+        """A store found by its file name holds the request that name carries: a store copied
+        or renamed onto another request's name is refused, naming both requests."""
+        named = digest_in_name(self.path.name)
+        held = store_digest(self.request)
+        if named is not None and named != held:
+            r = self.request
+            raise StoreError(
+                f"feature store {self.path} is named for request {named} but holds request "
+                f"{held} ({r.get('dataset')}@{r.get('size')} {r.get('backbone')}, weights "
+                f"{r.get('weights')}): it was copied or renamed onto this name; move it back to "
+                f"{store_filename(self.request)} or delete it, then run `medfm extract` for the "
+                "request you want.")
 
     def _damaged(self, why: str) -> StoreError:
         return StoreError(f"feature store {self.path} is damaged ({why}); "
@@ -254,6 +295,7 @@ class FeatureStore:
             try:
                 with h5py.File(self.path, "r") as fh:
                     value = fh[split][name][()]
+                    self._check_blocks(fh[split][name], value, f"{split}/{name}")
             except (OSError, KeyError) as exc:
                 raise self._damaged(f"{split}/{name} could not be read: {exc}") from None
         if name == "features" and not np.isfinite(value).all():
@@ -271,6 +313,7 @@ class FeatureStore:
                 for split in SPLITS:
                     for name in ARRAYS:
                         value = fh[split][name][()]
+                        self._check_blocks(fh[split][name], value, f"{split}/{name}")
                         digest.update(np.ascontiguousarray(value).tobytes())
                         arrays[(split, name)] = value
         except (OSError, KeyError) as exc:
@@ -282,13 +325,23 @@ class FeatureStore:
         mark_verified(self.path, self.fingerprint)
         return arrays
 
+    def _check_blocks(self, dset: h5py.Dataset, value: np.ndarray, what: str,
+                      start: int = 0) -> None:
+        """StoreError unless every CHECK_ROWS block of `value` (rows of `dset` from `start`)
+        has the CRC-32 stored with it (stores written before checksums have none)."""
+        bad = failed_block(dset, value, start)
+        if bad is not None:
+            raise self._damaged(f"{what} rows {bad}-{min(bad + CHECK_ROWS, dset.shape[0]) - 1} "
+                                "fail their checksum: bytes changed after it was finished")
+
     def verify(self, *, force: bool = False) -> None:
-        """Check the bytes against the fingerprint (skipped when already recorded as verified,
-        unless `force`); StoreError naming the store and how to rebuild it if they differ."""
+        """Check the bytes against the fingerprint and every block against its checksum
+        (skipped when already recorded as verified, unless `force`); StoreError naming the
+        store and how to rebuild it if they differ."""
         if force or not is_verified(self.path, self.fingerprint):
             try:
                 with h5py.File(self.path, "r") as fh:
-                    actual = content_fingerprint(fh)
+                    actual = content_fingerprint(fh, check=self._check_blocks)
             except (OSError, KeyError) as exc:
                 raise self._damaged(f"unreadable: {exc}") from None
             if actual != self.fingerprint:
@@ -309,6 +362,19 @@ class FeatureStore:
         }
 
 
+def _partial_is_not_a_store(path: Path) -> str:
+    """What to do with a `.partial` file named where a finished store is wanted: resume it."""
+    try:
+        with h5py.File(path, "r") as fh:
+            request = json.loads(_decode(fh.attrs["request_json"]))
+        how = f"`{_extract_command(path.with_name(path.name[:-len(PARTIAL_SUFFIX)]), request)}`"
+    except (OSError, KeyError, ValueError):
+        how = "the `medfm extract` that started it"
+    return (f"{path} is an extraction in progress or interrupted, not a finished store: it "
+            f"resumes from its last complete chunk when you rerun {how} (nothing is lost); "
+            f"then use {path.name[:-len(PARTIAL_SUFFIX)]}.")
+
+
 def _request_columns(request: dict) -> dict:
     """What `medfm stores` shows of a store's request."""
     return {"dataset": request["dataset"], "size": request["size"],
@@ -317,16 +383,64 @@ def _request_columns(request: dict) -> dict:
             "dtype": request["dtype"]}
 
 
-def content_fingerprint(fh: h5py.File, splits: tuple[str, ...] = SPLITS) -> str:
-    """sha256 (16 hex) over every split's features, labels and index bytes, in split order."""
+def content_fingerprint(fh: h5py.File, splits: tuple[str, ...] = SPLITS, *,
+                        check: Callable[[h5py.Dataset, np.ndarray, str, int], None] | None = None
+                        ) -> str:
+    """sha256 (16 hex) over every split's features, labels and index bytes, in split order;
+    `check(dset, rows, what, start)` is shown every slice read (FeatureStore._check_blocks)."""
     digest = hashlib.sha256()
     for split in splits:
         for name in ARRAYS:
             dset = fh[split][name]
-            step = max(1, (64 << 20) // max(1, dset.dtype.itemsize * int(np.prod(dset.shape[1:]))))
-            for start in range(0, dset.shape[0], step):  # 64 MB at a time
-                digest.update(np.ascontiguousarray(dset[start:start + step]).tobytes())
+            for start in range(0, dset.shape[0], _slice_rows(dset)):  # 64 MB at a time
+                rows = np.ascontiguousarray(dset[start:start + _slice_rows(dset)])
+                if check is not None:
+                    check(dset, rows, f"{split}/{name}", start)
+                digest.update(rows.tobytes())
     return digest.hexdigest()[:16]
+
+
+def _slice_rows(dset: h5py.Dataset) -> int:
+    """Rows of `dset` in about 64 MB, a whole number of CHECK_ROWS blocks."""
+    row_bytes = max(1, dset.dtype.itemsize * int(np.prod(dset.shape[1:])))
+    return max(1, (64 << 20) // row_bytes // CHECK_ROWS) * CHECK_ROWS
+
+
+def block_checksums(value: np.ndarray) -> np.ndarray:
+    """(ceil(N / CHECK_ROWS),) uint32: the CRC-32 of each block of CHECK_ROWS rows of `value`
+    (its bytes in C order; zlib reads the array's memory, no copy)."""
+    value = np.ascontiguousarray(value)
+    return np.array([zlib.crc32(value[i:i + CHECK_ROWS]) for i in range(0, len(value),
+                                                                         CHECK_ROWS)],
+                    dtype=np.uint32)
+
+
+def failed_block(dset: h5py.Dataset, rows: np.ndarray, start: int = 0) -> int | None:
+    """The first row of a block of `rows` (rows of `dset` from `start`, a multiple of
+    CHECK_ROWS) whose CRC-32 is not the one stored with `dset`; None if all match, or if `dset`
+    was written before checksums (it has none)."""
+    stored = dset.attrs.get(CHECKSUM_ATTR)
+    if stored is None:
+        return None
+    first = start // CHECK_ROWS
+    actual = block_checksums(rows)
+    expected = np.asarray(stored).reshape(-1)[first:first + len(actual)]
+    if len(expected) != len(actual):  # a checksum list that does not fit the array: damaged
+        return start
+    wrong = np.flatnonzero(actual != expected)
+    return None if not len(wrong) else start + int(wrong[0]) * CHECK_ROWS
+
+
+def write_checksums(fh: h5py.File, splits: tuple[str, ...]) -> None:
+    """Store the block CRC-32s of every array of `splits` (a finished file, before its rename),
+    so a read that touches a changed block fails whatever the file's mtime says."""
+    for split in splits:
+        for name in ARRAYS:
+            dset = fh[split][name]
+            step = _slice_rows(dset)
+            dset.attrs[CHECKSUM_ATTR] = np.concatenate(
+                [block_checksums(dset[i:i + step]) for i in range(0, dset.shape[0], step)]
+                or [np.zeros(0, np.uint32)])
 
 
 class StoreWriter:
@@ -457,6 +571,7 @@ class StoreWriter:
         for name, value in (attrs or {}).items():
             self._fh.attrs[name] = value
         self._fh.attrs["fingerprint"] = content_fingerprint(self._fh, self.splits)
+        write_checksums(self._fh, self.splits)
         self._fh.attrs["complete"] = True
         fingerprint = self._fh.attrs["fingerprint"]
         self._fh.close()
@@ -517,52 +632,38 @@ def store_lock(path: Path, *, wait: bool = True, label: str = "") -> Iterator[No
     StoreError. The lock is flock(2): the OS releases it when its holder exits, killed or not,
     so a stale lock never blocks a rerun. The lock file keeps the holder's pid for the message.
     """
-    locks = path.parent / LOCKS_DIRNAME
-    locks.mkdir(parents=True, exist_ok=True)
-    lock_path = locks / (path.name + ".lock")
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            if not wait:
-                raise StoreError(f"another process (pid {holder}) is writing {path.name}; wait "
-                                 "for it to finish, then rerun.") from None
-            print(f"waiting for pid {holder}, which is writing {label or path.name}",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        try:
+    try:
+        with exclusive_lock(path.parent / LOCKS_DIRNAME / (path.name + ".lock"),
+                            label=label or path.name, wait=wait):
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except LockHeld as held:  # raised on entry only (wait=False)
+        raise StoreError(f"another process (pid {held.holder}) is writing {path.name}; wait "
+                         "for it to finish, then rerun.") from None
 
 
-def list_stores(workdir: str | os.PathLike | None = None, *, verify: bool = True) -> list[dict]:
+def list_stores(workdir: str | os.PathLike | None = None, *, verify: bool = True,
+                recheck: bool = False) -> list[dict]:
     """Summaries of every store under <workdir>/stores: complete, partial or corrupt.
 
     With `verify`, a finished store not recorded as verified since it last changed is read
-    once and checked against its fingerprint (a damaged one shows as corrupt); without, it
-    shows as "unverified". A work directory that does not exist is an InvalidArgumentError, and
-    listing creates nothing (a mistyped --workdir)."""
+    once and checked against its fingerprint and block checksums (a damaged one shows as
+    corrupt); with `recheck`, every store is, whatever is recorded; without either, an
+    unchecked store shows as "unverified". A work directory that does not exist is an
+    InvalidArgumentError, and listing creates nothing (a mistyped --workdir)."""
     where = resolve_workdir(workdir, create=False)
     if not where.is_dir():
         raise InvalidArgumentError(f"work directory {where} does not exist; check --workdir (or "
                                    "$MEDFM_WORKDIR): `medfm extract` creates it")
+    if not (where / STORES_DIRNAME).exists():
+        return []  # nothing extracted yet (and listing creates nothing)
     rows = []
     for path in sorted(stores_dir(workdir).glob("*.h5*")):
         if path.name.endswith(".h5"):
             try:
                 store = FeatureStore(path)
                 summary = store.summary()
-                if verify:
-                    store.verify()
+                if verify or recheck:
+                    store.verify(force=recheck)
                 elif not is_verified(path, store.fingerprint):
                     summary["status"] = "unverified"
                 rows.append(summary)
@@ -582,6 +683,15 @@ def list_stores(workdir: str | os.PathLike | None = None, *, verify: bool = True
                 pass
             rows.append(row)
     return rows
+
+
+def digest_in_name(name: str) -> str | None:
+    """The request digest a store (or corrupted sibling) file name ends in (`...__<16 hex>.h5`,
+    `...__c<16 hex>.h5`), or None for a name without one (a user's own name, layout 1)."""
+    stem = name.removesuffix(PARTIAL_SUFFIX).removesuffix(".h5")
+    digest = stem.rpartition("__")[2].removeprefix("c")
+    return digest if len(digest) == STORE_DIGEST_CHARS and all(
+        c in "0123456789abcdef" for c in digest) else None
 
 
 def parse_store_filename(name: str) -> dict | None:
@@ -604,6 +714,8 @@ def find_stores(workdir: str | os.PathLike | None = None, *, dataset: str | None
     a corrupt store stops only work that asks for it."""
     wanted_backbone = canonical_backbone_id(backbone) if backbone else None
     found = []
+    if not (resolve_workdir(workdir, create=False) / STORES_DIRNAME).exists():
+        return found  # nothing extracted there (and looking creates nothing)
     for path in sorted(stores_dir(workdir).glob("*.h5")):
         named = parse_store_filename(path.name)
         if named is None:

@@ -33,10 +33,16 @@ before a fork reconnects in the child. The schema version lives in `PRAGMA user_
 `_MIGRATIONS` upgrades older files in place on open, in one transaction (schema 1 -> 2 re-keys
 every row by its resolved request; 2 -> 3 adds the calibration columns, computed from each row's
 stored scores, and the `evaluations` table; medfm.store.migrate).
+
+Integrity. Opening a registry to write first runs `PRAGMA quick_check` (0.3 s for 200 MB; once
+per state of the file and its WAL, recorded in $MEDFM_CACHE/registry-checks): a damaged file is
+a RegistryError and nothing is written to it. `Registry.existing` (results, report) and grid
+planning open a current file read-only, so a read-only registry is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -51,10 +57,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import numpy as np
 
 from medfm.backbones.names import canonical_backbone_id
+from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.errors import InvalidArgumentError, RegistryError
 from medfm.paths import resolve_workdir
 
@@ -93,10 +101,35 @@ def canonical_json(value: Any) -> str:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
+        where, bad = _not_json(value)
+        if not where:  # not a value's fault (e.g. a reference cycle): name its type only
+            where, bad = "value", type(value).__name__
         raise InvalidArgumentError(
-            f"cannot store {value!r} as JSON ({exc}); "
-            "pass plain str/int/float/bool/list/dict values"
+            f"cannot store {where}={bad!r} as JSON ({exc}); give a finite number or a plain "
+            "str/int/float/bool/list/dict value"
         ) from exc
+
+
+def _not_json(value: Any, where: str = "value") -> tuple[str, Any]:
+    """(path, value) of the first part of `value` that canonical JSON refuses (NaN, inf, an
+    object), so the error names the field instead of quoting the whole value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _not_json(item, str(key) if where == "value" else f"{where}.{key}")
+            if found[0]:
+                return found
+        return "", None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _not_json(item, f"{where}[{i}]")
+            if found[0]:
+                return found
+        return "", None
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    if value is None or isinstance(value, (str, int, float)):
+        return "", None
+    return where, value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,6 +348,38 @@ def _from_npy(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
+def _read_only_connection(path: Path) -> sqlite3.Connection:
+    """A connection that never writes: `mode=ro`, or, where the folder is read-only and SQLite
+    cannot make the WAL's shared-memory file, `immutable=1` (nothing can change the file
+    there)."""
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.access(path.parent, os.W_OK):
+            raise
+        conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+    return conn
+
+
+def _file_state(path: Path) -> str | None:
+    """Path, size and mtime of a registry and of its WAL, or None when there is no file."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    if not stat.st_size:
+        return None
+    try:
+        wal = Path(f"{path}-wal").stat()
+        wal_state = f"{wal.st_size}|{wal.st_mtime_ns}"
+    except FileNotFoundError:
+        wal_state = "-"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{wal_state}"
+
+
 def _enable_wal(conn: sqlite3.Connection) -> None:
     """Switch the file to WAL (persistent), retrying while another process holds it.
 
@@ -340,13 +405,22 @@ def _digest_of(key: ResultKey | str) -> str:
 class Registry:
     """The SQLite results registry (see the module docstring for identity, storage, concurrency)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        """Open `path`, creating the file and its schema if needed (WAL, 30 s busy timeout)."""
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = False) -> None:
+        """Open `path`, creating the file and its schema if needed (WAL, 30 s busy timeout),
+        after an integrity check (`PRAGMA quick_check`, once per state of the file): a registry
+        that would be refused when read is refused before anything is written to it.
+
+        `read_only`: open an existing, current registry for reading only (nothing is checked
+        or written, so a read-only file or folder reads); one of an older schema is upgraded
+        first, as any open does."""
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn_obj: sqlite3.Connection | None = None
         self._conn_pid = -1
-        self._migrate()
+        self._read_only = read_only and self._current_schema()
+        if not self._read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._check_integrity()
+            self._migrate()
 
     @classmethod
     def in_workdir(cls, workdir: str | os.PathLike | None = None) -> Registry:
@@ -364,7 +438,7 @@ class Registry:
                 f"no results registry in {path.parent}: nothing has been recorded there; check "
                 "--workdir (or $MEDFM_WORKDIR), or run `medfm probe` or `medfm finetune` (or "
                 "`medfm grid SPEC.yaml`) first")
-        return cls(path)
+        return cls(path, read_only=True)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.path)!r})"
@@ -375,13 +449,46 @@ class Registry:
     def _conn(self) -> sqlite3.Connection:
         """This process's connection (a connection inherited through fork is never reused)."""
         if self._conn_obj is None or self._conn_pid != os.getpid():
-            # isolation_level=None: autocommit; writes open their own BEGIN IMMEDIATE.
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            if self._read_only:
+                conn = _read_only_connection(self.path)
+            else:
+                # isolation_level=None: autocommit; writes open their own BEGIN IMMEDIATE.
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                _enable_wal(conn)
+                conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable, never corrupt
             conn.row_factory = sqlite3.Row
-            _enable_wal(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable, never corrupt
             self._conn_obj, self._conn_pid = conn, os.getpid()
         return self._conn_obj
+
+    def _current_schema(self) -> bool:
+        """Whether the file holds this medfm's schema (then reading needs no upgrade)."""
+        try:
+            with contextlib.closing(_read_only_connection(self.path)) as conn:
+                return conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        except sqlite3.Error:
+            return False  # the writable open says what is wrong
+
+    def _check_integrity(self) -> None:
+        """RegistryError, before anything is written, if `PRAGMA quick_check` finds the file
+        damaged; a file found sound is recorded (by path, size and mtime of it and its WAL) so
+        the check runs once per state of the file."""
+        state = _file_state(self.path)
+        if state is None:
+            return  # a new registry
+        record = cache_dir("registry-checks") / hashlib.sha1(state.encode()).hexdigest()
+        if read_json(record) == {"state": state}:
+            return
+        with self._translate_errors():
+            with contextlib.closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as conn:
+                found = [r[0] for r in conn.execute("PRAGMA quick_check")]
+        if found != ["ok"]:
+            raise RegistryError(
+                f"results registry {self.path} is damaged (quick_check: "
+                f"{' '.join(found[0].split())[:160]}"
+                f"{f'; {len(found) - 1} more problem(s)' if len(found) > 1 else ''}); nothing "
+                f"was written to it: restore a backup, or move it aside (medfm starts a new one "
+                "and reruns what it needs)")
+        write_atomic(record, json.dumps({"state": state}))
 
     def close(self) -> None:
         """Close this process's connection (the registry reopens on next use)."""

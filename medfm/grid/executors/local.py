@@ -28,9 +28,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from medfm.errors import InvalidArgumentError
 from medfm.grid.executors import failed, needs_gpu, register
 from medfm.grid.jobs import Job, JobOutcome, run_job
+from medfm.limits import WORKERS_MAX, check_at_most
 
 
 def _gpu_count() -> int:
@@ -129,8 +129,8 @@ class LocalExecutor:
 
     def __init__(self, *, workdir=None, **options) -> None:
         options = self.Options(**options)
-        if options.max_workers is not None and options.max_workers < 1:
-            raise InvalidArgumentError(f"--max-workers must be >= 1; got {options.max_workers}")
+        if options.max_workers is not None:
+            check_at_most(options.max_workers, WORKERS_MAX, "--max-workers", minimum=1)
         self.max_workers = options.max_workers
         self.workers: WorkerPlan | None = None  # decided when the first jobs come
         self._pools: dict[str, ProcessPoolExecutor] = {}  # "gpu"/"cpu", kept across waves
