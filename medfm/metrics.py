@@ -578,7 +578,7 @@ def _device_weights(n: int, n_bootstrap: int, seed: int, device: str) -> tuple:
     """The resamples of `_resample_indices` as float64 count matrices on `device`,
     BOOTSTRAP_DEVICE_CHUNK resamples each, made once per (n, n_bootstrap, seed, device): every
     row of a store is scored on the same test split with seed 0, so they share them."""
-    import torch
+    import torch  # only for metrics on a device: the numpy path never imports it
 
     resamples, weights = _resample_indices(n, n_bootstrap, seed), []
     while True:
@@ -594,7 +594,7 @@ def _evaluate_on_device(y_true, y_score, task, device, n_bootstrap: int, seed: i
                         ) -> dict[str, tuple[float, tuple[float, float]]]:
     """`bootstrap_metrics` for every metric with the products on `device` (the same resamples,
     drawn by the same generator on the host, uploaded once: `_device_weights`)."""
-    import torch
+    import torch  # only for metrics on a device: the numpy path never imports it
 
     scorers = _DeviceScorers(y_true, y_score, task, device)
     n = np.asarray(y_true).shape[0]

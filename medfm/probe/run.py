@@ -129,7 +129,7 @@ class StoreArrays:
         targets = {s: y if multi_label else y[:, 0] for s, y in labels.items()}
         if device is None:
             return cls({s: store.features(s) for s in SPLITS}, labels, targets)
-        import torch
+        import torch  # only when features go to a device: a host probe never imports it
 
         features = {}
         for split in SPLITS:

@@ -96,14 +96,14 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def _is_tensor(X) -> bool:
     """Whether X is a torch tensor (features resident on a device), without importing torch."""
-    return type(X).__module__ == "torch" or type(X).__name__ == "Tensor"
+    return type(X).__module__.partition(".")[0] == "torch"
 
 
 def _logits(Z, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
     """(N, K') float64 logits of standardized Z: float32 products, as the fit computed them; a
     tensor Z is multiplied on its device and only the logits come back."""
     if _is_tensor(Z):
-        import torch
+        import torch  # only with tensor features: numpy callers never import it
 
         weights = torch.as_tensor(coef.T, dtype=torch.float32, device=Z.device)
         return (Z @ weights).double().cpu().numpy() + intercept
@@ -164,6 +164,9 @@ class LogisticProbe(ProbeEstimator):
         grid = [float(c) for c in (C_GRID if self.Cs is None else self.Cs)]
         if not grid or min(grid) <= 0:
             raise InvalidArgumentError(f"Cs must be positive values; got {grid}.")
+        if self.c_search not in C_SEARCHES:
+            raise InvalidArgumentError(f"c_search must be one of {', '.join(C_SEARCHES)}; got "
+                                       f"{self.c_search!r}.")
         if self.selection not in SELECTIONS:
             raise InvalidArgumentError(
                 f"unknown selection {self.selection!r}; use one of {', '.join(SELECTIONS)}.")
@@ -193,9 +196,6 @@ class LogisticProbe(ProbeEstimator):
         Z_sel = None if X_sel is None else _scaled(X_sel, mean, scale)
         solver, active = self._solver(Z, sub)
         self.solver_, self.device_ = solver.name, solver.device_type
-        if self.c_search not in C_SEARCHES:
-            raise InvalidArgumentError(f"c_search must be one of {', '.join(C_SEARCHES)}; got "
-                                       f"{self.c_search!r}.")
         together = solver.solves_path if self.c_search == "auto" else self.c_search == "batch"
         if together and not hasattr(solver, "fit_path"):
             raise InvalidArgumentError(f"solver {solver.name} fits one C at a time; use "
@@ -295,7 +295,7 @@ def _as_features(X):
 def _scaled(X, mean: np.ndarray, scale: np.ndarray):
     """(X - mean) / scale in float32, on X's device for a tensor."""
     if _is_tensor(X):
-        import torch
+        import torch  # only with tensor features: numpy callers never import it
 
         return ((X - torch.as_tensor(mean, device=X.device))
                 / torch.as_tensor(scale, device=X.device))
@@ -330,7 +330,7 @@ def _standardize(X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _standardize_tensor(X):
     """`_standardize` of a float32 tensor on its device: float64 moments over row blocks."""
-    import torch
+    import torch  # only with tensor features: numpy callers never import it
 
     n, total = len(X), torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     for lo in range(0, n, STANDARDIZE_ROWS):
@@ -386,7 +386,7 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
 def _rows_for(X, rows: np.ndarray):
     """Row indices to gather from X: on X's device for a tensor."""
     if _is_tensor(X):
-        import torch
+        import torch  # only with tensor features: numpy callers never import it
 
         return torch.tensor(rows, device=X.device)  # a copy: subset indices are read-only
     return rows
