@@ -52,7 +52,8 @@ import torch
 from medfm.probe.objective import DEFAULT_MAX_ITER, DEFAULT_TOL, LBFGS_HISTORY, Solution
 from medfm.runtime import device_type
 
-ARMIJO = 1e-4  # sufficient decrease: f(x + t d) <= f(x) + ARMIJO * t * g.d
+ARMIJO = 1e-4  # a step t is taken if the slope there is still <= ARMIJO * g.d (the objective
+#                being convex, that implies f(x + t d) <= f(x) + ARMIJO * t * g.d: Armijo's rule)
 LADDER = (1.0, 0.5, 0.25, 0.125, 1 / 32, 1 / 128, 1 / 1024)  # candidate steps, times the
 #   initial step, largest first: L-BFGS takes the first in ~80% of iterations and rarely needs
 #   the fourth; the sparse tail covers badly scaled directions at little cost
@@ -61,8 +62,8 @@ CURVATURE_EPS = 1e-10  # a curvature pair with y.s at or below this is not used 
 
 
 class BatchedProblems:
-    """P logistic problems on one standardized matrix Z: their losses, gradients and cached
-    logits. Parameters are flat per problem, x (P, K' * D + K'): weights row-major, then
+    """P logistic problems on one standardized matrix Z: their logits, residuals, gradients and
+    penalties. Parameters are flat per problem, x (P, K' * D + K'): weights row-major, then
     intercepts."""
 
     def __init__(self, Z: torch.Tensor, target: torch.Tensor, kind: str, width: int):
@@ -80,10 +81,6 @@ class BatchedProblems:
         the line search resolves steps far below float32's resolution of a logit."""
         W, b = self.split(x)
         return (self.Z @ W.T).view(self.n, -1, self.width).double() + b.double()
-
-    def direction_logits(self, d: torch.Tensor) -> torch.Tensor:
-        """(N, P, K') float64 change of the logits per unit step along d: one product."""
-        return self.logits(d)
 
     def residual(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, P, K') float64 derivative of the summed loss with respect to the logits."""
@@ -103,10 +100,11 @@ class BatchedProblems:
         return torch.cat([grad_W, residual.sum(dim=0).float() / self.n], dim=1)
 
     def penalty_parts(self, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(|W|^2, W.dW, |dW|^2) per problem, float64: the penalty along x + t d is a quadratic."""
+        """(W.dW, |dW|^2) per problem, float64: the penalty's slope along x + t d is
+        lam * (W.dW + t |dW|^2)."""
         w = self.width * self.dim
         W, dW = x[:, :w].double(), d[:, :w].double()
-        return (W * W).sum(1), (W * dW).sum(1), (dW * dW).sum(1)
+        return (W * dW).sum(1), (dW * dW).sum(1)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -204,8 +202,8 @@ def minimize(problems: BatchedProblems, x0: torch.Tensor, lam: torch.Tensor, *,
         # torch.optim.LBFGS's first; after that, 1 along the scaled direction
         step0 = torch.where(scaled, 1.0, torch.clamp(1.0 / g.abs().sum(1), max=1.0))
         # the line search on cached logits: logits + t * dz, the penalty a quadratic in t
-        dz = problems.direction_logits(d)  # (N, P, K'): one product
-        _, Wd, d2 = problems.penalty_parts(x, d)
+        dz = problems.logits(d)  # (N, P, K') change of the logits per unit step: one product
+        Wd, d2 = problems.penalty_parts(x, d)
         # g.d, from the same float64 terms as the slopes below, so the two compare exactly
         gtd = (current * dz).sum(dim=(0, 2)) / problems.n + lam64 * Wd
         active = active & (gtd < 0)  # not a descent direction: stop, as torch.optim.LBFGS does
