@@ -346,6 +346,7 @@ def _train_and_test(
             "best_round": outcome.best_round,
             "best_value": outcome.best_value if np.isfinite(outcome.best_value) else None,
             "steps": outcome.steps,
+            "train_images": outcome.train_images,
             "train_batch": request.recipe.train_batch(subset.n),
             "stopped_early": outcome.stopped_early,
             "resumed": outcome.resumed,
