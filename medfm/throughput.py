@@ -7,8 +7,11 @@
 Three sources, in this order (`lookup_throughput`):
 1. **measured**: every extraction and fine-tune records what it measured (images/s of its
    compute, seconds of its fixed costs) under `$MEDFM_CACHE/throughput/`, one small JSON file
-   per (stage, architecture, input size, device name, precision, compiled); the latest wins.
-   The grid driver records its probe jobs (seconds against feature values touched).
+   per (stage, architecture, input size, device name, precision, compiled) holding its last
+   MAX_POINTS measurements; the figure is their total images over their total seconds (so a
+   large job weighs more than a small one) and their mean fixed seconds. The grid driver
+   records its probe jobs (seconds against feature values touched; the figure is the line
+   through them).
 2. **shipped**: SHIPPED, the figures of docs/benchmarks.md (the H200 run, cpu-2c).
 3. **scaled**: a figure of the same stage on the same device (measured first, else shipped)
    for the architecture and input size nearest in forward FLOPs, times the ratio of FLOPs
@@ -31,7 +34,7 @@ from medfm.cache import cache_dir, read_json, write_atomic
 STAGES = ("extract", "probe", "finetune")
 THROUGHPUT_DIR = "throughput"  # under $MEDFM_CACHE: measured figures
 FLOPS_DIR = "flops"  # under $MEDFM_CACHE: forward FLOPs and feature width per (arch, size)
-PROBE_POINTS = 64  # (feature values, seconds) pairs kept per probe method and device
+MAX_POINTS = 32  # measurements kept per configuration (probe: per method and device)
 CPU_2C = "cpu (2 cores, x86_64)"  # the development machine's name (medfm.runtime.device_name)
 H200 = "NVIDIA H200"
 TRAIN_FLOPS_FACTOR = 3.0  # a training step ~ 3 forward passes (forward + 2x backward)
@@ -51,6 +54,8 @@ class Measurement:
     overhead_s: float = 0.0  # fixed seconds per job (model load, fold, compile, setup)
     eval_rate: float = 0.0  # fine-tune: images/s of validation and test passes (0: unknown)
     source: str = "measured"  # "measured", "shipped (...)" or "scaled from ..."
+    units: float = 0.0  # measured: images (probe: values) behind `rate`, its weight
+    eval_units: float = 0.0  # measured: images behind `eval_rate`
 
     def key(self) -> str:
         return "|".join(map(str, (self.stage, self.arch, self.input_size, self.device,
@@ -94,15 +99,33 @@ def _entry_path(key: str):
 
 
 def record_throughput(measurement: Measurement) -> None:
-    """Cache a measured figure (the latest of a configuration wins); a cache that cannot be
-    written costs the next estimate its figure, never the job."""
+    """Add a measurement to its configuration's last MAX_POINTS; a cache that cannot be
+    written costs the next estimate this measurement, never the job."""
     if not (measurement.rate > 0 and math.isfinite(measurement.rate)):
         return
-    entry = {**asdict(measurement), "source": "measured", "at": time.time()}
+    path = _entry_path(measurement.key())
+    points = (read_json(path) or {}).get("measurements", [])[-(MAX_POINTS - 1):]
+    points.append({**asdict(measurement), "source": "measured", "at": time.time()})
     try:
-        write_atomic(_entry_path(measurement.key()), json.dumps(entry))
+        write_atomic(path, json.dumps({"key": measurement.key(), "measurements": points}))
     except OSError:
         return
+
+
+def _combined(points: list[Measurement]) -> Measurement:
+    """One figure from a configuration's measurements: total units over total seconds (each
+    weighted by its units; unweighted ones count as one unit), mean fixed seconds."""
+    def rate(values: list[tuple[float, float]]) -> float:
+        weights = [(w or 1.0, r) for w, r in values if r > 0]
+        return (sum(w for w, _ in weights) / sum(w / r for w, r in weights)) if weights else 0.0
+
+    return replace(points[-1],
+                   rate=rate([(p.units, p.rate) for p in points]),
+                   eval_rate=rate([(p.eval_units, p.eval_rate) for p in points]),
+                   overhead_s=sum(p.overhead_s for p in points) / len(points),
+                   units=sum(p.units for p in points),
+                   eval_units=sum(p.eval_units for p in points),
+                   source=f"measured ({len(points)} run{'s' if len(points) > 1 else ''})")
 
 
 def record_probe(method: str, device: str, units: float, seconds: float) -> None:
@@ -110,7 +133,7 @@ def record_probe(method: str, device: str, units: float, seconds: float) -> None
     points (the last PROBE_POINTS); the figure is the least-squares line through them."""
     key = Measurement("probe", method, 0, device, "float32", False, 1.0).key()
     path = _entry_path(f"{key}|points")
-    points = (read_json(path) or {}).get("points", [])[-(PROBE_POINTS - 1):]
+    points = (read_json(path) or {}).get("points", [])[-(MAX_POINTS - 1):]
     points.append([float(units), float(seconds)])
     try:
         write_atomic(path, json.dumps({"key": key, "points": points}))
@@ -147,12 +170,16 @@ def measured_figures() -> list[Measurement]:
             fit = _probe_fit(entry["points"])
             if fit is not None:
                 found.append(Measurement(stage, method, 0, device, "float32", False, fit[0],
-                                         fit[1]))
+                                         fit[1], source=f"measured ({len(entry['points'])} "
+                                                        f"jobs)"))
             continue
         try:
-            found.append(Measurement(**{k: v for k, v in entry.items() if k in names}))
+            points = [Measurement(**{k: v for k, v in m.items() if k in names})
+                      for m in entry.get("measurements", [])]
         except TypeError:
             continue
+        if points:
+            found.append(_combined(points))
     return found
 
 

@@ -5,6 +5,7 @@ run. Accuracy of the estimate is benchmarks/estimate_bench.py's business (real d
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from medfm.cli import main
 from medfm.extract import extract
 from medfm.runtime import device_name
 from medfm.synthetic import write_synthetic_npz
-from medfm.throughput import (H200, SHIPPED, forward_flops, lookup_throughput, measured_figures,
-                              record_probe)
+from medfm.throughput import (H200, SHIPPED, Measurement, forward_flops, lookup_throughput,
+                              measured_figures, record_probe, record_throughput)
 
 ESTIMATE_LINE = re.compile(r"^estimate extract \d+\.\d+ h  probe \d+\.\d+ h  finetune \d+\.\d+ h"
                            r"  total \d+\.\d+ h on cpu", re.M)
@@ -101,3 +102,15 @@ def test_grid_dry_run_prices_each_stage_and_a_run_reports_estimated_vs_actual(
     assert ESTIMATE_LINE.search(out)
     for stage in ("extract", "probe", "finetune"):
         assert re.search(rf"{stage} figures: 1 measured\n", out), out
+
+
+def test_measurements_of_a_configuration_combine_weighted_by_their_work(cache):
+    """A small run (warm-up heavy, noisy) weighs less than a large one: the figure is total
+    images over total seconds, the fixed seconds their mean."""
+    big = Measurement("extract", "resnet18", 64, "cpu (test)", "float32", False, 100.0, 2.0,
+                      units=1000)
+    record_throughput(big)
+    record_throughput(replace(big, rate=10.0, overhead_s=4.0, units=10))
+    figure = lookup_throughput("extract", "resnet18", 64, "cpu (test)", "float32")
+    assert figure.rate == pytest.approx(1010 / (1000 / 100 + 10 / 10))
+    assert figure.overhead_s == pytest.approx(3.0) and figure.source == "measured (2 runs)"

@@ -378,7 +378,8 @@ def _record_throughput(request: FinetuneRequest, outcome, dev: torch.device, *, 
         device=device_name(dev), precision="bfloat16" if dev.type == "cuda" else "float32",
         compiled=compiled, rate=outcome.train_images / train_s,
         overhead_s=setup_s + outcome.compile_warmup_s,
-        eval_rate=eval_images / eval_s if eval_s > 0 else 0.0))
+        eval_rate=eval_images / eval_s if eval_s > 0 else 0.0, units=outcome.train_images,
+        eval_units=eval_images))
 
 
 def _parameter_counts(model: torch.nn.Module) -> dict:
