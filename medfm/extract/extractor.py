@@ -97,8 +97,9 @@ def _chunks(images, start: int, chunk_rows: int, device: torch.device):
                 if stop.is_set():
                     return
                 rows = images[lo:lo + chunk_rows]  # (N, H, W[, 3]) uint8, maybe memory-mapped
-                if not ring:
-                    ring = _host_buffers(len(copied), (chunk_rows, *rows.shape[1:]),
+                if not ring:  # sized for the split's rows when it is less than a chunk
+                    capacity = min(chunk_rows, len(images) - start)
+                    ring = _host_buffers(len(copied), (capacity, *rows.shape[1:]),
                                          torch.uint8, cuda)
                 slot = i % len(ring)
                 if copied[slot] is not None:

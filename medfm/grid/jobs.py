@@ -132,8 +132,10 @@ class FinetuneJob:
                 f"{_subset_label(r.spec)}")
 
     def run(self) -> list[ScoredRow]:
+        from medfm.extract import release_models
         from medfm.finetune import finetune_job
 
+        release_models()  # a model this worker kept from its extractions leaves the GPU
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MedfmWarning)
             row, scores, y_true = finetune_job(self.request, device=self.device,
