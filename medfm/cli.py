@@ -502,7 +502,10 @@ def _add_grid(sub) -> None:
                    help="narrow the grid to these backbones, comma-separated")
     p.add_argument("--size", "--sizes", dest="size", help="narrow the grid to these sizes")
     p.add_argument("--executor", choices=sorted(found), default="local")
-    p.add_argument("--dry-run", action="store_true", help="print the plan with counts, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan with counts and its estimated cost, run nothing")
+    p.add_argument("--compile", action="store_true",
+                   help="extract and fine-tune torch.compile-d (recorded, not in any key)")
     options = {}
     for cls in found.values():
         for option in dataclasses.fields(cls.Options):
@@ -546,7 +549,8 @@ def _run_grid(args) -> int:
     options = {name.removeprefix("executor_"): value for name, value in vars(args).items()
                if name.startswith("executor_")}
     result = run_grid(spec, workdir=args.workdir, executor=args.executor,
-                      dry_run=args.dry_run, progress=not args.quiet, **options)
+                      dry_run=args.dry_run, progress=not args.quiet, compile=args.compile,
+                      **options)
     print(result.plan.describe() if args.dry_run else result.summary())
     if args.dry_run and result.estimate is not None:
         print("\n".join(result.estimate.describe()))

@@ -114,3 +114,22 @@ def test_measurements_of_a_configuration_combine_weighted_by_their_work(cache):
     figure = lookup_throughput("extract", "resnet18", 64, "cpu (test)", "float32")
     assert figure.rate == pytest.approx(1010 / (1000 / 100 + 10 / 10))
     assert figure.overhead_s == pytest.approx(3.0) and figure.source == "measured (2 runs)"
+
+
+def test_a_compiled_grid_has_the_same_jobs_and_keys_and_says_so(data_root, tmp_path):
+    """`medfm grid --compile`: the same plan (keys, store names), its model jobs compiled."""
+    from medfm.grid import plan_grid, spec_from_dict
+
+    spec = spec_from_dict({"datasets": ["breastmnist"], "sizes": [28],
+                           "backbones": ["test_resnet"], "weights": "random", "input_size": 32,
+                           "fractions": [1.0], "seeds": [0], "methods": ["logreg", "finetune"],
+                           "device": "cpu", "data_root": str(data_root)})
+    eager, compiled = (plan_grid(spec, workdir=tmp_path, compile=c) for c in (False, True))
+    assert [j.label for j in eager.jobs] == [j.label for j in compiled.jobs]
+    model_jobs = [j for j in compiled.jobs if j.kind != "probe"]
+    assert model_jobs and all(j.compile for j in model_jobs)
+    assert not any(j.compile for j in eager.jobs if j.kind != "probe")
+    assert ([j.request.filename() for j in eager.todo("extract")]
+            == [j.request.filename() for j in compiled.todo("extract")])
+    assert ([j.request.key().digest() for j in eager.todo("finetune")]
+            == [j.request.key().digest() for j in compiled.todo("finetune")])

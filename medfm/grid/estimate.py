@@ -67,11 +67,11 @@ def _finetune_figure(job: FinetuneJob, device: str, measured) -> Measurement | N
     r = job.request
     precision = "bfloat16" if device_type(job.device) == "cuda" else "float32"
     figure = lookup_throughput("finetune", r.backbone.arch, r.preprocess.input_size, device,
-                               precision, measured=measured)
+                               precision, job.compile, measured=measured)
     if figure is not None:
         return figure
     forward = lookup_throughput("extract", r.backbone.arch, r.preprocess.input_size, device,
-                                precision, measured=measured)
+                                precision, job.compile, measured=measured)
     if forward is None:
         return None
     return replace(forward, stage="finetune", rate=forward.rate / TRAIN_FLOPS_FACTOR,
@@ -86,7 +86,8 @@ def price_job(job: Job, measured: list[Measurement]) -> tuple[float, Measurement
     if isinstance(job, ExtractJob):
         r = job.request
         figure = lookup_throughput("extract", r.backbone.arch, r.preprocess.input_size,
-                                   device_label(job.device), r.precision, measured=measured)
+                                   device_label(job.device), r.precision, job.compile,
+                                   measured=measured)
         images = sum(get_dataset(r.dataset.name).n_samples.values())
         return (figure.seconds(images), figure) if figure else (0.0, None)
     if isinstance(job, ProbeJob):

@@ -141,17 +141,18 @@ def run_grid(
     executor: str | Executor = "local",
     dry_run: bool = False,
     progress: bool = True,
+    compile: bool = False,
     **executor_options: Any,
 ) -> GridResult:
     """Plan `spec` in `workdir` and run what is not done on `executor`: a name ("local", "ray",
     "slurm"; `executor_options` are its typed options, checked before anything is planned, and
     it is closed at the end) or an executor object (kept open, so one pool can serve several
-    grids). `dry_run` plans only."""
+    grids). `dry_run` plans only. `compile` runs extraction and fine-tuning torch.compile-d."""
     made = None  # an executor built here from its name (starts nothing until it runs jobs)
     if isinstance(executor, str):
         executor = made = make_executor(executor, workdir=resolve_workdir(workdir),
                                         **executor_options)
-    plan = plan_grid(spec, workdir=workdir)
+    plan = plan_grid(spec, workdir=workdir, compile=compile)
     estimate = _estimate(plan)
     if dry_run:
         return GridResult(plan=plan, executor=executor.name, estimate=estimate)
