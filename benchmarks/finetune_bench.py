@@ -20,7 +20,8 @@ images/s (forward + backward + step; validation excluded) of
       torchvision Resize/ToTensor/Normalize, float32 NCHW batches, default memory format,
       NAIVE_BATCHES batches after one;
 and the ratios (a)/(s) (issue 28's target on a GPU: >= 0.9) and (a)/(b). `--compile` adds (a)
-and (s) with the model torch.compile-d (their first steps compile; not timed).
+and (s) with the model torch.compile-d (their first steps compile; not timed). `--smoke`: one
+tiny row (test_resnet, BreastMNIST-28) and few steps, on any device, to check the script.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ CPU_SETUPS = (Setup("resnet18", "breastmnist", 28, 28, "native"),
               Setup("resnet18", "breastmnist", 64, 64, "native"))
 CUDA_SETUPS = (Setup("resnet50", "pneumoniamnist", 28, 224, "bilinear"),
                Setup("vit_base_patch16_224", "pneumoniamnist", 28, 224, "bilinear"))
+SMOKE_SETUPS = (Setup("test_resnet", "breastmnist", 28, 28, "native"),)
 
 
 def _model(setup: Setup) -> torch.nn.Module:
@@ -94,7 +96,8 @@ def medfm_rate(setup: Setup, device: torch.device, data_root, compile: bool = Fa
     return outcome.curves[-1]["img_s"]
 
 
-def step_rate(setup: Setup, device: torch.device, compile: bool = False) -> float:
+def step_rate(setup: Setup, device: torch.device, compile: bool = False,
+              batches: int = STEP_BATCHES) -> float:
     """(s): images/s of the model's own training step on a ready batch on the device."""
     model = _model(setup).to(device, memory_format=torch.channels_last).train()
     if compile:
@@ -116,14 +119,15 @@ def step_rate(setup: Setup, device: torch.device, compile: bool = False) -> floa
         step()
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(STEP_BATCHES):
+    for _ in range(batches):
         step()
     _sync(device)
-    return STEP_BATCHES * BATCH / (time.perf_counter() - t0)
+    return batches * BATCH / (time.perf_counter() - t0)
 
 
-def naive_rate(setup: Setup, device: torch.device, data_root) -> float:
-    """(b): images/s of a reference-style loop over NAIVE_BATCHES batches."""
+def naive_rate(setup: Setup, device: torch.device, data_root,
+               batches: int = NAIVE_BATCHES) -> float:
+    """(b): images/s of a reference-style loop over `batches` batches."""
     steps = [transforms.Resize(setup.input_size)] if setup.input_size != setup.size else []
     tf = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
     cls = getattr(medmnist, get_dataset(setup.dataset).python_class)
@@ -133,7 +137,7 @@ def naive_rate(setup: Setup, device: torch.device, data_root) -> float:
     model = _model(setup).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     seen, t0 = 0, None
-    while t0 is None or seen < NAIVE_BATCHES * BATCH:
+    while t0 is None or seen < batches * BATCH:
         for x, y in loader:
             x = x.to(device).expand(-1, 3, -1, -1)  # grayscale -> 3 channels, as medfm feeds
             with _autocast(device):
@@ -146,7 +150,7 @@ def naive_rate(setup: Setup, device: torch.device, data_root) -> float:
                 t0 = time.perf_counter()
                 continue
             seen += len(x)
-            if seen >= NAIVE_BATCHES * BATCH:
+            if seen >= batches * BATCH:
                 break
     _sync(device)
     return seen / (time.perf_counter() - t0)
@@ -157,10 +161,14 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--compile", action="store_true", help="add torch.compile-d columns")
+    parser.add_argument("--smoke", action="store_true", help="one tiny row (checks the script)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data_root = resolve_data_root(args.data_root)
     setups = CUDA_SETUPS if device.type == "cuda" else CPU_SETUPS
+    step_batches, naive_batches = (2, 2) if args.smoke else (STEP_BATCHES, NAIVE_BATCHES)
+    if args.smoke:
+        setups = SMOKE_SETUPS
     print(f"random init, batch {BATCH}, device {device}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
     head = f"{'model':<22}{'data':<18}{'px':>4} {'(a) medfm':>10} {'(s) step':>9} {'(b) naive':>10}"
@@ -172,14 +180,14 @@ def main() -> None:
         torch.manual_seed(0)
         np.random.seed(0)
         fast = medfm_rate(setup, device, data_root)
-        ceiling = step_rate(setup, device)
-        slow = naive_rate(setup, device, data_root)
+        ceiling = step_rate(setup, device, batches=step_batches)
+        slow = naive_rate(setup, device, data_root, batches=naive_batches)
         line = (f"{setup.backbone:<22}{setup.dataset + '@' + str(setup.size):<18}"
                 f"{setup.input_size:>4} {fast:>10.1f} {ceiling:>9.1f} {slow:>10.1f} "
                 f"{fast / ceiling:>5.2f} {fast / slow:>5.2f}")
         if args.compile:
             fast_c = medfm_rate(setup, device, data_root, compile=True)
-            ceiling_c = step_rate(setup, device, compile=True)
+            ceiling_c = step_rate(setup, device, compile=True, batches=step_batches)
             line += f" {fast_c:>9.1f} {ceiling_c:>9.1f} {fast_c / ceiling_c:>8.2f}"
         print(line, flush=True)
 

@@ -298,13 +298,14 @@ def stage_busy(args, device: torch.device, report: Report) -> None:
     images = sum(sum(get_dataset(n).n_samples.values()) for n, _ in stores)
     report.add("", f"### Small stores: {len(stores)} real files "
                f"({', '.join(f'{n}@{s}' for n, s in stores)}; {images:,} images) x "
-               f"{len(args.models)} models at {args.busy_input} px ({device_label(device)})", "",
+               f"{len(args.busy_models)} model(s) at {args.busy_input} px "
+               f"({device_label(device)})", "",
                "| how | stores | wall s | GPU busy |", "|---|---|---|---|")
     work = Path(args.workdir)
     for keep in (False, True):
         release_models()
         sampler, started = BusySampler(), time.perf_counter()
-        for name in args.models:
+        for name in args.busy_models:
             for flag, size in stores:
                 extract(dataset=flag, size=size, backbone=name, weights="random",
                         input_size=args.busy_input, data_root=args.data_root,
@@ -314,12 +315,13 @@ def stage_busy(args, device: torch.device, report: Report) -> None:
                     release_models()
         wall, share = time.perf_counter() - started, sampler.stop()
         how = "one process, model kept loaded" if keep else "one process, fresh model per store"
-        report.add(f"| {how} | {len(stores) * len(args.models)} | {wall:.1f} | "
+        report.add(f"| {how} | {len(stores) * len(args.busy_models)} | {wall:.1f} | "
                    f"{_busy_cell(share)} |")
     release_models()
     for jobs_per_gpu in (1, 2):
         spec = spec_from_dict({
-            "datasets": args.busy_datasets, "sizes": [28, 64], "backbones": list(args.models),
+            "datasets": args.busy_datasets, "sizes": [28, 64],
+            "backbones": list(args.busy_models),
             "weights": "random", "input_size": args.busy_input, "fractions": [1.0], "seeds": [0],
             "methods": ["logreg"], "data_root": str(args.data_root)})
         executor = LocalExecutor(jobs_per_gpu=jobs_per_gpu)
@@ -331,7 +333,7 @@ def stage_busy(args, device: torch.device, report: Report) -> None:
         finally:
             executor.close()
         report.add(f"| grid, local executor, {jobs_per_gpu} job(s) per GPU (extract + logreg; "
-                   f"{len(result.failed)} failed) | {len(stores) * len(args.models)} | "
+                   f"{len(result.failed)} failed) | {len(stores) * len(args.busy_models)} | "
                    f"{wall:.1f} | {_busy_cell(share)} |")
         if result.estimate is not None:
             report.add(f"| ({result.estimate.versus(actual_seconds(result.outcomes))}) | | | |")
@@ -419,6 +421,7 @@ def main() -> None:
     args.finetune_backbone, args.fraction = "resnet18", 1.0
     args.profile_images, args.compile_models = PROFILE_IMAGES, MODELS
     args.busy_datasets, args.busy_input = None, BUSY_INPUT  # None: every file present
+    args.busy_models = MODELS
     if args.smoke:
         args.images, args.batch, args.timed_batches = 64, 8, 2
         args.oom_batch, args.epochs, args.models = 16, 1, SMOKE_MODELS
@@ -426,6 +429,7 @@ def main() -> None:
         args.finetune_backbone, args.fraction = "test_resnet", 0.1
         args.profile_images, args.compile_models = 64, SMOKE_MODELS[1:2]  # one compile: CPU
         args.busy_datasets, args.busy_input = ["breastmnist"], 32
+        args.busy_models = SMOKE_MODELS[1:2]
     STAGES[args.stage](args, device, Report(args.report))
 
 

@@ -45,6 +45,8 @@ if [ -z "$SMOKE" ]; then  # wheels first on the path; medfm from this tree
     $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" \
         "$BUNDLE"/wheels/*.whl || exit 2
     export PYTHONPATH=$PWD:$WORK/site
+else  # this tree's medfm, whatever the python has installed
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 wanted() {  # wanted NAME: is the stage asked for (GPU_CHECK_STAGES, default all)?
@@ -99,8 +101,8 @@ stage finetune 60 $PY benchmarks/gpu_bench.py finetune --report "$REPORT" $SMALL
 if wanted finetune-loop; then
     if [ -z "$SMOKE" ]; then
         stage finetune-loop 120 $PY benchmarks/finetune_bench.py --device cuda
-    else  # the CPU rows (resnet18, 28/64 px): checks the script, not the GPU rows
-        stage finetune-loop 120 $PY benchmarks/finetune_bench.py --device cpu
+    else  # one tiny CPU row: checks the script, not the GPU rows
+        stage finetune-loop 120 $PY benchmarks/finetune_bench.py --device cpu --smoke
     fi
     { echo; echo "### Fine-tuning loop: medfm vs the model's own step vs naive" \
                  "(benchmarks/finetune_bench.py)"
