@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, replace
 
 from medfm.cache import cache_dir, read_json, write_atomic
 
-STAGES = ("extract", "probe", "finetune")
 THROUGHPUT_DIR = "throughput"  # under $MEDFM_CACHE: measured figures
 FLOPS_DIR = "flops"  # under $MEDFM_CACHE: forward FLOPs and feature width per (arch, size)
 MAX_POINTS = 32  # measurements kept per configuration (probe: per method and device)
@@ -44,7 +43,7 @@ TRAIN_FLOPS_FACTOR = 3.0  # a training step ~ 3 forward passes (forward + 2x bac
 class Measurement:
     """One figure of the table: a stage's compute rate and fixed cost for one configuration."""
 
-    stage: str  # one of STAGES
+    stage: str  # "extract", "probe" or "finetune" (a grid job's kind)
     arch: str  # timm architecture ("resnet50"); for the probe, its method ("logreg")
     input_size: int  # model input side in pixels (0 for the probe)
     device: str  # medfm.runtime.device_name: "NVIDIA H200", "cpu (2 cores, x86_64)"
