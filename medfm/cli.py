@@ -123,6 +123,9 @@ def _add_extract(sub) -> None:
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.add_argument("--data-root", help="default: $MEDFM_DATA_ROOT or ~/.medmnist")
     p.add_argument("--force", action="store_true", help="recompute finished stores")
+    p.add_argument("--compile", action="store_true",
+                   help="run the backbone torch.compile-d (recorded with the store, not part "
+                        "of its identity; pays on GPUs for large sets, costs a warm-up)")
     p.add_argument("--corruptions", help="also embed corrupted test splits: medmnist-c (every "
                    "MedMNIST-C corruption of the dataset) or some of them, comma-separated")
     p.add_argument("--severities", default="1..5", help="MedMNIST-C severities (default 1..5)")
@@ -172,7 +175,7 @@ def _run_extract(args) -> int:
     for request in requests:
         result = extract_request(request, batch_size=args.batch_size, device=args.device,
                                  workdir=args.workdir, force=args.force,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, compile=args.compile)
         s = result.summary
         rate = f", {result.images_per_s:.0f} img/s" if result.images_per_s else ""
         verb = {"exists": "already extracted, nothing to do",
@@ -343,6 +346,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--force", action="store_true", help="retrain runs already in the registry")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only: on CUDA the same bits every run and resume")
+    p.add_argument("--compile", action="store_true",
+                   help="train the model torch.compile-d (recorded with the row, not part of "
+                        "its key; costs a warm-up)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_finetune)
 
@@ -381,7 +387,7 @@ def _run_finetune(args) -> int:
         lora=args.lora or any(getattr(args, o) is not None for o in LORA_FIELDS),
         device=args.device, workdir=args.workdir, data_root=args.data_root, force=args.force,
         progress=not args.quiet, deterministic=args.deterministic, sampler=args.sampler,
-        preset=args.preset)
+        preset=args.preset, compile=args.compile)
     for line in report.missing:
         print(f"medfm finetune: {line}", file=sys.stderr)
     if report.ran:
@@ -509,9 +515,12 @@ def _add_grid(sub) -> None:
                    help="narrow the grid to these backbones, comma-separated")
     p.add_argument("--size", "--sizes", dest="size", help="narrow the grid to these sizes")
     p.add_argument("--executor", choices=sorted(found), default="local")
-    p.add_argument("--dry-run", action="store_true", help="print the plan with counts, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan with counts and its estimated cost, run nothing")
     p.add_argument("--yes", action="store_true",
                    help="run a grid of more jobs than medfm runs unconfirmed (README, Guarantees)")
+    p.add_argument("--compile", action="store_true",
+                   help="extract and fine-tune torch.compile-d (recorded, not in any key)")
     options = {}
     for cls in found.values():
         for option in dataclasses.fields(cls.Options):
@@ -556,8 +565,10 @@ def _run_grid(args) -> int:
                if name.startswith("executor_")}
     result = run_grid(spec, workdir=args.workdir, executor=args.executor,
                       dry_run=args.dry_run, progress=not args.quiet, yes=args.yes,
-                      on_plan=_announce, **options)
+                      on_plan=_announce, compile=args.compile, **options)
     print(result.plan.describe() if args.dry_run else result.summary())
+    if args.dry_run and result.estimate is not None:
+        print("\n".join(result.estimate.describe()))
     return 0 if result.ok else 1
 
 

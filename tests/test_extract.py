@@ -410,3 +410,89 @@ def test_extract_precision_follows_the_device_asked_for(flags, precision, synthe
     assert code == 0
     store, = find_stores(tmp_path)
     assert store.request.get("precision") == precision
+
+
+def test_compiled_extraction_gives_the_eager_features_in_the_same_store(synthetic_root,
+                                                                        tmp_path):
+    """--compile (torch.compile, inductor: gcc on this CPU) is recorded with the store, not in
+    its identity, and gives the eager features within the float16 store's tolerance."""
+    args = dict(dataset="breastmnist", size=28, data_root=synthetic_root, device="cpu",
+                batch_size=16, progress=False, **TINY)
+    eager = FeatureStore(extract(workdir=tmp_path / "eager", **args).path)
+    compiled = FeatureStore(extract(workdir=tmp_path / "compiled", compile=True, **args).path)
+    assert compiled.path.name == eager.path.name
+    assert eager.attrs["compiled"] == 0 and compiled.attrs["compiled"] == 1
+    assert compiled.attrs["compile_warmup_s"] > 0
+    for split in SPLITS:
+        np.testing.assert_allclose(compiled.features(split), eager.features(split), rtol=2e-3,
+                                   atol=2e-3)
+    again = extract(workdir=tmp_path / "compiled", **args)  # eager asks: the store is done
+    assert again.status == "exists"
+
+
+def test_cpu_chunks_come_whole_and_in_order_through_the_reused_buffers(synthetic_root):
+    """The loader reads into a ring of PREFETCH_CHUNKS + 2 reused host buffers; more chunks than
+    buffers must still arrive whole, in order, none overwritten while in use."""
+    from medfm.extract.extractor import PREFETCH_CHUNKS, _chunks
+
+    import torch
+
+    images, _ = load_split("bloodmnist", 28, "train", synthetic_root)
+    got = [(lo, chunk.clone()) for lo, chunk in _chunks(images, 5, 7, torch.device("cpu"))]
+    assert len(got) > PREFETCH_CHUNKS + 2
+    assert [lo for lo, _ in got] == list(range(5, len(images), 7))
+    np.testing.assert_array_equal(torch.cat([c for _, c in got]).numpy(), images[5:])
+
+
+def test_the_writer_thread_writes_in_order_and_raises_its_errors_in_the_caller(tmp_path):
+    """Chunks go to the HDF5 store from a background thread; a write error (here NaN features)
+    is raised in the caller, and the rows written before it stay."""
+    import torch
+
+    from medfm.extract.extractor import _ChunkWriter
+    from medfm.store.features import StoreWriter
+
+    labels = {"train": np.zeros((30, 1), dtype=np.int64)}
+    writer = StoreWriter(tmp_path / "s.h5", {"dtype": "float32"}, dim=4, labels=labels,
+                         attrs={})
+    feats = torch.arange(120, dtype=torch.float32).reshape(30, 4)
+    with _ChunkWriter(writer, 10, 4, torch.device("cpu")) as out:
+        for lo in (0, 10):
+            out.submit("train", lo, feats[lo:lo + 10])
+    assert writer.rows_done("train") == 20
+    bad = feats[20:].clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(StoreError, match="NaN"):
+        with _ChunkWriter(writer, 10, 4, torch.device("cpu")) as out:
+            out.submit("train", 20, bad)
+    assert writer.rows_done("train") == 20
+    writer.close()
+
+
+def test_one_model_load_serves_several_datasets_and_sizes(synthetic_root, tmp_path,
+                                                          monkeypatch):
+    """Consecutive extractions with one backbone load it once (a grid worker's small stores),
+    and give the features a fresh load gives."""
+    from medfm.extract import extractor
+
+    extractor.release_models()
+    created = []
+
+    def counted(*args, **kwargs):
+        created.append(args)
+        return create(*args, **kwargs)
+
+    create = extractor.create_backbone
+    monkeypatch.setattr(extractor, "create_backbone", counted)
+    runs = [("breastmnist", 28), ("bloodmnist", 28), ("bloodmnist", 64)]
+    kept = [FeatureStore(extract(dataset=d, size=s, data_root=synthetic_root,
+                                 workdir=tmp_path / "kept", device="cpu", progress=False,
+                                 **TINY).path) for d, s in runs]
+    assert len(created) == 1
+    extractor.release_models()
+    fresh = FeatureStore(extract(dataset="bloodmnist", size=64, data_root=synthetic_root,
+                                 workdir=tmp_path / "fresh", device="cpu", progress=False,
+                                 **TINY).path)
+    assert len(created) == 2
+    for split in SPLITS:
+        np.testing.assert_array_equal(kept[2].features(split), fresh.features(split))

@@ -471,3 +471,34 @@ def test_progress_counts_the_images_the_batches_serve(real_root, batch_size, dro
     for step in range(3 * batches.per_epoch + 1):
         assert batches.images_before(step) == served
         served += len(batches(step)[0])
+
+
+def test_compiled_training_gives_the_eager_run_within_tolerance_under_its_key(data_root,
+                                                                             tmp_path):
+    """--compile trains the same run torch.compile-d (inductor, gcc on this CPU): same key,
+    the row says so, and the test scores agree with the eager run's within float32 tolerance."""
+    recipe = resolve_recipe("medmnist-v2", epochs=1, batch_size=16, stem="default")
+    request = _request(data_root, recipe=recipe)
+    eager, eager_scores, _ = finetune_job(request, device="cpu", workdir=tmp_path / "eager",
+                                          progress=False)
+    compiled, compiled_scores, _ = finetune_job(request, device="cpu",
+                                                workdir=tmp_path / "compiled", progress=False,
+                                                compile=True)
+    assert compiled.key == eager.key
+    assert compiled.extra["compiled"] and not eager.extra["compiled"]
+    assert compiled.extra["compile_warmup_s"] > 0
+    np.testing.assert_allclose(compiled_scores, eager_scores, atol=1e-3)
+    assert abs(compiled.auc - eager.auc) < 0.02
+
+
+@pytest.mark.parametrize("recipe, overrides", [("medfm", {}), ("medmnist-v2", {"epochs": 3}),
+                                                ("seed-paper", {"iterations": 30})])
+def test_planned_work_is_what_training_does(recipe, overrides, data_root, tmp_path):
+    """The cost estimate's count of training images and validation rounds matches a run."""
+    from medfm.finetune.train import planned_work
+
+    resolved = resolve_recipe(recipe, **{**FAST, "patience": 0, **overrides})
+    row, _, _ = finetune_job(_request(data_root, recipe=resolved), device="cpu",
+                             workdir=tmp_path, progress=False)
+    images, rounds = planned_work(resolved, row.n_train)
+    assert (images, rounds) == (row.extra["train_images"], len(row.extra["curves"]))

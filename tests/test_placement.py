@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from medfm.errors import InvalidArgumentError
 from medfm.grid import plan_grid, spec_from_dict
 from medfm.grid.executors import needs_gpu
-from medfm.grid.executors.local import LocalExecutor, worker_plan
+from medfm.grid.executors.local import LocalExecutor, by_model, worker_plan
 from medfm.synthetic import write_synthetic_npz
 
 GRID = {"datasets": ["breastmnist"], "sizes": [28], "backbones": ["test_resnet"],
@@ -129,3 +130,29 @@ def test_ray_gpu_and_cpu_tasks_never_share_a_worker_process():
     assert not cpu_pids & set(gpu_pids)  # never one a CPU task ran in
     assert {cuda for job, (_, cuda) in seen.items() if job.kind == "extract"} == {"0"}
     assert {cuda for job, (_, cuda) in seen.items() if job.kind == "probe"} == {""}
+
+
+def test_jobs_per_gpu_gives_each_gpu_that_many_workers():
+    one = worker_plan(gpus=1, cores=16, max_workers=None, visible=None, jobs_per_gpu=2)
+    assert one.gpu_devices == ("0", "0") and one.cpu_workers == 14
+    two = worker_plan(gpus=2, cores=16, max_workers=None, visible="2,3", jobs_per_gpu=2)
+    assert sorted(two.gpu_devices) == ["2", "2", "3", "3"] and two.cpu_workers == 12
+    with pytest.raises(InvalidArgumentError, match="--jobs-per-gpu"):
+        LocalExecutor(jobs_per_gpu=0)
+
+
+def test_extraction_jobs_go_out_grouped_by_backbone(tmp_path):
+    """A worker keeps its last model loaded, so one backbone's stores are handed out in a row
+    (the plan lists them dataset by dataset); other jobs keep their order after them."""
+    for flag in ("breastmnist", "pneumoniamnist"):
+        write_synthetic_npz(tmp_path, flag, size=28, n=(8, 4, 4))
+    spec = spec_from_dict({**GRID, "datasets": ["breastmnist", "pneumoniamnist"],
+                           "backbones": ["test_resnet", "test_vit"],
+                           "data_root": str(tmp_path)})
+    jobs = plan_grid(spec, workdir=tmp_path / "w").jobs
+    planned = [j.request.backbone.arch for j in jobs if j.kind == "extract"]
+    assert planned == ["test_resnet", "test_vit"] * 2
+    ordered = by_model(jobs)
+    assert [j.request.backbone.arch for j in ordered[:4]] == ["test_resnet"] * 2 + ["test_vit"] * 2
+    assert ordered[4:] == [j for j in jobs if j.kind != "extract"]
+    assert sorted(map(id, ordered)) == sorted(map(id, jobs))

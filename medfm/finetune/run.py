@@ -16,8 +16,10 @@ file, the backbone and weights identity, the resolved preprocessing, the subset 
 checkpoint metric, the method ("finetune", or "lora" when the recipe trains LoRA adapters: its own
 paradigm in results and reports) and the rest of the resolved recipe (`params`, LoRA's rank,
 alpha, dropout, targets and lr among them). Every row records the model's total and trainable
-parameter counts and the layers LoRA adapted (`extra`). The device it trains on, and whether
-it ran with deterministic kernels only (`deterministic`), are recorded with the row, not keyed.
+parameter counts and the layers LoRA adapted (`extra`). The device it trains on, whether
+it ran with deterministic kernels only (`deterministic`) and whether torch.compile ran the model
+(`compiled`, with its warm-up seconds), are recorded with the row, not keyed. Every trained run
+records its throughput (medfm.throughput) for the cost estimates of `medfm grid --dry-run`.
 `finetune` skips every combination whose key is in the registry (one query), and a killed job
 resumes from `<workdir>/checkpoints/<key digest>/last.pt`; a finished job leaves its best weights
 there as `best.pt`.
@@ -261,6 +263,7 @@ def finetune_job(
     progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
     deterministic: bool = False,
+    compile: bool = False,
 ) -> tuple[ResultRow, np.ndarray, np.ndarray]:
     """Train the request's backbone end to end on its subset and test it.
 
@@ -271,6 +274,7 @@ def finetune_job(
     `on_checkpoint(round)` runs after each checkpoint (for tests and schedulers).
     `deterministic` trains and tests with deterministic kernels only (medfm.runtime
     .deterministic_algorithms): on CUDA, the same bits on every run and resume.
+    `compile` trains and tests the model torch.compile-d (recorded, not keyed).
     """
     key = request.key()
     with _claim(checkpoint_folder(workdir, key), request.label):
@@ -278,7 +282,8 @@ def finetune_job(
         if recorded is not None:
             return recorded
         return _train_and_test(request, key, device=device, workdir=workdir, progress=progress,
-                               on_checkpoint=on_checkpoint, deterministic=deterministic)
+                               on_checkpoint=on_checkpoint, deterministic=deterministic,
+                               compile=compile)
 
 
 def _train_and_test(
@@ -290,6 +295,7 @@ def _train_and_test(
     progress: bool,
     on_checkpoint: Callable[[int], None] | None,
     deterministic: bool = False,
+    compile: bool = False,
 ) -> tuple[ResultRow, np.ndarray, np.ndarray]:
     """`finetune_job`'s work, for a caller that holds the run's lock."""
     t0 = time.perf_counter()
@@ -302,15 +308,17 @@ def _train_and_test(
     model, weights_digest, source = _build_model(request)
     kernels = deterministic_algorithms() if deterministic else contextlib.nullcontext()
     with kernels:  # training, validation and test scores alike
-        t_train = time.perf_counter()
+        t_train = t_train0 = time.perf_counter()
         outcome = train(
             model, recipe=request.recipe, task=info.task,
             train=Split(*splits["train"], rows=subset.indices), val=Split(*splits["val"]),
             preprocess=request.preprocess, device=dev, seed=request.spec.seed,
             primary_metric=info.primary_metric,
             checkpoint_dir=checkpoint_folder(workdir, key),
-            progress=progress, on_checkpoint=on_checkpoint, desc=request.label)
+            progress=progress, on_checkpoint=on_checkpoint, desc=request.label,
+            compile=compile)
         t_train = time.perf_counter() - t_train
+        t_test = time.perf_counter()
         test = Split(*splits["test"])
         prep = DevicePreprocessor(request.preprocess, dev, channels_last=True)
         batch = min(request.recipe.batch_size, subset.n) * EVAL_BATCH_FACTOR
@@ -320,6 +328,10 @@ def _train_and_test(
         evaluations = evaluate_corrupted(
             outcome.model, request, corrupted_pairs(request.dataset, workdir), test, prep=prep,
             loss=TaskLoss(info.task, request.recipe, 0.0), batch_size=batch)
+        t_test = time.perf_counter() - t_test
+    _record_throughput(request, outcome, dev, setup_s=t_train0 - t0, test_s=t_test,
+                       n_val=len(splits["val"][1]), n_test=len(y_true) * (1 + len(evaluations)),
+                       compiled=compile)
     row = ResultRow.scored(
         key, subset, evaluate(y_true, scores, info.task), solver="", device=dev.type,
         weights_digest=weights_digest,
@@ -330,9 +342,12 @@ def _train_and_test(
             "preprocess": request.preprocess.to_json(),
             "device_name": device_name(dev),
             "deterministic": deterministic,
+            "compiled": compile,
+            "compile_warmup_s": round(outcome.compile_warmup_s, 3),
             "best_round": outcome.best_round,
             "best_value": outcome.best_value if np.isfinite(outcome.best_value) else None,
             "steps": outcome.steps,
+            "train_images": outcome.train_images,
             "train_batch": request.recipe.train_batch(subset.n),
             "stopped_early": outcome.stopped_early,
             "resumed": outcome.resumed,
@@ -346,6 +361,26 @@ def _train_and_test(
         wall_s=time.perf_counter() - t0 - t_train + outcome.train_seconds,
     )
     return ScoredRow(row, scores, y_true, evaluations)
+
+
+def _record_throughput(request: FinetuneRequest, outcome, dev: torch.device, *, setup_s: float,
+                       test_s: float, n_val: int, n_test: int, compiled: bool) -> None:
+    """Cache this run's figures (medfm.throughput): training images/s (compilation excluded),
+    validation and test images/s, and its fixed seconds (loading data and model, compiling)."""
+    from medfm.throughput import Measurement, record_throughput
+
+    train_s = outcome.train_compute_s - outcome.compile_warmup_s
+    if outcome.train_images <= 0 or train_s <= 0:
+        return
+    eval_images = len(outcome.curves) * n_val + n_test
+    eval_s = outcome.train_seconds - outcome.train_compute_s + test_s
+    record_throughput(Measurement(
+        stage="finetune", arch=request.backbone.arch, input_size=request.preprocess.input_size,
+        device=device_name(dev), precision="bfloat16" if dev.type == "cuda" else "float32",
+        compiled=compiled, rate=outcome.train_images / train_s,
+        overhead_s=setup_s + outcome.compile_warmup_s,
+        eval_rate=eval_images / eval_s if eval_s > 0 else 0.0, units=outcome.train_images,
+        eval_units=eval_images))
 
 
 def _parameter_counts(model: torch.nn.Module) -> dict:
@@ -546,6 +581,7 @@ def finetune(
     deterministic: bool = False,
     sampler: str | None = None,
     preset: str | None = None,
+    compile: bool = False,
 ) -> FinetuneReport:
     """Run `finetune_job` for every dataset x size x backbone x subset x seed; record each row.
 
@@ -562,6 +598,7 @@ def finetune(
     preset's). `preset` (medfm.presets) runs each backbone as that preset's grid does: its
     recipe with its rules for the backbone (under `overrides`), its preprocessing, sampler, seeds
     and subsets (where not given); a differing recipe, sampler or preprocessing is an error.
+    `compile`: torch.compile the model (see `finetune_job`).
     """
     requests, missing = finetune_requests(
         backbones=backbones, sizes=sizes, datasets=datasets, fractions=fractions, shots=shots,
@@ -587,7 +624,7 @@ def finetune(
                 continue
             scored = _train_and_test(request, key, device=device, workdir=workdir,
                                      progress=progress, on_checkpoint=None,
-                                     deterministic=deterministic)
+                                     deterministic=deterministic, compile=compile)
             row, scores, y_true = scored
             inserted = reg.add(row, scores=scores, y_true=y_true, replace=force)
             if inserted:

@@ -120,6 +120,9 @@ class TrainOutcome:
     resumed: bool = False  # this call continued a checkpoint
     train_seconds: float = 0.0  # training + validation time summed over all calls
     images_per_s: float = 0.0  # training throughput (forward + backward), all rounds
+    compile_warmup_s: float = 0.0  # compiled: this call's first optimizer step, compiling
+    train_images: int = 0  # images through forward + backward, all calls
+    train_compute_s: float = 0.0  # their seconds (validation excluded), all calls
 
 
 def output_dim(task: Task, n_classes: int, recipe: Recipe) -> int:
@@ -320,6 +323,19 @@ def load_model_state(model: torch.nn.Module, weights: dict, recipe: Recipe) -> N
     model.load_state_dict(weights, strict=not _partial_state(recipe))
 
 
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    """Optimizer steps in an epoch of `n` images in batches of `batch_size` (<= n): a trailing
+    batch of one image would break BatchNorm, so it is dropped (drop_last: any partial one)."""
+    partial = n % batch_size
+    return n // batch_size + (1 if partial > 1 and not drop_last else 0)
+
+
+def images_before(step: int, per_epoch: int, batch_size: int, n: int) -> int:
+    """Training images served by steps [0, step) (an epoch's last batch may be partial)."""
+    epochs, j = divmod(step, per_epoch)
+    return epochs * min(n, per_epoch * batch_size) + min(j * batch_size, n)
+
+
 class _Batches:
     """Seeded epoch permutations of the training split, served as uint8 batches on the device."""
 
@@ -328,9 +344,7 @@ class _Batches:
         self.split, self.seed, self.device = split, seed, device
         n = len(split)
         self.batch_size = min(batch_size, n)
-        # a trailing batch of one image would break BatchNorm: drop it (drop_last: any partial)
-        partial = n % self.batch_size
-        self.per_epoch = n // self.batch_size + (1 if partial > 1 and not drop_last else 0)
+        self.per_epoch = steps_per_epoch(n, self.batch_size, drop_last)
         self._epoch, self._order = -1, None
         nbytes = split.images[:1].nbytes * n
         self._resident = None
@@ -340,11 +354,8 @@ class _Batches:
                               torch.from_numpy(labels.astype(np.int64)).to(device))
 
     def images_before(self, step: int) -> int:
-        """Training images served by steps [0, step): a progress bar's position (an epoch's
-        last batch may be partial)."""
-        epochs, j = divmod(step, self.per_epoch)
-        n = len(self.split)
-        return epochs * min(n, self.per_epoch * self.batch_size) + min(j * self.batch_size, n)
+        """Training images served by steps [0, step): a progress bar's position."""
+        return images_before(step, self.per_epoch, self.batch_size, len(self.split))
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images uint8, labels int64) of global step `step`, on the device."""
@@ -559,10 +570,28 @@ class _Plan:
     format: int = CHECKPOINT_FORMAT
 
 
-def _plan(recipe: Recipe, batches: _Batches, n_train: int) -> _Plan:
-    total = recipe.total_steps(batches.per_epoch)
+def _total_steps(recipe: Recipe, per_epoch: int) -> int:
+    total = recipe.total_steps(per_epoch)
     if recipe.iterations and recipe.whole_epochs:  # the seed paper: iterations // per-epoch epochs
-        total = max(1, recipe.iterations // batches.per_epoch) * batches.per_epoch
+        total = max(1, recipe.iterations // per_epoch) * per_epoch
+    return total
+
+
+def planned_work(recipe: Recipe, n_train: int) -> tuple[int, int]:
+    """(training images, validation rounds) of a run of `recipe` on `n_train` images that does
+    not stop early, known before any image loads (what `train` will do; for cost estimates)."""
+    batch = min(recipe.train_batch(n_train), n_train)
+    per_epoch = steps_per_epoch(n_train, batch, recipe.drop_last)
+    total = _total_steps(recipe, per_epoch)
+    plan = _Plan(n_train, batch, total, recipe.eval_every or per_epoch)
+    step, rounds = 0, 0
+    while step < total:
+        step, rounds = _round_end(step, plan, recipe, per_epoch), rounds + 1
+    return images_before(total, per_epoch, batch, n_train), rounds
+
+
+def _plan(recipe: Recipe, batches: _Batches, n_train: int) -> _Plan:
+    total = _total_steps(recipe, batches.per_epoch)
     if total < FEW_STEPS:
         warnings.warn(MedfmWarning(
             f"{n_train} training images in batches of {batches.batch_size} make "
@@ -642,12 +671,14 @@ class _Loop:
     device: torch.device
     seed: int
     bar: tqdm
+    compile_warmup_s: float | None = None  # compiled: the first step's seconds; None: not yet
 
     def run_steps(self, first: int, last: int) -> tuple[float, int, dict]:
         """Optimizer steps [first, last): (mean train loss, images seen, last lrs by group)."""
         _set_train_mode(self.model, self.recipe)
         loss_sum = torch.zeros((), device=self.device)
         seen, lrs = 0, {}
+        t_first = time.perf_counter()
         for step in range(first, last):
             images, labels = self.batches(step)
             x = self.prep(images)  # (B, H, W[, 3]) uint8 -> (B, 3, S, S) float on device
@@ -662,6 +693,10 @@ class _Loop:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.model.parameters() if p.requires_grad], self.recipe.grad_clip)
             self.optimizer.step()
+            if self.compile_warmup_s is None:  # compiled, first step: its compilation cost
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # once per run
+                self.compile_warmup_s = time.perf_counter() - t_first
             lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
             self.scheduler.step()
             loss_sum += loss.detach() * len(images)
@@ -705,6 +740,7 @@ def train(
     progress: bool = True,
     desc: str = "finetune",
     on_checkpoint: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> TrainOutcome:
     """Train `model` (a timm classifier with its head built) by `recipe`; see module docstring.
 
@@ -712,6 +748,8 @@ def train(
     checkpoints after every round and resumes from `checkpoint_dir/last.pt` if one is there;
     the caller makes sure no other process writes that folder meanwhile (run.py locks it).
     `on_checkpoint(round)` is called after each checkpoint is written (1-based round).
+    `compile` runs the model torch.compile-d (in place: its state dict and checkpoints keep
+    their keys); the first step's seconds, compilation in them, are `compile_warmup_s`.
     """
     task = Task(task)
     select = primary_metric if recipe.select_metric == "primary" else recipe.select_metric
@@ -737,9 +775,11 @@ def train(
                initial=batches.images_before(state.step),
                unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     loss_fn = TaskLoss(task, recipe, recipe.label_smoothing, train_labels=_labels(train))
+    if compile:
+        model.compile(dynamic=False)
     loop = _Loop(model, recipe, loss_fn,
                  DevicePreprocessor(preprocess, device, channels_last=True), batches, optimizer,
-                 scheduler, device, seed, bar)
+                 scheduler, device, seed, bar, compile_warmup_s=None if compile else 0.0)
     try:
         while not state.done:
             t_round = time.perf_counter()
@@ -786,6 +826,8 @@ def train(
         stopped_early=state.stopped_early, resumed=resumed, train_seconds=state.train_seconds,
         images_per_s=(state.train_images / state.train_compute_s
                       if state.train_compute_s > 0 else 0.0),
+        compile_warmup_s=loop.compile_warmup_s or 0.0,
+        train_images=state.train_images, train_compute_s=state.train_compute_s,
     )
 
 

@@ -56,6 +56,7 @@ class ExtractJob:
     request: StoreRequest  # resolved by the planner (medfm.request)
     device: str | None  # "cpu", "cuda" or None (CUDA when visible)
     workdir: str  # absolute
+    compile: bool = False  # run the backbone torch.compile-d (provenance, not identity)
 
     kind = "extract"
 
@@ -74,7 +75,7 @@ class ExtractJob:
         from medfm.extract import extract_request
 
         return str(extract_request(self.request, device=self.device, workdir=self.workdir,
-                                   progress=False).path)
+                                   progress=False, compile=self.compile).path)
 
     def run(self) -> list[ScoredRow]:
         self.store_path()
@@ -121,6 +122,7 @@ class FinetuneJob:
     request: FinetuneRequest  # resolved by the planner
     device: str | None
     workdir: str  # absolute
+    compile: bool = False  # train the model torch.compile-d (recorded, not keyed)
 
     kind = "finetune"
 
@@ -132,12 +134,15 @@ class FinetuneJob:
                 f"{_subset_label(r.spec)}")
 
     def run(self) -> list[ScoredRow]:
+        from medfm.extract import release_models
         from medfm.finetune import finetune_job
 
+        release_models()  # a model this worker kept from its extractions leaves the GPU
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MedfmWarning)
             row, scores, y_true = finetune_job(self.request, device=self.device,
-                                               workdir=self.workdir, progress=False)
+                                               workdir=self.workdir, progress=False,
+                                               compile=self.compile)
         _show(caught, self.label)
         return [(row, scores, y_true)]
 

@@ -107,7 +107,7 @@ def _resolve(spec: GridSpec, data_root):
     return refs, skipped, backbones
 
 
-def _extract_jobs(spec: GridSpec, refs, backbones, root: str):
+def _extract_jobs(spec: GridSpec, refs, backbones, root: str, compile: bool):
     """[(ExtractJob, finished store or None)] for every dataset file x backbone."""
     stores = Path(root) / STORES_DIRNAME
     if stores.exists():  # (a file there: stores_dir says so)
@@ -119,12 +119,13 @@ def _extract_jobs(spec: GridSpec, refs, backbones, root: str):
                                             preprocess=spec.preprocess_for(backbone),
                                             dtype=spec.dtype, device=spec.device,
                                             precision=spec.precision)
-            found.append((ExtractJob(request, spec.device, root),
+            found.append((ExtractJob(request, spec.device, root, compile),
                           _finished_store(stores / request.filename())))
     return found
 
 
-def _finetune_jobs(spec: GridSpec, refs, backbones, root: str) -> list[FinetuneJob]:
+def _finetune_jobs(spec: GridSpec, refs, backbones, root: str,
+                   compile: bool) -> list[FinetuneJob]:
     """Every fine-tune (and head-probe: the head through the frozen backbone) job, each
     backbone with the preset's rules for it (GridSpec.recipe_overrides_for)."""
     from medfm.finetune import resolve_finetune, resolve_recipe
@@ -139,7 +140,7 @@ def _finetune_jobs(spec: GridSpec, refs, backbones, root: str) -> list[FinetuneJ
             preprocess = _finetune_preprocess(spec, backbone)
             jobs += [FinetuneJob(resolve_finetune(dataset=ref, backbone=backbone, spec=subset,
                                                   recipe=recipe, preprocess=preprocess),
-                                 spec.device, root)
+                                 spec.device, root, compile)
                      for ref in refs for subset in spec.subsets]
     return jobs
 
@@ -165,16 +166,18 @@ def _check_weights_file(backbones, jobs: list[Job]) -> None:
             read_checkpoint(Path(path))
 
 
-def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None) -> GridPlan:
-    """Every job of `spec`, minus those already finished in `workdir` (see module docstring)."""
+def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None,
+              compile: bool = False) -> GridPlan:
+    """Every job of `spec`, minus those already finished in `workdir` (see module docstring).
+    `compile`: extraction and fine-tune jobs run their model torch.compile-d (not in any key)."""
     root = str(Path(resolve_workdir(workdir, create=False)).resolve())  # planning writes nothing
     refs, skipped, backbones = _resolve(spec, spec.data_root)
     # where a probe computes is decided here, by the driver, not by the worker that runs it:
     # its rows then say the same device and solver on any executor (a CPU worker beside a GPU
     # one, a Ray task given no GPU)
     probes = [replace(p, device=p.device or device_type(None)) for p in spec.probe_requests()]
-    extracts = _extract_jobs(spec, refs, backbones, root) if probes else []
-    finetunes = _finetune_jobs(spec, refs, backbones, root)
+    extracts = _extract_jobs(spec, refs, backbones, root, compile) if probes else []
+    finetunes = _finetune_jobs(spec, refs, backbones, root, compile)
     subsets = spec.subsets
     probe_digests = {(i, j): [p.key(store, s).digest() for s in subsets]
                      for i, (_, store) in enumerate(extracts) if store is not None

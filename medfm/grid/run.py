@@ -11,6 +11,11 @@ then the probe jobs of the stores built in the first wave. A probe whose extract
 reported as failed without running. The driver is the registry's only writer: it adds each
 job's rows the moment the job's outcome arrives, so a driver killed mid-grid loses nothing that
 finished, and a rerun (which plans again) recomputes nothing that finished.
+
+Cost. Before running, the plan is priced from the throughput table (medfm.grid.estimate): the
+dry run prints the estimate, and the summary of a run sets it against the job hours spent.
+The driver adds every finished probe job to the probe figures (extraction and fine-tuning record
+their own).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medfm.errors import InvalidArgumentError
+from medfm.grid.estimate import GridEstimate, actual_seconds, estimate_plan, record_probe_outcome
 from medfm.grid.executors import Executor, make_executor
 from medfm.grid.jobs import Job, JobOutcome
 from medfm.grid.plan import GridPlan, plan_grid
@@ -40,6 +46,7 @@ class GridResult:
     executor: str
     outcomes: list[JobOutcome] = field(default_factory=list)  # one per job run or refused
     rows_added: int = 0  # registry rows written by this run
+    estimate: GridEstimate | None = None  # the plan's cost (None: it could not be priced)
 
     @property
     def failed(self) -> list[JobOutcome]:
@@ -56,6 +63,8 @@ class GridResult:
         lines = [f"grid on {self.executor}: {len(self.outcomes) - len(self.failed)} job(s) "
                  f"succeeded, {len(self.failed)} failed, {done} already done; "
                  f"{self.rows_added} result row(s) added", *self.plan.skipped]
+        if self.estimate is not None and self.outcomes:
+            lines.append(self.estimate.versus(actual_seconds(self.outcomes)))
         for outcome in self.failed:
             first, *rest = outcome.error.splitlines()
             lines.append(f"FAILED {outcome.job.label}: {first}")
@@ -96,6 +105,7 @@ def run_plan(plan: GridPlan, executor: Executor, *, progress: bool = True) -> Gr
     def consume(jobs: list[Job]) -> None:
         for outcome in executor.run(jobs):
             result.rows_added += _record(registry, outcome, plan.workdir)
+            record_probe_outcome(outcome)
             result.outcomes.append(outcome)
             if not outcome.ok:
                 tqdm.write(f"FAILED {outcome.job.label} (its error is in the summary)")
@@ -118,6 +128,15 @@ def run_plan(plan: GridPlan, executor: Executor, *, progress: bool = True) -> Gr
     return result
 
 
+def _estimate(plan: GridPlan) -> GridEstimate | None:
+    """The plan's cost, or None where pricing it fails: an estimate never stops a grid."""
+    try:
+        return estimate_plan(plan)
+    except Exception as exc:  # noqa: BLE001 - reported, the grid goes on
+        tqdm.write(f"medfm grid: no cost estimate ({type(exc).__name__}: {exc})")
+        return None
+
+
 def run_grid(
     spec: GridSpec,
     *,
@@ -127,20 +146,23 @@ def run_grid(
     progress: bool = True,
     yes: bool = False,
     on_plan: Callable[[GridPlan], None] | None = None,
+    compile: bool = False,
     **executor_options: Any,
 ) -> GridResult:
     """Plan `spec` in `workdir` and run what is not done on `executor`: a name ("local", "ray",
     "slurm"; `executor_options` are its typed options, checked before anything is planned, and
     it is closed at the end) or an executor object (kept open, so one pool can serve several
     grids). `dry_run` plans only. `on_plan` is shown the plan before any job runs; a plan of
-    more than GRID_JOBS_MAX jobs runs only with `yes`."""
+    more than GRID_JOBS_MAX jobs runs only with `yes`. `compile` runs extraction and
+    fine-tuning torch.compile-d."""
     made = None  # an executor built here from its name (starts nothing until it runs jobs)
     if isinstance(executor, str):
         executor = made = make_executor(executor, workdir=resolve_workdir(workdir, create=False),
                                         **executor_options)
-    plan = plan_grid(spec, workdir=workdir)
+    plan = plan_grid(spec, workdir=workdir, compile=compile)
+    estimate = _estimate(plan)
     if dry_run:
-        return GridResult(plan=plan, executor=executor.name)
+        return GridResult(plan=plan, executor=executor.name, estimate=estimate)
     if len(plan.jobs) > GRID_JOBS_MAX and not yes:
         raise InvalidArgumentError(
             f"the grid has {len(plan.jobs):,} jobs to run, above the {GRID_JOBS_MAX:,} that "
@@ -148,7 +170,9 @@ def run_grid(
     if on_plan is not None:
         on_plan(plan)
     try:
-        return run_plan(plan, executor, progress=progress)
+        result = run_plan(plan, executor, progress=progress)
+        result.estimate = estimate
+        return result
     finally:
         if made is not None:
             made.close()

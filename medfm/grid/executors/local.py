@@ -8,6 +8,12 @@ GPU visible) for the jobs that do not, so CPU probes fit while the GPU extracts.
 `max_workers`: that many workers, pinned to the GPUs in turn, for every job. Each pool starts
 when its first job comes. Spawned, so no CUDA or thread state is inherited.
 
+Small stores keep a GPU busy. A worker keeps its last extraction model loaded (medfm.extract),
+and extraction jobs are handed out grouped by backbone, so one model load (and fold check and
+compilation) serves every dataset and size of that backbone in a row; `jobs_per_gpu` N gives each
+GPU N workers, so one job's host work (reading the npz, writing the store, loading the next
+model) overlaps another's kernels.
+
 No orphans: a worker ends itself when its driver dies, by any signal, SIGKILL included. Each
 worker asks the kernel for SIGKILL when its parent exits (Linux PR_SET_PDEATHSIG) and, as a
 backstop on any POSIX system, watches its parent pid every ORPHAN_POLL_S seconds. Nothing is lost
@@ -59,17 +65,18 @@ class WorkerPlan:
 
 
 def worker_plan(*, gpus: int, cores: int, max_workers: int | None,
-                visible: str | None) -> WorkerPlan:
+                visible: str | None, jobs_per_gpu: int = 1) -> WorkerPlan:
     """Workers for `gpus` visible GPUs (`visible`: the driver's CUDA_VISIBLE_DEVICES) and
-    `cores` usable cores (module docstring)."""
+    `cores` usable cores, `jobs_per_gpu` GPU workers per GPU (module docstring)."""
     if max_workers is not None:
         devices = tuple(gpu_assignments(max_workers, gpus, visible)) if gpus else ()
         return WorkerPlan(devices, 0 if gpus else max_workers, max(1, cores // max_workers))
     if not gpus:
         return WorkerPlan((), cores, 1)
-    cpu_workers = max(1, cores - gpus)
-    return WorkerPlan(tuple(gpu_assignments(gpus, gpus, visible)), cpu_workers,
-                      max(1, cores // (gpus + cpu_workers)))
+    gpu_workers = gpus * jobs_per_gpu
+    cpu_workers = max(1, cores - gpu_workers)
+    return WorkerPlan(tuple(gpu_assignments(gpu_workers, gpus, visible)), cpu_workers,
+                      max(1, cores // (gpu_workers + cpu_workers)))
 
 
 def gpu_assignments(workers: int, gpus: int, visible: str | None) -> list[str]:
@@ -114,6 +121,21 @@ def _init_worker(gpu_queue, driver_pid: int, hide_gpus: bool = False) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+MAX_JOBS_PER_GPU = 8  # --jobs-per-gpu bound: more only splits a GPU's memory finer
+
+
+def by_model(jobs: Sequence[Job]) -> list[Job]:
+    """`jobs` with the extraction jobs first, grouped by backbone (in their first order), the
+    others after them in their order: a worker then extracts one backbone's stores in a row,
+    with the model it keeps loaded."""
+    extracts = [job for job in jobs if job.kind == "extract"]
+    first = {}
+    for job in extracts:
+        first.setdefault(job.request.backbone, len(first))
+    return ([*sorted(extracts, key=lambda job: first[job.request.backbone])]
+            + [job for job in jobs if job.kind != "extract"])
+
+
 @register
 class LocalExecutor:
     """Spawned process pools on this machine: GPU-pinned workers and CPU workers beside them
@@ -126,12 +148,17 @@ class LocalExecutor:
         max_workers: int | None = field(default=None, metadata={
             "type": int, "help": "local: worker processes (default: one per GPU plus one per "
                                  "other core for CPU jobs; without GPUs one per core)"})
+        jobs_per_gpu: int = field(default=1, metadata={
+            "type": int, "help": "local: GPU jobs running side by side on each GPU (default 1; "
+                                 "2 keeps a GPU busy between small stores where memory allows)"})
 
     def __init__(self, *, workdir=None, **options) -> None:
         options = self.Options(**options)
         if options.max_workers is not None:
             check_at_most(options.max_workers, WORKERS_MAX, "--max-workers", minimum=1)
+        check_at_most(options.jobs_per_gpu, MAX_JOBS_PER_GPU, "--jobs-per-gpu", minimum=1)
         self.max_workers = options.max_workers
+        self.jobs_per_gpu = options.jobs_per_gpu
         self.workers: WorkerPlan | None = None  # decided when the first jobs come
         self._pools: dict[str, ProcessPoolExecutor] = {}  # "gpu"/"cpu", kept across waves
 
@@ -163,10 +190,11 @@ class LocalExecutor:
         if self.workers is None:
             self.workers = worker_plan(gpus=_gpu_count(), cores=len(os.sched_getaffinity(0)),
                                        max_workers=self.max_workers,
-                                       visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+                                       visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                       jobs_per_gpu=self.jobs_per_gpu)
         plan = self.workers
         futures = {self._pool(plan.pool_for(needs_gpu(job))).submit(run_job, job, plan.threads):
-                   job for job in jobs}
+                   job for job in by_model(jobs)}
         try:
             while futures:
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
