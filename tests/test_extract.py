@@ -205,12 +205,14 @@ def test_truncated_store_is_a_clear_error_and_force_rebuilds(synthetic_root, tmp
     FeatureStore(result.path).verify()
 
 
-def test_flipped_feature_bytes_fail_the_fingerprint(synthetic_root, tmp_path):
+def test_flipped_feature_bytes_fail_the_block_checksum(synthetic_root, tmp_path):
+    """A new store's rows carry block checksums (issue 26): a changed feature is named by its
+    block, with the command that rebuilds the store."""
     result = extract(dataset="breastmnist", size=28, data_root=synthetic_root, workdir=tmp_path,
                      progress=False, **TINY)
     with h5py.File(result.path, "r+") as fh:
         fh["test"]["features"][0, 0] += 1
-    with pytest.raises(StoreError, match="fingerprint"):
+    with pytest.raises(StoreError, match="test/features rows 0-.* fail their checksum.*--force"):
         FeatureStore(result.path).verify()
 
 
