@@ -153,6 +153,19 @@ def _auc_columns(
     return [(y_score[:, i], y_true == i) for i in range(y_score.shape[1])]
 
 
+def _auc_positions(y_true: np.ndarray, y_score: np.ndarray, task: Task):
+    """Per AUC column: (ref_is_pos, ref, query, below, at_or_below). The smaller class is the
+    reference, its rows sorted by score (one sort per column); each query row (the other class)
+    enters that sorted list at `below` (left of ties) and `at_or_below` (right of ties)."""
+    for score, positive in _auc_columns(y_true, y_score, task):
+        pos_rows, neg_rows = np.flatnonzero(positive), np.flatnonzero(~positive)
+        ref_is_pos = pos_rows.size <= neg_rows.size
+        ref, query = (pos_rows, neg_rows) if ref_is_pos else (neg_rows, pos_rows)
+        ref = ref[np.argsort(score[ref], kind="stable")]
+        yield (ref_is_pos, ref, query, np.searchsorted(score[ref], score[query], side="left"),
+               np.searchsorted(score[ref], score[query], side="right"))
+
+
 class _WeightedAUC:
     """Task AUC under per-sample integer weights (B, N), one value per weight row.
 
@@ -170,13 +183,7 @@ class _WeightedAUC:
         import scipy.sparse  # deferred, as for calibration: a rerun imports no SciPy
 
         self.columns, rows, queries, offset = [], [], [], 0
-        for score, positive in _auc_columns(y_true, y_score, task):
-            pos_rows, neg_rows = np.flatnonzero(positive), np.flatnonzero(~positive)
-            ref_is_pos = pos_rows.size <= neg_rows.size
-            ref, query = (pos_rows, neg_rows) if ref_is_pos else (neg_rows, pos_rows)
-            ref = ref[np.argsort(score[ref], kind="stable")]
-            below = np.searchsorted(score[ref], score[query], side="left")
-            at_or_below = np.searchsorted(score[ref], score[query], side="right")
+        for ref_is_pos, ref, query, below, at_or_below in _auc_positions(y_true, y_score, task):
             rows += [offset + below, offset + at_or_below]
             queries += [query, query]
             self.columns.append((ref_is_pos, ref, offset, ref.size + 1))
@@ -535,17 +542,9 @@ class _DeviceScorers:
         balanced = _WeightedBalancedAccuracy(y_true, y_score, task)
         self.members, self.hits = up(balanced.members), up(balanced.hits)
         self.label_of, self.n_labels = balanced.label_of, balanced.n_labels
-        self.auc_columns = []
-        for score, positive in _auc_columns(y_true, y_score, task):
-            pos_rows, neg_rows = np.flatnonzero(positive), np.flatnonzero(~positive)
-            ref_is_pos = pos_rows.size <= neg_rows.size
-            ref, query = (pos_rows, neg_rows) if ref_is_pos else (neg_rows, pos_rows)
-            ref = ref[np.argsort(score[ref], kind="stable")]  # one sort per column
-            below = np.searchsorted(score[ref], score[query], side="left")
-            at_or_below = np.searchsorted(score[ref], score[query], side="right")
-            index = lambda a: torch.as_tensor(a, dtype=torch.long, device=self.device)  # noqa: E731
-            self.auc_columns.append((ref_is_pos, index(ref), index(query), index(below),
-                                     index(at_or_below)))
+        index = lambda a: torch.as_tensor(a, dtype=torch.long, device=self.device)  # noqa: E731
+        self.auc_columns = [(ref_is_pos, *map(index, arrays)) for ref_is_pos, *arrays
+                            in _auc_positions(y_true, y_score, task)]
 
     def __call__(self, weights) -> dict:
         """(B,) tensors on the device: every metric under the weights (B, N) float64."""

@@ -46,7 +46,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from medfm.probe.objective import DEFAULT_MAX_ITER, DEFAULT_TOL, LBFGS_HISTORY, Solution
@@ -254,13 +253,12 @@ class BatchedSolver:
         self.kind, self.max_iter, self.tol = kind, max_iter, tol
         Z = torch.as_tensor(X, device=self.device)
         self.Z = Z if Z.dtype == torch.float32 else Z.float()
+        target = torch.as_tensor(Y, device=self.device)  # numpy or a tensor
         if kind == "multinomial":
-            target = torch.as_tensor(np.asarray(Y) if not isinstance(Y, torch.Tensor) else Y,
-                                     device=self.device).long()
+            target = target.long()
             width = n_classes or int(target.max()) + 1
         else:
-            target = torch.as_tensor(np.asarray(Y) if not isinstance(Y, torch.Tensor) else Y,
-                                     device=self.device).float().reshape(len(self.Z), -1)
+            target = target.float().reshape(len(self.Z), -1)
             width = target.shape[1]
         self.problems = BatchedProblems(self.Z, target, kind, width)
         self.width = width
