@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
 from medfm.preprocess import NORMALIZATIONS, RESIZE_POLICIES
-from medfm.probe.solvers import SOLVERS
+from medfm.resolve.defaults import SOLVERS
 
 EXIT_USER_ERROR = 2  # bad input, missing file, corrupt store...
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -78,8 +78,8 @@ def _add_preprocess(p) -> None:
 
 
 def _add_preset(p, what: str) -> None:
-    """--preset NAME: run as that published preset's grid does (medfm.presets)."""
-    from medfm.presets import PRESETS
+    """--preset NAME: run as that published preset's grid does (medfm.resolve.presets)."""
+    from medfm.resolve.presets import PRESETS
 
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help=f"{what} exactly as `medfm grid --preset NAME` does (docs/presets.md)")
@@ -140,13 +140,13 @@ def _add_extract(sub) -> None:
 def _run_extract(args) -> int:
     from medfm.extract import extract_request
     from medfm.preprocess import PreprocessRequest
-    from medfm.request import resolve_store_request
+    from medfm.resolve.store import resolve_store_request
 
     preprocess = PreprocessRequest(args.resize_policy, args.input_size, args.normalize)
     dtype = args.dtype or "float16"
     if args.preset is not None:
         from medfm.backbones.names import resolve_backbone
-        from medfm.presets import get_preset
+        from medfm.resolve.presets import get_preset
 
         preset = get_preset(args.preset)
         if preprocess != PreprocessRequest() or args.dtype not in (None, preset.dtype):
@@ -360,7 +360,7 @@ def _overrides(args) -> dict:
         if not sep or not field.strip():
             raise InvalidArgumentError(f"--set {item!r} must look like FIELD=VALUE.")
         overrides[field.strip().replace("-", "_")] = value.strip()
-    from medfm.finetune.recipes import LORA_FIELDS
+    from medfm.resolve.recipes import LORA_FIELDS
 
     for name in ("epochs", "batch_size", *LORA_FIELDS):
         if getattr(args, name) is not None:
@@ -372,7 +372,7 @@ def _overrides(args) -> dict:
 
 def _run_finetune(args) -> int:
     from medfm.finetune import finetune
-    from medfm.finetune.recipes import LORA_FIELDS
+    from medfm.resolve.recipes import LORA_FIELDS
     from medfm.sampling import parse_fractions, parse_seeds, parse_shots
     from medfm.store.registry import Registry
 
@@ -418,7 +418,7 @@ def _filters(args) -> dict:
     """Registry filters of `results` and `report`; a dataset, size or method that cannot exist
     is an error (not an empty table)."""
     from medfm.data import get_dataset
-    from medfm.finetune.recipes import METHODS as FINETUNE_METHODS
+    from medfm.resolve.recipes import METHODS as FINETUNE_METHODS
     from medfm.probe.methods import probe_methods
 
     filters = {}

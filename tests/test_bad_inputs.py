@@ -136,7 +136,7 @@ def _store_on_another_name(f: dict, t: Path) -> Path:
     """The finished store copied onto the file name of another request (input size 48): what a
     store found by that name must not be trusted for."""
     from medfm.preprocess import PreprocessRequest
-    from medfm.request import resolve_store_request
+    from medfm.resolve.store import resolve_store_request
 
     work = _work_copy(f, t)
     other = resolve_store_request(dataset="breastmnist", size=28, data_root=f["data"],
@@ -671,7 +671,7 @@ def test_a_corrupted_store_copied_onto_another_name_is_refused(finished, tmp_pat
     import h5py
 
     from medfm.errors import StoreError
-    from medfm.request import store_digest
+    from medfm.resolve.keys import store_digest
     from medfm.store.corrupted import CorruptedStore
 
     identity = {"store": {"dataset": "breastmnist", "size": 28, "backbone": "test_efficientnet"},
@@ -940,7 +940,7 @@ def test_every_encoding_of_mr_small_imports_to_the_same_pixels():
 def test_a_value_json_refuses_is_named_by_its_field_not_quoted_whole():
     """The error used to quote a whole recipe (660 characters)."""
     from medfm.errors import InvalidArgumentError
-    from medfm.store.registry import canonical_json
+    from medfm.resolve.keys import canonical_json
 
     recipe = {f"field_{i}": i for i in range(40)} | {"lora": {"alpha": float("inf")}}
     with pytest.raises(InvalidArgumentError) as refused:

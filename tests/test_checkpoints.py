@@ -27,7 +27,9 @@ import pytest
 import torch
 
 from medfm.errors import InvalidArgumentError, MedfmWarning
-from medfm.finetune import finetune, finetune_job, resolve_finetune, resolve_recipe
+from medfm.finetune import finetune, finetune_job
+from medfm.resolve.finetune import resolve_finetune
+from medfm.resolve.recipes import resolve_recipe
 from medfm.finetune.run import BEST_WEIGHTS_NAME, LOCK_NAME, checkpoint_folder
 from medfm.finetune.train import (
     CHECKPOINT_FORMAT,

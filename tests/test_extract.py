@@ -284,7 +284,8 @@ def test_precision_is_part_of_a_store_identity_only_where_it_is_not_float32(synt
                                                                              tmp_path):
     """float32 stores keep the identity and name they had before precision was keyed (old work
     directories find them); bfloat16 (CUDA's default) is another store."""
-    from medfm.request import resolve_store_request, store_filename
+    from medfm.resolve.store import resolve_store_request
+    from medfm.resolve.keys import store_filename
 
     kw = dict(dataset="breastmnist", size=28, backbone="test_resnet", weights="random",
               data_root=synthetic_root)

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from medfm.backbones import create_backbone
 from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
-from medfm.finetune import RECIPES, finetune, finetune_job, resolve_finetune, resolve_recipe
+from medfm.resolve.recipes import RECIPES, resolve_recipe
+from medfm.finetune import finetune, finetune_job
+from medfm.resolve.finetune import resolve_finetune
 from medfm.finetune.run import BEST_WEIGHTS_NAME, CHECKPOINTS_DIR, LOCK_NAME
 from medfm.preprocess import PreprocessRequest
 from medfm.finetune.train import TaskLoss, apply_cifar_stem, augment, lr_factor, output_dim

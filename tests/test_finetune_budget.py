@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medfm.finetune import RECIPES, finetune_job, resolve_finetune, resolve_recipe
-from medfm.finetune.recipes import LATER_FIELDS, MIN_TRAIN_BATCH
+from medfm.resolve.recipes import RECIPES, resolve_recipe
+from medfm.finetune import finetune_job
+from medfm.resolve.finetune import resolve_finetune
+from medfm.resolve.recipes import LATER_FIELDS, MIN_TRAIN_BATCH
 from medfm.sampling import SubsetSpec
 
 BUDGET_FIELDS = ("revision", "min_steps", "epoch_steps")  # what issue 14 added to Recipe

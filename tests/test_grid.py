@@ -17,7 +17,7 @@ from medfm.errors import InvalidArgumentError, UnknownBackboneError
 from medfm.grid import load_spec, plan_grid, preset_spec, run_grid, spec_from_dict
 from medfm.grid.executors.local import LocalExecutor
 from medfm.grid.spec import PRESETS
-from medfm.presets import MEDMNIST_PLUS_BACKBONES
+from medfm.resolve.presets import MEDMNIST_PLUS_BACKBONES
 from medfm.report import report
 from medfm.store.registry import Registry
 from medfm.synthetic import write_synthetic_npz

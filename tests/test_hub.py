@@ -30,11 +30,12 @@ from medfm.backbones.names import canonical_backbone_id
 from medfm.cli import main
 from medfm.data import load_split
 from medfm.extract import extract
-from medfm.finetune import finetune, finetune_job, resolve_finetune
-from medfm.finetune.recipes import resolve_recipe
+from medfm.finetune import finetune, finetune_job
+from medfm.resolve.finetune import resolve_finetune
+from medfm.resolve.recipes import resolve_recipe
 from medfm.preprocess import DevicePreprocessor, PreprocessRequest
 from medfm.probe import probe
-from medfm.request import resolve_store_request
+from medfm.resolve.store import resolve_store_request
 from medfm.sampling import SubsetSpec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,9 @@ import torch
 
 from medfm.cli import main
 from medfm.errors import InvalidArgumentError
-from medfm.finetune import finetune, finetune_job, resolve_finetune, resolve_recipe
+from medfm.finetune import finetune, finetune_job
+from medfm.resolve.finetune import resolve_finetune
+from medfm.resolve.recipes import resolve_recipe
 from medfm.finetune.lora import apply_lora, default_targets, resolve_targets
 from medfm.finetune.run import BEST_WEIGHTS_NAME, CHECKPOINTS_DIR, _build_model
 from medfm.finetune.train import (

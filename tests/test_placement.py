@@ -91,7 +91,7 @@ class WhereAmI:
 
     @property
     def probe(self):
-        from medfm.probe import resolve_probe
+        from medfm.resolve.probe import resolve_probe
 
         return resolve_probe("logreg", device="cpu")
 

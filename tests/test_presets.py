@@ -24,16 +24,18 @@ from medfm.backbones import create_backbone
 from medfm.backbones.names import resolve_backbone
 from medfm.cli import main
 from medfm.data import Task, load_split
-from medfm.finetune import RECIPES, finetune_job, finetune_requests, resolve_finetune
+from medfm.resolve.recipes import RECIPES
+from medfm.finetune import finetune_job
+from medfm.resolve.finetune import finetune_requests, resolve_finetune
 from medfm.finetune.lora import has_attention
-from medfm.finetune.recipes import LATER_FIELDS, resolve_recipe
+from medfm.resolve.recipes import LATER_FIELDS, resolve_recipe
 from medfm.finetune.train import Split, lr_factor, train
 from medfm.grid import plan_grid, preset_spec
 from medfm.preprocess import DevicePreprocessor, PreprocessConfig, PreprocessRequest, resize
-from medfm.presets import MEDMNIST_PLUS_SEEDS, PRESETS, get_preset
+from medfm.resolve.presets import MEDMNIST_PLUS_SEEDS, PRESETS, get_preset
 from medfm.probe.methods import get_method
 from medfm.report.tables import HEAD_PROBE, annotate
-from medfm.request import run_key
+from medfm.resolve.keys import run_key
 from medfm.sampling import SubsetSpec, sample
 from medfm.store.features import find_stores
 from medfm.store.registry import Registry

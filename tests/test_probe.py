@@ -14,7 +14,8 @@ from sklearn.base import clone
 from medfm.data import Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import auc
-from medfm.probe import C_GRID, KNNProbe, LogisticProbe, probe, probe_methods
+from medfm.resolve.defaults import C_GRID
+from medfm.probe import KNNProbe, LogisticProbe, probe, probe_methods
 from medfm.probe.methods import get_method
 from medfm.probe.methods.logreg import LOSS_MARGIN, PATIENCE
 from medfm.probe.solvers import cuml_available, make_solver, resolve_solver
@@ -371,9 +372,10 @@ def test_the_solver_is_how_a_run_computes_not_which_run(tmp_path):
 
 
 def test_a_new_method_is_one_registration(tmp_path):
-    """A nearest-centroid probe registered like logreg and knn: probe() keys, fits and records
-    it, and its option reaches its settings, with nothing else changed."""
-    from medfm.probe.methods import _METHODS, Fitted, MethodOption, ProbeMethod, register
+    """A nearest-centroid probe declared and registered like logreg and knn: probe() keys, fits
+    and records it, and its option reaches its settings, with nothing else changed."""
+    from medfm.probe.methods import _METHODS, Fitted, register
+    from medfm.resolve.methods import _SPECS, MethodOption, MethodSpec, declare
 
     def fit(features, labels, task, rows, *, params, selection, seed, solver, device):
         X, y = features["train"][rows], labels["train"][rows]
@@ -383,11 +385,12 @@ def test_a_new_method_is_one_registration(tmp_path):
         return Fitted((proba / proba.sum(axis=1, keepdims=True)).astype(np.float32), None,
                       {"centroids": len(centroids)}, "", "cpu")
 
-    register(ProbeMethod(
+    declare(MethodSpec(
         name="centroid", paradigm="nearest centroid", line_style="-.", selections=("none",),
         params=lambda selection, options: {"sharpness": options["sharpness"]},
-        select_metric=lambda task, params: "", fit=fit,
+        select_metric=lambda task, params: "",
         options=(MethodOption("sharpness", 0.1, (), "softmax temperature"),)))
+    register("centroid", fit=fit)
     try:
         assert "centroid" in probe_methods()
         write_store(tmp_path, "bloodmnist")
@@ -401,6 +404,7 @@ def test_a_new_method_is_one_registration(tmp_path):
                   progress=False)
     finally:
         _METHODS.pop("centroid")
+        _SPECS.pop("centroid")
 
 
 def _grid_distance(a: float, b: float) -> int:
@@ -532,7 +536,8 @@ def test_features_resident_as_tensors_give_the_rows_of_numpy_features(tmp_path):
     """The GPU path (features uploaded once as tensors, standardized, fitted, scored and
     evaluated on the device) run on the CPU device: every task's rows equal those from numpy
     features: the same C, metrics and intervals to rounding."""
-    from medfm.probe import StoreArrays, probe_job, resolve_probe
+    from medfm.probe import StoreArrays, probe_job
+    from medfm.resolve.probe import resolve_probe
     from medfm.sampling import SubsetSpec
     from medfm.store.features import find_stores
 

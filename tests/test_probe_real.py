@@ -14,7 +14,8 @@ from medfm.cli import main
 from medfm.data import Task
 from medfm.extract import extract
 from medfm.metrics import acc, auc
-from medfm.probe import C_GRID, LogisticProbe, StoreArrays, probe
+from medfm.resolve.defaults import C_GRID
+from medfm.probe import LogisticProbe, StoreArrays, probe
 from medfm.probe.solvers import NVIDIA_MARKERS
 from medfm.probe.methods.logreg import PATIENCE
 from medfm.sampling import SubsetSpec, sample

@@ -20,13 +20,11 @@ from medfm.errors import InvalidArgumentError, RegistryError
 from medfm.store.registry import (
     DATAFRAME_COLUMNS,
     REGISTRY_FILENAME,
-    RESULT_KEY_FIELDS,
     SCHEMA_VERSION,
     Registry,
-    ResultKey,
     ResultRow,
-    canonical_json,
 )
+from medfm.resolve.keys import RESULT_KEY_FIELDS, ResultKey, canonical_json
 
 N_WORKERS = 4  # concurrent writer processes
 ROWS_PER_WORKER = 50

@@ -18,7 +18,8 @@ import pytest
 
 from medfm.errors import RegistryError
 from medfm.report import report
-from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
+from medfm.store.registry import Registry, ResultRow
+from medfm.resolve.keys import ResultKey, canonical_json
 
 FRACTIONS = (0.01, 0.1, 1.0)  # one per guideline bucket
 SEEDS = (0, 1, 2)
@@ -158,7 +159,7 @@ def test_variants_split_by_distinguishing_fields(tmp_path):
 def test_old_and_new_medfm_recipes_are_separate_variants(tmp_path):
     """Rows of `medfm` before issue 14 (keyed without `revision`) read as revision 1, apart
     from the step-budget recipe's rows (revision 2), never averaged together."""
-    from medfm.finetune.recipes import RECIPES
+    from medfm.resolve.recipes import RECIPES
 
     registry = Registry.in_workdir(tmp_path / "work")
     for name, seed in itertools.product(("medfm-v1", "medfm"), SEEDS):

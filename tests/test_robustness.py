@@ -18,7 +18,7 @@ from medfm.preprocess import PreprocessRequest  # noqa: E402
 from medfm.probe import probe  # noqa: E402
 from medfm.probe.methods.logreg import LogisticProbe  # noqa: E402
 from medfm.probe.robust import state_path  # noqa: E402
-from medfm.request import resolve_store_request  # noqa: E402
+from medfm.resolve.store import resolve_store_request  # noqa: E402
 from medfm.store.corrupted import available_pairs  # noqa: E402
 from medfm.store.features import FeatureStore, find_stores  # noqa: E402
 from medfm.store.registry import Registry  # noqa: E402

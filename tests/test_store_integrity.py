@@ -137,7 +137,7 @@ def _extract_cmd(root, workdir) -> list[str]:
 def test_a_second_extract_waits_for_the_lock_holder(synthetic_root, tmp_path):
     """A real process finds the store's lock held: it says for whom it waits, writes nothing
     while it waits, then builds once the holder lets go."""
-    from medfm.request import resolve_store_request
+    from medfm.resolve.store import resolve_store_request
     from medfm.preprocess import PreprocessRequest
     from medfm.store.features import stores_dir
 

@@ -7,7 +7,7 @@
     medfm extract --backbone convnext_base --size 224      # every MedMNIST dataset at 224
 
 The request (dataset file, backbone and weights, preprocessing, dtype, precision) is resolved
-first (medfm.request); its store is found by name, so a finished store makes a rerun a no-op
+first (medfm.resolve); its store is found by name, so a finished store makes a rerun a no-op
 that loads no model, and a killed one resumes from its last complete chunk. For each split, a
 loader thread slices uint8 chunks out of the (possibly memory-mapped) images into a ring of
 reused host buffers (pinned on CUDA) and, on CUDA, onto the GPU on a side stream, so the copy of
@@ -48,7 +48,7 @@ from medfm.errors import InvalidArgumentError
 from medfm.extract.fold import check_batch, fold_verified
 from medfm.limits import check_batch_size, check_seed
 from medfm.preprocess import DevicePreprocessor, PreprocessRequest
-from medfm.request import StoreRequest, resolve_store_request
+from medfm.resolve.store import StoreRequest, resolve_store_request
 from medfm.runtime import device_name, resolve_device, versions
 from medfm.store.features import (FeatureStore, StoreWriter, disk_full_is_one_line,
                                   store_lock, stores_dir)
@@ -361,7 +361,7 @@ def extract(
 ) -> ExtractResult:
     """Embed every split of (`dataset`, `size`) with `backbone` into one HDF5 feature store.
 
-    Resolves the request (medfm.request.resolve_store_request; `precision` None: bfloat16
+    Resolves the request (medfm.resolve.store.resolve_store_request; `precision` None: bfloat16
     autocast on CUDA, float32 elsewhere), then `extract_request`. `compile` runs the backbone
     torch.compile-d (recorded in the store's provenance, not its identity: the features are the
     eager ones within the store's tolerance).

@@ -11,10 +11,11 @@ so it loads on first use.
 import sys
 import types
 
-from medfm.finetune.recipes import RECIPES, Recipe, resolve_recipe
+# requests and recipes are resolved below every stage (medfm.resolve); offered here as well
+from medfm.resolve.finetune import FinetuneRequest, finetune_requests, resolve_finetune
+from medfm.resolve.recipes import RECIPES, Recipe, resolve_recipe
 
-_RUN = ("FinetuneReport", "FinetuneRequest", "finetune", "finetune_job", "finetune_requests",
-        "finish_checkpoint", "resolve_finetune")
+_RUN = ("FinetuneReport", "finetune", "finetune_job", "finish_checkpoint")
 _TRAIN = ("Split", "TrainOutcome", "train")
 
 
@@ -46,4 +47,5 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = ["RECIPES", "Recipe", "resolve_recipe", *_RUN, *_TRAIN]
+__all__ = ["RECIPES", "FinetuneRequest", "Recipe", "finetune_requests", "resolve_finetune",
+           "resolve_recipe", *_RUN, *_TRAIN]

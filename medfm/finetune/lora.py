@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from medfm.errors import InvalidArgumentError
-from medfm.finetune.recipes import LORA_AUTO, Recipe
+from medfm.resolve.recipes import LORA_AUTO, Recipe
 
 ATTENTION_WORDS = ("attn", "attention")  # a Linear under a module so named is a projection
 ADAPTER_PREFIX = "lora_"  # peft names every adapter tensor lora_A.<adapter>, lora_B.<adapter>

@@ -11,7 +11,7 @@ on the official val split, and the checkpoint chosen by the recipe's metric is s
 official test split with medfm.metrics (MedMNIST-exact ACC/AUC, balanced accuracy, bootstrap CIs).
 Preprocessing is one request (medfm.preprocess): the recipe's, with every field the user (or the
 grid spec) sets in its place. A run resolves to a `FinetuneRequest` before any model or image
-loads, and its key (medfm.request.run_key) holds everything that changes the result: the dataset
+loads, and its key (medfm.resolve.keys.run_key) holds everything that changes the result: the dataset
 file, the backbone and weights identity, the resolved preprocessing, the subset and seed, the
 checkpoint metric, the method ("finetune", or "lora" when the recipe trains LoRA adapters: its own
 paradigm in results and reports) and the rest of the resolved recipe (`params`, LoRA's rank,
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medfm.backbones import RANDOM, BackboneRef, create_backbone, resolve_backbone
-from medfm.data import DatasetRef, get_dataset, load_split, resolve_datasets
-from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
+from medfm.backbones import create_backbone
+from medfm.data import DatasetRef, get_dataset, load_split
+from medfm.errors import MedfmError, MedfmWarning
 from medfm.finetune.lora import adapted_modules, apply_lora
-from medfm.finetune.recipes import LORA_RANK, Recipe, resolve_recipe
+from medfm.resolve.recipes import Recipe
 from medfm.finetune.train import (
     CHECKPOINT_NAME,
     EVAL_BATCH_FACTOR,
@@ -72,100 +72,19 @@ from medfm.finetune.train import (
 )
 from medfm.metrics import evaluate
 from medfm.paths import resolve_workdir
-from medfm.preprocess import DevicePreprocessor, PreprocessConfig, PreprocessRequest
+from medfm.preprocess import DevicePreprocessor
 from medfm.probe.robust import ScoredRow, record
-from medfm.request import input_identity, run_key
+from medfm.resolve.finetune import FinetuneRequest, finetune_requests
 from medfm.runtime import deterministic_algorithms, device_name, resolve_device, versions
-from medfm.sampling import SubsetSpec, expand_subsets, sample
-from medfm.store.registry import REGISTRY_FILENAME, Registry, ResultKey, ResultRow
+from medfm.sampling import sample
+from medfm.store.registry import REGISTRY_FILENAME, Registry, ResultRow
+from medfm.resolve.keys import ResultKey
 
 CHECKPOINTS_DIR = "checkpoints"  # under the work directory, one folder per result key digest
 BEST_WEIGHTS_NAME = "best.pt"  # the tested weights of a finished job (state dict)
 LOCK_NAME = ".lock"  # in a run's checkpoint folder: flock-ed by the process working on the run
 HEAD_INIT_STD = 0.01  # new head on a pretrained backbone: small normal weights, zero bias
 FINETUNE_VERSIONS = ("torch", "timm")  # recorded with every fine-tune row
-
-
-@dataclass(frozen=True)
-class FinetuneRequest:
-    """One fine-tune run, resolved: what it trains on, from which weights, by which recipe."""
-
-    dataset: DatasetRef
-    backbone: BackboneRef
-    recipe: Recipe  # resolved, its preprocessing fields merged with the user's
-    preprocess: PreprocessConfig  # the recipe's preprocessing resolved for the backbone
-    spec: SubsetSpec
-
-    @property
-    def select_metric(self) -> str:
-        """The checkpoint metric: the recipe's, "primary" resolved for the dataset."""
-        if self.recipe.select_metric == "primary":
-            return get_dataset(self.dataset.name).primary_metric
-        return self.recipe.select_metric
-
-    def key(self) -> ResultKey:
-        return run_key(store=input_identity(self.dataset, self.backbone, self.preprocess,
-                                            self.recipe.normalize),
-                       feature_kind="", method=self.recipe.method,
-                       params=self.recipe.key_params(),
-                       selection="val", select_metric=self.select_metric, spec=self.spec)
-
-    @property
-    def label(self) -> str:
-        """"breastmnist@28 resnet18.a1_in1k f=0.1 seed 0", as progress bars name the run."""
-        s = self.spec
-        subset = f"f={s.fraction:g}" if s.fraction is not None else f"k={s.shots}"
-        return f"{self.dataset.label} {self.backbone.id} {subset} seed {s.seed}"
-
-
-def _weights_for(recipe: Recipe, weights: str | None) -> str | None:
-    """The weights to load: a from-scratch recipe forces a seeded random init."""
-    if recipe.pretrained:
-        return weights
-    if weights is None or weights.strip().lower() in ("random", "none"):
-        return RANDOM
-    raise InvalidArgumentError(
-        f"recipe {recipe.name!r} trains from scratch (pretrained=false) but weights {weights!r} "
-        "were given; drop --weights, or override pretrained=true to fine-tune them.")
-
-
-def resolve_finetune(*, dataset: str | DatasetRef, backbone: str | BackboneRef, spec: SubsetSpec,
-                     recipe: Recipe, size: int | None = None, weights: str | None = None,
-                     preprocess: PreprocessRequest | None = None,
-                     data_root: str | os.PathLike | None = None) -> FinetuneRequest:
-    """The fine-tune the user asked for, resolved without loading a model or an image.
-
-    `preprocess` overrides the recipe's preprocessing field by field (None: the recipe's).
-    """
-    from medfm.data import resolve_dataset
-
-    ref = dataset if isinstance(dataset, DatasetRef) else resolve_dataset(dataset, size, data_root)
-    model = backbone if isinstance(backbone, BackboneRef) else resolve_backbone(
-        backbone, _weights_for(recipe, weights))
-    merged = recipe.preprocess.merged(preprocess)
-    config = merged.resolve(model.data_config(), source_size=ref.size)
-    return FinetuneRequest(ref, model, recipe.with_preprocess(merged), config, spec)
-
-
-def _check_preset(name: str | None, recipe, sampler: str | None, preprocess: tuple):
-    """The preset `name` (None: no preset), after checking that nothing the user gave differs
-    from it: the recipe, the sampler, and any preprocessing (a preset fixes it per backbone)."""
-    if name is None:
-        return None
-    from medfm.presets import get_preset
-
-    found = get_preset(name)
-    given = recipe.name if isinstance(recipe, Recipe) else recipe
-    if given is not None and given != found.recipe:
-        raise InvalidArgumentError(f"preset {name} fine-tunes with recipe {found.recipe!r}, not "
-                                   f"{given!r}; drop --recipe (override fields with --set).")
-    if sampler is not None and sampler != found.sampler:
-        raise InvalidArgumentError(f"preset {name} draws subsets with sampler {found.sampler!r}, "
-                                   f"not {sampler!r}; drop --sampler, or --preset.")
-    if any(v is not None for v in preprocess):
-        raise InvalidArgumentError(f"preset {name} prepares images its own way per backbone; "
-                                   f"drop --resize-policy, --input-size and --normalize.")
-    return found
 
 
 def init_head(model: torch.nn.Module, *, seed: int, std: float = HEAD_INIT_STD) -> None:
@@ -505,59 +424,6 @@ class FinetuneReport:
     corrupted_filled: int = 0  # corrupted-split evaluations added to runs recorded before
 
 
-def finetune_requests(
-    *,
-    backbones: Sequence[str],
-    sizes: Sequence[int],
-    datasets: Sequence[str] | None = None,
-    fractions: Sequence[float] | None = None,
-    shots: Sequence[int] | None = None,
-    seeds: Sequence[int] | None = None,
-    recipe: str | Recipe | None = None,
-    overrides: dict | None = None,
-    resize_policy: str | None = None,
-    input_size: int | None = None,
-    normalize: str | None = None,
-    weights: str | None = None,
-    lora: bool = False,
-    data_root: str | os.PathLike | None = None,
-    sampler: str | None = None,
-    preset: str | None = None,
-) -> tuple[list[FinetuneRequest], list[str]]:
-    """(every run `finetune` would train, the lines of default datasets skipped for want of
-    their file), resolved without loading a model or an image. Arguments as `finetune`'s."""
-    found = _check_preset(preset, recipe, sampler, (resize_policy, input_size, normalize))
-    if found is not None:
-        recipe, sampler = found.recipe, found.sampler
-        seeds = found.seeds if seeds is None else seeds
-        if not fractions and not shots:
-            fractions, shots = found.fractions, found.shots
-    recipe = "medfm" if recipe is None else recipe
-    overrides = dict(overrides or {})
-    resolved = resolve_recipe(recipe, **overrides)
-    if lora and not resolved.lora_rank:
-        if "lora_rank" in overrides:
-            raise InvalidArgumentError("LoRA needs lora_rank >= 1; drop --lora-rank 0, or --lora.")
-        overrides["lora_rank"] = LORA_RANK
-        resolved = resolve_recipe(resolved, lora_rank=LORA_RANK)
-    preprocess = PreprocessRequest(resize_policy, input_size, normalize)
-    refs, missing = resolve_datasets(datasets, sizes, data_root)
-    subsets = expand_subsets(fractions, shots, (0,) if seeds is None else seeds,
-                             **({"sampler": sampler} if sampler else {}))
-    requests = []
-    for backbone in backbones:
-        ref = resolve_backbone(backbone, _weights_for(resolved, weights))
-        if found is not None:  # the preset's rules for this backbone, under the user's
-            rules = found.recipe_overrides(ref, frozen=resolved.freeze_backbone)
-            resolved_for, preprocess = (resolve_recipe(recipe, **{**rules, **overrides}),
-                                        found.preprocess(ref))
-        else:
-            resolved_for = resolved
-        requests += [resolve_finetune(dataset=d, backbone=ref, spec=spec, recipe=resolved_for,
-                                      preprocess=preprocess) for d in refs for spec in subsets]
-    return requests, list(missing)
-
-
 def finetune(
     *,
     backbones: Sequence[str],
@@ -595,7 +461,7 @@ def finetune(
     unless the recipe or `overrides` set one). Rows carry per-sample test scores.
     `deterministic`: deterministic kernels only (see `finetune_job`). `sampler` draws the
     subsets (medfm.sampling.SAMPLERS; None: the default). `recipe` None is "medfm" (or the
-    preset's). `preset` (medfm.presets) runs each backbone as that preset's grid does: its
+    preset's). `preset` (medfm.resolve.presets) runs each backbone as that preset's grid does: its
     recipe with its rules for the backbone (under `overrides`), its preprocessing, sampler, seeds
     and subsets (where not given); a differing recipe, sampler or preprocessing is an error.
     `compile`: torch.compile the model (see `finetune_job`).

@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from medfm.data import Task
 from medfm.errors import DiskFullError, InvalidArgumentError, MedfmWarning, is_disk_full
 from medfm.finetune.lora import has_attention, mark_trainable
-from medfm.finetune.recipes import Recipe
+from medfm.resolve.recipes import Recipe
 from medfm.metrics import acc as acc_metric
 from medfm.metrics import auc as auc_metric
 from medfm.preprocess import DevicePreprocessor, PreprocessConfig

@@ -1,6 +1,6 @@
 """Grid jobs: small frozen (picklable) specs, each run by one pure function on any worker.
 
-A job carries the request the planner resolved (medfm.request), so it computes exactly the run
+A job carries the request the planner resolved (medfm.resolve), so it computes exactly the run
 the plan counted. It computes and returns; it never writes the results registry. `run_job`
 turns any exception into a failed `JobOutcome` carrying the error, so one bad job (say, weights
 that cannot be downloaded) never stops the grid. Jobs are idempotent: an extract job whose store
@@ -25,12 +25,12 @@ from medfm.sampling import SubsetSpec
 from medfm.store.registry import ResultRow
 
 if TYPE_CHECKING:
-    from medfm.finetune.run import FinetuneRequest
-    from medfm.probe.run import ProbeRequest
-    from medfm.request import StoreRequest
+    from medfm.resolve.finetune import FinetuneRequest
+    from medfm.resolve.probe import ProbeRequest
+    from medfm.resolve.store import StoreRequest
 
 TRACEBACK_LINES = 6  # lines of a bug's traceback kept in its outcome
-ScoredRow = tuple[ResultRow, np.ndarray, np.ndarray]  # (row, test scores, test labels)
+JobResult = tuple[ResultRow, np.ndarray, np.ndarray]  # (row, test scores, test labels)
 
 
 def _subset_label(spec: SubsetSpec) -> str:
@@ -53,7 +53,7 @@ def _show(caught: list[warnings.WarningMessage], label: str) -> None:
 class ExtractJob:
     """Embed every split of one dataset file with one backbone into a feature store."""
 
-    request: StoreRequest  # resolved by the planner (medfm.request)
+    request: StoreRequest  # resolved by the planner (medfm.resolve)
     device: str | None  # "cpu", "cuda" or None (CUDA when visible)
     workdir: str  # absolute
     compile: bool = False  # run the backbone torch.compile-d (provenance, not identity)
@@ -77,7 +77,7 @@ class ExtractJob:
         return str(extract_request(self.request, device=self.device, workdir=self.workdir,
                                    progress=False, compile=self.compile).path)
 
-    def run(self) -> list[ScoredRow]:
+    def run(self) -> list[JobResult]:
         self.store_path()
         return []
 
@@ -104,12 +104,12 @@ class ProbeJob:
                   f"{first.fraction:g} seeds {','.join(str(s.seed) for s in self.specs)}")
         return f"{self.probe.method} {self.store.where} {subset}"
 
-    def run(self) -> list[ScoredRow]:
-        from medfm.probe import StoreArrays, probe_job
+    def run(self) -> list[JobResult]:
+        from medfm.probe.run import StoreArrays, for_work, probe_job
         from medfm.store.features import FeatureStore
 
         store = FeatureStore(self.store.store_path())
-        probe = self.probe.for_work([(store, spec) for spec in self.specs])
+        probe = for_work(self.probe, [(store, spec) for spec in self.specs])
         arrays, shared_fits = StoreArrays.load(store, device=probe.features_device()), {}
         return [probe_job(store, spec=spec, probe=probe, arrays=arrays,
                           shared_fits=shared_fits) for spec in self.specs]
@@ -133,7 +133,7 @@ class FinetuneJob:
         return (f"{what} {r.dataset.label} {r.backbone.name or r.backbone.id} "
                 f"{_subset_label(r.spec)}")
 
-    def run(self) -> list[ScoredRow]:
+    def run(self) -> list[JobResult]:
         from medfm.extract import release_models
         from medfm.finetune import finetune_job
 
@@ -155,7 +155,7 @@ class JobOutcome:
     """What a job sent back to the driver."""
 
     job: Job
-    rows: list[ScoredRow]
+    rows: list[JobResult]
     error: str | None  # None when the job succeeded
     wall_s: float
 

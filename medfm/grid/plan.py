@@ -1,6 +1,6 @@
 """Expand a GridSpec into extract -> probe -> finetune jobs and drop the finished ones.
 
-Method. Every name in the spec is resolved first (medfm.request): datasets to their files
+Method. Every name in the spec is resolved first (medfm.resolve): datasets to their files
 (a default dataset whose file is missing is skipped and named), backbones to their canonical
 identity, preprocessing against each backbone's data config, probe methods to their settings,
 the fine-tune recipe with its preprocessing (its overrides win over the grid's, which win over
@@ -31,8 +31,9 @@ from medfm.errors import StoreError
 from medfm.grid.jobs import ExtractJob, FinetuneJob, Job, ProbeJob
 from medfm.grid.spec import HEAD_PROBE, TRAINED, GridSpec
 from medfm.paths import resolve_workdir
-from medfm.preprocess import PreprocessRequest
-from medfm.request import STORES_DIRNAME, resolve_store_request
+from medfm.resolve.finetune import resolve_finetunes
+from medfm.resolve.keys import STORES_DIRNAME
+from medfm.resolve.store import resolve_store_request
 from medfm.runtime import device_type
 from medfm.store.features import FeatureStore, stores_dir
 from medfm.store.registry import REGISTRY_FILENAME, Registry
@@ -89,15 +90,6 @@ def _finished_store(path: Path) -> FeatureStore | None:
         return None
 
 
-def _finetune_preprocess(spec: GridSpec, backbone) -> PreprocessRequest:
-    """The grid's preprocessing of `backbone`, with the fine-tune overrides' own preprocessing
-    fields on top."""
-    overrides = dict(spec.overrides)
-    own = PreprocessRequest(overrides.get("resize_policy"), overrides.get("input_size"),
-                            overrides.get("normalize"))
-    return spec.preprocess_for(backbone).merged(own)
-
-
 def _resolve(spec: GridSpec, data_root):
     """(dataset refs, skipped lines, backbone refs in spec order): every name, resolved once."""
     refs, skipped = resolve_datasets(spec.datasets, spec.sizes, data_root)
@@ -126,22 +118,15 @@ def _extract_jobs(spec: GridSpec, refs, backbones, root: str, compile: bool):
 
 def _finetune_jobs(spec: GridSpec, refs, backbones, root: str,
                    compile: bool) -> list[FinetuneJob]:
-    """Every fine-tune (and head-probe: the head through the frozen backbone) job, each
-    backbone with the preset's rules for it (GridSpec.recipe_overrides_for)."""
-    from medfm.finetune import resolve_finetune, resolve_recipe
-
+    """Every fine-tune (and head-probe: the head through the frozen backbone) job, resolved by
+    the one path the CLI and the API take (medfm.resolve.finetune.resolve_finetunes)."""
     jobs = []
     for method in (m for m in TRAINED if m in spec.methods):
-        for backbone in backbones:
-            recipe = resolve_recipe(spec.recipe, **spec.recipe_overrides_for(
-                backbone, frozen=method == HEAD_PROBE))
-            if not recipe.pretrained and spec.weights is None:  # from scratch: a seeded init
-                backbone = resolve_backbone(backbone.name, "random")
-            preprocess = _finetune_preprocess(spec, backbone)
-            jobs += [FinetuneJob(resolve_finetune(dataset=ref, backbone=backbone, spec=subset,
-                                                  recipe=recipe, preprocess=preprocess),
-                                 spec.device, root, compile)
-                     for ref in refs for subset in spec.subsets]
+        requests = resolve_finetunes(
+            datasets=refs, backbones=backbones, subsets=spec.subsets, recipe=spec.recipe,
+            overrides=dict(spec.overrides), preprocess=spec.preprocess, weights=spec.weights,
+            preset=spec.preset, frozen=method == HEAD_PROBE)
+        jobs += [FinetuneJob(request, spec.device, root, compile) for request in requests]
     return jobs
 
 

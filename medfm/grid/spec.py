@@ -28,9 +28,9 @@ A spec file names the axes of the grid; everything but `sizes` and `backbones` h
     data_root: null          # null: $MEDFM_DATA_ROOT or ~/.medmnist
     finetune: {recipe: medfm, overrides: {epochs: 5}}
     sampler: shuffled        # how subsets are drawn (medfm.sampling.SAMPLERS)
-    preset: null             # a published preset whose per-backbone rules apply (medfm.presets)
+    preset: null             # a published preset whose per-backbone rules apply (medfm.resolve.presets)
 
-Presets build the published grids (PRESETS, from medfm.presets: each detail and its reference
+Presets build the published grids (PRESETS, from medfm.resolve.presets: each detail and its reference
 line in docs/presets.md); `datasets`, `backbones` and `sizes` narrow them.
 """
 
@@ -52,11 +52,11 @@ from medfm.errors import InvalidArgumentError
 from medfm.limits import (GRID_EXPANDED_MAX, GRID_SPEC_BYTES_MAX, GRID_SPEC_DEPTH_MAX,
                           check_list_length)
 from medfm.preprocess import PreprocessRequest
-from medfm.presets import FINETUNE, HEAD_PROBE, get_preset
-from medfm.presets import PRESETS as PROTOCOLS
-from medfm.probe.methods import probe_methods
-from medfm.probe.solvers import SOLVERS
-from medfm.request import STORE_DTYPES
+from medfm.resolve.presets import FINETUNE, HEAD_PROBE, get_preset
+from medfm.resolve.presets import PRESETS as PROTOCOLS
+from medfm.resolve.methods import method_specs
+from medfm.resolve.defaults import SOLVERS
+from medfm.resolve.store import STORE_DTYPES
 from medfm.sampling import SAMPLERS, SubsetSpec, expand_subsets
 
 TRAINED = (FINETUNE, HEAD_PROBE)  # methods that train through the fine-tune loop, not probes
@@ -95,7 +95,7 @@ class GridSpec:
     recipe: str  # finetune recipe preset
     overrides: tuple[tuple[str, Any], ...]  # finetune recipe overrides, sorted (field, value)
     sampler: str = SAMPLERS[0]  # how training subsets are drawn (medfm.sampling)
-    preset: str | None = None  # a published preset (medfm.presets) whose per-backbone rules
+    preset: str | None = None  # a published preset (medfm.resolve.presets) whose per-backbone rules
     #                            (input size, recipe settings) apply to every job
 
     @property
@@ -112,11 +112,11 @@ class GridSpec:
         """One resolved probe request per probe method (medfm.probe.resolve_probe): the spec's
         selection where the method supports it (else the method's default), and the method's
         own options from `probe_options`."""
-        from medfm.probe.run import resolve_probe
+        from medfm.resolve.probe import resolve_probe
 
         requests = []
         for name in self.probe_method_names:
-            method = probe_methods()[name]
+            method = method_specs()[name]
             own = {o.name for o in method.options}
             selection = self.selection if self.selection in method.selections else None
             requests.append(resolve_probe(
@@ -269,7 +269,7 @@ def validate(spec: GridSpec) -> GridSpec:
     datasets = None if spec.datasets is None else tuple(
         get_dataset(d, spec.data_root).flag for d in spec.datasets)
     sizes = tuple(check_size(s) for s in spec.sizes)
-    methods = probe_methods()
+    methods = method_specs()
     for method in spec.methods:
         _choice("methods", method, (*methods, *TRAINED))
     if not spec.methods:
@@ -299,7 +299,7 @@ def validate(spec: GridSpec) -> GridSpec:
         _choice("probe_options", name, sorted(known_options))
     spec.probe_requests()  # checks each method's selection and options
     if set(TRAINED) & set(spec.methods):
-        from medfm.finetune import resolve_recipe  # checks the recipe before any job runs
+        from medfm.resolve.recipes import resolve_recipe  # checks the recipe before any job runs
 
         resolve_recipe(spec.recipe, **dict(spec.overrides))
     return spec
@@ -383,7 +383,7 @@ def _check_depth(text: str, path: Path) -> None:
 
 
 def _preset_grid(name: str) -> GridSpec:
-    """The grid of the published preset `name` (medfm.presets): its backbones, sizes, subsets,
+    """The grid of the published preset `name` (medfm.resolve.presets): its backbones, sizes, subsets,
     seeds, sampler, methods, probe options, preprocessing, store dtype and recipe; its
     per-backbone rules apply through `preset`."""
     p = PROTOCOLS[name]

@@ -5,20 +5,15 @@ method registered in its own module of medfm.probe.methods.
     probe(dataset="breastmnist", fractions=[0.1, 1.0], seeds=[0, 1, 2])
 """
 
-from medfm.probe.methods import MethodOption, ProbeMethod, get_method, probe_methods
-from medfm.probe.run import (
-    ProbeReport,
-    ProbeRequest,
-    StoreArrays,
-    matching_stores,
-    probe,
-    probe_job,
-    resolve_probe,
-)
-from medfm.probe.solvers import SOLVERS, resolve_solver
+from medfm.probe.methods import ProbeMethod, get_method, probe_methods
+from medfm.probe.run import ProbeReport, StoreArrays, matching_stores, probe, probe_job
+from medfm.resolve.methods import MethodOption
+from medfm.resolve.probe import ProbeRequest, resolve_probe
+from medfm.resolve.defaults import SOLVERS
+from medfm.probe.solvers import resolve_solver
 
 _ESTIMATORS = {"KNNProbe": "medfm.probe.methods.knn", "LogisticProbe": "medfm.probe.methods.logreg",
-               "C_GRID": "medfm.probe.methods.logreg", "KNN_K": "medfm.probe.methods.knn"}
+               "C_GRID": "medfm.resolve.defaults", "KNN_K": "medfm.resolve.methods.knn"}
 
 
 def __getattr__(name: str):

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medfm.resolve.defaults import LOGREG_MAX_ITER, LOGREG_TOL
+
 KINDS = ("binary", "multinomial", "multilabel")  # loss families
-DEFAULT_MAX_ITER = 100  # L-BFGS iterations per C (scikit-learn's default)
-DEFAULT_TOL = 1e-4  # largest absolute gradient component at convergence (scikit-learn's default)
+DEFAULT_MAX_ITER = LOGREG_MAX_ITER  # L-BFGS iterations per C (scikit-learn's default)
+DEFAULT_TOL = LOGREG_TOL  # largest absolute gradient component at convergence (sklearn's default)
 LBFGS_HISTORY = 10  # L-BFGS memory (scipy's default, which scikit-learn uses)
 
 

@@ -10,7 +10,7 @@ row per run.
 Order of work. `probe` resolves the probe request (`resolve_probe`: method, its settings, the
 model-selection rule; medfm.probe.methods), finds every matching store by name, builds one key
 per (store, subset) from the store's recorded request and content fingerprint
-(medfm.request.run_key), asks the registry in one query which are finished, and only then reads
+(medfm.resolve.keys.run_key), asks the registry in one query which are finished, and only then reads
 features, each store's once, for the rest. Each run (`probe_job`, a pure job function that
 writes nothing) draws its training subset with medfm.sampling, fits the method, scores the test
 split and computes MedMNIST ACC/AUC, balanced accuracy and bootstrap CIs on the float32 scores
@@ -35,58 +35,26 @@ from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.methods import get_method
 from medfm.probe.robust import ScoredRow, load_state, record, save_state, score_pairs
-from medfm.probe.solvers import SOLVERS, resolve_solver
-from medfm.request import run_key
-from medfm.runtime import device_type, versions
+from medfm.probe.solvers import resolve_solver
+from medfm.resolve.defaults import N_BOOTSTRAP, PROBE_METHOD, default_seeds
+from medfm.resolve.probe import ProbeRequest, resolve_probe
+from medfm.runtime import versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
 from medfm.store.corrupted import available_pairs
 from medfm.store.features import FeatureStore, find_stores
-from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
+from medfm.store.registry import Registry, ResultRow
+from medfm.resolve.keys import ResultKey
 
-DEFAULT_SEEDS = (0, 1, 2)
-N_BOOTSTRAP = 1000  # resamples per test-metric confidence interval
 PROBE_VERSIONS = ("scikit-learn", "scipy", "torch", "h5py")  # recorded with every probe row
 
 
-@dataclass(frozen=True)
-class ProbeRequest:
-    """What to fit on each store: a registered method, its settings, how it selects, and how
-    it computes (solver and device: not part of a result's identity)."""
-
-    method: str  # a registered probe method (medfm.probe.methods)
-    params: str  # canonical JSON of the settings that enter the key
-    selection: str  # val | holdout | none
-    solver: str = "auto"  # one of SOLVERS, for methods that fit with a solver
-    device: str | None = None  # cpu | cuda | None (cuda when visible)
-
-    def for_work(self, stores_and_specs) -> ProbeRequest:
-        """This request with `auto` resolved once for the largest of these (store, subset)
-        problems (medfm.probe.solvers.resolve_solver), so one call imports one solver."""
-        if self.solver != "auto" or not get_method(self.method).uses_solver:
-            return self
-        work = max((_work(store, spec) for store, spec in stores_and_specs), default=0)
-        return replace(self, solver=resolve_solver("auto", device=self.device, work=work))
-
-    def metrics_device(self) -> str | None:
-        """"cuda" when this request computes on a GPU (test metrics are then computed there),
-        else None (numpy on the host)."""
-        return "cuda" if device_type(self.device) == "cuda" else None
-
-    def features_device(self) -> str | None:
-        """"cuda" when the batched solver fits on a GPU: each store's features are uploaded once
-        and standardized, fitted and scored there; else None (numpy on the host)."""
-        if self.solver == "batched" and get_method(self.method).uses_solver:
-            return self.metrics_device()
-        return None
-
-    def key(self, store: FeatureStore, spec: SubsetSpec) -> ResultKey:
-        """The registry key of this probe on `store`'s training subset `spec`."""
-        task = get_dataset(store.request["dataset"]).task
-        return run_key(store=store.request, store_fingerprint=store.fingerprint,
-                       method=self.method, params=json.loads(self.params),
-                       selection=self.selection,
-                       select_metric=get_method(self.method).select_metric(
-                           task, json.loads(self.params)), spec=spec)
+def for_work(request: ProbeRequest, stores_and_specs) -> ProbeRequest:
+    """`request` with `auto` resolved once for the largest of these (store, subset) problems
+    (medfm.probe.solvers.resolve_solver), so one call imports one solver."""
+    if request.solver != "auto" or not get_method(request.method).uses_solver:
+        return request
+    work = max((_work(store, spec) for store, spec in stores_and_specs), default=0)
+    return replace(request, solver=resolve_solver("auto", device=request.device, work=work))
 
 
 def _work(store: FeatureStore, spec: SubsetSpec) -> int:
@@ -96,19 +64,6 @@ def _work(store: FeatureStore, spec: SubsetSpec) -> int:
             else round(spec.fraction * store.rows["train"]))
     logits = 1 if info.task is Task.BINARY else info.n_classes
     return min(rows, store.rows["train"]) * store.dim * logits
-
-
-def resolve_probe(method: str = "logreg", *, selection: str | None = None,
-                  solver: str = "auto", device: str | None = None,
-                  **options) -> ProbeRequest:
-    """The probe request for a method name, its options (e.g. `knn_metric`) and selection
-    (None: the method's default), checked before any store is opened."""
-    spec = get_method(method)
-    selection = spec.check_selection(selection)
-    params = spec.params(selection, spec.resolve_options(options))
-    if solver not in SOLVERS:
-        raise InvalidArgumentError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}.")
-    return ProbeRequest(method, canonical_json(params), selection, solver, device)
 
 
 @dataclass(frozen=True)
@@ -248,7 +203,7 @@ def matching_stores(*, dataset: str | None = None, backbone: str | None = None,
 def probe(*, dataset: str | None = None, backbone: str | None = None, size: int | None = None,
           store: str | os.PathLike | None = None, fractions: Sequence[float] | None = None,
           shots: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
-          method: str = "logreg", selection: str | None = None, solver: str = "auto",
+          method: str = PROBE_METHOD, selection: str | None = None, solver: str = "auto",
           device: str | None = None, workdir: str | os.PathLike | None = None,
           force: bool = False, progress: bool = True, sampler: str | None = None,
           preset: str | None = None, **options) -> ProbeReport:
@@ -256,7 +211,7 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
 
     `options` are the method's own (e.g. `knn_metric="euclidean"`); `backbone` matches in any
     spelling (alias, bare architecture, arch.tag). `sampler` draws the subsets
-    (medfm.sampling.SAMPLERS; None: the default). `preset` (medfm.presets) runs the probe as
+    (medfm.sampling.SAMPLERS; None: the default). `preset` (medfm.resolve.presets) runs the probe as
     that preset's grid does: its method options, sampler, seeds and subsets (where not given),
     on the stores extracted as it extracts them (another store is an error).
     """
@@ -269,7 +224,7 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
         seeds = defaults.seeds if seeds is None else seeds
         if not fractions and not shots:
             fractions, shots = defaults.fractions, defaults.shots
-    seeds = DEFAULT_SEEDS if seeds is None else seeds
+    seeds = default_seeds("probe") if seeds is None else seeds
     request = resolve_probe(method, selection=selection, solver=solver, device=device, **options)
     stores = matching_stores(dataset=dataset, backbone=backbone, size=size, store=store,
                              workdir=workdir)
@@ -282,7 +237,7 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
     done = set() if force else registry.done_keys([key for _, _, key in plan])
     skipped = [key for _, _, key in plan if key.digest() in done]
     pending = [(s, spec) for s, spec, key in plan if key.digest() not in done]
-    request = request.for_work(pending)
+    request = for_work(request, pending)
     if pending and request.solver in ("torch", "batched"):
         import torch  # noqa: F401 - the solver imports it anyway; imported before the stores
         #                              are read, it also upcasts their float16 features faster
@@ -309,7 +264,7 @@ def _preset_probe(name: str, method: str, options: dict, sampler: str | None):
     """(options, preset) for probe `method` under preset `name`: the preset's options, with the
     user's where they agree; a differing option or sampler is an error (the run would not be the
     preset's)."""
-    from medfm.presets import get_preset
+    from medfm.resolve.presets import get_preset
 
     found = get_preset(name)
     found.check_probe_method(method)
@@ -330,7 +285,7 @@ def _preset_stores(name: str, stores: list[FeatureStore], *, explicit: bool) -> 
     """The stores extracted as preset `name` extracts them; a named store that was not is an
     error, and so is finding none."""
     from medfm.backbones.names import resolve_backbone
-    from medfm.presets import get_preset
+    from medfm.resolve.presets import get_preset
 
     found, kept = get_preset(name), []
     for s in stores:

@@ -52,9 +52,9 @@ from medfm.probe.objective import (  # noqa: F401 - KINDS and the defaults are r
     LBFGS_HISTORY,
     Solution,
 )
+from medfm.resolve.defaults import SOLVERS
 from medfm.runtime import NVIDIA_MARKERS, cuda_available, device_type  # noqa: F401
 
-SOLVERS = ("auto", "sklearn", "torch", "batched", "cuml")  # values of --solver
 TORCH_MIN_WORK = 2_000_000  # auto on a CPU: torch from this many rows x features x logits up
 EVALS_PER_ITER = 4  # torch: function evaluations allowed per iteration (line search included)
 BLOCK_ROWS = 8192  # torch: rows per block of an evaluation (logits and gradient while cached)

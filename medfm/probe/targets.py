@@ -21,7 +21,6 @@ from medfm.data import Task
 from medfm.errors import InvalidArgumentError
 from medfm.metrics import acc, auc, nll
 
-SELECT_BY = ("loss", "primary")  # what chooses C on the selection split; the first is the default
 
 
 @dataclass(frozen=True)
@@ -60,19 +59,6 @@ def encode_like(y: np.ndarray, targets: Targets) -> np.ndarray:
     y = y.reshape(-1)
     position = np.searchsorted(targets.classes, y).clip(0, targets.classes.size - 1)
     return np.where(targets.classes[position] == y, position, -1).astype(np.int64)
-
-
-def primary_metric(task: Task) -> str:
-    """The name of a task's primary metric: "auc" for multi-label, else "acc"."""
-    return "auc" if task is Task.MULTI_LABEL else "acc"
-
-
-def select_metric(select_by: str, task: Task) -> str:
-    """What a selection rule (`SELECT_BY`) compares, as a result key records it: acc|auc|loss."""
-    if select_by not in SELECT_BY:
-        raise InvalidArgumentError(
-            f"unknown selection rule {select_by!r}; use one of {', '.join(SELECT_BY)}.")
-    return "loss" if select_by == "loss" else primary_metric(task)
 
 
 def selection_metrics(y_encoded: np.ndarray, proba: np.ndarray, task: Task) -> dict[str, float]:

@@ -46,7 +46,8 @@ from medfm.report.tables import (
     per_dataset_table,
     summarize,
 )
-from medfm.store.registry import Registry, stored_task
+from medfm.store.blobs import stored_task
+from medfm.store.registry import Registry
 
 REPORT_DIRNAME = "report"  # default output folder inside the work directory
 GUIDELINE_METRIC = "auc"  # threshold-free, and meaningful for ChestMNIST (its ACC is not)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from medfm.resolve.methods import method_specs
+
 METRICS = ("acc", "auc")  # metrics tabulated and plotted, as registry columns
 CALIBRATION_METRICS = ("ece", "brier", "nll")  # lower is better; tables of their own
 SUMMARIZED = (*METRICS, "balanced_acc", *CALIBRATION_METRICS)  # seed-summarized columns
@@ -111,11 +113,9 @@ def _tex(text: str) -> str:
 
 
 def _method(name: str):
-    """The registered probe method called `name`, or None (fine-tune, or a method this medfm
-    no longer registers)."""
-    from medfm.probe.methods import probe_methods
-
-    return probe_methods().get(name)
+    """The declared probe method called `name`, or None (fine-tune, or a method this medfm
+    no longer declares)."""
+    return method_specs().get(name)
 
 
 def paradigm(method: str) -> str:
@@ -175,7 +175,7 @@ def _distinguishing_fields(frame: pd.DataFrame) -> dict[tuple[str, str], list[st
 def _with_later_fields(params: dict) -> dict:
     """A fine-tune recipe's params with the fields it was keyed without (recipes.LATER_FIELDS)
     at their "as before" value: a `medfm` row from before issue 14 reads `revision=1`."""
-    from medfm.finetune.recipes import LATER_FIELDS
+    from medfm.resolve.recipes import LATER_FIELDS
 
     if "name" not in params or "epochs" not in params:  # not a fine-tune recipe
         return params

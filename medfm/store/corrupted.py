@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from medfm.errors import StoreError
-from medfm.request import store_digest
+from medfm.resolve.keys import store_digest
 from medfm.store.features import (FeatureStore, _decode, digest_in_name, failed_block,
                                   is_verified, mark_verified, upcast)
 

@@ -1,4 +1,4 @@
-"""HDF5 feature stores: one file per extraction request (medfm.request.StoreRequest: dataset
+"""HDF5 feature stores: one file per extraction request (medfm.resolve.store.StoreRequest: dataset
 file, backbone and weights, preprocessing, feature kind, dtype), holding every split's
 frozen-backbone features.
 
@@ -10,7 +10,7 @@ frozen-backbone features.
 Layout: groups `train`, `val`, `test`, each with `features` (N, D), `labels` (N, L) and `index`
 (N,) (row -> position in the npz split); file attributes carry the request (`request_json`), the
 full provenance and a content fingerprint. The file is named by its request
-(medfm.request.store_filename, ending in the request's digest), so finding the store for a
+(medfm.resolve.keys.store_filename, ending in the request's digest), so finding the store for a
 request is one lookup. A store is built as `<name>.h5.partial`: rows land chunk by chunk, each
 chunk flushed before the split's `rows_done` counter moves past it, so a killed extraction
 resumes from the last complete chunk. When every split is full the fingerprint is written and
@@ -52,8 +52,8 @@ from medfm.data import SPLITS
 from medfm.errors import DiskFullError, InvalidArgumentError, StoreError, is_disk_full
 from medfm.locks import LockHeld, exclusive_lock
 from medfm.paths import resolve_workdir
-from medfm.request import STORE_DIGEST_CHARS, STORES_DIRNAME, store_digest, store_filename
-from medfm.store.registry import canonical_json
+from medfm.resolve.keys import STORE_DIGEST_CHARS, STORES_DIRNAME, store_digest, store_filename
+from medfm.resolve.keys import canonical_json
 
 FORMAT_VERSION = 2  # 2: identified by its request (request_json); 1 (StoreKey) is upgraded
 PARTIAL_SUFFIX = ".partial"  # a store being built: <name>.h5.partial
@@ -103,7 +103,7 @@ def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
 
 def _rebuild_hint(path: Path, request: dict | None = None) -> str:
     """How to rebuild the store at `path`: the exact extract command when its request is known;
-    for a file too damaged to hold one, the command its name gives (medfm.request
+    for a file too damaged to hold one, the command its name gives (medfm.resolve
     .store_filename) and the options the name keeps only in its digest."""
     if request:
         return f"rebuild it with `{_extract_command(path, request)} --force`"
@@ -695,7 +695,7 @@ def digest_in_name(name: str) -> str | None:
 
 
 def parse_store_filename(name: str) -> dict | None:
-    """dataset, size, backbone, policy of a store file name (medfm.request.store_filename), or
+    """dataset, size, backbone, policy of a store file name (medfm.resolve.keys.store_filename), or
     None for a name of another shape."""
     parts = name.split("__")
     if len(parts) != 5 or not parts[4].startswith(tuple("0123456789abcdef")):

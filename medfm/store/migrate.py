@@ -2,11 +2,11 @@
 code that opens them: nothing in them is recomputed.
 
 - Stores (layout 1 -> 2). Each `.h5` (and resumable `.h5.partial`) store gets its request
-  (medfm.request.StoreRequest identity) written into its attributes and is renamed to the name
+  (medfm.resolve.store.StoreRequest identity) written into its attributes and is renamed to the name
   that request gives, so `extract` finds it by one lookup. Its features are not touched (the
   content fingerprint stays valid). A marker file `stores/.layout` records the upgrade.
 - Registry (schema 1 -> 2, called by `Registry` in its migration transaction). Every row is
-  re-keyed by the request it answers (medfm.request.run_key): the backbone becomes its canonical
+  re-keyed by the request it answers (medfm.resolve.keys.run_key): the backbone becomes its canonical
   id, the weights their identity, the dataset gains its file digest, the solver and device move
   out of the key into columns, and `selection` splits into `selection` and `select_metric`.
   Scores and fine-tune checkpoint folders follow their rows. Rows that turn out to be the same
@@ -38,10 +38,12 @@ from medfm.backbones.names import FILE_DIGEST_CHARS, FILE_PREFIX, PRETRAINED, RA
 from medfm.cache import file_digest
 from medfm.data import get_dataset
 from medfm.preprocess import DEFAULT_NORMALIZATION
-from medfm.request import FEATURE_KIND, run_key, store_digest, store_filename
+from medfm.resolve.store import FEATURE_KIND
+from medfm.resolve.keys import run_key, store_digest, store_filename
 from medfm.sampling import SubsetSpec
 from medfm.store.features import PARTIAL_SUFFIX
-from medfm.store.registry import _from_npy, canonical_json, stored_task
+from medfm.store.blobs import from_npy, stored_task
+from medfm.resolve.keys import canonical_json
 
 LAYOUT_FILE = ".layout"  # in <workdir>/stores: the layout version the folder is in
 LAYOUT_VERSION = "2"
@@ -193,7 +195,7 @@ def _v2_row(row: sqlite3.Row, stores: dict[str, dict]) -> dict:
     params = json.loads(row["params"])
     spec = SubsetSpec(fraction=row["fraction"], shots=row["shots"], seed=row["seed"])
     if row["method"] == "finetune":
-        from medfm.finetune.recipes import PREPROCESS_FIELDS
+        from medfm.resolve.recipes import PREPROCESS_FIELDS
 
         identity = _finetune_identity(row, extra, params)
         params = {k: v for k, v in params.items() if k not in PREPROCESS_FIELDS}
@@ -271,7 +273,7 @@ def add_calibration_v2(conn: sqlite3.Connection, workdir: Path, columns: tuple[s
         "SELECT results.digest, results.dataset, scores.y_true, scores.y_score "
         "FROM results JOIN scores ON scores.digest = results.digest").fetchall()
     for row in rows:
-        y_true, y_score = _from_npy(row["y_true"]), _from_npy(row["y_score"])
+        y_true, y_score = from_npy(row["y_true"]), from_npy(row["y_score"])
         scored = bootstrap_metrics(y_true, y_score, stored_task(row["dataset"], y_true, y_score),
                                    names)
         values = {}

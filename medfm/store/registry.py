@@ -43,9 +43,7 @@ planning open a current file read-only, so a read-only registry is read.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -65,11 +63,12 @@ from medfm.backbones.names import canonical_backbone_id
 from medfm.cache import cache_dir, read_json, write_atomic
 from medfm.errors import InvalidArgumentError, RegistryError
 from medfm.paths import resolve_workdir
+from medfm.resolve.keys import RESULT_KEY_FIELDS, ResultKey, canonical_json
+from medfm.store.blobs import from_npy, to_npy
 
 if TYPE_CHECKING:
     import pandas
 
-    from medfm.data import Task
     from medfm.metrics import Metrics
 
 REGISTRY_FILENAME = "registry.sqlite"  # inside the work directory
@@ -94,101 +93,6 @@ def metric_values(metrics: Metrics) -> dict[str, float]:
         else:
             values[name] = float(getattr(metrics, name))
     return values
-
-
-def canonical_json(value: Any) -> str:
-    """`value` as canonical JSON: sorted keys, no whitespace, shortest float repr, no NaN."""
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        where, bad = _not_json(value)
-        if not where:  # not a value's fault (e.g. a reference cycle): name its type only
-            where, bad = "value", type(value).__name__
-        raise InvalidArgumentError(
-            f"cannot store {where}={bad!r} as JSON ({exc}); give a finite number or a plain "
-            "str/int/float/bool/list/dict value"
-        ) from exc
-
-
-def _not_json(value: Any, where: str = "value") -> tuple[str, Any]:
-    """(path, value) of the first part of `value` that canonical JSON refuses (NaN, inf, an
-    object), so the error names the field instead of quoting the whole value."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _not_json(item, str(key) if where == "value" else f"{where}.{key}")
-            if found[0]:
-                return found
-        return "", None
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            found = _not_json(item, f"{where}[{i}]")
-            if found[0]:
-                return found
-        return "", None
-    if isinstance(value, float) and not math.isfinite(value):
-        return where, value
-    if value is None or isinstance(value, (str, int, float)):
-        return "", None
-    return where, value
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResultKey:
-    """Exactly the fields that change a result; two runs with equal keys are the same run.
-
-    Built by medfm.request from a resolved request (before any model or feature loads), so
-    every spelling of the same run gets the same key. How a run was computed (solver, device)
-    is not part of it: those are recorded with the row.
-    """
-
-    dataset: str  # MedMNIST flag, e.g. "breastmnist"
-    size: int  # source image size: 28, 64, 128 or 224
-    data_digest: str  # MD5 of the dataset file the images came from
-    backbone: str  # canonical timm id, arch.tag, e.g. "resnet18.a1_in1k"
-    weights: str  # "pretrained", "random" or "file:<sha256/16>" (medfm.backbones.names)
-    resize_policy: str  # bilinear | bicubic | pad | nearest | native
-    input_size: int  # side length fed to the backbone
-    normalize: str  # "backbone" (its mean/std) or "half" (mean = std = 0.5)
-    feature_kind: str  # what a probe read, e.g. "prelogits" ("" for finetune)
-    method: str  # "logreg", "knn", "finetune", ...
-    params: str = "{}"  # method settings as JSON (C grid, k, recipe...); canonicalized
-    selection: str  # what chose hyper-parameters or the checkpoint: "val", "holdout" or "none"
-    select_metric: str  # the metric it maximized (minimized for loss): acc | auc | loss | ""
-    fraction: float | None = None  # share of the training set (None: shots-based)
-    shots: int | None = None  # labelled images per class (None: fraction-based)
-    seed: int  # sampling and training seed
-    store_fingerprint: str = ""  # content fingerprint of the feature store read ("" finetune)
-
-    def __post_init__(self) -> None:
-        """Normalize types so equal runs compare and hash equal."""
-        try:
-            params = json.loads(self.params)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgumentError(
-                f"ResultKey.params must be a JSON string, got {self.params!r}; "
-                "build it with medfm.store.registry.canonical_json(settings)"
-            ) from exc
-        normalized = {
-            "size": int(self.size),
-            "input_size": int(self.input_size),
-            "seed": int(self.seed),
-            "fraction": None if self.fraction is None else float(self.fraction),
-            "shots": None if self.shots is None else int(self.shots),
-            "params": canonical_json(params),
-        }
-        for name, value in normalized.items():
-            object.__setattr__(self, name, value)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The key fields by name, in RESULT_KEY_FIELDS order."""
-        return {name: getattr(self, name) for name in RESULT_KEY_FIELDS}
-
-    def digest(self) -> str:
-        """sha256 hex of the canonical JSON of all key fields (the registry's primary key)."""
-        return hashlib.sha256(canonical_json(self.as_dict()).encode("utf-8")).hexdigest()
-
-
-RESULT_KEY_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ResultKey))
 
 
 @dataclass(kw_only=True)
@@ -319,33 +223,6 @@ _MIGRATIONS: tuple[str | Callable[[sqlite3.Connection, Path], None], ...] = (
     _migrate_to_v3,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
-
-
-def stored_task(dataset: str, y_true: np.ndarray, y_score: np.ndarray) -> Task:
-    """The task a stored run's scores answer: its dataset's, or, for an imported dataset whose
-    card this machine no longer has, what the arrays say (several label columns: multi-label;
-    at most two score columns: binary; else multi-class, which ordinal scores the same)."""
-    from medfm.data import Task, get_dataset
-    from medfm.errors import UnknownDatasetError
-
-    try:
-        return get_dataset(dataset).task
-    except UnknownDatasetError:
-        if y_true.ndim == 2 and y_true.shape[1] > 1:
-            return Task.MULTI_LABEL
-        return Task.BINARY if y_score.ndim == 1 or y_score.shape[1] <= 2 else Task.MULTI_CLASS
-
-
-def _to_npy(array: np.ndarray) -> bytes:
-    """`array` serialized as a .npy file (no pickle)."""
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _from_npy(blob: bytes) -> np.ndarray:
-    """Inverse of `_to_npy`."""
-    return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
 def _read_only_connection(path: Path) -> sqlite3.Connection:
@@ -590,7 +467,7 @@ class Registry:
                     f"scores has {len(y_score)} samples but y_true has {len(labels)}; pass the "
                     "test-set scores and labels of the same samples"
                 )
-            blobs = (_to_npy(labels), _to_npy(y_score))
+            blobs = (to_npy(labels), to_npy(y_score))
         digest = row.key.digest()
         values = self._row_values(row, digest)
         placeholders = ", ".join("?" * len(_ALL_COLUMNS))
@@ -647,14 +524,14 @@ class Registry:
                     "(Registry.add), then its corrupted evaluations")
             clean = conn.execute("SELECT y_score FROM scores WHERE digest = ?",
                                  (digest,)).fetchone()
-            if clean is not None and len(_from_npy(clean["y_score"])) != len(scores):
+            if clean is not None and len(from_npy(clean["y_score"])) != len(scores):
                 raise InvalidArgumentError(
                     f"y_score has {len(scores)} samples but run {digest[:12]}'s test split has "
-                    f"{len(_from_npy(clean['y_score']))}; pass one score row per test image")
+                    f"{len(from_npy(clean['y_score']))}; pass one score row per test image")
             inserted = conn.execute(
                 "INSERT INTO evaluations (digest, corruption, severity, metrics, y_score, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (digest, corruption, int(severity), values, _to_npy(scores), created_at),
+                (digest, corruption, int(severity), values, to_npy(scores), created_at),
             ).rowcount
         return bool(inserted)
 
@@ -741,7 +618,7 @@ class Registry:
                 f"run {digest[:12]} {state} in {self.path}; rerun it and add it with "
                 "replace=True to record its test scores"
             )
-        return _from_npy(found["y_true"]), _from_npy(found["y_score"])
+        return from_npy(found["y_true"]), from_npy(found["y_score"])
 
     def evaluations(self, key: ResultKey | str) -> list[dict[str, Any]]:
         """The corrupted evaluations of a run, by corruption then severity: dicts with
@@ -753,7 +630,7 @@ class Registry:
                 "WHERE digest = ? ORDER BY corruption, severity", (_digest_of(key),)
             ).fetchall()
         return [{"corruption": r["corruption"], "severity": r["severity"],
-                 **_metrics_from_json(r["metrics"]), "y_score": _from_npy(r["y_score"]),
+                 **_metrics_from_json(r["metrics"]), "y_score": from_npy(r["y_score"]),
                  "created_at": r["created_at"]} for r in records]
 
     def evaluated(self, keys: Iterable[ResultKey | str]) -> dict[str, set[tuple[str, int]]]:

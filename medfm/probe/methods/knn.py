@@ -25,13 +25,11 @@ import numpy as np
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
 from medfm.probe.estimator import ProbeEstimator
-from medfm.probe.methods import Fitted, MethodOption, ProbeMethod, register
+from medfm.probe.methods import Fitted, register
 from medfm.probe.targets import encode_targets
+from medfm.resolve.methods.knn import KNN_K, KNN_METRICS, KNN_VOTES
 from medfm.runtime import device_type
 
-KNN_K = 11  # neighbours (MedMNIST+)
-KNN_METRICS = ("cosine", "euclidean")
-KNN_VOTES = ("fraction", "majority")  # scores: vote fractions, or MedMNIST+'s one-hot majority
 QUERY_BLOCK = 1024  # queries per similarity block: (1024, N) float32
 
 
@@ -116,15 +114,6 @@ def _unit_rows(X: np.ndarray) -> np.ndarray:
 
 # -- the method --------------------------------------------------------------------------------
 
-def _params(options: dict) -> dict:
-    """The settings that enter the key; the vote only where it is not the default, so the keys
-    of runs before it existed stay."""
-    params = {"k": KNN_K, "metric": options["knn_metric"]}
-    if options["knn_vote"] != KNN_VOTES[0]:
-        params["vote"] = options["knn_vote"]
-    return params
-
-
 def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, params: dict,
          selection: str, seed: int, solver: str, device: str | None) -> Fitted:
     model = KNNProbe(k=params["k"], metric=params["metric"],
@@ -135,13 +124,4 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
                   model=model)
 
 
-METHOD = register(ProbeMethod(
-    name="knn", paradigm="kNN", line_style=":", selections=("none",),
-    params=lambda selection, options: _params(options),
-    select_metric=lambda task, params: "", fit=_fit,
-    options=(MethodOption("knn_metric", "cosine", KNN_METRICS,
-                          "kNN distance (default cosine; k = 11 as MedMNIST+)"),
-             MethodOption("knn_vote", KNN_VOTES[0], KNN_VOTES,
-                          "kNN scores: vote fractions (default) or the majority class as "
-                          "MedMNIST+ (one-hot; ACC as theirs)")),
-))
+METHOD = register("knn", fit=_fit)

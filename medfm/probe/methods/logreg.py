@@ -45,32 +45,18 @@ import numpy as np
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
 from medfm.probe.estimator import ProbeEstimator
-from medfm.probe.methods import Fitted, MethodOption, ProbeMethod, register
+from medfm.probe.methods import Fitted, register
 from medfm.probe.solvers import DEFAULT_MAX_ITER, DEFAULT_TOL, Solution, make_solver
-from medfm.probe.targets import (
-    SELECT_BY,
-    Targets,
-    encode_like,
-    encode_targets,
-    primary_metric,
-    select_metric,
-    selection_metrics,
-)
+from medfm.probe.targets import Targets, encode_like, encode_targets, selection_metrics
+from medfm.resolve.defaults import C_GRID
+from medfm.resolve.methods.logreg import (HOLDOUT_FRACTION, LOSS_MARGIN, PATIENCE, SELECT_BY,
+                                          SELECTIONS, primary_metric, select_metric)
 from medfm.sampling import SubsetSpec, sample
 
-# 1e-4 .. 1e2, half a decade apart: with standardized ~1k-d features, C * n spans strongly
-# regularized few-shot fits (n ~ 10) to nearly unregularized full-split fits (n ~ 1e5)
-C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
-SELECTIONS = ("val", "holdout")  # where C is chosen
 C_SEARCHES = ("auto", "walk", "batch")  # how the grid is solved: the warm-started walk, every C
 #                                          at once (batched solver), or the solver's choice
-HOLDOUT_FRACTION = 0.2  # share of the training subset held out under selection="holdout"
 CONSTANT_LOGIT = 13.8  # logit of a label seen with one value only: probability 1 - 1e-6
 STANDARDIZE_ROWS = 8192  # rows per block when computing a feature's mean and std
-LOSS_MARGIN = 0.02  # select_by="loss": a weaker regularization replaces the best C only if it
-#                    lowers the selection log-loss by more than this share (solver noise is less)
-PATIENCE = 2  # select_by="loss": the walk stops once the loss has risen this many C values in
-#               a row (None: the whole grid)
 
 
 def _kind(task: Task) -> str:
@@ -348,19 +334,6 @@ def _standardize_tensor(X):
 
 # -- the method --------------------------------------------------------------------------------
 
-def _params(selection: str, options: dict) -> dict:
-    """The settings in a run's key. Rows fitted before issue 12 (C by the primary metric over the
-    whole grid) have no select_by/patience: a missing select_by means "primary", and
-    `--select-by primary` builds exactly those settings, so such rows are found again."""
-    params = {"C_grid": list(C_GRID), "max_iter": DEFAULT_MAX_ITER, "tol": DEFAULT_TOL,
-              "standardize": "train-subset"}
-    if options.get("select_by", SELECT_BY[0]) == "loss":
-        params.update(select_by="loss", loss_margin=LOSS_MARGIN, patience=PATIENCE)
-    if selection == "holdout":
-        params["holdout_fraction"] = HOLDOUT_FRACTION
-    return params
-
-
 def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, params: dict,
          selection: str, seed: int, solver: str, device: str | None) -> Fitted:
     model = LogisticProbe(Cs=params["C_grid"], solver=solver, selection=selection,
@@ -407,13 +380,4 @@ def _load_state(state: dict) -> LogisticProbe:
     return model
 
 
-METHOD = register(ProbeMethod(
-    name="logreg", paradigm="linear probe", line_style="-", selections=SELECTIONS,
-    params=_params,
-    select_metric=lambda task, params: select_metric(params.get("select_by", "primary"), task),
-    options=(MethodOption("select_by", SELECT_BY[0], SELECT_BY,
-                          "logreg: choose C by val log-loss (default) or by the dataset's "
-                          "primary metric, ACC/AUC (the rule before 2026-11-28)"),),
-    fit=_fit, uses_solver=True, seed_changes_fit=lambda selection: selection == "holdout",
-    save_state=_save_state, load_state=_load_state,
-))
+METHOD = register("logreg", fit=_fit, save_state=_save_state, load_state=_load_state)

@@ -2,7 +2,7 @@
 own (`medfm extract|probe|finetune --preset NAME`) is exactly the run the preset's grid
 (`medfm grid --preset NAME`) makes.
 
-    from medfm.presets import get_preset
+    from medfm.resolve.presets import get_preset
     preset = get_preset("medmnist-plus")
     preset.preprocess(backbone_ref)                  # PreprocessRequest for that backbone
     preset.recipe_overrides(backbone_ref, frozen=False)   # its per-backbone recipe settings
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from medfm.errors import InvalidArgumentError
 from medfm.preprocess import PreprocessRequest
+from medfm.resolve.methods import get_method_spec
 
 if TYPE_CHECKING:
     from medfm.backbones.names import BackboneRef
@@ -78,7 +79,7 @@ class Preset:
 
     name: str  # what --preset takes
     reference: str  # paper and code it reproduces
-    recipe: str  # fine-tune recipe (medfm.finetune.recipes), for finetune and head-probe
+    recipe: str  # fine-tune recipe (medfm.resolve.recipes), for finetune and head-probe
     backbones: tuple[str, ...]  # the grid's backbones
     sizes: tuple[int, ...]  # MedMNIST source sizes
     fractions: tuple[float, ...]  # training fractions of the grid
@@ -110,10 +111,8 @@ class Preset:
         return tuple(m for m in self.methods if m not in (FINETUNE, HEAD_PROBE))
 
     def probe_options(self, method: str) -> dict[str, Any]:
-        """The options this preset gives probe `method` (medfm.probe.methods)."""
-        from medfm.probe.methods import get_method
-
-        own = {o.name for o in get_method(method).options}
+        """The options this preset gives probe `method` (medfm.resolve.methods)."""
+        own = {o.name for o in get_method_spec(method).options}
         return {k: v for k, v in self.probe_settings if k in own}
 
     def check_probe_method(self, method: str) -> None:

@@ -1,31 +1,21 @@
-"""One resolution step per run: what the user typed -> a canonical, frozen request -> its key.
+"""Store requests: which images, through which backbone, prepared how, stored how.
 
-    from medfm.request import resolve_store_request, run_key
+    from medfm.resolve import resolve_store_request
     store = resolve_store_request(dataset="breastmnist", size=28, backbone="resnet18")
     store.path(workdir).exists()     # is this extraction done? one stat, no scan
-    key = run_key(store=store.identity(), store_fingerprint=fp, method="logreg", params=...,
-                  selection="val", select_metric="acc", spec=SubsetSpec(fraction=0.1, seed=0))
-
-Every stage decides "is this done?" here and nowhere else, before any model, feature or image
-is loaded:
 
 - A dataset resolves to a `DatasetRef` (flag, size, the MD5 of its file; medfm.data) and a
-  backbone to a `BackboneRef` (canonical timm id, weights identity; medfm.backbones.names), so
-  an alias, a bare timm architecture and its tagged id are one backbone.
+  backbone to a `BackboneRef` (canonical timm id, weights identity; medfm.backbones), so an
+  alias, a bare timm architecture and its tagged id are one backbone.
 - Preprocessing resolves from one `PreprocessRequest` (medfm.preprocess) against the backbone's
   data config, read from medfm's snapshot of timm's registry.
 - An extraction is a `StoreRequest`; its digest names the store file, so finding a finished
   store is one file-system lookup. How it computes (float32, or bfloat16 autocast: CUDA's
   default) is part of it, so a partial store is only ever resumed in its own precision.
-- A probe or fine-tune run is a `ResultKey` (medfm.store.registry) built by `run_key` from the
-  same parts plus the method, its settings, the model-selection rule and the training subset;
-  a probe's key also carries the content fingerprint of the store it read. The registry
-  answers "done?" for any number of keys in one query.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +26,10 @@ from medfm.data import DatasetRef, resolve_dataset
 from medfm.errors import InvalidArgumentError
 from medfm.preprocess import DEFAULT_NORMALIZATION, PreprocessConfig, PreprocessRequest
 from medfm.runtime import PRECISIONS, resolve_precision
-from medfm.sampling import SAMPLERS, SubsetSpec
-from medfm.store.registry import ResultKey, canonical_json
+from medfm.resolve.keys import STORES_DIRNAME, input_identity, store_digest, store_filename
 
 FEATURE_KIND = "prelogits"  # timm forward_head(forward_features(x), pre_logits=True): pooled
 STORE_DTYPES = ("float16", "float32")  # float16 halves the disk; probes upcast to float32
-STORES_DIRNAME = "stores"  # <workdir>/stores/*.h5
-STORE_DIGEST_CHARS = 16  # hex digits of a store request's digest in its file name
-SELECTIONS = ("val", "holdout", "none")  # what chose hyper-parameters or the checkpoint
-SELECT_METRICS = ("acc", "auc", "loss", "")  # what that choice maximized ("" when nothing)
-SAMPLER_PARAM = "sampler"  # a run key's params name a sampler mode other than the default here
 
 
 @dataclass(frozen=True)
@@ -92,28 +76,6 @@ class StoreRequest:
         return Path(workdir) / STORES_DIRNAME / self.filename()
 
 
-def input_identity(dataset: DatasetRef, backbone: BackboneRef, preprocess: PreprocessConfig,
-                   normalize: str) -> dict[str, Any]:
-    """What a backbone is shown of a dataset: the images, the network and weights, and how
-    images are prepared. Shared by extractions and fine-tunes (their `run_key` store)."""
-    return {"dataset": dataset.name, "size": dataset.size, "data_digest": dataset.digest,
-            "backbone": backbone.id, "weights": backbone.weights,
-            "resize_policy": preprocess.resize_policy, "input_size": preprocess.input_size,
-            "mean": list(preprocess.mean), "std": list(preprocess.std), "normalize": normalize}
-
-
-def store_digest(identity: dict[str, Any]) -> str:
-    """First STORE_DIGEST_CHARS hex digits of the sha256 of a store identity's canonical JSON."""
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:STORE_DIGEST_CHARS]
-
-
-def store_filename(identity: dict[str, Any]) -> str:
-    """`<dataset>_<size>__<backbone>__<policy><input>__<kind>-<dtype>__<digest>.h5`."""
-    i = identity
-    return (f"{i['dataset']}_{i['size']}__{i['backbone']}__{i['resize_policy']}{i['input_size']}"
-            f"__{i['feature_kind']}-{i['dtype']}__{store_digest(i)}.h5")
-
-
 def resolve_store_request(
     *,
     dataset: str | DatasetRef,
@@ -138,39 +100,3 @@ def resolve_store_request(
     config = request.resolve(model.data_config(), source_size=ref.size)
     return StoreRequest(ref, model, config, request.normalize or DEFAULT_NORMALIZATION,
                         FEATURE_KIND, dtype, resolve_precision(precision, device))
-
-
-def run_key(
-    *,
-    store: dict[str, Any],
-    method: str,
-    params: dict[str, Any],
-    selection: str,
-    select_metric: str,
-    spec: SubsetSpec,
-    store_fingerprint: str = "",
-    feature_kind: str | None = None,
-) -> ResultKey:
-    """The registry key of one run.
-
-    `store` is a store identity (`StoreRequest.identity()`, or what a finished store records):
-    for a probe, the features it reads; for a fine-tune, its `input_identity` (dataset, backbone,
-    preprocessing) with `feature_kind=""`, since it reads images. A subset drawn by a sampler
-    mode other than the default (medfm.sampling.SAMPLERS) adds it to `params` as "sampler".
-    """
-    if selection not in SELECTIONS:
-        raise InvalidArgumentError(f"selection {selection!r} is not one of {SELECTIONS}.")
-    if spec.sampler != SAMPLERS[0]:  # keyed only where it is not the default: earlier keys stay
-        params = {**params, SAMPLER_PARAM: spec.sampler}
-    if select_metric not in SELECT_METRICS:
-        raise InvalidArgumentError(
-            f"selection metric {select_metric!r} is not one of {SELECT_METRICS}.")
-    return ResultKey(
-        dataset=store["dataset"], size=store["size"], data_digest=store["data_digest"],
-        backbone=store["backbone"], weights=store["weights"],
-        resize_policy=store["resize_policy"], input_size=store["input_size"],
-        normalize=store["normalize"],
-        feature_kind=store["feature_kind"] if feature_kind is None else feature_kind,
-        method=method, params=canonical_json(params), selection=selection,
-        select_metric=select_metric, fraction=spec.fraction, shots=spec.shots, seed=spec.seed,
-        store_fingerprint=store_fingerprint)

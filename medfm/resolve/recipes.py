@@ -1,6 +1,6 @@
 """Fine-tuning recipes: one frozen dataclass of training settings, and the published presets.
 
-    from medfm.finetune.recipes import resolve_recipe
+    from medfm.resolve.recipes import resolve_recipe
     recipe = resolve_recipe("medmnist-v2", epochs="10")       # CLI strings are parsed per field
     recipe = resolve_recipe("medfm", freeze_backbone=True)     # a head trained through a frozen net
 
@@ -28,7 +28,7 @@ Presets (numbers from docs/ANCHORS.md):
   zero-padded into a 224 canvas, timm's own head init; a frozen backbone stays in train mode.
 
 docs/presets.md lists every protocol detail of the published presets with the line of the
-reference code it comes from; medfm.presets adds their per-backbone rules (input size, batch).
+reference code it comes from; medfm.resolve.presets adds their per-backbone rules (input size, batch).
 - `medmnist-v2` (Yang et al. 2023): from scratch, Adam lr 1e-3, batch 128, 100 epochs, lr x0.1 at
   epochs 50 and 75, mean = std = 0.5, no augmentation, best checkpoint by validation AUC, images at
   their own size with the CIFAR-style ResNet stem (3x3 conv, stride 1, no max-pool).
@@ -55,6 +55,7 @@ from medfm.errors import InvalidArgumentError
 from medfm.limits import (EPOCHS_MAX, INPUT_SIZE_MAX, ITERATIONS_MAX, LORA_RANK_MAX,
                           check_at_most, check_batch_size)
 from medfm.preprocess import NORMALIZATIONS, RESIZE_POLICIES, PreprocessRequest
+from medfm.resolve.defaults import drop_unchanged, later_defaults
 
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "step", "exp", "constant", "cosine-epoch")  # cosine-epoch: timm's
@@ -62,7 +63,7 @@ SCHEDULES = ("cosine", "step", "exp", "constant", "cosine-epoch")  # cosine-epoc
 SCHEDULE_SCOPES = ("all", "head")  # which lrs the schedule scales; head: the backbone's is constant
 CLASS_WEIGHTS = ("none", "balanced")  # balanced: each class's loss weighted n / (K * n_class)
 HEAD_INITS = ("small", "timm")  # new head: N(0, 0.01) and zero bias, or the model's own init
-SELECT_METRICS = ("primary", "acc", "auc", "loss")  # primary: the dataset's (AUC for ChestMNIST)
+CHECKPOINT_METRICS = ("primary", "acc", "auc", "loss")  # primary: the dataset's (ChestMNIST: AUC)
 BINARY_HEADS = ("ce2", "bce1")  # binary tasks: 2 logits + cross-entropy, or 1 logit + BCE
 STEMS = ("default", "cifar")  # cifar: ResNet conv1 -> 3x3 stride 1, max-pool removed
 PREPROCESS_FIELDS = ("resize_policy", "input_size", "normalize")  # the recipe's preprocessing
@@ -73,14 +74,10 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_
 LORA_RANK = 8  # the rank `--lora` (or finetune(lora=True)) gives a recipe without one
 LORA_AUTO = "auto"  # lora_targets: each backbone family's default layers (lora.py)
 METHODS = ("finetune", "lora")  # how fine-tunes are recorded: whole (or frozen) backbone, LoRA
-# Fields added after result keys were first written, with the value that means "as before": a
-# recipe keys such a field only when it differs from that value, so every key written before the
-# field existed stays the key of the same run (old work directories recompute nothing).
-LATER_FIELDS: dict[str, object] = {
-    "schedule_scope": "all", "lr_backbone_vit": None, "drop_last": False, "whole_epochs": False,
-    "eval_rounds": 0, "head_init": "small", "frozen_train_mode": False,
-    "revision": 1, "min_steps": 0, "epoch_steps": 0, "class_weight": "none",
-}
+# Fields added after result keys were first written, with the value that means "as before"
+# (medfm.resolve.defaults.LATER_KEY_FIELDS, scope "recipe"): a recipe keys such a field only when
+# it differs from that value, so old work directories recompute nothing.
+LATER_FIELDS: dict[str, object] = later_defaults("recipe")
 MIN_TRAIN_BATCH = 8  # epoch_steps shrinks the batch down to this (or the whole subset), no lower
 
 
@@ -105,9 +102,9 @@ class Recipe:
     augment: bool  # random horizontal flips and small affine warps, on the device
     grad_clip: float  # max global gradient norm; 0 = no clipping
     eval_every: int  # steps between validations (and checkpoints); 0 = once per epoch
-    select_metric: str  # one of SELECT_METRICS: picks the checkpoint that is tested
+    select_metric: str  # one of CHECKPOINT_METRICS: picks the checkpoint that is tested
     patience: int  # stop after this many validations without improvement; 0 = never
-    monitor: str  # one of SELECT_METRICS: what early stopping watches
+    monitor: str  # one of CHECKPOINT_METRICS: what early stopping watches
     binary_head: str  # one of BINARY_HEADS
     freeze_backbone: bool  # train the head only; the frozen backbone in eval mode (BN statistics
     #                        fixed) unless frozen_train_mode
@@ -147,8 +144,9 @@ class Recipe:
                 raise InvalidArgumentError(
                     f"recipe field {item.name} must be a finite number; got {value}.")
         for name, choices in (
-            ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("select_metric", SELECT_METRICS),
-            ("monitor", SELECT_METRICS), ("binary_head", BINARY_HEADS),
+            ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+            ("select_metric", CHECKPOINT_METRICS),
+            ("monitor", CHECKPOINT_METRICS), ("binary_head", BINARY_HEADS),
             ("normalize", NORMALIZATIONS), ("stem", STEMS),
             ("schedule_scope", SCHEDULE_SCOPES), ("head_init", HEAD_INITS),
             ("class_weight", CLASS_WEIGHTS),
@@ -254,8 +252,8 @@ class Recipe:
         a LoRA recipe (so the keys of runs without adapters are those of earlier medfm), and a
         LATER_FIELDS field only where it is not its "as before" value."""
         left_out = PREPROCESS_FIELDS + (() if self.lora_rank else LORA_FIELDS)
-        return {k: v for k, v in self.to_params().items() if k not in left_out
-                and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        return drop_unchanged({k: v for k, v in self.to_params().items() if k not in left_out},
+                              "recipe")
 
     @property
     def preprocess(self) -> PreprocessRequest:
