@@ -40,7 +40,8 @@ import numpy as np
 
 from medfm.data import Task, get_dataset
 from medfm.metrics import acc, auc, nll
-from medfm.probe.methods.logreg import C_GRID, LOSS_MARGIN, PATIENCE, _proba, _standardize
+from medfm.resolve.defaults import C_GRID
+from medfm.probe.methods.logreg import LOSS_MARGIN, PATIENCE, _proba, _standardize
 from medfm.probe.solvers import DEFAULT_MAX_ITER, DEFAULT_TOL, make_solver
 from medfm.probe.targets import encode_like, encode_targets
 from medfm.sampling import SubsetSpec, sample

@@ -39,7 +39,8 @@ from torchvision import transforms
 
 from medfm.backbones import create_backbone
 from medfm.data import get_dataset, load_split
-from medfm.finetune import Split, resolve_recipe, train
+from medfm.finetune import Split, train
+from medfm.resolve.recipes import resolve_recipe
 from medfm.paths import resolve_data_root
 from medfm.preprocess import resolve_preprocess
 from medfm.runtime import resolve_device

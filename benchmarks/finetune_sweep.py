@@ -54,8 +54,8 @@ def _variant(text: str) -> tuple[str, str, dict]:
 
 def _recipe_matches(row, recipe: str, overrides: dict) -> bool:
     """Whether a fine-tune row ran `recipe` with `overrides` (and no other change)."""
-    from medfm.finetune.recipes import resolve_recipe
-    from medfm.store.registry import canonical_json
+    from medfm.resolve.recipes import resolve_recipe
+    from medfm.resolve.keys import canonical_json
 
     wanted = canonical_json(resolve_recipe(recipe, **overrides).key_params())
     return row.key.method == "finetune" and row.key.params == wanted

@@ -363,7 +363,9 @@ def stage_oom(args, device: torch.device, report: Report) -> None:
 
 
 def stage_finetune(args, device: torch.device, report: Report) -> None:
-    from medfm.finetune import finetune_job, resolve_finetune, resolve_recipe
+    from medfm.finetune import finetune_job
+    from medfm.resolve.finetune import resolve_finetune
+    from medfm.resolve.recipes import resolve_recipe
     from medfm.sampling import SubsetSpec
 
     recipe = resolve_recipe(FINETUNE_RECIPE, epochs=args.epochs, batch_size=64,

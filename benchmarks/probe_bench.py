@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from medfm.data import SPLITS
-from medfm.probe import C_GRID, StoreArrays
+from medfm.resolve.defaults import C_GRID
+from medfm.probe import StoreArrays
 from medfm.probe.methods.logreg import PATIENCE
 from medfm.probe.solvers import cuda_available, cuml_available
 from medfm.sampling import SubsetSpec, sample
@@ -191,7 +192,7 @@ def _seed_paper_widths() -> dict[str, int]:
     import torch
 
     from medfm.backbones.names import resolve_backbone
-    from medfm.presets import SEED_PAPER_BACKBONES
+    from medfm.resolve.presets import SEED_PAPER_BACKBONES
 
     widths = {}
     for alias in SEED_PAPER_BACKBONES:
@@ -208,7 +209,7 @@ def project_seed_paper(result: dict, store: FeatureStore) -> str:
     with train rows x width x logits, the test metrics with test rows x score columns, per
     store; the process start is paid once."""
     from medfm.data import DATASETS, Task
-    from medfm.presets import MEDMNIST_SIZES
+    from medfm.resolve.presets import MEDMNIST_SIZES
 
     fit_s = result["probe_s"] - result["metrics_s"]
     measured_fit = store.rows["train"] * store.dim * PATH_CLASSES

@@ -21,7 +21,7 @@ from pathlib import Path
 from medfm.extract.extractor import extract_corrupted
 from medfm.preprocess import PreprocessRequest
 from medfm.probe import probe
-from medfm.request import resolve_store_request
+from medfm.resolve.store import resolve_store_request
 from medfm.store.registry import Registry
 
 

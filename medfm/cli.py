@@ -18,6 +18,9 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from medfm.cli_table import csv_items as _csv
+from medfm.cli_table import print_table as _print_table
+from medfm.cli_table import sizes as _sizes
 from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
 from medfm.preprocess import NORMALIZATIONS, RESIZE_POLICIES
 from medfm.resolve.defaults import SOLVERS
@@ -29,36 +32,6 @@ STORAGE_ERRNOS = {  # OSErrors the CLI reports on one line (exit 2) instead of a
     errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
 }
-
-
-def _csv(text: str | None, option: str) -> list[str] | None:
-    """The items of a comma-separated option, or None when it was not given; a given option
-    with an empty item ("", "a,,b") is an error, never "no filter"."""
-    if text is None:
-        return None
-    items = [part.strip() for part in text.split(",")]
-    if not all(items):
-        raise InvalidArgumentError(f"{option} {text!r} has an empty item; give a "
-                                   f"comma-separated list, or leave the option out.")
-    return items
-
-
-def _sizes(text: str | None) -> list[int] | None:
-    """--size as published MedMNIST sizes, or None when it was not given."""
-    from medfm.data import check_size
-
-    items = _csv(text, "--size")
-    return None if items is None else [check_size(item) for item in items]
-
-
-def _print_table(rows: list[dict], columns: list[str]) -> None:
-    if not rows:
-        print("(none)")
-        return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
 # --- extract / stores -------------------------------------------------------------------------
@@ -165,7 +138,7 @@ def _run_extract(args) -> int:
                     for ref in _datasets(args, _sizes(args.size))
                     for backbone in _csv(args.backbone, "--backbone")]
     if args.corruptions:  # every corruption and severity checked before any store is built
-        from medfm.corrupt import parse_severities, resolve_corruptions
+        from medfm.robust.corrupt import parse_severities, resolve_corruptions
         from medfm.limits import check_seed
 
         check_seed(args.corruption_seed, "--corruption-seed")
@@ -188,7 +161,7 @@ def _run_extract(args) -> int:
 
 
 def _extract_corrupted(request, args) -> None:
-    from medfm.corrupt import parse_severities
+    from medfm.robust.corrupt import parse_severities
     from medfm.extract.extractor import extract_corrupted
 
     result = extract_corrupted(

@@ -654,7 +654,7 @@ def test_a_probe_state_copied_onto_another_runs_name_is_refused(finished, tmp_pa
     """The finished run's kept probe state (a real fit), copied onto another run's file name:
     reading it for that run is one line naming both runs; under its own name it loads."""
     from medfm.errors import StoreError
-    from medfm.probe.robust import load_state, state_path
+    from medfm.robust.score import load_state, state_path
 
     work = _work_copy(finished, tmp_path)
     (kept,) = (work / "probes").glob("*.npz")
@@ -672,7 +672,7 @@ def test_a_corrupted_store_copied_onto_another_name_is_refused(finished, tmp_pat
 
     from medfm.errors import StoreError
     from medfm.resolve.keys import store_digest
-    from medfm.store.corrupted import CorruptedStore
+    from medfm.robust.stores import CorruptedStore
 
     identity = {"store": {"dataset": "breastmnist", "size": 28, "backbone": "test_efficientnet"},
                 "pairs": [["pixelate", 1]], "seed": 0}

@@ -16,7 +16,7 @@ from medfm.cli import main
 from medfm.errors import InvalidArgumentError, UnknownBackboneError
 from medfm.grid import load_spec, plan_grid, preset_spec, run_grid, spec_from_dict
 from medfm.grid.executors.local import LocalExecutor
-from medfm.grid.spec import PRESETS
+from medfm.grid.spec import PRESET_GRIDS as PRESETS
 from medfm.resolve.presets import MEDMNIST_PLUS_BACKBONES
 from medfm.report import report
 from medfm.store.registry import Registry

@@ -211,8 +211,7 @@ def test_preset_refuses_what_would_not_be_the_preset(real_root, capsys):
     base = ["finetune", "--preset", "seed-paper", "--backbone", "resnet18", "--size", "28",
             "--dataset", "breastmnist", "--data-root", str(real_root)]
     for extra, words in ((["--recipe", "medfm"], "recipe 'seed-paper'"),
-                         (["--sampler", "shuffled"], "sampler 'first-per-class'"),
-                         (["--input-size", "64"], "drop --resize-policy")):
+                         (["--sampler", "shuffled"], "sampler 'first-per-class'")):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err

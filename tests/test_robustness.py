@@ -11,15 +11,15 @@ pytest.importorskip("medmnistc.corruptions.registry", exc_type=ImportError,  # w
                     reason="robustness needs medmnistc and ImageMagick (the robustness extra)")
 
 from medfm.cli import main  # noqa: E402
-from medfm.corrupt import corrupt, resolve_corruptions  # noqa: E402
+from medfm.robust.corrupt import corrupt, resolve_corruptions  # noqa: E402
 from medfm.errors import StoreError  # noqa: E402
 from medfm.extract.extractor import extract_corrupted  # noqa: E402
 from medfm.preprocess import PreprocessRequest  # noqa: E402
 from medfm.probe import probe  # noqa: E402
 from medfm.probe.methods.logreg import LogisticProbe  # noqa: E402
-from medfm.probe.robust import state_path  # noqa: E402
+from medfm.robust.score import state_path  # noqa: E402
 from medfm.resolve.store import resolve_store_request  # noqa: E402
-from medfm.store.corrupted import available_pairs  # noqa: E402
+from medfm.robust.stores import available_pairs  # noqa: E402
 from medfm.store.features import FeatureStore, find_stores  # noqa: E402
 from medfm.store.registry import Registry  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_probes_are_scored_on_corrupted_splits_and_later_ones_without_refitting(
     store = find_stores(work, dataset="breastmnist")[0]
     sibling = available_pairs(store)[("brightness_down", 3)]
     from medfm.probe.methods.logreg import _load_state
-    from medfm.probe.robust import load_state
+    from medfm.robust.score import load_state
 
     model = _load_state(load_state(work, row.key.digest()))
     expected = model.predict_proba(sibling.features("brightness_down", 3)).astype(np.float32)

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medfm.backbones import Backbone, create_backbone
-from medfm.corrupt import SEVERITIES
+from medfm.robust.corrupt import SEVERITIES
 from medfm.data import SPLITS, get_dataset, load_split
 from medfm.errors import InvalidArgumentError
 from medfm.extract.fold import check_batch, fold_verified
@@ -543,7 +543,7 @@ class _CorruptedImages:
         return len(self.images)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        from medfm.corrupt import corrupt
+        from medfm.robust.corrupt import corrupt
 
         start = rows.start or 0
         return corrupt(np.asarray(self.images[rows]), *self.args, seed=self.seed,
@@ -564,16 +564,16 @@ def extract_corrupted(
     progress: bool = True,
     chunk_rows: int | None = None,
 ) -> CorruptedResult:
-    """Embed the request's test split under MedMNIST-C corruptions (medfm.corrupt) into a
-    sibling of its store (medfm.store.corrupted), building the store first if needed.
+    """Embed the request's test split under MedMNIST-C corruptions (medfm.robust.corrupt) into a
+    sibling of its store (medfm.robust.stores), building the store first if needed.
 
     `corruptions`: "medmnist-c" / None (every corruption defined for the dataset) or names;
     `severities` 1..5; `seed` makes the corrupted images reproducible; `base` lends an imported
     dataset a MedMNIST dataset's corruption set. A corruption that cannot be applied at the
     store's size is skipped and named in the result.
     """
-    from medfm.corrupt import NotApplicable, corrupt, package_version, resolve_corruptions
-    from medfm.store.corrupted import corrupted_identity, corrupted_path, group_name
+    from medfm.robust.corrupt import NotApplicable, corrupt, package_version, resolve_corruptions
+    from medfm.robust.stores import corrupted_identity, corrupted_path, group_name
 
     seed = check_seed(seed, "corruption seed")
     pairs = resolve_corruptions(request.dataset.name, corruptions, severities, base)
@@ -587,7 +587,7 @@ def extract_corrupted(
                                   base=base, version=package_version())
     path = corrupted_path(store, identity)
     if path.exists() and not force:
-        from medfm.store.corrupted import CorruptedStore
+        from medfm.robust.stores import CorruptedStore
 
         done = CorruptedStore(path)
         return CorruptedResult(path, "exists", done.pairs, done.skipped)
@@ -610,7 +610,7 @@ def extract_corrupted(
             f"({'; '.join(s['reason'] for s in skipped)}).")
     with store_lock(path, label=f"{request.dataset.label} corrupted test splits"):
         if path.exists() and not force:
-            from medfm.store.corrupted import CorruptedStore
+            from medfm.robust.stores import CorruptedStore
 
             done = CorruptedStore(path)
             return CorruptedResult(path, "exists", done.pairs, done.skipped)

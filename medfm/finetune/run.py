@@ -11,7 +11,8 @@ on the official val split, and the checkpoint chosen by the recipe's metric is s
 official test split with medfm.metrics (MedMNIST-exact ACC/AUC, balanced accuracy, bootstrap CIs).
 Preprocessing is one request (medfm.preprocess): the recipe's, with every field the user (or the
 grid spec) sets in its place. A run resolves to a `FinetuneRequest` before any model or image
-loads, and its key (medfm.resolve.keys.run_key) holds everything that changes the result: the dataset
+loads, and its key (medfm.resolve.keys.run_key) holds everything that changes the result: the
+dataset
 file, the backbone and weights identity, the resolved preprocessing, the subset and seed, the
 checkpoint metric, the method ("finetune", or "lora" when the recipe trains LoRA adapters: its own
 paradigm in results and reports) and the rest of the resolved recipe (`params`, LoRA's rank,
@@ -73,7 +74,7 @@ from medfm.finetune.train import (
 from medfm.metrics import evaluate
 from medfm.paths import resolve_workdir
 from medfm.preprocess import DevicePreprocessor
-from medfm.probe.robust import ScoredRow, record
+from medfm.robust.score import ScoredRun, record
 from medfm.resolve.finetune import FinetuneRequest, finetune_requests
 from medfm.runtime import deterministic_algorithms, device_name, resolve_device, versions
 from medfm.sampling import sample
@@ -279,7 +280,7 @@ def _train_and_test(
         # training time summed over resumed calls
         wall_s=time.perf_counter() - t0 - t_train + outcome.train_seconds,
     )
-    return ScoredRow(row, scores, y_true, evaluations)
+    return ScoredRun(row, scores, y_true, evaluations)
 
 
 def _record_throughput(request: FinetuneRequest, outcome, dev: torch.device, *, setup_s: float,
@@ -314,7 +315,7 @@ def corrupted_pairs(dataset: DatasetRef, workdir) -> dict:
     """(corruption, severity) -> (seed, base) of every corrupted test split extracted in the
     work directory for this dataset file (any backbone: the images are the same), so a
     fine-tune is scored on the corruptions its probes are."""
-    from medfm.store.corrupted import CORRUPTED_DIRNAME, CorruptedStore
+    from medfm.robust.stores import CORRUPTED_DIRNAME, CorruptedStore
 
     folder = resolve_workdir(workdir) / "stores" / CORRUPTED_DIRNAME
     pairs: dict = {}
@@ -335,11 +336,11 @@ def corrupted_pairs(dataset: DatasetRef, workdir) -> dict:
 def evaluate_corrupted(model, request: FinetuneRequest, pairs: dict, test: Split, *, prep,
                        loss, batch_size: int) -> list:
     """The trained model on each corrupted test split (images corrupted as the stores' were:
-    medfm.corrupt with the same seed), as medfm.probe.robust.Evaluation objects."""
+    medfm.robust.corrupt with the same seed), as medfm.robust.score.Evaluation objects."""
     if not pairs:
         return []
-    from medfm.corrupt import corrupt
-    from medfm.probe.robust import Evaluation
+    from medfm.robust.corrupt import corrupt
+    from medfm.robust.score import Evaluation
 
     info = get_dataset(request.dataset.name)
     images, labels = np.asarray(test.images), np.asarray(test.labels)

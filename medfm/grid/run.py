@@ -77,7 +77,7 @@ def _record(registry: Registry, outcome: JobOutcome, workdir: str) -> int:
     fine-tune's tested weights and drop its resumable state; returns how many rows were new."""
     from medfm.finetune import finish_checkpoint  # torch: only once there is a row to record
 
-    from medfm.probe.robust import record
+    from medfm.robust.score import record
 
     added = 0
     for scored in outcome.rows:

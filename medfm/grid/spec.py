@@ -28,9 +28,11 @@ A spec file names the axes of the grid; everything but `sizes` and `backbones` h
     data_root: null          # null: $MEDFM_DATA_ROOT or ~/.medmnist
     finetune: {recipe: medfm, overrides: {epochs: 5}}
     sampler: shuffled        # how subsets are drawn (medfm.sampling.SAMPLERS)
-    preset: null             # a published preset whose per-backbone rules apply (medfm.resolve.presets)
+    preset: null             # a published preset whose per-backbone rules apply
+                             # (medfm.resolve.presets)
 
-Presets build the published grids (PRESETS, from medfm.resolve.presets: each detail and its reference
+Presets build the published grids (PRESET_GRIDS, from medfm.resolve.presets: each detail and its
+reference
 line in docs/presets.md); `datasets`, `backbones` and `sizes` narrow them.
 """
 
@@ -383,7 +385,8 @@ def _check_depth(text: str, path: Path) -> None:
 
 
 def _preset_grid(name: str) -> GridSpec:
-    """The grid of the published preset `name` (medfm.resolve.presets): its backbones, sizes, subsets,
+    """The grid of the published preset `name` (medfm.resolve.presets): its backbones, sizes,
+    subsets,
     seeds, sampler, methods, probe options, preprocessing, store dtype and recipe; its
     per-backbone rules apply through `preset`."""
     p = PROTOCOLS[name]
@@ -397,19 +400,20 @@ def _preset_grid(name: str) -> GridSpec:
 
 
 # the published grids; medfm adds its cached logistic-regression probe (logreg) to each
-PRESETS: dict[str, GridSpec] = {name: _preset_grid(name) for name in PROTOCOLS}
+PRESET_GRIDS: dict[str, GridSpec] = {name: _preset_grid(name) for name in PROTOCOLS}
 
 
 def preset_spec(name: str, *, datasets=None, backbones=None, sizes=None,
                 data_root: str | None = None) -> GridSpec:
-    """The published grid `name` (PRESETS), narrowed to the given datasets, backbones, sizes."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
+    """The published grid `name` (PRESET_GRIDS), narrowed to the given datasets, backbones and
+    sizes."""
+    if name not in PRESET_GRIDS:
+        close = difflib.get_close_matches(name, PRESET_GRIDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise InvalidArgumentError(
-            f"unknown grid preset {name!r}{hint}; use one of {', '.join(PRESETS)}"
+            f"unknown grid preset {name!r}{hint}; use one of {', '.join(PRESET_GRIDS)}"
         )
-    spec = PRESETS[name]
+    spec = PRESET_GRIDS[name]
     if data_root is not None:
         spec = replace(spec, data_root=str(data_root))
     return spec.narrowed(datasets=datasets, backbones=backbones, sizes=sizes)

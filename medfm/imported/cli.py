@@ -51,7 +51,7 @@ def add_import(sub) -> None:
 
 
 def run_import(args) -> int:
-    from medfm.cli import _sizes
+    from medfm.cli_table import sizes as _sizes
     from medfm.imported import import_dataset
 
     result = import_dataset(
@@ -97,7 +97,7 @@ def list_datasets(data_root=None) -> list[dict]:
 
 
 def run_datasets(args) -> int:
-    from medfm.cli import _print_table
+    from medfm.cli_table import print_table as _print_table
     from medfm.paths import resolve_data_root
 
     rows = list_datasets(args.data_root)

@@ -34,13 +34,13 @@ from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.methods import get_method
-from medfm.probe.robust import ScoredRow, load_state, record, save_state, score_pairs
+from medfm.robust.score import ScoredRun, load_state, record, save_state, score_pairs
 from medfm.probe.solvers import resolve_solver
 from medfm.resolve.defaults import N_BOOTSTRAP, PROBE_METHOD, default_seeds
 from medfm.resolve.probe import ProbeRequest, resolve_probe
 from medfm.runtime import versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
-from medfm.store.corrupted import available_pairs
+from medfm.robust.stores import available_pairs
 from medfm.store.features import FeatureStore, find_stores
 from medfm.store.registry import Registry, ResultRow
 from medfm.resolve.keys import ResultKey
@@ -123,11 +123,11 @@ def _check_classes(arrays: StoreArrays, task: Task, n_classes: int) -> None:
 
 def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
               arrays: StoreArrays | None = None, shared_fits: dict | None = None,
-              corrupted: dict | None = None) -> ScoredRow:
+              corrupted: dict | None = None) -> ScoredRun:
     """One probe run, writing nothing: sample the training subset, fit, score the test split
-    and every corrupted test split of the store (medfm.probe.robust).
+    and every corrupted test split of the store (medfm.robust.score).
 
-    Returns a ScoredRow: it unpacks as (row, float32 test scores, test labels), what
+    Returns a ScoredRun: it unpacks as (row, float32 test scores, test labels), what
     `Registry.add` records, and carries the corrupted evaluations and the fitted state to keep.
     `arrays` passes features already read; `shared_fits` (a dict the caller keeps) lets runs
     with identical training data and settings share one fit and its evaluation; `corrupted`
@@ -165,7 +165,7 @@ def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
         key, subset, metrics, chosen_C=fitted.chosen_C, solver=fitted.solver,
         device=fitted.device, weights_digest=store.weights_digest,
         extra=extra, versions=versions(*PROBE_VERSIONS), wall_s=time.perf_counter() - start)
-    return ScoredRow(row, fitted.scores, arrays.labels["test"], evaluations, state)
+    return ScoredRun(row, fitted.scores, arrays.labels["test"], evaluations, state)
 
 
 def fill_corrupted(store: FeatureStore, spec: SubsetSpec, probe: ProbeRequest, key: ResultKey,

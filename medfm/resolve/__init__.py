@@ -33,20 +33,27 @@ Where to change what:
   reads their refs.
 """
 
-from medfm.resolve.defaults import (C_GRID, N_BOOTSTRAP, PROBE_METHOD, RECIPE, default_seeds,
-                                    keyed_later)
-from medfm.resolve.finetune import (FinetuneRequest, finetune_requests, resolve_finetune,
-                                    resolve_finetunes)
-from medfm.resolve.keys import RESULT_KEY_FIELDS, ResultKey, canonical_json, run_key
-from medfm.resolve.presets import PRESETS, Preset, get_preset
-from medfm.resolve.recipes import RECIPES, Recipe, resolve_recipe
-from medfm.resolve.store import StoreRequest, resolve_store_request
-from medfm.sampling import SubsetSpec
+# names offered here, by module; loaded on first use, so importing one module of this package
+# (medfm.resolve.defaults from the CLI) does not load the dataset catalogue or timm's registry
+_EXPORTS = {
+    "medfm.resolve.defaults": ("C_GRID", "N_BOOTSTRAP", "PROBE_METHOD", "RECIPE", "default_seeds",
+                               "keyed_later"),
+    "medfm.resolve.finetune": ("FinetuneRequest", "finetune_requests", "resolve_finetune",
+                               "resolve_finetunes"),
+    "medfm.resolve.keys": ("RESULT_KEY_FIELDS", "ResultKey", "canonical_json", "run_key"),
+    "medfm.resolve.presets": ("PRESETS", "Preset", "get_preset"),
+    "medfm.resolve.probe": ("ProbeRequest", "resolve_probe"),
+    "medfm.resolve.recipes": ("RECIPES", "Recipe", "resolve_recipe"),
+    "medfm.resolve.store": ("StoreRequest", "resolve_store_request"),
+    "medfm.sampling": ("SubsetSpec",),
+}
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
-__all__ = [
-    "C_GRID", "N_BOOTSTRAP", "PRESETS", "PROBE_METHOD", "RECIPE", "RECIPES", "RESULT_KEY_FIELDS",
-    "FinetuneRequest", "Preset", "Recipe", "ResultKey", "StoreRequest", "SubsetSpec",
-    "canonical_json", "default_seeds", "finetune_requests", "get_preset", "keyed_later",
-    "resolve_finetune", "resolve_finetunes", "resolve_recipe", "resolve_store_request",
-    "run_key",
-]
+
+def __getattr__(name: str):
+    for module, names in _EXPORTS.items():
+        if name in names:
+            import importlib  # (a name of this package asked for: load its module)
+
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'medfm.resolve' has no attribute {name!r}")

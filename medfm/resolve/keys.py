@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from medfm.preprocess import PreprocessConfig
 
 STORES_DIRNAME = "stores"  # <workdir>/stores/*.h5
+PARTIAL_SUFFIX = ".partial"  # a store being built: <name>.h5.partial
 STORE_DIGEST_CHARS = 16  # hex digits of a store request's digest in its file name
 SELECTIONS = ("val", "holdout", "none")  # what chose hyper-parameters or the checkpoint
 SELECT_METRICS = ("acc", "auc", "loss", "")  # what that choice maximized ("" when nothing)

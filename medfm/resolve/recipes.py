@@ -28,7 +28,8 @@ Presets (numbers from docs/ANCHORS.md):
   zero-padded into a 224 canvas, timm's own head init; a frozen backbone stays in train mode.
 
 docs/presets.md lists every protocol detail of the published presets with the line of the
-reference code it comes from; medfm.resolve.presets adds their per-backbone rules (input size, batch).
+reference code it comes from; medfm.resolve.presets adds their per-backbone rules (input size,
+batch).
 - `medmnist-v2` (Yang et al. 2023): from scratch, Adam lr 1e-3, batch 128, 100 epochs, lr x0.1 at
   epochs 50 and 75, mean = std = 0.5, no augmentation, best checkpoint by validation AUC, images at
   their own size with the CIFAR-style ResNet stem (3x3 conv, stride 1, no max-pool).

@@ -52,11 +52,11 @@ from medfm.data import SPLITS
 from medfm.errors import DiskFullError, InvalidArgumentError, StoreError, is_disk_full
 from medfm.locks import LockHeld, exclusive_lock
 from medfm.paths import resolve_workdir
-from medfm.resolve.keys import STORE_DIGEST_CHARS, STORES_DIRNAME, store_digest, store_filename
-from medfm.resolve.keys import canonical_json
+from medfm.resolve.keys import (PARTIAL_SUFFIX, STORE_DIGEST_CHARS, STORES_DIRNAME, canonical_json,
+                                store_digest, store_filename)
+from medfm.store.migrate import upgrade_stores, v1_attrs
 
 FORMAT_VERSION = 2  # 2: identified by its request (request_json); 1 (StoreKey) is upgraded
-PARTIAL_SUFFIX = ".partial"  # a store being built: <name>.h5.partial
 FLOAT16_MAX = 65504.0  # features beyond this are clipped (and counted) when stored as float16
 LOCKS_DIRNAME = ".locks"  # <workdir>/stores/.locks/<store name>.lock: one writer per store
 ARRAYS = ("features", "labels", "index")  # datasets of each split, in fingerprint order
@@ -89,8 +89,6 @@ def upcast(values: np.ndarray, dtype=np.float32) -> np.ndarray:
 
 def stores_dir(workdir: str | os.PathLike | None = None) -> Path:
     """<workdir>/stores, created, with stores written by older medfm versions upgraded once."""
-    from medfm.store.migrate import upgrade_stores
-
     path = resolve_workdir(workdir) / STORES_DIRNAME
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -210,7 +208,6 @@ class FeatureStore:
                 f"({type(exc).__name__}: {exc}); {_rebuild_hint(self.path)}.") from None
         attrs = self._attrs
         if attrs.get("format_version") == 1:  # not upgraded yet (opened by its path)
-            from medfm.store.migrate import v1_attrs
 
             try:
                 self._attrs = self._all_attrs = attrs = v1_attrs(attrs)

@@ -6,7 +6,8 @@ code that opens them: nothing in them is recomputed.
   that request gives, so `extract` finds it by one lookup. Its features are not touched (the
   content fingerprint stays valid). A marker file `stores/.layout` records the upgrade.
 - Registry (schema 1 -> 2, called by `Registry` in its migration transaction). Every row is
-  re-keyed by the request it answers (medfm.resolve.keys.run_key): the backbone becomes its canonical
+  re-keyed by the request it answers (medfm.resolve.keys.run_key): the backbone becomes its
+  canonical
   id, the weights their identity, the dataset gains its file digest, the solver and device move
   out of the key into columns, and `selection` splits into `selection` and `select_metric`.
   Scores and fine-tune checkpoint folders follow their rows. Rows that turn out to be the same
@@ -39,11 +40,10 @@ from medfm.cache import file_digest
 from medfm.data import get_dataset
 from medfm.preprocess import DEFAULT_NORMALIZATION
 from medfm.resolve.store import FEATURE_KIND
-from medfm.resolve.keys import run_key, store_digest, store_filename
+from medfm.resolve.keys import (PARTIAL_SUFFIX, STORES_DIRNAME, canonical_json, run_key,
+                                store_digest, store_filename)
 from medfm.sampling import SubsetSpec
-from medfm.store.features import PARTIAL_SUFFIX
 from medfm.store.blobs import from_npy, stored_task
-from medfm.resolve.keys import canonical_json
 
 LAYOUT_FILE = ".layout"  # in <workdir>/stores: the layout version the folder is in
 LAYOUT_VERSION = "2"
@@ -145,13 +145,12 @@ def upgrade_stores(stores: Path) -> None:
 
 def _store_identities(workdir: Path) -> dict[str, dict]:
     """Content fingerprint -> request identity of every finished store in the work directory."""
-    from medfm.store.features import stores_dir  # upgrades the folder first
-
-    folder = workdir / "stores"
+    folder = workdir / STORES_DIRNAME
     if not folder.is_dir():
         return {}
+    upgrade_stores(folder)  # stores of an older layout first: their names and attributes
     found = {}
-    for path in stores_dir(workdir).glob("*.h5"):
+    for path in folder.glob("*.h5"):
         try:
             with h5py.File(path, "r") as fh:
                 if "fingerprint" in fh.attrs and "request_json" in fh.attrs:

@@ -1,7 +1,7 @@
 """Corrupted test splits: MedMNIST-C's realistic acquisition artifacts, through the `medmnistc`
 package (Di Salvo, Doerrich, Ledig 2024), for robustness evaluation.
 
-    from medfm.corrupt import resolve_corruptions, corrupt
+    from medfm.robust.corrupt import resolve_corruptions, corrupt
     pairs = resolve_corruptions("breastmnist", "medmnist-c", severities=(1, 5))
     images_c = corrupt(images, "breastmnist", "pixelate", 5, seed=0)   # same shape, uint8
 

@@ -1,4 +1,4 @@
-"""Probes scored on corrupted test splits (MedMNIST-C, medfm.corrupt), without refitting.
+"""Probes scored on corrupted test splits (MedMNIST-C, medfm.robust.corrupt), without refitting.
 
     medfm extract ... --corruptions medmnist-c     # embeds the corrupted test splits once
     medfm probe ...                                 # new runs and recorded ones get scored
@@ -41,7 +41,7 @@ class Evaluation:
 
 
 @dataclass
-class ScoredRow:
+class ScoredRun:
     """A probe job's result: unpacks as (row, test scores, test labels) like any job's row; also
     carries its corrupted evaluations and the fitted state to keep."""
 
@@ -93,7 +93,7 @@ def load_state(workdir: str | os.PathLike | None, digest: str) -> dict | None:
 def score_pairs(model, store, pairs, task: Task, y_test: np.ndarray,
                 device: str | None = None) -> list[Evaluation]:
     """`model` (predict_proba) on each (corruption, severity) of `pairs` (a dict pair -> sibling
-    store, medfm.store.corrupted.available_pairs); test metrics on `device` (None: numpy)."""
+    store, medfm.robust.stores.available_pairs); test metrics on `device` (None: numpy)."""
     out = []
     for (corruption, severity), sibling in sorted(pairs.items()):
         scores = model.predict_proba(sibling.features(corruption, severity)).astype(np.float32)

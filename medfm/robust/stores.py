@@ -1,7 +1,7 @@
 """Corrupted test splits of a feature store: a sibling HDF5 file per (store, corruption request),
 in `<workdir>/stores/corrupted/`.
 
-    from medfm.store.corrupted import corrupted_sets
+    from medfm.robust.stores import corrupted_sets
     for sibling in corrupted_sets(store):          # CorruptedStore objects
         for corruption, severity in sibling.pairs:
             X = sibling.features(corruption, severity)   # (N_test, D) float32
