@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -499,27 +498,13 @@ def _add_grid(sub) -> None:
         for option in dataclasses.fields(cls.Options):
             if "type" in option.metadata:  # options with a command-line form
                 options.setdefault(option.name, option)
-    for name, option in options.items():
-        kind = option.metadata["type"]
+    for name, option in options.items():  # text here; typed by the chosen executor's Options
         p.add_argument(option_flag(name), dest=f"executor_{name}",
-                       type=_non_negative(kind) if kind in (int, float) else kind,
                        default=argparse.SUPPRESS, help=option.metadata["help"])
     p.add_argument("--data-root", help="default: the spec's, else $MEDFM_DATA_ROOT")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_grid)
-
-
-def _non_negative(kind: type) -> Callable[[str], int | float]:
-    """An argparse type for an executor's counts and durations: finite and >= 0."""
-    def parse(text: str):
-        value = kind(text)  # ValueError: argparse says "invalid int value"
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def _run_grid(args) -> int:
@@ -534,8 +519,11 @@ def _run_grid(args) -> int:
         spec = dataclasses.replace(spec, data_root=str(args.data_root))
     spec = spec.narrowed(datasets=_csv(args.dataset, "--dataset"),
                          backbones=_csv(args.backbone, "--backbone"), sizes=_sizes(args.size))
-    options = {name.removeprefix("executor_"): value for name, value in vars(args).items()
-               if name.startswith("executor_")}
+    from medfm.grid.executors import typed_options
+
+    options = typed_options(args.executor, {
+        name.removeprefix("executor_"): value for name, value in vars(args).items()
+        if name.startswith("executor_")})
     result = run_grid(spec, workdir=args.workdir, executor=args.executor,
                       dry_run=args.dry_run, progress=not args.quiet, yes=args.yes,
                       on_plan=_announce, compile=args.compile, **options)

@@ -332,3 +332,19 @@ def test_executor_counts_that_cannot_work_are_one_line(executor, options, flag, 
 
     with pytest.raises(InvalidArgumentError, match=flag):
         make_executor(executor, workdir=tmp_path, **options)
+
+
+def test_each_executor_types_its_own_flags(tmp_path, capsys):
+    """--gpus-per-job is a fraction for Ray and a whole number for SLURM: one flag, typed by the
+    executor chosen (it took Ray's float for every executor before)."""
+    from medfm.grid.executors import typed_options
+
+    assert typed_options("ray", {"gpus_per_job": "0.5"}) == {"gpus_per_job": 0.5}
+    assert typed_options("slurm", {"gpus_per_job": "2"}) == {"gpus_per_job": 2}
+    spec = tmp_path / "grid.yaml"
+    spec.write_text("sizes: [28]\nbackbones: [test_resnet]\ndatasets: [breastmnist]\n")
+    assert main(["grid", str(spec), "--executor", "slurm", "--gpus-per-job", "1.5",
+                 "--dry-run", "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--gpus-per-job '1.5': the slurm executor takes a whole number" in err

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import sqlite3
 import sys
 import time
 import warnings
@@ -78,7 +77,8 @@ from medfm.robust.score import ScoredRun, record
 from medfm.resolve.finetune import FinetuneRequest, finetune_requests
 from medfm.runtime import deterministic_algorithms, device_name, resolve_device, versions
 from medfm.sampling import sample
-from medfm.store.registry import REGISTRY_FILENAME, Registry, ResultRow
+from medfm.store.done import finished_keys, recorded_run
+from medfm.store.registry import Registry, ResultRow
 from medfm.resolve.keys import ResultKey
 
 CHECKPOINTS_DIR = "checkpoints"  # under the work directory, one folder per result key digest
@@ -151,28 +151,9 @@ def _claim(folder: Path, label: str) -> Iterator[None]:
 
 def _recorded(workdir: str | os.PathLike | None,
               key: ResultKey) -> tuple[ResultRow, np.ndarray, np.ndarray] | None:
-    """(row, test scores, test labels) of a run already in the registry, else None.
-
-    Workers call this, and the registry is the driver's: it is read only when the run's folder
-    holds best.pt (written only after the row was recorded), and a registry that cannot be read
-    from here (SQLite over a network filesystem) counts as "not recorded": the run then resumes
-    from its checkpoint, which costs a test pass at most, never a wrong row.
-    """
-    path = resolve_workdir(workdir) / REGISTRY_FILENAME
-    if not path.exists() or not (checkpoint_folder(workdir, key) / BEST_WEIGHTS_NAME).exists():
-        return None
-    try:
-        reg = Registry(path, read_only=True)  # a worker reads; the driver writes
-        try:
-            row = reg.get(key)
-            if row is None:
-                return None
-            y_true, y_score = reg.scores(key)
-            return row, y_score, y_true
-        finally:
-            reg.close()
-    except (sqlite3.Error, MedfmError, OSError):
-        return None
+    """(row, test scores, test labels) of a run already recorded with its tested weights kept
+    (medfm.store.done.recorded_run), else None."""
+    return recorded_run(workdir, key, needs=checkpoint_folder(workdir, key) / BEST_WEIGHTS_NAME)
 
 
 def finetune_job(
@@ -474,7 +455,7 @@ def finetune(
         data_root=data_root, sampler=sampler, preset=preset)
     resolve_device(device)  # an unusable --device is one line before anything is written
     reg = Registry.in_workdir(workdir)
-    done = set() if force else reg.done_keys([r.key() for r in requests])
+    done = set() if force else finished_keys(workdir, [r.key() for r in requests], registry=reg)
     ran, skipped, filled = [], [], 0
     for request in requests:
         key = request.key()

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from medfm.backbones.names import resolve_backbone
 from medfm.data import resolve_datasets
-from medfm.errors import StoreError
 from medfm.grid.jobs import ExtractJob, FinetuneJob, Job, ProbeJob
 from medfm.grid.spec import HEAD_PROBE, TRAINED, GridSpec
 from medfm.paths import resolve_workdir
@@ -35,8 +34,8 @@ from medfm.resolve.finetune import resolve_finetunes
 from medfm.resolve.keys import STORES_DIRNAME
 from medfm.resolve.store import resolve_store_request
 from medfm.runtime import device_type
-from medfm.store.features import FeatureStore, stores_dir
-from medfm.store.registry import REGISTRY_FILENAME, Registry
+from medfm.store.features import stores_dir
+from medfm.store.done import finished_keys, finished_store
 
 KINDS = ("extract", "probe", "finetune")  # job kinds, in dependency order
 
@@ -80,16 +79,6 @@ class GridPlan:
         return "\n".join(lines)
 
 
-def _finished_store(path: Path) -> FeatureStore | None:
-    """The finished store at `path`, or None (absent, or corrupt: its extract job says why)."""
-    if not path.exists():
-        return None
-    try:
-        return FeatureStore(path)
-    except StoreError:
-        return None
-
-
 def _resolve(spec: GridSpec, data_root):
     """(dataset refs, skipped lines, backbone refs in spec order): every name, resolved once."""
     refs, skipped = resolve_datasets(spec.datasets, spec.sizes, data_root)
@@ -112,7 +101,7 @@ def _extract_jobs(spec: GridSpec, refs, backbones, root: str, compile: bool):
                                             dtype=spec.dtype, device=spec.device,
                                             precision=spec.precision)
             found.append((ExtractJob(request, spec.device, root, compile),
-                          _finished_store(stores / request.filename())))
+                          finished_store(stores / request.filename())))
     return found
 
 
@@ -168,10 +157,8 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None,
                      for i, (_, store) in enumerate(extracts) if store is not None
                      for j, p in enumerate(probes)}  # each key built once
     finetune_digests = [job.request.key().digest() for job in finetunes]
-    registry = Path(root) / REGISTRY_FILENAME
-    finished = Registry(registry, read_only=True).done_keys(
-        [d for digests in probe_digests.values() for d in digests] + finetune_digests
-    ) if registry.is_file() else set()
+    finished = finished_keys(
+        root, [d for digests in probe_digests.values() for d in digests] + finetune_digests)
 
     total, done, jobs = Counter(), Counter(), []
     for i, (extract, store) in enumerate(extracts):

@@ -41,6 +41,7 @@ from medfm.resolve.probe import ProbeRequest, resolve_probe
 from medfm.runtime import versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
 from medfm.robust.stores import available_pairs
+from medfm.store.done import finished_keys
 from medfm.store.features import FeatureStore, find_stores
 from medfm.store.registry import Registry, ResultRow
 from medfm.resolve.keys import ResultKey
@@ -234,7 +235,8 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
             for spec in expand_subsets(fractions, shots, seeds,
                                        **({"sampler": sampler} if sampler else {}))]
     registry = Registry.in_workdir(workdir)
-    done = set() if force else registry.done_keys([key for _, _, key in plan])
+    done = set() if force else finished_keys(workdir, [key for _, _, key in plan],
+                                             registry=registry)
     skipped = [key for _, _, key in plan if key.digest() in done]
     pending = [(s, spec) for s, spec, key in plan if key.digest() not in done]
     request = for_work(request, pending)

@@ -76,6 +76,35 @@ def check_counts(options, *, positive: tuple[str, ...] = (),
             raise InvalidArgumentError(f"{option_flag(name)} {value!r} must be {wanted}.")
 
 
+def typed_options(name: str, given: dict[str, str]) -> dict[str, Any]:
+    """Command-line text of executor options, parsed by executor `name`'s own types (each
+    executor declares its options: one flag may be a whole number for one executor and a
+    fraction for another); counts and durations must be finite and >= 0. An option the
+    executor does not take is left for make_executor to refuse by name."""
+    import math
+
+    cls = executors().get(name)
+    declared = {f.name: f for f in dataclasses.fields(cls.Options)} if cls else {}
+    typed = {}
+    for option, text in given.items():
+        kind = declared[option].metadata.get("type", str) if option in declared else str
+        if kind not in (int, float):
+            typed[option] = kind(text)
+            continue
+        try:
+            value = kind(text)
+        except ValueError:
+            words = "a whole number" if kind is int else "a number"
+            raise InvalidArgumentError(
+                f"{option_flag(option)} {text!r}: the {name} executor takes {words} here."
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgumentError(
+                f"{option_flag(option)} {text!r} is not a finite number >= 0.")
+        typed[option] = value
+    return typed
+
+
 def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
