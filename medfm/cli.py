@@ -22,7 +22,7 @@ from medfm.cli_table import print_table as _print_table
 from medfm.cli_table import sizes as _sizes
 from medfm.errors import InvalidArgumentError, MedfmError, MedfmWarning
 from medfm.preprocess import NORMALIZATIONS, RESIZE_POLICIES
-from medfm.resolve.defaults import SOLVERS
+from medfm.resolve.defaults import PROBE_METHOD, SOLVERS
 
 EXIT_USER_ERROR = 2  # bad input, missing file, corrupt store...
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -214,7 +214,7 @@ def _add_probe(sub) -> None:
     p.add_argument("--fractions", help="training fractions, e.g. 0.01,0.1,1.0 (default 1.0)")
     p.add_argument("--shots", help="images per class, e.g. 1,5,10")
     p.add_argument("--seeds", help="e.g. 0,1,2 or 0-4 (default 0,1,2; a preset's own)")
-    p.add_argument("--method", choices=sorted(methods), default="logreg")
+    p.add_argument("--method", choices=sorted(methods), default=PROBE_METHOD)
     _add_sampler(p)
     _add_preset(p, "probe (method options, sampler, seeds, subsets; its stores only)")
     for option in {o.name: o for m in methods.values() for o in m.options}.values():

@@ -57,10 +57,11 @@ import numpy as np
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
+from medfm.resolve.defaults import CI_LEVEL, N_BOOTSTRAP
 
 DEFAULT_THRESHOLD = 0.5  # binary and multi-label decision threshold (medmnist's getACC default)
-DEFAULT_N_BOOTSTRAP = 1000  # bootstrap resamples per confidence interval
-DEFAULT_CI = 0.95  # confidence level of the percentile intervals
+DEFAULT_N_BOOTSTRAP = N_BOOTSTRAP  # bootstrap resamples per confidence interval
+DEFAULT_CI = CI_LEVEL  # confidence level of the percentile intervals
 BOOTSTRAP_CHUNK = 64  # resamples scored together: a (64, N) weight matrix at a time
 BOOTSTRAP_DEVICE_CHUNK = 256  # resamples uploaded and scored together on a device
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error

@@ -47,10 +47,11 @@ import numpy as np
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
+from medfm.resolve.defaults import SAMPLER
 from medfm.limits import SHOTS_MAX, check_at_most, check_list_length, check_seed
 
 DIGEST_CHARS = 16  # hex digits of the SHA-256 kept as a subset's digest
-SAMPLERS = ("shuffled", "first-per-class")  # sampler modes (module docstring); first: default
+SAMPLERS = (SAMPLER, "first-per-class")  # sampler modes (module docstring); first: default
 FIRST_N_WHOLE_SPLIT = 1000  # first-per-class: more shots than this take the whole split
 #                             (the seed paper's `sample_num_per_cls < 1001` test)
 # what each parser accepts, quoted in its error messages

@@ -56,6 +56,7 @@ from medfm.limits import (GRID_EXPANDED_MAX, GRID_SPEC_BYTES_MAX, GRID_SPEC_DEPT
 from medfm.preprocess import PreprocessRequest
 from medfm.resolve.presets import FINETUNE, HEAD_PROBE, get_preset
 from medfm.resolve.presets import PRESETS as PROTOCOLS
+from medfm.resolve.defaults import PROBE_METHOD, RECIPE, SAMPLER, default_seeds
 from medfm.resolve.methods import method_specs
 from medfm.resolve.defaults import SOLVERS
 from medfm.resolve.store import STORE_DTYPES
@@ -63,11 +64,12 @@ from medfm.sampling import SAMPLERS, SubsetSpec, expand_subsets
 
 TRAINED = (FINETUNE, HEAD_PROBE)  # methods that train through the fine-tune loop, not probes
 DEFAULTS: dict[str, Any] = {  # spec fields a file may leave out
-    "datasets": None, "weights": None, "fractions": (1.0,), "shots": (), "seeds": (0,),
-    "methods": ("logreg",), "probe_options": (), "solver": "auto", "selection": None,
+    "datasets": None, "weights": None, "fractions": (1.0,), "shots": (),
+    "seeds": default_seeds("grid"), "methods": (PROBE_METHOD,), "probe_options": (),
+    "solver": "auto", "selection": None,
     "resize_policy": None, "input_size": None, "normalize": None, "dtype": "float16",
-    "device": None, "data_root": None, "recipe": "medfm", "overrides": (),
-    "sampler": SAMPLERS[0], "preset": None,
+    "device": None, "data_root": None, "recipe": RECIPE, "overrides": (),
+    "sampler": SAMPLER, "preset": None,
 }
 REQUIRED = ("sizes", "backbones")
 RENAMED = {"backend": "solver"}  # spec fields of earlier medfm versions

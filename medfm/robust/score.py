@@ -24,10 +24,10 @@ from medfm.data import Task
 from medfm.errors import StoreError
 from medfm.metrics import evaluate
 from medfm.paths import resolve_workdir
+from medfm.resolve.defaults import N_BOOTSTRAP  # as the clean test metrics
 
 PROBES_DIRNAME = "probes"  # <workdir>/probes/<digest>.npz: fitted probe states
 RUN_ARRAY = "_run"  # the array of a state file that names its run (key digest)
-N_BOOTSTRAP = 1000  # as the clean test metrics
 
 
 @dataclass
