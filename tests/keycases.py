@@ -110,6 +110,25 @@ def _grid_keys(data_root, workdir) -> dict[str, str]:
     return out
 
 
+def _corrupted_keys(data_root) -> dict[str, str]:
+    """The file names of corrupted test splits beside a store (MedMNIST-C siblings)."""
+    from types import SimpleNamespace
+
+    from medfm.robust.stores import corrupted_identity, corrupted_path
+
+    request = resolve_store_request(dataset="breastmnist", size=28, backbone="resnet18",
+                                    data_root=data_root)
+    store = SimpleNamespace(request=request.identity(), fingerprint=FINGERPRINT,
+                            path=Path("stores") / request.filename())
+    out = {}
+    for pairs in ([("pixelate", 3)], [("gaussian_noise", 1), ("pixelate", 5)]):
+        for seed, base in ((0, None), (1, "breastmnist")):
+            identity = corrupted_identity(store, pairs, seed=seed, corruption_set="medmnist-c",
+                                          base=base, version="0.1.0")
+            out[f"corrupted/{pairs}/{seed}/{base}"] = corrupted_path(store, identity).name
+    return out
+
+
 _ROOT = [None]
 
 
@@ -117,7 +136,7 @@ def cases(data_root, workdir) -> dict[str, str]:
     """Case name -> key digest (or store file name) of every case, built by today's code."""
     _ROOT[0] = data_root
     return {**_api_finetunes(data_root), **_probe_keys(), **_store_keys(data_root),
-            **_grid_keys(data_root, workdir)}
+            **_grid_keys(data_root, workdir), **_corrupted_keys(data_root)}
 
 
 if __name__ == "__main__":  # pin today's keys: python tests/keycases.py DATA_ROOT WORKDIR

@@ -247,3 +247,55 @@ def test_the_check_finds_a_cycle_and_a_stage_import():
     imports = _imports()
     assert "medfm.resolve.keys" in imports["medfm.store.registry"]
     assert "medfm.resolve.presets" in imports["medfm.probe.run"]  # imported in a function
+
+
+# -- a work directory written before the resolution layer --------------------------------------
+
+OLD_WORKDIR = Path(__file__).parent / "fixtures" / "workdir-2026-12"  # medfm at 30b6896:
+# a store (test_resnet, random weights) with MedMNIST-C pixelate siblings, logreg rows at 0.1 and
+# 1.0 x seeds 0, 1 and a kNN row with kept probe states, fine-tunes under `medfm` (input 32) and
+# `medmnist-v2`, a LoRA fine-tune, corrupted evaluations (best.pt files left out: 3 MB)
+OLD_COMMANDS = [
+    ["probe", "--dataset", "breastmnist", "--fractions", "0.1,1.0", "--seeds", "0,1"],
+    ["probe", "--dataset", "breastmnist", "--method", "knn", "--fractions", "0.1", "--seeds",
+     "0"],
+    ["finetune", "--dataset", "breastmnist", "--size", "28", "--backbone", "test_resnet",
+     "--weights", "random", "--fractions", "0.1", "--seeds", "0", "--set", "epochs=1", "--set",
+     "batch_size=16", "--input-size", "32"],
+    ["finetune", "--dataset", "breastmnist", "--size", "28", "--backbone", "test_resnet",
+     "--weights", "random", "--fractions", "0.1", "--seeds", "0", "--recipe", "medmnist-v2",
+     "--set", "epochs=1"],
+    ["finetune", "--dataset", "breastmnist", "--size", "28", "--backbone", "test_resnet",
+     "--weights", "random", "--fractions", "0.1", "--seeds", "0", "--lora", "--set", "epochs=1",
+     "--set", "batch_size=16", "--input-size", "32"],
+    ["extract", "--dataset", "breastmnist", "--size", "28", "--backbone", "test_resnet",
+     "--weights", "random", "--corruptions", "pixelate"],
+]
+
+
+def test_an_old_work_directory_reruns_with_nothing_recomputed(real_root, tmp_path, capsys):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(OLD_WORKDIR, work)
+    common = ["--workdir", str(work), "--quiet"]
+    assert main(["results", "--corruptions", "--format", "json", "--workdir", str(work)]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert len(before) == 43 and {r["method"] for r in before} == {"logreg", "knn", "finetune",
+                                                                    "lora"}
+    stores = {p: p.stat().st_mtime_ns for p in (work / "stores").rglob("*.h5")}
+    for command in OLD_COMMANDS:
+        extra = ["--data-root", str(real_root)] if command[0] != "probe" else []
+        assert main([*command, *common, *extra]) == 0, command
+    out = capsys.readouterr().out
+    assert "run(s) trained" not in out or "0 run(s) trained" in out
+    assert main(["results", "--corruptions", "--format", "json", "--workdir", str(work)]) == 0
+    assert json.loads(capsys.readouterr().out) == before  # no row added, none changed
+    assert {p: p.stat().st_mtime_ns for p in (work / "stores").rglob("*.h5")} == stores
+    assert not (work / "checkpoints").exists()  # nothing trained
+    spec = spec_from_dict({
+        "datasets": ["breastmnist"], "sizes": [28], "backbones": ["test_resnet"],
+        "weights": "random", "fractions": [0.1, 1.0], "seeds": [0, 1],
+        "methods": ["logreg"], "data_root": str(real_root)})
+    plan = plan_grid(spec, workdir=work)
+    assert plan.done == {"extract": 1, "probe": 4, "finetune": 0} and not plan.jobs
