@@ -255,3 +255,41 @@ def lookup_throughput(stage: str, arch: str, input_size: int, device: str, preci
                    rate=ref.rate * scale, eval_rate=ref.eval_rate * scale,
                    source=f"scaled from {ref.arch}@{ref.input_size} "
                           f"({ref.source.split(' ')[0]}{borrowed}) by FLOPs")
+
+
+GRID_RUNS_FILE = "grid-runs.jsonl"  # in the work directory: one line per grid run's cost
+GRID_RUNS_KEPT = 1000  # lines read back (the newest)
+
+
+def record_grid_run(workdir, *, device: str, estimated: dict[str, float],
+                    actual: dict[str, float], jobs: dict[str, int], failed: int) -> None:
+    """Append one grid run's estimated and actual job seconds per stage to the work
+    directory's GRID_RUNS_FILE (the report's "cost" section reads it back)."""
+    from pathlib import Path
+
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": device,
+                       "estimated_s": {k: round(v, 3) for k, v in estimated.items()},
+                       "actual_s": {k: round(v, 3) for k, v in actual.items()},
+                       "jobs": jobs, "failed": failed}, sort_keys=True)
+    with open(Path(workdir) / GRID_RUNS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def grid_runs(workdir) -> list[dict]:
+    """The grid runs recorded in the work directory, oldest first (the newest GRID_RUNS_KEPT);
+    a line that does not parse (a run killed mid-write) is skipped."""
+    from pathlib import Path
+
+    path = Path(workdir) / GRID_RUNS_FILE
+    if not path.is_file():
+        return []
+    runs = []
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines()[-GRID_RUNS_KEPT:]:
+        try:
+            run = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(run, dict) and isinstance(run.get("estimated_s"), dict) and \
+                isinstance(run.get("actual_s"), dict):
+            runs.append(run)
+    return runs

@@ -96,6 +96,14 @@ def test_grid_dry_run_prices_each_stage_and_a_run_reports_estimated_vs_actual(
     out = capsys.readouterr().out
     assert re.search(r"estimated vs actual job hours: extract \d\.\d+ h vs \d\.\d+ h", out)
     assert "probe" in out.split("estimated vs actual")[1]
+    # the report shows the same figures: one row per stage that ran (medfm.report.cost)
+    shown = re.findall(r"(extract|probe|finetune) (\d\.\d+) h vs (\d\.\d+) h", out)
+    assert main(["report", "--workdir", str(tmp_path / "w")]) == 0
+    capsys.readouterr()
+    page = (tmp_path / "w" / "report" / "report.md").read_text()
+    assert "## Cost: estimated vs actual" in page
+    for stage, est, got in shown:
+        assert re.search(rf"\| {stage} \| 1 \| {est} \| {got} \|", page), (stage, page)
     # the run measured every stage on this machine: the next grid's figures rest on them
     assert main([*grid("pneumoniamnist"), "--dry-run"]) == 0
     out = capsys.readouterr().out

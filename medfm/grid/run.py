@@ -20,6 +20,8 @@ their own).
 
 from __future__ import annotations
 
+from collections import Counter
+
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medfm.errors import InvalidArgumentError
+from medfm.throughput import record_grid_run
 from medfm.grid.estimate import GridEstimate, actual_seconds, estimate_plan, record_probe_outcome
 from medfm.grid.executors import Executor, make_executor
 from medfm.grid.jobs import Job, JobOutcome
@@ -137,6 +140,18 @@ def _estimate(plan: GridPlan) -> GridEstimate | None:
         return None
 
 
+def _record_cost(plan: GridPlan, result: GridResult) -> None:
+    """The run's estimated and actual job seconds per stage, kept in the work directory for the
+    report (medfm.throughput.record_grid_run); a run that priced nothing or ran nothing keeps
+    nothing."""
+    if result.estimate is None or not result.outcomes:
+        return
+    ran = Counter(o.job.kind for o in result.outcomes if o.ok)
+    record_grid_run(plan.workdir, device=result.estimate.device,
+                    estimated=result.estimate.seconds, actual=actual_seconds(result.outcomes),
+                    jobs=dict(ran), failed=sum(not o.ok for o in result.outcomes))
+
+
 def run_grid(
     spec: GridSpec,
     *,
@@ -172,6 +187,7 @@ def run_grid(
     try:
         result = run_plan(plan, executor, progress=progress)
         result.estimate = estimate
+        _record_cost(plan, result)
         return result
     finally:
         if made is not None:

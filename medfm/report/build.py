@@ -32,6 +32,7 @@ from medfm.errors import InvalidArgumentError, RegistryError
 from medfm.metrics import ece, reliability_bins
 from medfm.report import plots as plotting
 from medfm.report import robustness
+from medfm.report.cost import cost_section
 from medfm.report.guideline import build_guideline, guideline_html, guideline_markdown
 from medfm.report.html import write_html
 from medfm.report.tables import (
@@ -141,6 +142,7 @@ def report(
         ("Calibration", [] if calibrated else [NO_CALIBRATION],
          [calibration_table(summary, m) for m in CALIBRATION_METRICS] if calibrated else []),
         ("Robustness (MedMNIST-C)", robust_notes, robust_tables),
+        cost_section(registry.path.parent),
     ]
     markdown, latex = [], []
     for table in [*tables, *(t for _, _, section in sections for t in section)]:
