@@ -47,7 +47,8 @@ from medfm.data import SPLITS
 from medfm.resolve.defaults import C_GRID
 from medfm.probe import StoreArrays
 from medfm.probe.methods.logreg import PATIENCE
-from medfm.probe.solvers import cuda_available, cuml_available
+from medfm.probe.solvers import cuml_available
+from medfm.runtime import cuda_available
 from medfm.sampling import SubsetSpec, sample
 from medfm.store.features import FeatureStore, find_stores
 from medfm.synthetic import write_feature_store

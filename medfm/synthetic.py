@@ -73,8 +73,9 @@ def write_feature_store(workdir: str | os.PathLike, dataset: str, features: dict
     """A finished feature store of given features (split -> (N, D)) and labels (split -> (N, L)),
     named and identified like an extracted one: for probe tests and benchmarks that need a
     store of a shape no real backbone gives (PathMNIST-sized, say) without extracting it."""
-    from medfm.resolve.store import FEATURE_KIND
+    # the store layer (h5py) only for the tests and benchmarks that write a store
     from medfm.resolve.keys import store_filename
+    from medfm.resolve.store import FEATURE_KIND
     from medfm.store.features import StoreWriter, stores_dir
 
     identity = {"dataset": dataset, "size": size, "data_digest": "synthetic",

@@ -72,7 +72,7 @@ def real_root() -> Path:
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where CUDA sees a GPU; elsewhere they skip, saying why."""
-    from medfm.probe.solvers import cuda_available
+    from medfm.runtime import cuda_available
 
     if any("gpu" in item.keywords for item in items) and not cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")

@@ -950,7 +950,7 @@ def test_a_value_json_refuses_is_named_by_its_field_not_quoted_whole():
 
 
 def _no_gpu() -> None:
-    from medfm.probe.solvers import cuda_available
+    from medfm.runtime import cuda_available
 
     if cuda_available():
         pytest.skip("a GPU is visible: --device cuda works here")

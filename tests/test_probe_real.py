@@ -16,7 +16,7 @@ from medfm.extract import extract
 from medfm.metrics import acc, auc
 from medfm.resolve.defaults import C_GRID
 from medfm.probe import LogisticProbe, StoreArrays, probe
-from medfm.probe.solvers import NVIDIA_MARKERS
+from medfm.runtime import NVIDIA_MARKERS
 from medfm.probe.methods.logreg import PATIENCE
 from medfm.sampling import SubsetSpec, sample
 from medfm.store.features import find_stores

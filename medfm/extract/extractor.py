@@ -42,13 +42,15 @@ import torch
 from tqdm.auto import tqdm
 
 from medfm.backbones import Backbone, create_backbone
-from medfm.robust.corrupt import SEVERITIES
 from medfm.data import SPLITS, get_dataset, load_split
 from medfm.errors import InvalidArgumentError
 from medfm.extract.fold import check_batch, fold_verified
 from medfm.limits import check_batch_size, check_seed
 from medfm.preprocess import DevicePreprocessor, PreprocessRequest
 from medfm.resolve.store import StoreRequest, resolve_store_request
+from medfm.robust.corrupt import (SEVERITIES, NotApplicable, corrupt, package_version,
+                                  resolve_corruptions)
+from medfm.robust.stores import CorruptedStore, corrupted_identity, corrupted_path, group_name
 from medfm.runtime import device_name, resolve_device, versions
 from medfm.store.features import (FeatureStore, StoreWriter, disk_full_is_one_line,
                                   store_lock, stores_dir)
@@ -543,8 +545,6 @@ class _CorruptedImages:
         return len(self.images)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        from medfm.robust.corrupt import corrupt
-
         start = rows.start or 0
         return corrupt(np.asarray(self.images[rows]), *self.args, seed=self.seed,
                        base=self.base, start=start)
@@ -572,9 +572,6 @@ def extract_corrupted(
     dataset a MedMNIST dataset's corruption set. A corruption that cannot be applied at the
     store's size is skipped and named in the result.
     """
-    from medfm.robust.corrupt import NotApplicable, corrupt, package_version, resolve_corruptions
-    from medfm.robust.stores import corrupted_identity, corrupted_path, group_name
-
     seed = check_seed(seed, "corruption seed")
     pairs = resolve_corruptions(request.dataset.name, corruptions, severities, base)
     main = extract_request(request, batch_size=batch_size, device=device, workdir=workdir,
@@ -587,8 +584,6 @@ def extract_corrupted(
                                   base=base, version=package_version())
     path = corrupted_path(store, identity)
     if path.exists() and not force:
-        from medfm.robust.stores import CorruptedStore
-
         done = CorruptedStore(path)
         return CorruptedResult(path, "exists", done.pairs, done.skipped)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -610,8 +605,6 @@ def extract_corrupted(
             f"({'; '.join(s['reason'] for s in skipped)}).")
     with store_lock(path, label=f"{request.dataset.label} corrupted test splits"):
         if path.exists() and not force:
-            from medfm.robust.stores import CorruptedStore
-
             done = CorruptedStore(path)
             return CorruptedResult(path, "exists", done.pairs, done.skipped)
         dev = resolve_device(device)

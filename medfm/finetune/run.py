@@ -73,9 +73,12 @@ from medfm.finetune.train import (
 from medfm.metrics import evaluate
 from medfm.paths import resolve_workdir
 from medfm.preprocess import DevicePreprocessor
-from medfm.robust.score import ScoredRun, record
+from medfm.robust.corrupt import corrupt
+from medfm.robust.score import Evaluation, ScoredRun, record
+from medfm.robust.stores import CORRUPTED_DIRNAME, CorruptedStore
 from medfm.resolve.finetune import FinetuneRequest, finetune_requests
 from medfm.runtime import deterministic_algorithms, device_name, resolve_device, versions
+from medfm.throughput import Measurement, record_throughput
 from medfm.sampling import sample
 from medfm.store.done import finished_keys, recorded_run
 from medfm.store.registry import Registry, ResultRow
@@ -268,8 +271,6 @@ def _record_throughput(request: FinetuneRequest, outcome, dev: torch.device, *, 
                        test_s: float, n_val: int, n_test: int, compiled: bool) -> None:
     """Cache this run's figures (medfm.throughput): training images/s (compilation excluded),
     validation and test images/s, and its fixed seconds (loading data and model, compiling)."""
-    from medfm.throughput import Measurement, record_throughput
-
     train_s = outcome.train_compute_s - outcome.compile_warmup_s
     if outcome.train_images <= 0 or train_s <= 0:
         return
@@ -296,8 +297,6 @@ def corrupted_pairs(dataset: DatasetRef, workdir) -> dict:
     """(corruption, severity) -> (seed, base) of every corrupted test split extracted in the
     work directory for this dataset file (any backbone: the images are the same), so a
     fine-tune is scored on the corruptions its probes are."""
-    from medfm.robust.stores import CORRUPTED_DIRNAME, CorruptedStore
-
     folder = resolve_workdir(workdir) / "stores" / CORRUPTED_DIRNAME
     pairs: dict = {}
     for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
@@ -320,9 +319,6 @@ def evaluate_corrupted(model, request: FinetuneRequest, pairs: dict, test: Split
     medfm.robust.corrupt with the same seed), as medfm.robust.score.Evaluation objects."""
     if not pairs:
         return []
-    from medfm.robust.corrupt import corrupt
-    from medfm.robust.score import Evaluation
-
     info = get_dataset(request.dataset.name)
     images, labels = np.asarray(test.images), np.asarray(test.labels)
     out = []

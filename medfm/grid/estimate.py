@@ -27,8 +27,9 @@ from dataclasses import dataclass, field, replace
 from medfm.data import get_dataset
 from medfm.grid.jobs import ExtractJob, FinetuneJob, Job, JobOutcome, ProbeJob
 from medfm.grid.plan import KINDS, GridPlan
-from medfm.runtime import device_type
+from medfm.runtime import device_name, device_type
 from medfm.sampling import SubsetSpec
+from medfm.store.features import FeatureStore, stores_dir
 from medfm.throughput import (TRAIN_FLOPS_FACTOR, Measurement, forward_flops, lookup_throughput,
                               measured_figures, record_probe)
 
@@ -39,9 +40,7 @@ DEFAULT_DIM = 1024  # feature width assumed for a probe whose backbone timm cann
 def device_label(device: str | None) -> str:
     """The name a device's figures are filed under (medfm.runtime.device_name) for a job's
     device ("cpu", "cuda", "cuda:1"; None: CUDA when visible)."""
-    import torch
-
-    from medfm.runtime import device_name
+    import torch  # only to name the device, when a grid is priced
 
     kind = device_type(device)
     return device_name(torch.device(device if device and kind == "cuda" else kind))
@@ -81,7 +80,7 @@ def _finetune_figure(job: FinetuneJob, device: str, measured) -> Measurement | N
 
 def price_job(job: Job, measured: list[Measurement]) -> tuple[float, Measurement | None]:
     """(estimated seconds, the figure used) of one job; (0, None) when nothing prices it."""
-    from medfm.finetune.train import planned_work
+    from medfm.finetune.train import planned_work  # torch: only when a grid is priced
 
     if isinstance(job, ExtractJob):
         r = job.request
@@ -188,8 +187,6 @@ def actual_seconds(outcomes: list[JobOutcome]) -> dict[str, float]:
 def record_probe_outcome(outcome: JobOutcome) -> None:
     """Add a finished probe job to the probe figures of its method and device (the grid driver
     calls this; probes record nothing themselves)."""
-    from medfm.store.features import FeatureStore, stores_dir
-
     job = outcome.job
     if not (outcome.ok and isinstance(job, ProbeJob)):
         return

@@ -72,7 +72,7 @@ class ExtractJob:
 
     def store_path(self) -> str:
         """The finished store's path (builds it if missing; returns at once if it exists)."""
-        from medfm.extract import extract_request
+        from medfm.extract import extract_request  # a stage (torch): in the worker only
 
         return str(extract_request(self.request, device=self.device, workdir=self.workdir,
                                    progress=False, compile=self.compile).path)
@@ -105,6 +105,7 @@ class ProbeJob:
         return f"{self.probe.method} {self.store.where} {subset}"
 
     def run(self) -> list[JobResult]:
+        # the probe stage (scikit-learn or torch) loads in the worker that runs the job
         from medfm.probe.run import StoreArrays, for_work, probe_job
         from medfm.store.features import FeatureStore
 
@@ -134,6 +135,7 @@ class FinetuneJob:
                 f"{_subset_label(r.spec)}")
 
     def run(self) -> list[JobResult]:
+        # the fine-tune stage (torch, timm) loads in the worker that runs the job
         from medfm.extract import release_models
         from medfm.finetune import finetune_job
 

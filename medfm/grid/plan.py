@@ -134,7 +134,7 @@ def _check_weights_file(backbones, jobs: list[Job]) -> None:
     """A weights file the grid's models load is read once now (WeightsError, one line, before
     any job runs), not found unreadable by every extract and fine-tune job."""
     if any(job.kind in ("extract", "finetune") for job in jobs):
-        from medfm.backbones.create import read_checkpoint
+        from medfm.backbones.create import read_checkpoint  # torch: only with a weights file
 
         for path in dict.fromkeys(b.path for b in backbones if b.path is not None):
             read_checkpoint(Path(path))

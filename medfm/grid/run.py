@@ -38,6 +38,7 @@ from medfm.grid.plan import GridPlan, plan_grid
 from medfm.grid.spec import GridSpec
 from medfm.limits import GRID_JOBS_MAX
 from medfm.paths import resolve_workdir
+from medfm.robust.score import record
 from medfm.store.registry import Registry
 
 
@@ -79,8 +80,6 @@ def _record(registry: Registry, outcome: JobOutcome, workdir: str) -> int:
     """Add an outcome's rows with their test scores, then (as `finetune` does) keep a recorded
     fine-tune's tested weights and drop its resumable state; returns how many rows were new."""
     from medfm.finetune import finish_checkpoint  # torch: only once there is a row to record
-
-    from medfm.robust.score import record
 
     added = 0
     for scored in outcome.rows:

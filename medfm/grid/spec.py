@@ -58,6 +58,7 @@ from medfm.resolve.presets import FINETUNE, HEAD_PROBE, get_preset
 from medfm.resolve.presets import PRESETS as PROTOCOLS
 from medfm.resolve.defaults import PROBE_METHOD, RECIPE, SAMPLER, default_seeds
 from medfm.resolve.methods import method_specs
+from medfm.resolve.probe import resolve_probe
 from medfm.resolve.defaults import SOLVERS
 from medfm.resolve.store import STORE_DTYPES
 from medfm.sampling import SAMPLERS, SubsetSpec, expand_subsets
@@ -116,8 +117,6 @@ class GridSpec:
         """One resolved probe request per probe method (medfm.probe.resolve_probe): the spec's
         selection where the method supports it (else the method's default), and the method's
         own options from `probe_options`."""
-        from medfm.resolve.probe import resolve_probe
-
         requests = []
         for name in self.probe_method_names:
             method = method_specs()[name]

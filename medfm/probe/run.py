@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from medfm.backbones.names import resolve_backbone
 from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
@@ -37,6 +38,7 @@ from medfm.probe.methods import get_method
 from medfm.robust.score import ScoredRun, load_state, record, save_state, score_pairs
 from medfm.probe.solvers import resolve_solver
 from medfm.resolve.defaults import N_BOOTSTRAP, PROBE_METHOD, default_seeds
+from medfm.resolve.presets import get_preset
 from medfm.resolve.probe import ProbeRequest, resolve_probe
 from medfm.runtime import versions
 from medfm.sampling import SubsetSpec, expand_subsets, sample
@@ -266,8 +268,6 @@ def _preset_probe(name: str, method: str, options: dict, sampler: str | None):
     """(options, preset) for probe `method` under preset `name`: the preset's options, with the
     user's where they agree; a differing option or sampler is an error (the run would not be the
     preset's)."""
-    from medfm.resolve.presets import get_preset
-
     found = get_preset(name)
     found.check_probe_method(method)
     fixed = found.probe_options(method)
@@ -286,8 +286,6 @@ def _preset_probe(name: str, method: str, options: dict, sampler: str | None):
 def _preset_stores(name: str, stores: list[FeatureStore], *, explicit: bool) -> list:
     """The stores extracted as preset `name` extracts them; a named store that was not is an
     error, and so is finding none."""
-    from medfm.backbones.names import resolve_backbone
-    from medfm.resolve.presets import get_preset
 
     found, kept = get_preset(name), []
     for s in stores:

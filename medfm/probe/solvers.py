@@ -53,7 +53,7 @@ from medfm.probe.objective import (  # noqa: F401 - KINDS and the defaults are r
     Solution,
 )
 from medfm.resolve.defaults import SOLVERS
-from medfm.runtime import NVIDIA_MARKERS, cuda_available, device_type  # noqa: F401
+from medfm.runtime import device_type
 
 TORCH_MIN_WORK = 2_000_000  # auto on a CPU: torch from this many rows x features x logits up
 EVALS_PER_ITER = 4  # torch: function evaluations allowed per iteration (line search included)
@@ -191,7 +191,7 @@ class TorchSolver:
         return loss, grad_W.contiguous(), grad_b / n
 
     def fit(self, C: float, init: Solution | None = None) -> Solution:
-        from medfm.probe.lbfgs import minimize
+        from medfm.probe.lbfgs import minimize  # torch: only for this solver
 
         torch = self.torch
         if init is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from medfm.resolve.methods import method_specs
+from medfm.resolve.recipes import LATER_FIELDS
 
 METRICS = ("acc", "auc")  # metrics tabulated and plotted, as registry columns
 CALIBRATION_METRICS = ("ece", "brier", "nll")  # lower is better; tables of their own
@@ -175,8 +176,6 @@ def _distinguishing_fields(frame: pd.DataFrame) -> dict[tuple[str, str], list[st
 def _with_later_fields(params: dict) -> dict:
     """A fine-tune recipe's params with the fields it was keyed without (recipes.LATER_FIELDS)
     at their "as before" value: a `medfm` row from before issue 14 reads `revision=1`."""
-    from medfm.resolve.recipes import LATER_FIELDS
-
     if "name" not in params or "epochs" not in params:  # not a fine-tune recipe
         return params
     return {**LATER_FIELDS, **params}

@@ -36,6 +36,7 @@ import numpy as np
 
 from medfm.errors import InvalidArgumentError, MedfmError
 from medfm.limits import check_list_length
+from medfm.runtime import versions
 
 SEVERITIES = (1, 2, 3, 4, 5)  # MedMNIST-C's five levels (the package indexes them 0..4)
 CORRUPTION_SET = "medmnist-c"  # every corruption MedMNIST-C defines for the dataset
@@ -55,8 +56,6 @@ def _registry() -> tuple[dict, dict]:
 
 
 def package_version() -> str:
-    from medfm.runtime import versions
-
     return versions("medmnistc").get("medmnistc", "")
 
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from medfm.errors import StoreError
 from medfm.resolve.keys import store_digest
-from medfm.store.features import (FeatureStore, _decode, digest_in_name, failed_block,
-                                  is_verified, mark_verified, upcast)
+from medfm.store.features import (FeatureStore, _decode, content_fingerprint, digest_in_name,
+                                  failed_block, is_verified, mark_verified, upcast)
 
 CORRUPTED_DIRNAME = "corrupted"  # <workdir>/stores/corrupted/
 
@@ -86,8 +86,6 @@ class CorruptedStore:
         if self._checked or is_verified(self.path, self.fingerprint):
             self._checked = True
             return
-        from medfm.store.features import content_fingerprint
-
         try:
             with h5py.File(self.path, "r") as fh:
                 actual = content_fingerprint(fh, self.splits)

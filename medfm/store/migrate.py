@@ -39,6 +39,7 @@ from medfm.backbones.names import FILE_DIGEST_CHARS, FILE_PREFIX, PRETRAINED, RA
 from medfm.cache import file_digest
 from medfm.data import get_dataset
 from medfm.preprocess import DEFAULT_NORMALIZATION
+from medfm.resolve.recipes import PREPROCESS_FIELDS
 from medfm.resolve.store import FEATURE_KIND
 from medfm.resolve.keys import (PARTIAL_SUFFIX, STORES_DIRNAME, canonical_json, run_key,
                                 store_digest, store_filename)
@@ -194,8 +195,6 @@ def _v2_row(row: sqlite3.Row, stores: dict[str, dict]) -> dict:
     params = json.loads(row["params"])
     spec = SubsetSpec(fraction=row["fraction"], shots=row["shots"], seed=row["seed"])
     if row["method"] == "finetune":
-        from medfm.resolve.recipes import PREPROCESS_FIELDS
-
         identity = _finetune_identity(row, extra, params)
         params = {k: v for k, v in params.items() if k not in PREPROCESS_FIELDS}
         selection, select_metric = "val", row["selection"].removeprefix("val_")

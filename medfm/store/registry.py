@@ -180,14 +180,14 @@ _EVALUATIONS_TABLE = """
 
 def _migrate_to_v2(conn: sqlite3.Connection, workdir: Path) -> None:
     """Schema 1 -> 2: re-key every row by its resolved request (medfm.store.migrate)."""
-    from medfm.store.migrate import migrate_results_v1
+    from medfm.store.migrate import migrate_results_v1  # h5py, stores: only for an old file
 
     migrate_results_v1(conn, workdir, _RESULTS_TABLE, _RESULTS_INDEX)
 
 
 def _migrate_to_v3(conn: sqlite3.Connection, workdir: Path) -> None:
     """Schema 2 -> 3: calibration columns, filled from each row's stored scores; `evaluations`."""
-    from medfm.store.migrate import add_calibration_v2
+    from medfm.store.migrate import add_calibration_v2  # only for an old file
 
     for name in METRICS_V3:
         conn.execute(f"ALTER TABLE results ADD COLUMN {name} REAL")

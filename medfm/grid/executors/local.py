@@ -37,14 +37,13 @@ from dataclasses import dataclass, field
 from medfm.grid.executors import failed, needs_gpu, register
 from medfm.grid.jobs import Job, JobOutcome, run_job
 from medfm.limits import WORKERS_MAX, check_at_most
+from medfm.runtime import cuda_available
 
 
 def _gpu_count() -> int:
-    from medfm.probe.solvers import cuda_available
-
     if not cuda_available():
         return 0
-    import torch
+    import torch  # only where a GPU is seen
 
     return torch.cuda.device_count()
 
