@@ -23,6 +23,7 @@ from medfm.cli import main
 from medfm.report.leaderboard import leaderboard, leaderboard_section
 from medfm.store.registry import Registry
 from tests.ranked_workdir import BACKBONES, DATASETS, FRACTIONS, PARTIAL
+from tests.test_report import add_run
 
 # Demsar (2006), Table 5(a): critical values q_0.05 of the two-tailed Nemenyi test, k = 2..6
 DEMSAR_Q05 = {2: 1.960, 3: 2.343, 4: 2.569, 5: 2.728, 6: 2.850}
@@ -152,6 +153,18 @@ def test_bad_options_are_one_line(ranked_workdir, capsys, argv, says):
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+
+
+def test_ties_everywhere_give_no_test_and_no_traceback(tmp_path):
+    registry = Registry.in_workdir(tmp_path / "w")
+    for backbone in ("a_net", "b_net", "c_net"):
+        for dataset in ("breastmnist", "pneumoniamnist"):
+            add_run(registry, backbone=backbone, method="logreg", size=28, dataset=dataset,
+                    fraction=1.0, seed=0, acc=0.8)
+    (block,) = leaderboard(workdir=tmp_path / "w", out=tmp_path / "cd").blocks
+    assert block.test is None and [e.mean_rank for e in block.entries] == [2.0, 2.0, 2.0]
+    assert "the variants tie on every dataset" in " ".join(block.notes)
+    assert not (tmp_path / "cd").exists()
 
 
 def test_no_registry_is_one_line_and_creates_nothing(tmp_path, capsys):

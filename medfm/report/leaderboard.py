@@ -177,7 +177,7 @@ class Leaderboard:
             return self.to_frame().to_csv(index=False)
         parts = []
         for block, table in self.tables():
-            lines = [_test_line(block.test), *block.notes]
+            lines = [*([_test_line(block.test)] if block.test else []), *block.notes]
             if fmt == "md":
                 parts.append(table.to_markdown() + "\n" + "".join(f"- {x}\n" for x in lines))
             elif fmt == "tex":
@@ -202,9 +202,7 @@ def _plain(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _test_line(test: FriedmanTest | None) -> str:
-    if test is None:
-        return "no Friedman test (see the notes)"
+def _test_line(test: FriedmanTest) -> str:
     line = (f"Friedman chi2 = {test.statistic:.3f}, p = {test.p_value:.3g} over "
             f"{test.n_datasets} datasets x {len(test.variants)} variants; post-hoc "
             f"{test.posthoc} at alpha {test.alpha:g}")
@@ -323,8 +321,12 @@ def _block(cell: pd.DataFrame, *, paradigm: str, size: int, regime: str, metric:
     first = cell.iloc[0]
     notes = _coverage_notes(datasets, asked, entries)
     test = None
-    if len(complete) >= MIN_TEST_VARIANTS and len(datasets) >= MIN_TEST_DATASETS:
-        test = _friedman(scores[[e.variant for e in entries if e.in_test]], posthoc, alpha)
+    tested = scores[[e.variant for e in entries if e.in_test]]
+    enough = len(complete) >= MIN_TEST_VARIANTS and len(datasets) >= MIN_TEST_DATASETS
+    if enough and (tested.nunique(axis=1) == 1).all():
+        notes.append("no Friedman test: the variants tie on every dataset (nothing to rank)")
+    elif enough:
+        test = _friedman(tested, posthoc, alpha)
         if len(datasets) < FEW_DATASETS:
             notes.append(f"{len(datasets)} datasets: Friedman's chi-square approximation is "
                          f"rough below {FEW_DATASETS} (Demsar 2006); read the p-value as a guide")
