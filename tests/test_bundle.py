@@ -246,3 +246,21 @@ def test_export_errors_are_one_line(source, bundle, capsys, tmp_path):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "x.medfm").exists() and not (tmp_path / "w").exists()
     assert run_cli(capsys, "export", bundle, "--workdir", source, "--force")[0] == 0
+
+
+def test_an_old_workdir_exports_and_merges_with_nothing_recomputed(capsys, tmp_path,
+                                                                   monkeypatch):
+    """A work directory of the first layout (registry schema 1): export upgrades its registry
+    as any open does, and the bundle merges to the same rows, scores and store provenance."""
+    from tests.test_migrate import FIXTURE, _refuse
+
+    old = tmp_path / "old"
+    shutil.copytree(FIXTURE, old, ignore=shutil.ignore_patterns("README.md"))
+    for target in ("medfm.extract.extractor.create_backbone", "medfm.finetune.run.create_backbone",
+                   "medfm.finetune.run.load_split", "medfm.probe.run.StoreArrays.load"):
+        monkeypatch.setattr(target, _refuse)  # nothing may be recomputed
+    code, out, err = run_cli(capsys, "export", tmp_path / "old.medfm", "--workdir", old)
+    assert code == 0, err
+    assert "6 row(s), 6 with per-sample scores" in out and "1 store provenance" in out
+    assert run_cli(capsys, "merge", tmp_path / "old.medfm", "--workdir", tmp_path / "new")[0] == 0
+    assert results_json(capsys, tmp_path / "new") == results_json(capsys, old)
