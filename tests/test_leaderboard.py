@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 
 import matplotlib.image
 import pandas as pd
@@ -165,6 +166,15 @@ def test_ties_everywhere_give_no_test_and_no_traceback(tmp_path):
     assert block.test is None and [e.mean_rank for e in block.entries] == [2.0, 2.0, 2.0]
     assert "the variants tie on every dataset" in " ".join(block.notes)
     assert not (tmp_path / "cd").exists()
+
+
+def test_without_scikit_posthocs_it_names_the_extra(ranked_workdir, capsys, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "scikit_posthocs", None)  # import fails as if absent
+    code, out, err = run_cli(capsys, "leaderboard", "--workdir", str(ranked_workdir),
+                             "--out", str(tmp_path))
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1
+    assert "pip install 'medfm[leaderboard]'" in err
 
 
 def test_no_registry_is_one_line_and_creates_nothing(tmp_path, capsys):
