@@ -175,6 +175,10 @@ def test_a_newer_format_is_refused_with_one_line(bundle, capsys, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"format version {BUNDLE_VERSION + 1}, newer than this medfm reads" in err
     assert "medfm 9.0" in err and not (tmp_path / "w").exists()
+    lacking = tmp_path / "lacking.medfm"  # a manifest (with a valid sum) missing a field
+    repack(bundle, lacking, lambda m: {**m, "files": {DATABASE: {"bytes": 1}}})
+    code, _, err = run_cli(capsys, "merge", lacking, "--workdir", tmp_path / "w")
+    assert code == 2 and "not a readable medfm bundle" in err and len(err.splitlines()) == 1
     same = tmp_path / "same.medfm"  # the repacking itself keeps a bundle mergeable
     repack(bundle, same, lambda m: m)
     assert run_cli(capsys, "merge", same, "--workdir", tmp_path / "w")[0] == 0

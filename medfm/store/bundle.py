@@ -267,6 +267,7 @@ def read_bundle(path: str | os.PathLike, folder: Path) -> tuple[dict, str, Path]
                                   "merged: copy the bundle again from its source")
             manifest = _check_manifest(json.loads(manifest_bytes), path)
             expected = manifest["files"][DATABASE]
+            want = (int(expected["bytes"]), str(expected["sha256"]))
             database = folder / DATABASE
             digest, size = hashlib.sha256(), 0
             with tar.extractfile(members[2]) as src, open(database, "wb") as dst:
@@ -278,7 +279,7 @@ def read_bundle(path: str | os.PathLike, folder: Path) -> tuple[dict, str, Path]
             TypeError) as exc:
         raise BundleError(f"{broken} ({type(exc).__name__}: {exc}); give the file `medfm "
                           "export` wrote, or copy it again from its source") from None
-    if size != expected["bytes"] or digest.hexdigest() != expected["sha256"]:
+    if (size, digest.hexdigest()) != want:
         raise BundleError(f"{path} is damaged: its {DATABASE} ({size:,} bytes) does not match "
                           f"the SHA-256 its manifest records; nothing was merged: copy the "
                           "bundle again from its source")
