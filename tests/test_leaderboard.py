@@ -103,7 +103,8 @@ def test_fewer_datasets_than_asked_and_no_test_are_said(ranked_workdir, capsys, 
 
 
 def test_formats_agree(ranked_workdir, capsys, tmp_path):
-    args = ("leaderboard", "--workdir", str(ranked_workdir), "--out", str(tmp_path))
+    args = ("leaderboard", "--workdir", str(ranked_workdir), "--out", str(tmp_path),
+            "--no-diagrams")
     board = json.loads(run_cli(capsys, *args, "--format", "json")[1])
     code, out, _ = run_cli(capsys, *args, "--format", "csv")
     frame = pd.read_csv(io.StringIO(out))
@@ -117,6 +118,7 @@ def test_formats_agree(ranked_workdir, capsys, tmp_path):
     assert tex.count(r"\begin{tabular}") == len(board["blocks"]) and "Friedman" in tex
     table = run_cli(capsys, *args)[1]
     assert "mean rank" in table and "critical difference" in table
+    assert "CD diagram" not in table and not list(tmp_path.iterdir())  # --no-diagrams
 
 
 def test_wilcoxon_holm_and_acc(ranked_workdir, tmp_path):
