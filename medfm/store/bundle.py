@@ -207,8 +207,7 @@ def _store_provenance(workdir, fingerprints: list[str]) -> list[tuple[str, str, 
     """(fingerprint, file name, attributes as JSON) of each store in the work directory whose
     fingerprint a row read; a store that cannot be opened is passed over (the manifest lists
     the fingerprints it could not describe)."""
-    from medfm.request import STORES_DIRNAME
-    from medfm.store.features import FeatureStore
+    from medfm.store.features import STORES_DIRNAME, FeatureStore
 
     folder = resolve_workdir(workdir, create=False) / STORES_DIRNAME
     wanted, found = set(fingerprints), []
