@@ -535,6 +535,8 @@ def _run_export(args) -> int:
 def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="add a bundle's rows to this work directory's registry")
     p.add_argument("bundle", help="a bundle written by `medfm export`")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the bundle and say what a merge would do; write nothing")
     p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
     p.set_defaults(run=_run_merge)
 
@@ -542,7 +544,8 @@ def _add_merge(sub) -> None:
 def _run_merge(args) -> int:
     from medfm.store.bundle import merge_bundle
 
-    print("\n".join(merge_bundle(args.bundle, workdir=args.workdir).summary()))
+    report = merge_bundle(args.bundle, workdir=args.workdir, dry_run=args.dry_run)
+    print("\n".join(report.summary()))
     return 0
 
 

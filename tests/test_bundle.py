@@ -103,6 +103,9 @@ def test_export_then_merge_into_an_empty_workdir_gives_the_same_results(source, 
 
 def test_merging_twice_adds_nothing(bundle, capsys, tmp_path):
     target = tmp_path / "w"
+    code, out, _ = run_cli(capsys, "merge", bundle, "--workdir", target, "--dry-run")
+    assert code == 0 and "(1 corrupted evaluation(s)" in out and "0 already here" in out
+    assert not target.exists()  # a dry run creates nothing
     assert run_cli(capsys, "merge", bundle, "--workdir", target)[0] == 0
     before = results_json(capsys, target, "--corruptions")
     code, out, _ = run_cli(capsys, "merge", bundle, "--workdir", target)
@@ -196,6 +199,10 @@ def test_rows_that_disagree_are_reported_and_kept_apart(source, capsys, tmp_path
     target = tmp_path / "target"
     shutil.copytree(source, target)
     before = results_json(capsys, target)
+    code, out, err = run_cli(capsys, "merge", bundle_b, "--workdir", target, "--dry-run")
+    assert code == 0 and "dry run: nothing written" in out and "1 row(s) disagree" in out, err
+    assert f"{len(before) - 1} already here" in out and "0 row(s) to add" in out
+    assert not (target / "conflicts").exists() and not (target / "bundles").exists()
     for _ in range(2):  # a second merge reports it again and keeps it apart once
         code, out, err = run_cli(capsys, "merge", bundle_b, "--workdir", target)
         assert code == 0, err

@@ -32,6 +32,7 @@ the store provenance are kept in `<workdir>/bundles/<bundle id>/`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -49,7 +50,13 @@ from urllib.parse import quote
 from medfm.cache import write_atomic
 from medfm.errors import BundleError, InvalidArgumentError, StoreError
 from medfm.paths import resolve_workdir
-from medfm.store.registry import METRIC_FIELDS, SCHEMA_VERSION, Registry, matching_rows
+from medfm.store.registry import (
+    METRIC_FIELDS,
+    REGISTRY_FILENAME,
+    SCHEMA_VERSION,
+    Registry,
+    matching_rows,
+)
 
 BUNDLE_FORMAT = "medfm-bundle"  # manifest["format"]
 BUNDLE_VERSION = 1  # manifest["format_version"]; a newer one is refused
@@ -95,17 +102,20 @@ class MergeReport:
     evaluations_added: int = 0
     scores_added: int = 0  # per-sample scores added to rows that had none
     conflicts: list[Conflict] = field(default_factory=list)
-    conflicts_workdir: Path | None = None  # where the disagreeing rows are kept apart
+    conflicts_workdir: Path | None = None  # where the disagreeing rows are (to be) kept apart
+    dry_run: bool = False  # nothing was written
 
     def summary(self) -> list[str]:
         """The lines `medfm merge` prints."""
-        lines = [f"bundle {self.bundle_id}: {self.added} row(s) added "
-                 f"({self.evaluations_added} corrupted evaluation(s), {self.scores_added} "
-                 f"score set(s) added to rows that had none), {self.same} already here"]
+        added, kept = ("to add", "would be kept") if self.dry_run else ("added", "are kept")
+        lines = [f"bundle {self.bundle_id}{' (dry run: nothing written)' if self.dry_run else ''}"
+                 f": {self.added} row(s) {added} ({self.evaluations_added} corrupted "
+                 f"evaluation(s), {self.scores_added} score set(s) for rows that had none), "
+                 f"{self.same} already here"]
         if self.conflicts:
             lines.append(
                 f"{len(self.conflicts)} row(s) disagree with this registry's row of the same "
-                f"key: the registry's are kept, the bundle's are kept apart in "
+                f"key: the registry's {kept}, the bundle's {kept} apart in "
                 f"{self.conflicts_workdir} (medfm results --workdir {self.conflicts_workdir})")
             lines += [f"  {c.digest[:12]} {c.run}: {'; '.join(c.differences)}"
                       for c in self.conflicts[:CONFLICTS_SHOWN]]
@@ -328,25 +338,35 @@ def _check_database(database: Path, path: Path) -> None:
 
 # --- merge ------------------------------------------------------------------------------------
 
-def merge_bundle(path: str | os.PathLike, *,
-                 workdir: str | os.PathLike | None = None) -> MergeReport:
+def merge_bundle(path: str | os.PathLike, *, workdir: str | os.PathLike | None = None,
+                 dry_run: bool = False) -> MergeReport:
     """Add the bundle at `path` to a work directory's registry (created if there is none);
-    see the module docstring for what is checked first and how keys are matched."""
+    see the module docstring for what is checked first and how keys are matched.
+
+    `dry_run`: check the bundle and report what a merge would add, skip and keep apart,
+    writing nothing (the work directory is not even created)."""
     with tempfile.TemporaryDirectory(prefix="medfm-merge-") as tmp:
         manifest, bundle_id, database = read_bundle(path, Path(tmp))
-        registry = Registry.in_workdir(workdir)
-        report = MergeReport(bundle_id=bundle_id)
+        report = MergeReport(bundle_id=bundle_id, dry_run=dry_run)
         bundle = sqlite3.connect(database)
         bundle.row_factory = sqlite3.Row
         try:
+            if dry_run:
+                with contextlib.closing(_read_target(workdir, bundle)) as conn:
+                    _merge_rows(conn, bundle, report, write=False)
+                    _merge_evaluations(conn, bundle, report, write=False)
+                if report.conflicts:
+                    report.conflicts_workdir = (resolve_workdir(workdir, create=False)
+                                                / CONFLICTS_DIRNAME / bundle_id)
+                return report
+            registry = Registry.in_workdir(workdir)
             with registry.transaction() as conn:
-                conflicted = _merge_rows(conn, bundle, report)
-                _merge_evaluations(conn, bundle, report, conflicted)
+                _merge_rows(conn, bundle, report, write=True)
+                _merge_evaluations(conn, bundle, report, write=True)
                 if report.conflicts:
                     apart = registry.path.parent / CONFLICTS_DIRNAME / bundle_id
                     report.conflicts_workdir = apart
-                    _keep_apart(bundle, report.conflicts_workdir,
-                                [c.digest for c in report.conflicts])
+                    _keep_apart(bundle, apart, [c.digest for c in report.conflicts])
             stores = [dict(r) for r in bundle.execute("SELECT * FROM stores ORDER BY rowid")]
         finally:
             bundle.close()
@@ -356,6 +376,22 @@ def merge_bundle(path: str | os.PathLike, *,
     write_atomic(record / "stores.json", json.dumps(
         [{**s, "attrs": json.loads(s["attrs"])} for s in stores], indent=1))
     return report
+
+
+def _read_target(workdir, bundle: sqlite3.Connection) -> sqlite3.Connection:
+    """A connection that only reads the work directory's registry (a dry run), or, where there
+    is none, an empty in-memory one of the bundle's schema."""
+    registry_path = resolve_workdir(workdir, create=False) / REGISTRY_FILENAME
+    if registry_path.is_file():
+        Registry.existing(workdir).close()  # upgrades an older schema, as any open does
+        conn = sqlite3.connect(f"file:{quote(str(registry_path.resolve()))}?mode=ro", uri=True)
+    else:
+        conn = sqlite3.connect(":memory:")
+        for (sql,) in bundle.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND "
+                                     f"name IN {TABLES}"):
+            conn.execute(sql)
+    conn.row_factory = sqlite3.Row
+    return conn
 
 
 def _batches(cursor: sqlite3.Cursor) -> Iterator[list[sqlite3.Row]]:
@@ -375,12 +411,11 @@ def _insert(conn: sqlite3.Connection, table: str, row: sqlite3.Row, columns: lis
                  [row[c] for c in columns])
 
 
-def _merge_rows(conn: sqlite3.Connection, bundle: sqlite3.Connection,
-                report: MergeReport) -> set[str]:
-    """Add the bundle's new rows (with their scores); count the same ones; collect conflicts.
-    Returns the conflicting digests."""
+def _merge_rows(conn: sqlite3.Connection, bundle: sqlite3.Connection, report: MergeReport, *,
+                write: bool) -> None:
+    """Add the bundle's new rows (with their scores); count the same ones; collect conflicts
+    (`write=False`: count only)."""
     columns = {t: _columns(conn, t) for t in ("results", "scores")}
-    conflicted = set()
     for batch in _batches(bundle.execute("SELECT * FROM results ORDER BY rowid")):
         digests = [r["digest"] for r in batch]
         ours, our_scores = _by_digest(conn, "results", digests), _by_digest(conn, "scores",
@@ -390,28 +425,29 @@ def _merge_rows(conn: sqlite3.Connection, bundle: sqlite3.Connection,
             digest = row["digest"]
             theirs = their_scores.get(digest)
             if digest not in ours:
-                _insert(conn, "results", row, columns["results"])
-                if theirs is not None:
+                if write:
+                    _insert(conn, "results", row, columns["results"])
+                if write and theirs is not None:
                     _insert(conn, "scores", theirs, columns["scores"])
                 report.added += 1
                 continue
             differences = _differences(ours[digest], row, our_scores.get(digest), theirs)
             if differences:
                 report.conflicts.append(Conflict(digest, _run_label(row), differences))
-                conflicted.add(digest)
                 continue
             report.same += 1
             if theirs is not None and digest not in our_scores:
-                _insert(conn, "scores", theirs, columns["scores"])
+                if write:
+                    _insert(conn, "scores", theirs, columns["scores"])
                 report.scores_added += 1
-    return conflicted
 
 
 def _merge_evaluations(conn: sqlite3.Connection, bundle: sqlite3.Connection,
-                       report: MergeReport, conflicted: set[str]) -> None:
-    """Add the bundle's corrupted evaluations the registry lacks; one that the registry holds
-    with other values makes its row a conflict."""
+                       report: MergeReport, *, write: bool) -> None:
+    """Add the bundle's corrupted evaluations the registry lacks (`write=False`: count them);
+    one that the registry holds with other values makes its row a conflict."""
     columns = _columns(conn, "evaluations")
+    conflicted = {c.digest for c in report.conflicts}
     for batch in _batches(bundle.execute("SELECT * FROM evaluations ORDER BY rowid")):
         for row in batch:
             if row["digest"] in conflicted:
@@ -420,7 +456,8 @@ def _merge_evaluations(conn: sqlite3.Connection, bundle: sqlite3.Connection,
                 "SELECT metrics, y_score FROM evaluations WHERE digest = ? AND corruption = ? "
                 "AND severity = ?", (row["digest"], row["corruption"], row["severity"])).fetchone()
             if ours is None:
-                _insert(conn, "evaluations", row, columns)
+                if write:
+                    _insert(conn, "evaluations", row, columns)
                 report.evaluations_added += 1
             elif (ours["metrics"], ours["y_score"]) != (row["metrics"], row["y_score"]):
                 result = bundle.execute("SELECT * FROM results WHERE digest = ?",
