@@ -305,3 +305,24 @@ def test_every_flipped_byte_is_refused_or_changes_nothing(bundle, tmp_path):
         assert got == manifest and hashlib.sha256(db.read_bytes()).hexdigest() == expected
         shutil.rmtree(out)
     assert refused > 250  # the payload is nearly all of the file
+
+
+def test_a_read_only_registry_exports_and_ranks(source, capsys, tmp_path, monkeypatch):
+    """A lab's shared results on a read-only mount (real EROFS, as root too): export reads it,
+    the leaderboard draws elsewhere, and the bundle merges to the same rows."""
+    from tests.test_bad_inputs import _medfm, _namespace_or_skip
+
+    prefix = _namespace_or_skip()
+    shared = tmp_path / "shared"
+    shutil.copytree(source, shared)
+    monkeypatch.setenv("MOUNT", f"mount --bind {shared} {shared} && "
+                                f"mount -o remount,bind,ro {shared}")
+    done = _medfm("export", str(tmp_path / "ro.medfm"), "--workdir", str(shared), prefix=prefix)
+    assert done.returncode == 0, done.stderr
+    done = _medfm("leaderboard", "--workdir", str(shared), "--out", str(tmp_path / "cd"),
+                  "--format", "json", prefix=prefix)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "cd").glob("*.svg"))) == 2
+    assert run_cli(capsys, "merge", tmp_path / "ro.medfm", "--workdir", tmp_path / "w")[0] == 0
+    assert results_json(capsys, tmp_path / "w", "--corruptions") == results_json(
+        capsys, source, "--corruptions")

@@ -190,7 +190,10 @@ def _fill_database(database: Path, source: Path, digests: list[str],
     into the empty registry `database`, add the `stores` table, and make it one file."""
     conn = sqlite3.connect(database, isolation_level=None)
     try:
-        conn.execute("ATTACH DATABASE ? AS src", (f"file:{quote(str(source.resolve()))}?mode=ro",))
+        uri = f"file:{quote(str(source.resolve()))}?mode=ro"
+        if not os.access(source.parent, os.W_OK):  # no -shm file can be made: nothing writes
+            uri += "&immutable=1"                   # there either (as Registry reads it)
+        conn.execute("ATTACH DATABASE ? AS src", (uri,))
         conn.execute("BEGIN")
         selected = json.dumps(digests)
         counts = {}
