@@ -454,6 +454,73 @@ def _print_results(frame, fmt: str) -> None:
     _print_table(shown.to_dict("records"), columns)
 
 
+# --- leaderboard / export / merge ---------------------------------------------------------------
+
+def _add_leaderboard(sub) -> None:
+    from medfm.report.leaderboard import ALPHA, FORMATS, LEADERBOARD_METRICS, POSTHOCS
+
+    p = sub.add_parser("leaderboard", help="backbones ranked across datasets: mean rank, "
+                       "Friedman test, post-hoc test, critical-difference diagrams")
+    _add_filters(p)
+    p.add_argument("--metric", choices=LEADERBOARD_METRICS, default="auc",
+                   help="metric that ranks the variants (default auc)")
+    p.add_argument("--posthoc", choices=POSTHOCS, default="nemenyi",
+                   help="post-hoc test after Friedman (default nemenyi)")
+    p.add_argument("--alpha", type=float, default=ALPHA,
+                   help=f"significance level of the post-hoc test (default {ALPHA})")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.add_argument("--out", help="folder of the CD diagrams (default: <workdir>/leaderboard)")
+    p.add_argument("--no-diagrams", action="store_true",
+                   help="draw no CD diagram (faster; the statistics are the same)")
+    p.set_defaults(run=_run_leaderboard)
+
+
+def _run_leaderboard(args) -> int:
+    from medfm.report.leaderboard import leaderboard
+
+    board = leaderboard(workdir=args.workdir, out=args.out, metric=args.metric,
+                        posthoc=args.posthoc, alpha=args.alpha,
+                        diagrams=not args.no_diagrams, **_filters(args))
+    print(board.render(args.format), end="" if args.format == "csv" else "\n")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write registry rows, scores and provenance to a bundle")
+    p.add_argument("bundle", help="the bundle file to write (e.g. lab-a.medfm)")
+    _add_filters(p)
+    p.add_argument("--force", action="store_true", help="replace an existing bundle file")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from medfm.store.bundle import export_bundle
+
+    done = export_bundle(args.bundle, workdir=args.workdir, force=args.force, **_filters(args))
+    counts = done.counts
+    print(f"bundle {done.bundle_id} -> {done.path}: {counts['results']} row(s), "
+          f"{counts['scores']} with per-sample scores, {counts['evaluations']} corrupted "
+          f"evaluation(s), {counts['stores']} store provenance record(s)")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="add a bundle's rows to this work directory's registry")
+    p.add_argument("bundle", help="a bundle written by `medfm export`")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the bundle and say what a merge would do; write nothing")
+    p.add_argument("--workdir", help="default: $MEDFM_WORKDIR or ./medfm-work")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args) -> int:
+    from medfm.store.bundle import merge_bundle
+
+    report = merge_bundle(args.bundle, workdir=args.workdir, dry_run=args.dry_run)
+    print("\n".join(report.summary()))
+    return 0
+
+
 # --- report / grid ----------------------------------------------------------------------------
 
 def _add_report(sub) -> None:
@@ -554,7 +621,23 @@ def _add_datasets_verb(sub) -> None:
 
 
 VERBS: list[Callable] = [_add_import, _add_datasets_verb, _add_extract, _add_stores, _add_probe,
-                         _add_finetune, _add_results, _add_report, _add_grid]
+                         _add_finetune, _add_results, _add_report, _add_grid, _add_leaderboard,
+                         _add_export, _add_merge]
+
+
+class _Version(argparse.Action):
+    """`medfm --version`: medfm's version and the libraries' a bundle records, one a line."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from medfm.runtime import software_versions
+
+        found = software_versions()
+        print(f"medfm {found.pop('medfm')}")
+        print("\n".join(f"{name} {version}" for name, version in found.items()))
+        parser.exit(0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -568,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="medfm", description="Benchmark pretrained backbones on MedMNIST: extract features, "
         "probe them, fine-tune, report.")
+    parser.add_argument("--version", action=_Version,
+                        help="print medfm's version and its libraries' (as bundles record them)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in VERBS:
         add(sub)

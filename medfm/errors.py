@@ -43,6 +43,10 @@ class RegistryError(MedfmError):
     """A results registry that cannot be opened or queried."""
 
 
+class BundleError(MedfmError):
+    """A result bundle that cannot be merged: damaged, not a bundle, or of a newer format."""
+
+
 class DiskFullError(MedfmError):
     """A write that failed for want of space or quota (ENOSPC, EDQUOT, EFBIG)."""
 

@@ -4,6 +4,7 @@
     dev = resolve_device(None)           # CUDA when a GPU is visible, else CPU
     resolve_precision(None, None)        # "bfloat16" on CUDA, "float32" elsewhere
     versions("torch", "timm")            # {"medfm": ..., "python": ..., "numpy": ..., ...}
+    software_versions()                  # what bundles record and `medfm --version` prints
     with deterministic_algorithms():     # CUDA kernels that give the same bits every run
         ...
 
@@ -38,6 +39,23 @@ def versions(*packages: str) -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    return found
+
+
+RECORDED_PACKAGES = ("torch", "torchvision", "timm", "medmnist", "scikit-learn", "scipy",
+                     "pandas", "h5py")  # what a bundle records and `medfm --version` prints
+
+
+def software_versions() -> dict[str, str]:
+    """medfm's version and those of the libraries its numbers rest on (RECORDED_PACKAGES, when
+    installed), plus the CUDA torch was built with and the GPU it sees, when one is there: what
+    a result bundle records and what `medfm --version` prints (one function for both)."""
+    found = versions(*RECORDED_PACKAGES)
+    if cuda_available():  # imports torch only where a GPU can be
+        import torch
+
+        found["cuda"] = str(torch.version.cuda)
+        found["gpu"] = torch.cuda.get_device_name(0)
     return found
 
 

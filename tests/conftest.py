@@ -80,3 +80,16 @@ def pytest_collection_modifyitems(config, items):
             if "gpu" in item.keywords:
                 item.add_marker(skip)
 
+
+
+@pytest.fixture(scope="session")
+def ranked_workdir(tmp_path_factory, _session_cache, real_root, synthetic_root) -> Path:
+    """A work directory of real probe rows: 4 backbones x 4 datasets (2 real, 2 synthetic), one
+    backbone missing a dataset (tests/ranked_workdir.py). Shared: copy it before changing it."""
+    from tests.ranked_workdir import build
+
+    with pytest.MonkeyPatch.context() as mp:  # session fixtures run before _isolated_env
+        mp.setenv("MEDFM_CACHE", str(_session_cache))
+        mp.setenv("MEDFM_OFFLINE", "1")
+        mp.setenv("MEDFM_NPY_CACHE", str(tmp_path_factory.mktemp("ranked-npy")))
+        return build(tmp_path_factory.mktemp("ranked") / "work", real_root, synthetic_root)

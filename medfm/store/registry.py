@@ -419,6 +419,14 @@ class Registry:
                 raise
             conn.execute("COMMIT")
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction for a bulk writer (medfm.store.bundle's merge): the connection
+        inside a BEGIN IMMEDIATE, committed on leaving, rolled back on any error, SQLite
+        failures as RegistryError."""
+        with self._write() as conn:
+            yield conn
+
     def _migrate(self) -> None:
         """Bring the file's schema to SCHEMA_VERSION (one transaction; safe when racing)."""
         with self._write() as conn:
@@ -730,6 +738,20 @@ class Registry:
                             "severity": evaluation["severity"],
                             "created_at": evaluation["created_at"]})
         return out
+
+
+def matching_rows(workdir: str | os.PathLike | None = None,
+                  **filters: Any) -> tuple[Registry, pandas.DataFrame]:
+    """(a work directory's registry, opened to read, and its clean rows matching `filters` as
+    Registry.to_dataframe gives them) for verbs that read it (leaderboard, export): a
+    RegistryError when there is no registry or no row matches."""
+    registry = Registry.existing(workdir)
+    frame = registry.to_dataframe(**filters)
+    if frame.empty:
+        shown = ", ".join(f"{k}={v}" for k, v in filters.items()) or "no filter"
+        raise RegistryError(f"no results in {registry.path} match ({shown}); check the "
+                            "filters with `medfm results`")
+    return registry, frame
 
 
 def _metrics_from_json(text: str) -> dict[str, float]:
