@@ -36,7 +36,7 @@ from medfm.data import DatasetRef, resolve_dataset
 from medfm.errors import InvalidArgumentError
 from medfm.preprocess import DEFAULT_NORMALIZATION, PreprocessConfig, PreprocessRequest
 from medfm.runtime import PRECISIONS, resolve_precision
-from medfm.sampling import SAMPLERS, SubsetSpec
+from medfm.sampling import SAMPLERS, SubsetSpec, episode_params
 from medfm.store.registry import ResultKey, canonical_json
 
 FEATURE_KIND = "prelogits"  # timm forward_head(forward_features(x), pre_logits=True): pooled
@@ -162,6 +162,7 @@ def run_key(
         raise InvalidArgumentError(f"selection {selection!r} is not one of {SELECTIONS}.")
     if spec.sampler != SAMPLERS[0]:  # keyed only where it is not the default: earlier keys stay
         params = {**params, SAMPLER_PARAM: spec.sampler}
+    params = {**params, **episode_params(spec)}  # few-shot episodes only (medfm.episodes)
     if select_metric not in SELECT_METRICS:
         raise InvalidArgumentError(
             f"selection metric {select_metric!r} is not one of {SELECT_METRICS}.")
