@@ -1,0 +1,58 @@
+"""Zero-shot classification (`--method zero-shot`) of CLIP-family backbones from class names
+(medfm.zeroshot): no training subset, one run per store, keyed by its prompts.
+
+The key's params hold the templates (DEFAULT_TEMPLATES, or a file's lines) and, when given,
+the class names, as text: the same prompts from another file are the same run; the file's path
+is not part of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medfm.data import Task
+from medfm.probe.methods import Fitted, MethodOption, ProbeMethod, register
+
+METHOD_NAME = "zero-shot"
+
+
+def _params(options: dict) -> dict:
+    from medfm.zeroshot.prompts import DEFAULT_TEMPLATES, read_lines, read_templates
+
+    templates = (read_templates(options["zs_templates"]) if options["zs_templates"]
+                 else DEFAULT_TEMPLATES)
+    params = {"templates": list(templates)}
+    if options["zs_class_names"]:
+        params["class_names"] = list(read_lines(options["zs_class_names"], "class-names"))
+    return params
+
+
+def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, params: dict,
+         selection: str, seed: int, solver: str, device: str | None, store) -> Fitted:
+    from medfm.data import get_dataset
+    from medfm.zeroshot.classify import ZeroShotClassifier
+    from medfm.zeroshot.prompts import class_prompts
+    from medfm.zeroshot.text import text_embeddings
+
+    info = get_dataset(store.request["dataset"])
+    names = tuple(params["class_names"]) if "class_names" in params else None
+    sets = class_prompts(info, tuple(params["templates"]), names)
+    text = text_embeddings(store, [t for prompts in sets for t in prompts])
+    model = ZeroShotClassifier(text=text, n_sets=len(sets), task=task)
+    scores = model.predict_proba(np.asarray(features["test"])).astype(np.float32)
+    extra = {"prompts": [list(p) for p in sets], "logit_scale": text.logit_scale,
+             "logit_bias": text.logit_bias, "text_cached": text.cached}
+    return Fitted(scores, None, extra, "", "cpu", model=model)
+
+
+METHOD = register(ProbeMethod(
+    name=METHOD_NAME, paradigm="zero-shot", line_style="--", selections=("none",),
+    params=lambda selection, options: _params(options),
+    select_metric=lambda task, params: "", fit=_fit, trains=False,
+    options=(MethodOption("zs_templates", None, (),
+                          "zero-shot: a file of prompt templates, one per line with {} for the "
+                          "class name (default: 'a medical image of {}.')"),
+             MethodOption("zs_class_names", None, (),
+                          "zero-shot: a file of class (or label) names, one per line in index "
+                          "order (default: the dataset's label names)")),
+))
