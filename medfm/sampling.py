@@ -289,12 +289,17 @@ def _first_per_class(labels: np.ndarray, task: Task, spec: SubsetSpec) -> np.nda
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def _episode(labels: np.ndarray, task: Task, spec: SubsetSpec) -> np.ndarray:
-    """Sorted int64 rows of a few-shot episode (module docstring)."""
+def check_episodic(task: Task) -> None:
+    """One line for a multi-label dataset: an episode draws k images per class."""
     if Task(task) is Task.MULTI_LABEL:
         raise InvalidArgumentError(
             "few-shot episodes draw k images per class, and this dataset is multi-label (no "
             "single class per image); use --shots without --episodes, or --fractions.")
+
+
+def _episode(labels: np.ndarray, task: Task, spec: SubsetSpec) -> np.ndarray:
+    """Sorted int64 rows of a few-shot episode (module docstring)."""
+    check_episodic(task)
     strata = _strata(labels, task)
     if spec.rows is not None:
         rows = np.asarray(spec.rows, dtype=np.int64)

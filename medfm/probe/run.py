@@ -38,7 +38,14 @@ from medfm.probe.robust import ScoredRow, load_state, record, save_state, score_
 from medfm.probe.solvers import SOLVERS, resolve_solver
 from medfm.request import run_key
 from medfm.runtime import device_type, versions
-from medfm.sampling import NoSubset, SubsetSpec, expand_episodes, expand_subsets, sample
+from medfm.sampling import (
+    NoSubset,
+    SubsetSpec,
+    check_episodic,
+    expand_episodes,
+    expand_subsets,
+    sample,
+)
 from medfm.store.corrupted import available_pairs
 from medfm.store.features import FeatureStore, find_stores
 from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
@@ -344,6 +351,11 @@ def _subsets(store: FeatureStore, request: ProbeRequest, fractions, shots, seeds
         if fractions or sampler:
             raise InvalidArgumentError("few-shot episodes draw --shots per class by their own "
                                        "rule: drop --fractions and --sampler.")
+        info = get_dataset(store.request["dataset"])
+        check_episodic(info.task)  # both before anything is read or fitted
+        if ways is not None and ways > info.n_classes:
+            raise InvalidArgumentError(f"--ways {ways} asks for more classes than {info.flag} "
+                                       f"has ({info.n_classes}); give at most {info.n_classes}.")
         return expand_episodes(shots, seeds, episodes, ways)
     return expand_subsets(fractions, shots, seeds, **({"sampler": sampler} if sampler else {}))
 
