@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from medfm.cli import main
-from medfm.data import Task, get_dataset
+from medfm.data import Task
 from medfm.episodes import episode_summary, load_episodes
 from medfm.extract import extract
 from medfm.probe import probe
 from medfm.sampling import SubsetSpec, expand_episodes, indices_digest, sample
 from medfm.store.features import find_stores
 from medfm.store.registry import Registry
-from medfm.synthetic import write_feature_store
+from tests.test_probe import write_store
 
 BACKBONES = ("tf_efficientnet_lite0.in1k", "test_vit")
 
@@ -187,21 +187,11 @@ def test_episode_file_of_another_dataset_is_refused(breast, tmp_path, capsys):
     assert "is for pneumoniamnist" in err
 
 
-def _synthetic_store(workdir, flag: str, n=(220, 60, 110), dim=12, seed=0):
-    info = get_dataset(flag)
-    rng = np.random.default_rng(seed)
-    direction = 3 * rng.normal(size=(info.n_classes, dim))
-    features, labels = {}, {}
-    for split, rows in zip(("train", "val", "test"), n, strict=True):
-        if info.task is Task.MULTI_LABEL:
-            y = (rng.random((rows, info.n_classes)) < 0.3).astype(np.uint8)
-            signal = y @ direction
-        else:
-            y = (np.arange(rows) % info.n_classes).astype(np.uint8)[:, None]
-            signal = direction[y[:, 0]]
-        labels[split] = y
-        features[split] = (signal + rng.normal(size=(rows, dim))).astype(np.float32)
-    return write_feature_store(workdir, flag, features, labels)
+def _synthetic_store(workdir, flag: str):
+    """test_probe's synthetic store of `flag` (features that carry the labels); its path."""
+    write_store(workdir, flag)
+    (store,) = find_stores(workdir, dataset=flag)
+    return store.path
 
 
 def test_multi_label_episodes_and_simpleshot_are_one_line(tmp_path, capsys):
@@ -244,7 +234,7 @@ def _labels(path, split: str) -> np.ndarray:
 
 def test_summary_is_the_mean_and_95_interval_over_episodes(tmp_path):
     work = tmp_path / "w"
-    path = _synthetic_store(work, "bloodmnist", dim=4)
+    path = _synthetic_store(work, "bloodmnist")
     probe(store=path, method="simpleshot", shots=[1], episodes=6, seeds=[0, 1], workdir=work,
           progress=False)
     frame = Registry.in_workdir(work).to_dataframe()
