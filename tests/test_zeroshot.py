@@ -271,3 +271,23 @@ def test_reports_show_zero_shot_as_a_flat_line_at_every_fraction(checkpoints, re
     assert main(["report", "--workdir", str(work)]) == 0
     guideline = (work / "report" / "guideline.md").read_text()
     assert guideline.count("zero-shot") >= 2  # compared in both fraction cells
+
+
+def test_a_grid_runs_zero_shot_once_per_store_beside_the_probes(checkpoints, synthetic_root,
+                                                                tmp_path):
+    from medfm.grid.run import run_grid
+    from medfm.grid.spec import load_spec
+
+    spec_path = tmp_path / "grid.yaml"
+    spec_path.write_text(
+        f"datasets: [bloodmnist]\nsizes: [28]\nbackbones: ['{NAMES['open_clip']}']\n"
+        "fractions: [0.5, 1.0]\nseeds: [0, 1]\nmethods: [simpleshot, zero-shot]\n"
+        f"device: cpu\ndata_root: {synthetic_root}\n")
+    work = tmp_path / "w"
+    result = run_grid(load_spec(spec_path), workdir=work, progress=False, max_workers=1)
+    rows = Registry.in_workdir(work).query()
+    assert sorted(r.key.method for r in rows) == ["simpleshot"] * 4 + ["zero-shot"]
+    (zero,) = [r for r in rows if r.key.method == "zero-shot"]
+    assert zero.key.fraction is None and zero.key.shots is None and zero.n_train == 0
+    again = run_grid(load_spec(spec_path), workdir=work, progress=False, max_workers=1)
+    assert not again.plan.jobs and result.plan.total["probe"] == 5
