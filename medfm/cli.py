@@ -456,8 +456,12 @@ def _run_results(args) -> int:
     from medfm.store.registry import Registry
 
     registry = Registry.existing(args.workdir)
-    _print_results(registry.to_dataframe(corruptions=args.corruptions, **_filters(args)),
-                   args.format)
+    frame = registry.to_dataframe(corruptions=args.corruptions, **_filters(args))
+    _print_results(frame, args.format)
+    if args.format == "table" and not args.corruptions:
+        from medfm.episodes_cli import print_summary
+
+        print_summary(frame)  # few-shot episodes: their mean and 95% interval, when any
     return 0
 
 

@@ -157,6 +157,9 @@ def test_exported_episodes_load_back_identically_and_rerun_nothing(breast, real_
     out = capsys.readouterr().out
     assert "0 run(s) fitted, 12 already in the registry" in out
     assert "mean over episodes" in out
+    assert main(["results", "--workdir", str(breast), "--method", "simpleshot"]) == 0
+    summary = capsys.readouterr().out.split("mean over episodes")[1]
+    assert "simpleshot  1      2      6" in summary and "simpleshot  3      2      6" in summary
 
     # another lab's rows (a valid file, not medfm's draw): evaluated on exactly those rows
     other = [int(i) for i in np.flatnonzero(labels[:, 0] == 0)[:2]] + \
