@@ -28,6 +28,7 @@ from tests.test_hub import to_hub_cache
 
 SIDE = 32
 CLIP_REPO, HF_REPO = "medfm-test/tiny-clip-text", "medfm-test/tiny-hf-clip"
+SIGLIP_REPO = "medfm-test/tiny-siglip"
 CLIP_CONFIG = {  # a tiny OpenCLIP model with OpenCLIP's own tokenizer vocabulary
     "embed_dim": 16,
     "vision_cfg": {"image_size": SIDE, "layers": 1, "width": 32, "patch_size": 8,
@@ -53,12 +54,13 @@ def _save_open_clip(folder):
     return folder
 
 
-def _save_hf_clip(folder):
-    """A tiny Transformers CLIP with a word-level tokenizer over the label names' words."""
+def _save_hf(folder, kind: str):
+    """A tiny Transformers CLIP or SigLIP with a word-level tokenizer over the label names'
+    words (no vocabulary file can be downloaded here)."""
     import re
 
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
     words = sorted({w for flag in FLAGS for name in get_dataset(flag).label_names
                     for w in re.findall(r"\w+|[^\w\s]+", f"{TEMPLATE} no {name}")})
@@ -68,28 +70,38 @@ def _save_hf_clip(folder):
     tok.post_processor = processors.TemplateProcessing(
         single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
     torch.manual_seed(2)
-    config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32,
-                     "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 2,
-                     "eos_token_id": 3},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": SIDE, "patch_size": 8},
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE},
-                       image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                            bos_token="[BOS]", eos_token="[EOS]").save_pretrained(folder)
+    text = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32,
+            "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": SIDE, "patch_size": 8}
+    stats = {"image_mean": [0.5] * 3, "image_std": [0.25] * 3}
+    if kind == "hf":
+        config = transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                         projection_dim=16)
+        transformers.CLIPModel(config).save_pretrained(folder)
+        transformers.CLIPImageProcessor(
+            size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE},
+            **stats).save_pretrained(folder)
+    else:  # SigLIP has no projections: both towers end at one width
+        config = transformers.SiglipConfig(text_config={**text, "hidden_size": 32},
+                                           vision_config=vision)
+        transformers.SiglipModel(config).save_pretrained(folder)
+        transformers.SiglipImageProcessor(size={"height": SIDE, "width": SIDE},
+                                          **stats).save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+        eos_token="[EOS]").save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero-shot-checkpoints")
-    folders = {"open_clip": _save_open_clip(root / "clip"), "hf": _save_hf_clip(root / "hf")}
-    to_hub_cache(root / "hub", folders["open_clip"], CLIP_REPO)
-    to_hub_cache(root / "hub", folders["hf"], HF_REPO)
+    folders = {"open_clip": _save_open_clip(root / "clip"), "hf": _save_hf(root / "hf", "hf"),
+               "siglip": _save_hf(root / "siglip", "siglip")}
+    for kind, repo in (("open_clip", CLIP_REPO), ("hf", HF_REPO), ("siglip", SIGLIP_REPO)):
+        to_hub_cache(root / "hub", folders[kind], repo)
     return {**folders, "hub": root / "hub"}
 
 
@@ -101,7 +113,8 @@ def offline_hub(checkpoints, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-NAMES = {"open_clip": f"open_clip:hf-hub:{CLIP_REPO}", "hf": f"hf:{HF_REPO}?features=pooler"}
+NAMES = {"open_clip": f"open_clip:hf-hub:{CLIP_REPO}", "hf": f"hf:{HF_REPO}?features=pooler",
+         "siglip": f"hf:{SIGLIP_REPO}?features=pooler"}
 
 
 def _root(flag, real_root, synthetic_root):
@@ -132,20 +145,23 @@ def _direct_scores(kind: str, folder, flag: str, root, templates=(TEMPLATE,)) ->
             tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
             text, image = model.encode_text(tokenizer(texts)), model.encode_image(x)
         else:
-            from transformers import AutoTokenizer, CLIPModel
+            from transformers import AutoModel, AutoTokenizer
 
-            model = CLIPModel.from_pretrained(folder).eval()
-            tokens = AutoTokenizer.from_pretrained(folder)(texts, padding=True,
-                                                           return_tensors="pt")
+            model = AutoModel.from_pretrained(folder).eval()
+            padding = ({"padding": True} if kind == "hf" else  # SigLIP: as it was trained
+                       {"padding": "max_length", "max_length": 32})
+            tokens = AutoTokenizer.from_pretrained(folder)(texts, return_tensors="pt",
+                                                           **padding)
             text, image = model.get_text_features(**tokens), model.get_image_features(
                 pixel_values=x)
             text = text if isinstance(text, torch.Tensor) else text.pooler_output
             image = image if isinstance(image, torch.Tensor) else image.pooler_output
         scale = model.logit_scale.exp().item()
+        bias = model.logit_bias.item() if kind == "siglip" else 0.0
     text = torch.nn.functional.normalize(text.double(), dim=-1)
     text = text.reshape(-1, len(templates), text.shape[-1]).mean(dim=1)  # prompt ensembling
     text = torch.nn.functional.normalize(text, dim=-1)
-    logits = scale * torch.nn.functional.normalize(image.double(), dim=-1) @ text.T
+    logits = scale * torch.nn.functional.normalize(image.double(), dim=-1) @ text.T + bias
     if FLAGS[flag] is Task.MULTI_LABEL:
         return torch.sigmoid(logits[:, 0::2] - logits[:, 1::2]).numpy()
     return torch.softmax(logits, dim=1).numpy()
@@ -158,7 +174,7 @@ def _zero_shot(kind, flag, root, workdir, **kwargs):
 
 
 @pytest.mark.parametrize("flag", list(FLAGS))
-@pytest.mark.parametrize("kind", ["open_clip", "hf"])
+@pytest.mark.parametrize("kind", ["open_clip", "hf", "siglip"])
 def test_zero_shot_scores_are_the_librarys_own(checkpoints, real_root, synthetic_root,
                                                tmp_path, kind, flag):
     root = _root(flag, real_root, synthetic_root)

@@ -19,7 +19,8 @@ Any other features say so and name the store to extract.
 
 Text embeddings: OpenCLIP `model.encode_text(tokenizer(texts))` with `open_clip.get_tokenizer`
 of the same checkpoint; Transformers `model.get_text_features(**tokenizer(texts))` with its
-AutoTokenizer (padding to max_length for SigLIP, which was trained that way, else to the longest).
+AutoTokenizer (SigLIP: padded to its text model's max_position_embeddings, as it was trained and
+as it pools the last token; CLIP: to the longest prompt).
 Logit scale: the model's `logit_scale.exp()`; bias: SigLIP's `logit_bias` (0 for CLIP).
 Cache: `<store>.zero-shot/<digest>.npz` (digest of the backbone identity and the texts), written
 atomically; a rerun, another method setting with the same prompts, or a corrupted split reuses it.
@@ -168,10 +169,12 @@ def _transformers(ref, name: str) -> TextTower:
                                    "zero-shot needs a CLIP or SigLIP checkpoint.")
     model.eval()
     siglip = str(model.config.model_type).startswith("siglip")
-    padding = "max_length" if siglip else True
+    length = getattr(getattr(model.config, "text_config", None), "max_position_embeddings",
+                     None)
+    padding = {"padding": "max_length", "max_length": length} if siglip else {"padding": True}
 
     def tokenize(texts):
-        return tokenizer(texts, padding=padding, truncation=True, return_tensors="pt")
+        return tokenizer(texts, truncation=True, return_tensors="pt", **padding)
 
     bias = getattr(model, "logit_bias", None)
     return TextTower(model, tokenize, "hf", float(model.logit_scale.detach().exp()),
