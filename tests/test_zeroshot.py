@@ -255,14 +255,6 @@ def test_stores_without_image_embeddings_say_what_to_extract(checkpoints, synthe
     err = _one_line_error(["probe", "--method", "zero-shot", "--workdir", str(work),
                            "--quiet"], capsys)
     assert "?features=embed" in err and "medfm extract" in err
-    names = tmp_path / "names.txt"
-    names.write_text("only one\n")
-    err = _one_line_error(["probe", "--method", "zero-shot", "--zs-class-names", str(names),
-                           "--workdir", str(work), "--quiet"], capsys)
-    assert "2 classes" in err
-    err = _one_line_error(["probe", "--method", "zero-shot", "--fractions", "0.1",
-                           "--workdir", str(work)], capsys)
-    assert "trains on nothing" in err
     from tests.test_probe import write_store
 
     plain = tmp_path / "plain"
@@ -307,3 +299,26 @@ def test_a_grid_runs_zero_shot_once_per_store_beside_the_probes(checkpoints, syn
     assert zero.key.fraction is None and zero.key.shots is None and zero.n_train == 0
     again = run_grid(load_spec(spec_path), workdir=work, progress=False, max_workers=1)
     assert not again.plan.jobs and result.plan.total["probe"] == 5
+
+
+def test_zero_shot_over_a_mixed_workdir_runs_on_the_clip_stores_only(checkpoints,
+                                                                     synthetic_root, tmp_path,
+                                                                     capsys):
+    from tests.test_probe import write_store
+
+    work = tmp_path / "w"
+    write_store(work, "breastmnist")  # a store of a timm backbone: no text tower
+    (row,) = _zero_shot("open_clip", "breastmnist", synthetic_root, work).computed
+    assert row.key.backbone.startswith("open_clip:")
+    plain = [s for s in find_stores(work) if not s.request["backbone"].startswith("open_clip")]
+    err = _one_line_error(["probe", "--method", "zero-shot", "--store", str(plain[0].path),
+                           "--workdir", str(work)], capsys)
+    assert "CLIP-family" in err
+    names = tmp_path / "names.txt"
+    names.write_text("only one\n")
+    err = _one_line_error(["probe", "--method", "zero-shot", "--zs-class-names", str(names),
+                           "--workdir", str(work), "--quiet", "--force"], capsys)
+    assert "2 classes" in err
+    err = _one_line_error(["probe", "--method", "zero-shot", "--fractions", "0.1",
+                           "--workdir", str(work)], capsys)
+    assert "trains on nothing" in err

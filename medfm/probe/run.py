@@ -295,6 +295,7 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
                              workdir=workdir)
     if preset is not None:
         stores = _preset_stores(preset, stores, explicit=store is not None)
+    stores = _usable_stores(request, stores, explicit=store is not None)
     plan = [(s, spec, request.key(s, spec)) for s in stores
             for spec in _subsets(s, request, fractions, shots, seeds, sampler, episodes, ways,
                                  episode_file)]
@@ -323,6 +324,21 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
                                        if key.digest() in done], request, workdir, progress)
     return ProbeReport(computed=computed, skipped=skipped, wall_s=time.perf_counter() - start,
                        corrupted_filled=filled)
+
+
+def _usable_stores(request: ProbeRequest, stores: list, *, explicit: bool) -> list:
+    """The stores the method can use (ProbeMethod.refuses): a named store it cannot use, or
+    finding none, is an error saying why."""
+    refuses = get_method(request.method).refuses
+    if refuses is None:
+        return stores
+    reasons = [(s, refuses(s)) for s in stores]
+    kept = [s for s, why in reasons if why is None]
+    if explicit or not kept:
+        why = next((why for _, why in reasons if why is not None), None)
+        if why is not None:
+            raise InvalidArgumentError(why)
+    return kept
 
 
 def _subsets(store: FeatureStore, request: ProbeRequest, fractions, shots, seeds, sampler,

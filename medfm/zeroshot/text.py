@@ -66,6 +66,17 @@ def _source(store) -> tuple[str, str, str]:
     return source.format.name, wanted, name
 
 
+def refusal(store) -> str | None:
+    """Why zero-shot cannot read `store` (None: it can), without loading anything."""
+    from medfm.errors import MedfmError
+
+    try:
+        _source(store)
+    except MedfmError as err:
+        return str(err)
+    return None
+
+
 def _ref(store, name: str):
     """The BackboneRef of `name`, checked against the identity the store recorded."""
     from medfm.backbones.names import RANDOM, resolve_backbone

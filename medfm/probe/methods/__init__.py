@@ -71,6 +71,8 @@ class ProbeMethod:
     reads_store: bool = True  # fitted on a feature store (every probe so far)
     trains: bool = True  # fitted on a training subset; False (zero-shot): one run per store with
     #                      no training subset (sampling.NoSubset), its fit given `store=`
+    refuses: Callable[[Any], str | None] | None = None  # (store) -> why the method cannot use
+    #        it (None: it can); a probe over matching stores skips those, a named store is an error
     seed_changes_fit: Callable[[str], bool] = field(default=lambda selection: False)
     # (selection) -> whether the seed changes the fit beyond the subset (holdout draws)
     save_state: Callable[[Any], dict] | None = None  # fitted model -> arrays to keep

@@ -1,6 +1,8 @@
 """Zero-shot classification (`--method zero-shot`) of CLIP-family backbones from class names
 (medfm.zeroshot): no training subset, one run per store, keyed by its prompts.
 
+Over matching stores it runs on those of CLIP-family checkpoints' image embeddings and skips
+the others; a named store (`--store`) it cannot read, or finding none, is one line saying why.
 The key's params hold the templates (DEFAULT_TEMPLATES, or a file's lines) and, when given,
 the class names, as text: the same prompts from another file are the same run; the file's path
 is not part of it.
@@ -45,10 +47,16 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
     return Fitted(scores, None, extra, "", "cpu", model=model)
 
 
+def _refuses(store) -> str | None:
+    from medfm.zeroshot.text import refusal
+
+    return refusal(store)
+
+
 METHOD = register(ProbeMethod(
     name=METHOD_NAME, paradigm="zero-shot", line_style="--", selections=("none",),
     params=lambda selection, options: _params(options),
-    select_metric=lambda task, params: "", fit=_fit, trains=False,
+    select_metric=lambda task, params: "", fit=_fit, trains=False, refuses=_refuses,
     options=(MethodOption("zs_templates", None, (),
                           "zero-shot: a file of prompt templates, one per line with {} for the "
                           "class name (default: 'a medical image of {}.')"),
