@@ -206,6 +206,7 @@ def episode_summary(frame, metrics=("acc", "auc", "balanced_acc")):
     rows = []
     for values, runs in episodic.groupby(keys, sort=True):
         row = dict(zip(keys, values, strict=True))
+        row["size"], row["shots"] = int(row["size"]), int(row["shots"])  # float beside NaNs
         row["seeds"], row["episodes"] = runs["seed"].nunique(), len(runs)
         for metric in metrics:
             row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = interval(runs[metric])

@@ -18,7 +18,8 @@ from medfm.probe.run import (
 from medfm.probe.solvers import SOLVERS, resolve_solver
 
 _ESTIMATORS = {"KNNProbe": "medfm.probe.methods.knn", "LogisticProbe": "medfm.probe.methods.logreg",
-               "C_GRID": "medfm.probe.methods.logreg", "KNN_K": "medfm.probe.methods.knn"}
+               "C_GRID": "medfm.probe.methods.logreg", "KNN_K": "medfm.probe.methods.knn",
+               "SimpleShotProbe": "medfm.probe.methods.simpleshot"}
 
 
 def __getattr__(name: str):
@@ -32,6 +33,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "C_GRID", "KNN_K", "SOLVERS", "KNNProbe", "LogisticProbe", "MethodOption", "ProbeMethod",
+    "SimpleShotProbe",
     "ProbeReport", "ProbeRequest", "StoreArrays", "get_method", "matching_stores", "probe",
     "probe_job", "probe_methods", "resolve_probe", "resolve_solver",
 ]
