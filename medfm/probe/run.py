@@ -428,7 +428,8 @@ def _fill_recorded(registry: Registry, recorded: list, request: ProbeRequest, wo
     for s, _, _ in recorded:
         if s.path not in pairs_of:
             pairs_of[s.path] = available_pairs(s)
-    recorded = [item for item in recorded if pairs_of[item[0].path]]
+    recorded = [item for item in recorded  # W-way episodes score their classes only: no
+                if pairs_of[item[0].path] and item[1].ways is None]  # corrupted full splits
     if not recorded:
         return 0
     have = registry.evaluated([key for _, _, key in recorded])
