@@ -203,6 +203,7 @@ def _run_stores(args) -> int:
 # --- probe ----------------------------------------------------------------------------------
 
 def _add_probe(sub) -> None:
+    from medfm.episodes_cli import add_probe_flags as add_episode_flags
     from medfm.probe.methods import probe_methods
 
     methods = probe_methods()
@@ -215,6 +216,7 @@ def _add_probe(sub) -> None:
     p.add_argument("--shots", help="images per class, e.g. 1,5,10")
     p.add_argument("--seeds", help="e.g. 0,1,2 or 0-4 (default 0,1,2; a preset's own)")
     p.add_argument("--method", choices=sorted(methods), default=PROBE_METHOD)
+    add_episode_flags(p)
     _add_sampler(p)
     _add_preset(p, "probe (method options, sampler, seeds, subsets; its stores only)")
     for option in {o.name: o for m in methods.values() for o in m.options}.values():
@@ -234,6 +236,7 @@ def _add_probe(sub) -> None:
 
 
 def _run_probe(args) -> int:
+    from medfm.episodes_cli import print_summary, probe_kwargs
     from medfm.probe import get_method, probe
     from medfm.sampling import parse_fractions, parse_seeds, parse_shots
     from medfm.store.registry import Registry
@@ -258,14 +261,15 @@ def _run_probe(args) -> int:
                        method=args.method, selection=args.selection, solver=args.solver,
                        device=args.device, workdir=args.workdir, force=args.force,
                        progress=not args.quiet, sampler=args.sampler, preset=args.preset,
-                       **options)
+                       **probe_kwargs(args), **options)
         digests += [r.key.digest() for r in report.computed] + [k.digest() for k in report.skipped]
         computed += len(report.computed)
         skipped += len(report.skipped)
         filled += report.corrupted_filled
         wall += report.wall_s
     frame = Registry.in_workdir(args.workdir).to_dataframe(digest=digests)
-    _print_results(frame, "table")
+    if not print_summary(frame):  # episodes: their mean and interval, not one row each
+        _print_results(frame, "table")
     print(f"{computed} run(s) fitted, {skipped} already in the registry "
           f"({'nothing needed recomputing, ' if not computed else ''}{wall:.1f} s)")
     if filled:
@@ -424,8 +428,12 @@ def _run_results(args) -> int:
     from medfm.store.registry import Registry
 
     registry = Registry.existing(args.workdir)
-    _print_results(registry.to_dataframe(corruptions=args.corruptions, **_filters(args)),
-                   args.format)
+    frame = registry.to_dataframe(corruptions=args.corruptions, **_filters(args))
+    _print_results(frame, args.format)
+    if args.format == "table" and not args.corruptions:
+        from medfm.episodes_cli import print_summary
+
+        print_summary(frame)  # few-shot episodes: their mean and 95% interval, when any
     return 0
 
 
@@ -608,6 +616,12 @@ def _announce(plan) -> None:
 
 # --- entry point ------------------------------------------------------------------------------
 
+def _add_episodes(sub) -> None:
+    from medfm.episodes_cli import add_episodes
+
+    add_episodes(sub)
+
+
 def _add_import(sub) -> None:
     from medfm.imported.cli import add_import
 
@@ -622,7 +636,7 @@ def _add_datasets_verb(sub) -> None:
 
 VERBS: list[Callable] = [_add_import, _add_datasets_verb, _add_extract, _add_stores, _add_probe,
                          _add_finetune, _add_results, _add_report, _add_grid, _add_leaderboard,
-                         _add_export, _add_merge]
+                         _add_export, _add_merge, _add_episodes]
 
 
 class _Version(argparse.Action):

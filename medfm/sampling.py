@@ -31,6 +31,13 @@ labels; round(f * N) >= 1 for a fraction) drawn without replacement by numpy's l
 `RandomState(seed).choice`, exactly the rows their `np.random.seed(seed); np.random.choice`
 draws. Both are nested too (prefixes of one order).
 
+Few-shot episodes (`SubsetSpec.episode`, medfm.episodes): episode e of seed s draws, from
+`numpy.random.default_rng([s, EPISODE_STREAM, e])`, first `ways` of the classes (all of them when
+`ways` is None; chosen without replacement, kept in ascending order), then for each chosen class
+in ascending order min(k, n_c) of its rows without replacement. Episodes are independent draws
+(not nested, unlike the prefixes above): the N-way K-shot tasks of the few-shot literature. An
+episode read from a file (`rows`) is those rows, as given.
+
 A subset is identified by its spec and by `digest`, the first 16 hex digits of the SHA-256 of its
 indices as little-endian int64, which results record so a run can prove which images it used.
 """
@@ -50,6 +57,9 @@ from medfm.errors import InvalidArgumentError
 from medfm.resolve.defaults import SAMPLER
 from medfm.limits import SHOTS_MAX, check_at_most, check_list_length, check_seed
 
+EPISODE_STREAM = 0x45504953  # "EPIS": the rng stream of episodes, apart from strata's
+EPISODES_MAX = 10_000  # episodes per seed (--episodes), and episodic runs per call
+WAYS_MAX = 1_000  # classes per episode (--ways)
 DIGEST_CHARS = 16  # hex digits of the SHA-256 kept as a subset's digest
 SAMPLERS = (SAMPLER, "first-per-class")  # sampler modes (module docstring); first: default
 FIRST_N_WHOLE_SPLIT = 1000  # first-per-class: more shots than this take the whole split
@@ -66,6 +76,10 @@ class SubsetSpec:
     shots: int | None = None  # images per class (stratum), >= 1
     seed: int = 0  # 0 .. 2^32 - 1; the same seed gives nested subsets across fractions and shots
     sampler: str = SAMPLERS[0]  # one of SAMPLERS
+    episode: int | None = None  # few-shot episode number (medfm.episodes), with shots
+    ways: int | None = None  # classes per episode (None: every class)
+    rows: tuple[int, ...] | None = field(default=None, repr=False)  # an episode's rows as read
+    #                                                                  from an episode file
 
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.shots is None):
@@ -82,6 +96,34 @@ class SubsetSpec:
         if self.sampler not in SAMPLERS:
             raise InvalidArgumentError(
                 f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}.")
+        if self.episode is not None or self.ways is not None or self.rows is not None:
+            self._check_episode()
+
+    def _check_episode(self) -> None:
+        if self.shots is None or self.episode is None or self.sampler != SAMPLERS[0]:
+            raise InvalidArgumentError(
+                "a few-shot episode needs --shots and an episode number, with the default "
+                "sampler (episodes are drawn by their own rule; drop --fractions/--sampler).")
+        object.__setattr__(self, "episode", check_at_most(self.episode, EPISODES_MAX - 1,
+                                                          "episode", minimum=0))
+        if self.ways is not None:
+            object.__setattr__(self, "ways", check_at_most(self.ways, WAYS_MAX, "--ways",
+                                                           minimum=2))
+        if self.rows is not None:
+            object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+
+
+@dataclass(frozen=True)
+class NoSubset:
+    """No training images at all (zero-shot): a run keyed with neither fraction nor shots."""
+
+    fraction: None = None
+    shots: None = None
+    seed: int = 0
+    sampler: str = SAMPLERS[0]
+    episode: None = None
+    ways: None = None
+    rows: None = None
 
 
 @dataclass(frozen=True)
@@ -248,15 +290,70 @@ def _first_per_class(labels: np.ndarray, task: Task, spec: SubsetSpec) -> np.nda
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def check_episodic(task: Task) -> None:
+    """One line for a multi-label dataset: an episode draws k images per class."""
+    if Task(task) is Task.MULTI_LABEL:
+        raise InvalidArgumentError(
+            "few-shot episodes draw k images per class, and this dataset is multi-label (no "
+            "single class per image); use --shots without --episodes, or --fractions.")
+
+
+def _episode(labels: np.ndarray, task: Task, spec: SubsetSpec) -> np.ndarray:
+    """Sorted int64 rows of a few-shot episode (module docstring)."""
+    check_episodic(task)
+    strata = _strata(labels, task)
+    if spec.rows is not None:
+        rows = np.asarray(spec.rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(strata)):
+            raise InvalidArgumentError(
+                f"episode {spec.episode} names rows outside the training split (0 .. "
+                f"{len(strata) - 1}); the episode file is for another dataset or split.")
+        return np.unique(rows)
+    classes = np.unique(strata)
+    rng = np.random.default_rng([spec.seed, EPISODE_STREAM, spec.episode])
+    if spec.ways is not None:
+        if spec.ways > classes.size:
+            raise InvalidArgumentError(
+                f"--ways {spec.ways} asks for more classes than the dataset has "
+                f"({classes.size}); give at most {classes.size}.")
+        classes = np.sort(rng.choice(classes, size=spec.ways, replace=False))
+    chosen = []
+    for c in classes:
+        rows = np.flatnonzero(strata == c)
+        chosen.append(rng.choice(rows, size=min(spec.shots, rows.size), replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def indices_digest(indices: np.ndarray) -> str:
+    """The first DIGEST_CHARS hex digits of the sha256 of `indices` as little-endian int64."""
+    return hashlib.sha256(np.asarray(indices).astype("<i8").tobytes()).hexdigest()[:DIGEST_CHARS]
+
+
+def episode_params(spec: SubsetSpec) -> dict:
+    """What an episodic subset adds to a run key's params (nothing for any other subset, so
+    every earlier key stays): the episode number, the ways, the digest of rows read from a file."""
+    params = {}
+    if spec.episode is not None:
+        params["episode"] = spec.episode
+    if spec.ways is not None:
+        params["ways"] = spec.ways
+    if spec.rows is not None:
+        params["episode_rows"] = indices_digest(np.unique(np.asarray(spec.rows, dtype=np.int64)))
+    return params
+
+
 def sample(labels: np.ndarray, task: Task, spec: SubsetSpec) -> Subset:
     """The training subset `spec` selects from a split with these labels (see module docstring)."""
-    if spec.sampler == "first-per-class":
+    if isinstance(spec, NoSubset):
+        indices = np.zeros(0, dtype=np.int64)
+    elif spec.episode is not None:
+        indices = _episode(labels, task, spec)
+    elif spec.sampler == "first-per-class":
         indices = _first_per_class(labels, task, spec)
     else:
         indices = _take_prefixes(_strata(labels, task), spec)
     indices.setflags(write=False)
-    digest = hashlib.sha256(indices.astype("<i8").tobytes()).hexdigest()[:DIGEST_CHARS]
-    return Subset(spec=spec, indices=indices, n=int(indices.size), digest=digest)
+    return Subset(spec=spec, indices=indices, n=int(indices.size), digest=indices_digest(indices))
 
 
 def expand_subsets(fractions: Sequence[float] | None, shots: Sequence[int] | None,
@@ -270,6 +367,18 @@ def expand_subsets(fractions: Sequence[float] | None, shots: Sequence[int] | Non
              for s in seeds]
     return specs + [SubsetSpec(shots=k, seed=s, sampler=sampler) for k in shots or ()
                     for s in seeds]
+
+
+def expand_episodes(shots: Sequence[int] | None, seeds: Sequence[int], episodes: int,
+                    ways: int | None = None) -> list[SubsetSpec]:
+    """`episodes` few-shot episodes per (shots, seed): every shot count under every seed."""
+    if not shots:
+        raise InvalidArgumentError("--episodes draws k images per class: give --shots (e.g. "
+                                   "--shots 1,5,10 --episodes 20), not --fractions.")
+    count = check_at_most(episodes, EPISODES_MAX, "--episodes", minimum=1)
+    check_at_most(len(shots) * len(seeds) * count, EPISODES_MAX, "shots x seeds x episodes")
+    return [SubsetSpec(shots=k, seed=s, episode=e, ways=ways) for k in shots for s in seeds
+            for e in range(count)]
 
 
 def sample_fraction(labels: np.ndarray, task: Task, fraction: float, seed: int) -> Subset:

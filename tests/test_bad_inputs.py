@@ -343,6 +343,27 @@ def _rows() -> dict:
         "extract-batch-pixels-runaway": (
             lambda f, t: [*_extract_from(f["data"], f["work"]), "--input-size", "1024",
                           "--batch-size", "4096"], "pixels per batch"),
+        "probe-episodes-runaway": (
+            lambda f, t: ["probe", "--workdir", str(f["work"]), "--method", "simpleshot",
+                          "--shots", "1,2,3", "--episodes", "100000000"],
+            "above medfm's limit of 10,000"),
+        "probe-episodes-times-seeds-runaway": (
+            lambda f, t: ["probe", "--workdir", str(f["work"]), "--method", "simpleshot",
+                          "--shots", "1", "--seeds", "0-999", "--episodes", "9999"],
+            "shots x seeds x episodes"),
+        "probe-episodes-zero": (
+            lambda f, t: ["probe", "--workdir", str(f["work"]), "--shots", "1", "--episodes",
+                          "0"], "--episodes '0' is not a positive integer"),
+        "probe-episode-file-not-json": (
+            lambda f, t: ["probe", "--workdir", str(f["work"]), "--episode-file",
+                          str(_file(t / "e.json"))], "is not JSON"),
+        "probe-zero-shot-without-clip": (
+            lambda f, t: ["probe", "--workdir", str(f["work"]), "--method", "zero-shot"],
+            "CLIP-family"),
+        "probe-zero-shot-templates-without-braces": (
+            lambda f, t: ["probe", "--workdir", str(f["work"]), "--method", "zero-shot",
+                          "--zs-templates", str(_text(t / "t.txt", "a scan\n"))],
+            "needs exactly one {}"),
         "extract-severities-runaway": (
             lambda f, t: [*_extract_from(f["data"], f["work"]), "--corruptions", "medmnist-c",
                           "--severities", "1..100000000"], "above medfm's limit of 1,000"),
@@ -429,6 +450,11 @@ def _file(path: Path) -> Path:
     return path
 
 
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 ROWS = _rows()
 
 
@@ -501,7 +527,7 @@ def _medfm(*argv: str, prefix: tuple[str, ...] = (),
 # thread (checked by hand: `medfm finetune ... --epochs 1` runs to its row under it), far less
 # than any of these inputs would take unbounded (17 GB to 560 GB)
 MEMORY_LIMIT = 6 << 30
-RUNAWAY_ROWS = ["probe-seeds-runaway-range", "finetune-lora-rank-runaway",
+RUNAWAY_ROWS = ["probe-seeds-runaway-range", "probe-episodes-runaway", "finetune-lora-rank-runaway",
                 "finetune-input-size-runaway", "extract-input-size-runaway",
                 "extract-batch-pixels-runaway", "extract-severities-runaway",
                 "yaml-expands-too-far"]

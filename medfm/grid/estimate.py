@@ -50,7 +50,7 @@ def subset_size(spec: SubsetSpec, n_train: int, n_classes: int) -> int:
     """Training images of a subset, as the sampler draws them (near enough to price it)."""
     if spec.fraction is not None:
         return max(min(n_classes, n_train), round(spec.fraction * n_train))
-    return min(n_train, spec.shots * n_classes)
+    return 0 if spec.shots is None else min(n_train, spec.shots * n_classes)  # None: zero-shot
 
 
 def probe_units(job: ProbeJob, dim: int) -> float:

@@ -34,6 +34,8 @@ JobResult = tuple[ResultRow, np.ndarray, np.ndarray]  # (row, test scores, test 
 
 
 def _subset_label(spec: SubsetSpec) -> str:
+    if spec.fraction is None and spec.shots is None:
+        return "zero-shot"
     subset = f"{spec.fraction:g}" if spec.fraction is not None else f"{spec.shots}-shot"
     return f"{subset} seed {spec.seed}"
 

@@ -32,8 +32,10 @@ from medfm.grid.spec import HEAD_PROBE, TRAINED, GridSpec
 from medfm.paths import resolve_workdir
 from medfm.resolve.finetune import resolve_finetunes
 from medfm.resolve.keys import STORES_DIRNAME
+from medfm.resolve.methods import get_method_spec
 from medfm.resolve.store import resolve_store_request
 from medfm.runtime import device_type
+from medfm.sampling import NoSubset
 from medfm.store.features import stores_dir
 from medfm.store.done import finished_keys, finished_store
 
@@ -130,6 +132,12 @@ def _probe_jobs(extract: ExtractJob, probe, subsets, digests: list[str] | None,
     return [ProbeJob(extract, group, probe) for group in groups], len(subsets) - len(pending)
 
 
+def _subsets_of(probe, spec: GridSpec) -> tuple:
+    """The grid's subsets for a probe method; a method that trains on nothing (zero-shot) runs
+    once per store, with no subset."""
+    return spec.subsets if get_method_spec(probe.method).trains else (NoSubset(),)
+
+
 def _check_weights_file(backbones, jobs: list[Job]) -> None:
     """A weights file the grid's models load is read once now (WeightsError, one line, before
     any job runs), not found unreadable by every extract and fine-tune job."""
@@ -152,8 +160,8 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None,
     probes = [replace(p, device=p.device or device_type(None)) for p in spec.probe_requests()]
     extracts = _extract_jobs(spec, refs, backbones, root, compile) if probes else []
     finetunes = _finetune_jobs(spec, refs, backbones, root, compile)
-    subsets = spec.subsets
-    probe_digests = {(i, j): [p.key(store, s).digest() for s in subsets]
+    subsets = [_subsets_of(p, spec) for p in probes]  # zero-shot: one run, no subset
+    probe_digests = {(i, j): [p.key(store, s).digest() for s in subsets[j]]
                      for i, (_, store) in enumerate(extracts) if store is not None
                      for j, p in enumerate(probes)}  # each key built once
     finetune_digests = [job.request.key().digest() for job in finetunes]
@@ -168,9 +176,9 @@ def plan_grid(spec: GridSpec, *, workdir: str | os.PathLike | None = None,
         else:
             done["extract"] += 1
         for j, probe in enumerate(probes):
-            todo, n_done = _probe_jobs(extract, probe, subsets, probe_digests.get((i, j)),
+            todo, n_done = _probe_jobs(extract, probe, subsets[j], probe_digests.get((i, j)),
                                        finished)
-            total["probe"] += len(subsets)
+            total["probe"] += len(subsets[j])
             done["probe"] += n_done
             jobs += todo
     for job, digest in zip(finetunes, finetune_digests, strict=True):

@@ -13,7 +13,8 @@ from medfm.resolve.defaults import SOLVERS
 from medfm.probe.solvers import resolve_solver
 
 _ESTIMATORS = {"KNNProbe": "medfm.probe.methods.knn", "LogisticProbe": "medfm.probe.methods.logreg",
-               "C_GRID": "medfm.resolve.defaults", "KNN_K": "medfm.resolve.methods.knn"}
+               "C_GRID": "medfm.resolve.defaults", "KNN_K": "medfm.resolve.methods.knn",
+               "SimpleShotProbe": "medfm.probe.methods.simpleshot"}
 
 
 def __getattr__(name: str):
@@ -27,6 +28,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "C_GRID", "KNN_K", "SOLVERS", "KNNProbe", "LogisticProbe", "MethodOption", "ProbeMethod",
+    "SimpleShotProbe",
     "ProbeReport", "ProbeRequest", "StoreArrays", "get_method", "matching_stores", "probe",
     "probe_job", "probe_methods", "resolve_probe", "resolve_solver",
 ]

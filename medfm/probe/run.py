@@ -35,14 +35,21 @@ from medfm.data import SPLITS, Task, get_dataset
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.methods import get_method
-from medfm.robust.score import ScoredRun, load_state, record, save_state, score_pairs
 from medfm.probe.solvers import resolve_solver
 from medfm.resolve.defaults import N_BOOTSTRAP, PROBE_METHOD, default_seeds
 from medfm.resolve.presets import get_preset
 from medfm.resolve.probe import ProbeRequest, resolve_probe
-from medfm.runtime import versions
-from medfm.sampling import SubsetSpec, expand_subsets, sample
+from medfm.robust.score import ScoredRun, load_state, record, save_state, score_pairs
 from medfm.robust.stores import available_pairs
+from medfm.runtime import versions
+from medfm.sampling import (
+    NoSubset,
+    SubsetSpec,
+    check_episodic,
+    expand_episodes,
+    expand_subsets,
+    sample,
+)
 from medfm.store.done import finished_keys
 from medfm.store.features import FeatureStore, find_stores
 from medfm.store.registry import Registry, ResultRow
@@ -142,24 +149,33 @@ def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
     info = get_dataset(key.dataset)
     arrays = arrays or StoreArrays.load(store)
     subset = sample(arrays.labels["train"], info.task, spec)
+    task, n_classes, train_rows = info.task, info.n_classes, subset.indices
+    if spec.ways is not None:  # a W-way episode: fitted and scored on its classes only
+        from medfm.episodes import way_view
+
+        view = way_view(arrays, subset.indices, info.task)
+        arrays, task, n_classes, train_rows = view.arrays, view.task, view.n_classes, \
+            view.train_rows
+        corrupted = {}
     fit_id = (store.fingerprint, subset.digest, probe.method, probe.params, probe.selection,
               spec.seed if method.seed_changes_fit(probe.selection) else None)
     if shared_fits is not None and fit_id in shared_fits:
         fitted, metrics, first = shared_fits[fit_id]
         extra = {**fitted.extra, "shared_fit": first}
     else:
-        _check_classes(arrays, info.task, info.n_classes)
-        fitted = method.fit(arrays.features, arrays.targets, info.task, subset.indices,
+        _check_classes(arrays, task, n_classes)
+        fitted = method.fit(arrays.features, arrays.targets, task, train_rows,
                             params=json.loads(probe.params), selection=probe.selection,
-                            seed=spec.seed, solver=probe.solver, device=probe.device)
-        metrics = evaluate(arrays.labels["test"], fitted.scores, info.task,
+                            seed=spec.seed, solver=probe.solver, device=probe.device,
+                            **({} if method.trains else {"store": store}))
+        metrics = evaluate(arrays.labels["test"], fitted.scores, task,
                            n_bootstrap=N_BOOTSTRAP, seed=0, device=probe.metrics_device())
         if shared_fits is not None:
             shared_fits[fit_id] = (fitted, metrics, key.digest())
         extra = fitted.extra
     if corrupted is None:
         corrupted = available_pairs(store)
-    evaluations = (score_pairs(fitted.model, store, corrupted, info.task, arrays.labels["test"],
+    evaluations = (score_pairs(fitted.model, store, corrupted, task, arrays.labels["test"],
                                device=probe.metrics_device())
                    if corrupted and fitted.model is not None else [])
     state = (method.save_state(fitted.model)
@@ -209,7 +225,8 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
           method: str = PROBE_METHOD, selection: str | None = None, solver: str = "auto",
           device: str | None = None, workdir: str | os.PathLike | None = None,
           force: bool = False, progress: bool = True, sampler: str | None = None,
-          preset: str | None = None, **options) -> ProbeReport:
+          preset: str | None = None, episodes: int | None = None, ways: int | None = None,
+          episode_file: str | os.PathLike | None = None, **options) -> ProbeReport:
     """Probe every matching store at every fraction/shots x seed; skip runs already recorded.
 
     `options` are the method's own (e.g. `knn_metric="euclidean"`); `backbone` matches in any
@@ -217,6 +234,9 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
     (medfm.sampling.SAMPLERS; None: the default). `preset` (medfm.resolve.presets) runs the probe as
     that preset's grid does: its method options, sampler, seeds and subsets (where not given),
     on the stores extracted as it extracts them (another store is an error).
+    `episodes` draws that many few-shot episodes per shot count and seed (`ways`: of that many
+    classes each), `episode_file` evaluates on the episodes of a file (medfm.episodes); a
+    method that does not train (zero-shot) runs once per store, with no training subset.
     """
     from tqdm.auto import tqdm
 
@@ -233,9 +253,10 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
                              workdir=workdir)
     if preset is not None:
         stores = _preset_stores(preset, stores, explicit=store is not None)
+    stores = _usable_stores(request, stores, explicit=store is not None)
     plan = [(s, spec, request.key(s, spec)) for s in stores
-            for spec in expand_subsets(fractions, shots, seeds,
-                                       **({"sampler": sampler} if sampler else {}))]
+            for spec in _subsets(s, request, fractions, shots, seeds, sampler, episodes, ways,
+                                 episode_file)]
     registry = Registry.in_workdir(workdir)
     done = set() if force else finished_keys(workdir, [key for _, _, key in plan],
                                              registry=registry)
@@ -262,6 +283,56 @@ def probe(*, dataset: str | None = None, backbone: str | None = None, size: int 
                                        if key.digest() in done], request, workdir, progress)
     return ProbeReport(computed=computed, skipped=skipped, wall_s=time.perf_counter() - start,
                        corrupted_filled=filled)
+
+
+def _usable_stores(request: ProbeRequest, stores: list, *, explicit: bool) -> list:
+    """The stores the method can use (ProbeMethod.refuses): a named store it cannot use, or
+    finding none, is an error saying why."""
+    refuses = get_method(request.method).refuses
+    if refuses is None:
+        return stores
+    reasons = [(s, refuses(s)) for s in stores]
+    kept = [s for s, why in reasons if why is None]
+    if explicit or not kept:
+        why = next((why for _, why in reasons if why is not None), None)
+        if why is not None:
+            raise InvalidArgumentError(why)
+    return kept
+
+
+def _subsets(store: FeatureStore, request: ProbeRequest, fractions, shots, seeds, sampler,
+             episodes: int | None, ways: int | None, episode_file) -> list:
+    """The training subsets a probe call plans on `store` (see `probe`)."""
+    episodic = episodes is not None or ways is not None or episode_file is not None
+    if not get_method(request.method).trains:
+        if episodic or fractions or shots:
+            raise InvalidArgumentError(f"--method {request.method} trains on nothing: drop "
+                                       "--fractions, --shots and the episode options.")
+        return [NoSubset()]
+    if episode_file is not None:
+        if episodes is not None or ways is not None or fractions or shots or sampler:
+            raise InvalidArgumentError("--episode-file names every episode (seed, shots, "
+                                       "ways): drop --episodes, --ways, --shots, --fractions "
+                                       "and --sampler.")
+        from medfm.episodes import load_episodes
+
+        return load_episodes(episode_file, dataset=store.request["dataset"],
+                             data_digest=store.request["data_digest"],
+                             labels=store.labels("train"),
+                             task=get_dataset(store.request["dataset"]).task)
+    if episodic:
+        if episodes is None:
+            raise InvalidArgumentError("--ways applies to few-shot episodes: add --episodes N.")
+        if fractions or sampler:
+            raise InvalidArgumentError("few-shot episodes draw --shots per class by their own "
+                                       "rule: drop --fractions and --sampler.")
+        info = get_dataset(store.request["dataset"])
+        check_episodic(info.task)  # both before anything is read or fitted
+        if ways is not None and ways > info.n_classes:
+            raise InvalidArgumentError(f"--ways {ways} asks for more classes than {info.flag} "
+                                       f"has ({info.n_classes}); give at most {info.n_classes}.")
+        return expand_episodes(shots, seeds, episodes, ways)
+    return expand_subsets(fractions, shots, seeds, **({"sampler": sampler} if sampler else {}))
 
 
 def _preset_probe(name: str, method: str, options: dict, sampler: str | None):
@@ -312,7 +383,8 @@ def _fill_recorded(registry: Registry, recorded: list, request: ProbeRequest, wo
     for s, _, _ in recorded:
         if s.path not in pairs_of:
             pairs_of[s.path] = available_pairs(s)
-    recorded = [item for item in recorded if pairs_of[item[0].path]]
+    recorded = [item for item in recorded  # W-way episodes score their classes only: no
+                if pairs_of[item[0].path] and item[1].ways is None]  # corrupted full splits
     if not recorded:
         return 0
     have = registry.evaluated([key for _, _, key in recorded])

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from medfm.report.tables import METRIC_LABELS, PERCENT, Table, paradigm
+from medfm.report.zeroshot import spread_zero_shot
 
 # (upper bound inclusive, name): fractions are bucketed by the first bound they do not exceed
 FRACTION_BUCKETS = ((0.02, "scarce (≤2%)"), (0.2, "limited (2–20%)"), (1.0, "abundant (>20%)"))
@@ -145,6 +146,7 @@ def build_guideline(summary: pd.DataFrame, metric: str = "auc") -> list[Guidelin
     `summary` is tables.summarize's, with `ece_mean` and, where corrupted evaluations exist,
     `be_mean` (robustness.mean_be); a summary without them names no robust/calibrated winner.
     """
+    summary = spread_zero_shot(summary)  # zero-shot: a flat candidate at every subset size
     frame = summary.assign(bucket=[fraction_bucket(f) for f in summary["fraction"]])
     for optional in ("be_mean", "ece_mean"):
         if optional not in frame:

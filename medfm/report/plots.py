@@ -30,6 +30,7 @@ from medfm.report.tables import (  # noqa: E402
     is_probe,
     line_style,
 )
+from medfm.report.zeroshot import draw_flat_lines  # noqa: E402
 
 DPI = 110  # PNG resolution
 PANEL_SIZE = (4.6, 3.4)  # inches per subplot
@@ -82,6 +83,7 @@ def fraction_curves(summary: pd.DataFrame, out: Path) -> list[Path]:
                 _line(ax, runs["fraction"], runs[f"{metric}_mean"], runs[f"{metric}_std"],
                       label=variant, color=colors[variant],
                       style=line_style(runs["method"].iloc[0]))
+            draw_flat_lines(ax, summary, dataset, size, metric, colors, PERCENT)  # zero-shot
             ax.set_xscale("log")
             ax.set_xlabel("training fraction")
             ax.set_ylabel(f"test {METRIC_LABELS[metric]} (%)")

@@ -152,10 +152,10 @@ def shown_method(method: str, params: str) -> str:
 
 
 def regime_label(fraction: float | None, shots: int | None) -> str:
-    """"10%" for a fraction, "5-shot" for shots per class."""
+    """"10%" for a fraction, "5-shot" for shots per class, "zero-shot" for neither."""
     if fraction is not None and not _missing(fraction):
         return f"{fraction * PERCENT:g}%"
-    return f"{int(shots)}-shot"
+    return "zero-shot" if _missing(shots) else f"{int(shots)}-shot"
 
 
 def _missing(value) -> bool:
@@ -199,9 +199,12 @@ def annotate(frame: pd.DataFrame) -> pd.DataFrame:
     `regime_order` sorts shots before fractions and each by size. A frozen-backbone fine-tune
     shows as method "head-probe" (`shown_method`).
     """
+    from medfm.report.zeroshot import episodic_params
+
     frame = frame.copy()
     frame["method"] = [shown_method(m, p) for m, p in zip(frame["method"], frame["params"],
                                                           strict=True)]
+    frame["params"] = frame["params"].map(episodic_params)  # episodes pool like seeds
     fields = _distinguishing_fields(frame)
     frame["fraction"] = frame["fraction"].astype(object).where(frame["fraction"].notna(), None)
     frame["shots"] = frame["shots"].astype(object).where(frame["shots"].notna(), None)
@@ -226,7 +229,8 @@ def annotate(frame: pd.DataFrame) -> pd.DataFrame:
     subsets = list(frame[["fraction", "shots"]].itertuples(index=False, name=None))
     frame["regime"] = [regime_label(f, s) for f, s in subsets]
     frame["regime_order"] = [
-        (1, float(f)) if not _missing(f) else (0, float(s)) for f, s in subsets
+        (1, float(f)) if not _missing(f) else (-1, 0.0) if _missing(s) else (0, float(s))
+        for f, s in subsets
     ]
     return frame
 

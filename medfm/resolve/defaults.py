@@ -34,11 +34,13 @@ LOGREG_MAX_ITER = 100  # L-BFGS iterations per C (scikit-learn's default)
 LOGREG_TOL = 1e-4  # largest absolute gradient component at convergence (scikit-learn's default)
 SOLVERS = ("auto", "sklearn", "torch", "batched", "cuml")  # how logreg fits: values of --solver
 SAMPLER_PARAM = "sampler"  # a run key's params name a sampler other than SAMPLER here
+EPISODE_KEY_FIELDS = ("episode", "ways", "episode_rows")  # what a few-shot episode keys
 
 # (scope, setting) -> the value that means "as before": keyed only where it differs.
 # scope "run": a key's params (any method); "knn": kNN's settings; "recipe": a fine-tune recipe.
 LATER_KEY_FIELDS: dict[tuple[str, str], object] = {
     ("run", SAMPLER_PARAM): SAMPLER,
+    **{("run", name): None for name in EPISODE_KEY_FIELDS},  # no episode: keys as before
     ("knn", "vote"): "fraction",
     **{("recipe", name): value for name, value in {
         "schedule_scope": "all", "lr_backbone_vit": None, "drop_last": False,

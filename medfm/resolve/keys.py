@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from medfm.errors import InvalidArgumentError
-from medfm.resolve.defaults import SAMPLER_PARAM, keyed_later
-from medfm.sampling import SubsetSpec
+from medfm.resolve.defaults import EPISODE_KEY_FIELDS, SAMPLER_PARAM, keyed_later
+from medfm.sampling import SubsetSpec, episode_params
 
 if TYPE_CHECKING:
     from medfm.backbones.names import BackboneRef
@@ -182,6 +182,9 @@ def run_key(
     if selection not in SELECTIONS:
         raise InvalidArgumentError(f"selection {selection!r} is not one of {SELECTIONS}.")
     params = keyed_later(params, SAMPLER_PARAM, spec.sampler)  # keyed only where not default
+    episode = episode_params(spec)  # few-shot episodes only (medfm.episodes)
+    for name in EPISODE_KEY_FIELDS:
+        params = keyed_later(params, name, episode.get(name))
     if select_metric not in SELECT_METRICS:
         raise InvalidArgumentError(
             f"selection metric {select_metric!r} is not one of {SELECT_METRICS}.")

@@ -1,6 +1,6 @@
 """The results registry: one SQLite file, `<workdir>/registry.sqlite`, holding every finished run.
 
-    from medfm.store.registry import Registry, ResultKey, ResultRow
+    from medfm.store.registry import Registry, ResultRow
     reg = Registry.in_workdir()                  # $MEDFM_WORKDIR or ./medfm-work
     if not reg.has(key):
         reg.add(ResultRow(key=key, ...), scores=y_score, y_true=y_true)

@@ -47,6 +47,8 @@ class ProbeMethod:
     spec: MethodSpec
     fit: Callable[..., Fitted]  # (features, labels, task, train_rows, *, params, selection,
     #                              seed, solver, device) -> Fitted
+    refuses: Callable[[Any], str | None] | None = None  # (store) -> why the method cannot use
+    #        it (None: it can); a probe over matching stores skips those, a named store is an error
     save_state: Callable[[Any], dict] | None = None  # fitted model -> arrays to keep
     load_state: Callable[[dict], Any] | None = None  # those arrays -> a model that predicts
     # (None: the method keeps nothing; scoring a new split refits it, as cheap as loading)
@@ -59,10 +61,10 @@ _METHODS: dict[str, ProbeMethod] = {}
 _LOADED = False
 
 
-def register(name: str, *, fit: Callable[..., Fitted], save_state=None,
-             load_state=None) -> ProbeMethod:
+def register(name: str, *, fit: Callable[..., Fitted], save_state=None, load_state=None,
+             refuses=None) -> ProbeMethod:
     """Add the fitting of declared method `name` (called by each module here at import)."""
-    method = ProbeMethod(get_method_spec(name), fit, save_state, load_state)
+    method = ProbeMethod(get_method_spec(name), fit, save_state, load_state, refuses)
     _METHODS[name] = method
     return method
 

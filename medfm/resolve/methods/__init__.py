@@ -54,6 +54,8 @@ class MethodSpec:
     options: tuple[MethodOption, ...] = ()  # extra keywords / flags
     uses_solver: bool = False  # whether `--solver` chooses how it fits
     reads_store: bool = True  # fitted on a feature store (every probe so far)
+    trains: bool = True  # fitted on a training subset; False (zero-shot): one run per store with
+    #                      no training subset (sampling.NoSubset), its fit given `store=`
     seed_changes_fit: Callable[[str], bool] = field(default=lambda selection: False)
     # (selection) -> whether the seed changes the fit beyond the subset (holdout draws)
 
