@@ -40,6 +40,8 @@ FILTERS = (  # (field, legend) of the filter boxes, in order
     ("regime", "Training data"), ("backbone", "Backbone"),
 )
 ROW_FIELDS = ("dataset", "size", "regime")  # table label columns the filters act on
+INLINE_PNG_BYTES = 3_000_000  # PNG figures inlined into the page, at most (base64 adds a third)
+INTERACTIVE_PLOTS = ("fraction_", "size_")  # PNGs whose curves the page's Plotly plots draw
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}  # no link out of the page
 
 
@@ -173,6 +175,29 @@ def _with_labels(text_html: str, labels: dict[str, VariantLabel]) -> str:
     return text_html
 
 
+def _figures_html(plots: list[Path]) -> str:
+    """The PNG figures, inlined up to INLINE_PNG_BYTES: those the page draws no interactive plot
+    for first (names not starting with INTERACTIVE_PLOTS), then the others; any left over are
+    named, to be opened from plots/."""
+    ordered = sorted(plots, key=lambda p: p.name.startswith(INTERACTIVE_PLOTS))
+    inlined, budget = [], INLINE_PNG_BYTES
+    for path in ordered:
+        budget -= path.stat().st_size
+        if budget < 0:
+            break
+        inlined.append(path)
+    left = [p.name for p in ordered[len(inlined):]]
+    figures = "".join(
+        f'<figure><img alt="{html.escape(p.stem)}" src="{png_data_uri(p)}">'
+        f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in inlined)
+    note = ("" if not left else f'<p class="note">{len(left)} more in plots/ (left out to keep '
+            f"this file small; the plots above draw the same curves): "
+            f"{html.escape(', '.join(left))}</p>")
+    return (f'<section id="figures"><h2>Figures (PNG, as in plots/)</h2><details><summary>'
+            f"{len(inlined)} of {len(plots)} figure(s)</summary>{figures}</details>{note}"
+            "</section>")
+
+
 def write_html(path: Path, *, title: str, notes: list[str], guideline: tuple[list[str], Table],
                tables: list[Table], plots: list[Path], summary: pd.DataFrame,
                labels: dict[str, VariantLabel],
@@ -219,14 +244,7 @@ def write_html(path: Path, *, title: str, notes: list[str], guideline: tuple[lis
         parts += [f"<p>{html.escape(note)}</p>" for note in section_notes]
         parts += [table_html(table, labels, regimes) for table in section_tables]
         parts.append("</section>")
-    parts.append('<section id="figures"><h2>Figures (PNG, as in plots/)</h2><details>'
-                 f"<summary>{len(plots)} figure(s)</summary>")
-    parts += [
-        f'<figure><img alt="{html.escape(p.stem)}" src="{png_data_uri(p)}">'
-        f"<figcaption>{html.escape(p.name)}</figcaption></figure>"
-        for p in plots
-    ]
-    parts.append("</details></section>")
+    parts.append(_figures_html(plots))
     data = json.dumps({**page_data(summary, labels), "plotly_config": PLOTLY_CONFIG},
                       separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     page = (
