@@ -7,14 +7,15 @@ PNG figures (base64) are all inside the file, so it opens offline and can be e-m
 What it holds, top to bottom: the notes; filters (dataset, image size, paradigm, training
 fraction or shots, backbone) that every table and plot below follows; the model-selection
 guideline (computed over every run of the report, so the filters do not change it); the
-leaderboard section when one is passed; the results table (one row per condition and variant,
-seed means, sortable, paged so tens of thousands of rows stay responsive); the mean over the
-selected datasets, computed in the page (a variant counts only where it covers every selected
-dataset of that size and regime, as in tables.mean_over_datasets); two Plotly plots (metric vs
-training fraction for one dataset and size, metric vs image size for one dataset); the
-report's tables as in tables/*.md (sortable, filtered, a table larger than STATIC_CELLS cells
-left to its files); and the PNG figures. Variants show a short label (medfm.report.labels);
-hovering one shows its full settings.
+leaderboard section when one is passed; two Plotly plots (metric vs training fraction for one
+dataset and size, metric vs image size for one dataset); the results table (one row per
+condition and variant, seed means, sortable, paged so tens of thousands of rows stay
+responsive); the mean over the selected datasets, computed in the page (a variant counts only
+where it covers every selected dataset of that size and regime, as in
+tables.mean_over_datasets); the report's tables as in tables/*.md (sortable, filtered; a table
+larger than STATIC_CELLS cells is left to its files); and the PNG figures (up to
+INLINE_PNG_BYTES). Variants show a short label (medfm.report.labels); hovering one shows its
+full settings.
 """
 
 from __future__ import annotations
@@ -221,6 +222,13 @@ def write_html(path: Path, *, title: str, notes: list[str], guideline: tuple[lis
     if leaderboard is not None:
         parts.append(f'<section id="leaderboard"><h2>Leaderboard</h2>{leaderboard}</section>')
     parts.append(
+        '<section id="plots"><h2>Plots</h2><div class="controls"><label>metric <select '
+        'id="plot-metric"><option value="auc">AUC</option><option value="acc">ACC</option>'
+        '</select></label> <label>dataset @ size <select id="plot-cell"></select></label> '
+        '<label>dataset (by size) <select id="plot-dataset"></select></label></div>'
+        '<div class="plots"><div class="plot" id="plot-fraction"></div><div class="plot" '
+        'id="plot-size"></div></div></section>')
+    parts.append(
         '<section id="results"><h2>Results</h2><p class="note">One row per condition (dataset, '
         "size, training data) and variant: mean ± std over seeds, in %. Click a column to sort; "
         'hover a variant for its full settings.</p><div class="scroll"><table class="data" '
@@ -229,13 +237,7 @@ def write_html(path: Path, *, title: str, notes: list[str], guideline: tuple[lis
         "and training data, the mean of the seed means over the selected datasets; a variant "
         "is shown only where it covers every one of them.</p><div class=\"scroll\"><table "
         'class="data" id="means-table"></table></div><div class="pager" id="means-pager">'
-        "</div></section>"
-        '<section id="plots"><h2>Plots</h2><div class="controls"><label>metric <select '
-        'id="plot-metric"><option value="auc">AUC</option><option value="acc">ACC</option>'
-        '</select></label> <label>dataset @ size <select id="plot-cell"></select></label> '
-        '<label>dataset (by size) <select id="plot-dataset"></select></label></div>'
-        '<div class="plot" id="plot-fraction"></div><div class="plot" id="plot-size"></div>'
-        "</section>")
+        "</div></section>")
     parts.append('<section id="tables"><h2>Tables</h2>')
     parts += [table_html(table, labels, regimes) for table in tables]
     parts.append("</section>")

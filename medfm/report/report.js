@@ -234,12 +234,15 @@
     const cells = Array.from(new Set(scored.map((r) => `${r[COL.dataset]} @ ${r[COL.size]} px`)));
     setOptions(cellSelect, cells.sort());
     const inCell = scored.filter((r) => `${r[COL.dataset]} @ ${r[COL.size]} px` === cellSelect.value);
+    const fractions = Array.from(new Set(inCell.map((r) => +(r[COL.fraction] * PCT).toPrecision(6))))
+      .sort((a, b) => a - b);
     draw(document.getElementById("plot-fraction"),
          byVariant(inCell).map(([index, runs]) => trace(
            index, runs.sort((a, b) => a[COL.fraction] - b[COL.fraction]),
            (r) => r[COL.fraction] * PCT, metric)),
          { title: { text: `${cellSelect.value}: test ${LABELS[metric]} vs training data` },
-           xaxis: { type: "log", title: { text: "training fraction (%)" } },
+           xaxis: { type: "log", title: { text: "training fraction (%)" }, tickvals: fractions,
+                    ticktext: fractions.map((f) => `${f}%`) },
            yaxis: { title: { text: `test ${LABELS[metric]} (%)` } } });
     const sizes = new Map();
     for (const r of scored) {
