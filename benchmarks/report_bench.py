@@ -7,10 +7,11 @@ how fast the page answers in headless Chromium.
 The registry is filled with synthetic rows through the real Registry (the seed paper's 14-odd
 backbones x {logreg, finetune} on the 12 MedMNIST flags at 4 sizes, 5 fractions, 3 seeds: 720
 rows per variant, whole variants until --rows is reached; metrics drawn at random, no scores).
-It then times `report()` (tables, PNG plots, guideline, report.html) and prints report.html's
-size. Where Playwright and a Chromium are installed (medfm.report.browser), it opens the page
-and times the first render (data parsed, every table and plot drawn) and one filter change
-(a dataset unticked: every table and plot redrawn).
+It then times `report()` (tables, PNG plots, guideline, report.html), with the seconds spent
+in the matplotlib PNGs and in writing report.html, and prints report.html's size. Where
+Playwright and a Chromium are installed (medfm.report.browser), it opens the page and times the
+first render (data parsed, every table and plot drawn) and one filter change (a dataset
+unticked: every table and plot redrawn).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medfm.data import DATASETS
-from medfm.report import report
+from medfm.report import build, report
 from medfm.store.registry import Registry, ResultKey, ResultRow, canonical_json
 
 BACKBONES = (
@@ -92,6 +93,20 @@ def browser_timings(page_path: Path) -> tuple[float, float] | None:
         return None
 
 
+def timed(owner, name: str, spent: dict[str, float]) -> None:
+    """Wrap `owner.name` so that the seconds spent in it add up in spent[name]."""
+    function = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_160)
@@ -103,11 +118,17 @@ def main() -> None:
         start = time.perf_counter()
         fill(registry, args.rows)
         print(f"filled {len(registry)} rows in {time.perf_counter() - start:.1f} s")
+    spent: dict[str, float] = {}
+    for name in ("fraction_curves", "size_curves", "probe_vs_finetune"):
+        timed(build.plotting, name, spent)
+    timed(build, "write_html", spent)
     start = time.perf_counter()
     files = report(workdir=workdir)
     elapsed = time.perf_counter() - start
     size = files.html.stat().st_size / 1e6
-    print(f"report of {files.n_runs} rows: {elapsed:.1f} s, report.html {size:.1f} MB, "
+    png = sum(v for k, v in spent.items() if k != "write_html")
+    print(f"report of {files.n_runs} rows: {elapsed:.1f} s ({png:.1f} s matplotlib PNGs, "
+          f"{spent['write_html']:.1f} s report.html), report.html {size:.1f} MB, "
           f"{len(files.plots)} PNG plots")
     timings = browser_timings(files.html)
     if timings:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from medfm.errors import MedfmError
 from medfm.report.labels import VariantLabel, short_backbones
 from medfm.report.tables import PERCENT, Table
 
@@ -57,7 +58,12 @@ def _asset(name: str) -> str:
 
 def _plotly_js() -> str:
     """plotly.js as bundled by the `plotly` package (no CDN)."""
-    from plotly.offline import get_plotlyjs
+    try:
+        from plotly.offline import get_plotlyjs
+    except ImportError:
+        raise MedfmError("report.html embeds Plotly's JavaScript from the plotly package, "
+                         "which is missing: pip install 'plotly>=5' (a dependency of medfm; "
+                         "reinstalling medfm brings it)") from None
 
     return get_plotlyjs()
 
