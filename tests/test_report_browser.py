@@ -21,6 +21,7 @@ from medfm.errors import MedfmError
 from medfm.extract import extract
 from medfm.probe import probe
 from medfm.report import report
+from medfm.report.browser import settle
 from medfm.store.registry import Registry
 
 from .test_report import BASES, DATASETS, FRACTIONS, SEEDS, add_run
@@ -79,7 +80,7 @@ def _column(page, table: str, title: str) -> list[str]:
 
 def _untick(page, field: str, value: str) -> None:
     page.locator(f'fieldset[data-field="{field}"] input[value="{value}"]').uncheck()
-    page.wait_for_timeout(100)  # the redraw runs on the next animation frame
+    settle(page)  # the redraw runs on the next animation frame
 
 
 def _mean(cell: str) -> float:
@@ -125,7 +126,7 @@ def test_filters_hide_rows_columns_and_recompute_the_mean(opened, page_files):
     assert visible == summary[summary["paradigm"] == "kNN"]["variant"].nunique() == 1
     # show everything again, then one size: the mean over datasets is the report's own CSV
     page.locator("#reset").click()
-    page.wait_for_timeout(100)
+    settle(page)
     _untick(page, "size", "64")
     means = pd.read_csv(page_files.out / "tables" / "mean_over_datasets.csv")
     means = means[means["size"] == 28]
@@ -162,7 +163,7 @@ def test_headers_sort_and_variants_show_their_settings(opened, page_files):
 def test_filters_that_leave_nothing_say_so(opened):
     page, _ = opened
     page.locator('fieldset[data-field="dataset"] button.none').click()
-    page.wait_for_timeout(100)
+    settle(page)
     assert page.locator("#results-pager").inner_text() == "Nothing matches the filters."
     assert page.locator("#plot-fraction .empty").inner_text() == (
         "Nothing to plot for the selected filters.")

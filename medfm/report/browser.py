@@ -25,7 +25,10 @@ from medfm.errors import MedfmError
 CHROMIUM_ENV = "MEDFM_CHROMIUM"  # a Chromium/Chrome binary to use instead of the one on PATH
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 WINDOW = (1280, 900)  # the window the page must fit (width, height in CSS px)
-SETTLE_MS = 300  # after the load event: the page's first animation frame and plot drawing
+# resolves after two animation frames: whatever the page queued for the next frame (report.js
+# redraws on one) has run
+NEXT_FRAMES = ("() => new Promise((done) => requestAnimationFrame("
+               "() => requestAnimationFrame(done)))")
 # as root (CI containers), Chromium refuses to start without --no-sandbox
 LAUNCH_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage")
 
@@ -82,10 +85,15 @@ def open_page(path: str | os.PathLike, *, window: tuple[int, int] = WINDOW
             page.on("pageerror", lambda exc: log.errors.append(f"uncaught: {exc}"))
             page.on("request", lambda request: log.requests.append(request.url))
             page.goto(Path(path).resolve().as_uri(), wait_until="load")
-            page.wait_for_timeout(SETTLE_MS)
+            settle(page)
             yield page, log
         finally:
             browser.close()
+
+
+def settle(page) -> None:
+    """Wait until the page has drawn what its last input queued (two animation frames)."""
+    page.evaluate(NEXT_FRAMES)
 
 
 def _console(log: PageLog, kind: str, text: str) -> None:
