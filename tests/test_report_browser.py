@@ -167,3 +167,29 @@ def test_filters_that_leave_nothing_say_so(opened):
     assert page.locator("#results-pager").inner_text() == "Nothing matches the filters."
     assert page.locator("#plot-fraction .empty").inner_text() == (
         "Nothing to plot for the selected filters.")
+
+
+def test_filters_live_in_the_address_and_metrics_show_their_ci(opened, page_files):
+    page, _ = opened
+    _untick(page, "dataset", "pneumoniamnist")
+    _untick(page, "size", "64")
+    assert page.url.endswith("#dataset=breastmnist&size=28")
+    fresh = page.context.browser.new_page()  # the address alone restores the view
+    errors = []
+    fresh.on("pageerror", lambda exc: errors.append(str(exc)))
+    fresh.goto(page.url)
+    settle(fresh)
+    assert set(_column(fresh, "results-table", "dataset")) == {"breastmnist"}
+    assert set(_column(fresh, "results-table", "size")) == {"28"}
+    assert not fresh.locator('fieldset[data-field="size"] input[value="64"]').is_checked()
+    assert not errors
+    fresh.close()
+    # an ACC cell's hover holds the seed mean of its bootstrap interval, as summary.csv
+    summary = pd.read_csv(page_files.out / "tables" / "summary.csv")
+    row = summary[(summary["dataset"] == "breastmnist") & (summary["size"] == 28)].iloc[0]
+    page.locator("#results-table th", has_text="dataset").click()  # any order: find the row
+    cells = page.locator("#results-table tbody tr").filter(
+        has_text=row["regime"]).filter(has=page.locator(".variant", has_text=row["variant"]))
+    title = cells.first.locator("td").nth(6).get_attribute("title")
+    assert title == (f"95% CI, seed mean of bootstrap bounds: {row['acc_ci_low'] * 100:.1f}–"
+                     f"{row['acc_ci_high'] * 100:.1f}")

@@ -5,17 +5,17 @@ the page's own script and style (report.js, report.css beside this module), the 
 PNG figures (base64) are all inside the file, so it opens offline and can be e-mailed.
 
 What it holds, top to bottom: the notes; filters (dataset, image size, paradigm, training
-fraction or shots, backbone) that every table and plot below follows; the model-selection
-guideline (computed over every run of the report, so the filters do not change it); the
-leaderboard section when one is passed; two Plotly plots (metric vs training fraction for one
-dataset and size, metric vs image size for one dataset); the results table (one row per
-condition and variant, seed means, sortable, paged so tens of thousands of rows stay
-responsive); the mean over the selected datasets, computed in the page (a variant counts only
-where it covers every selected dataset of that size and regime, as in
-tables.mean_over_datasets); the report's tables as in tables/*.md (sortable, filtered; a table
-larger than STATIC_CELLS cells is left to its files); and the PNG figures (up to
-INLINE_PNG_BYTES). Variants show a short label (medfm.report.labels); hovering one shows its
-full settings.
+fraction or shots, backbone; kept in the address's #fragment) that every table and plot
+below follows; the model-selection guideline (computed over every run of the report, so the
+filters do not change it); the leaderboard section when one is passed; two Plotly plots
+(metric vs training fraction for one dataset and size, metric vs image size for one dataset);
+the results table (one row per condition and variant, seed means with their bootstrap CI on
+hover, sortable, paged so tens of thousands of rows stay responsive); the mean over the
+selected datasets, computed in the page (a variant counts only where it covers every selected
+dataset of that size and regime, as in tables.mean_over_datasets); the report's tables as in
+tables/*.md (sortable, filtered; a table larger than STATIC_CELLS cells is left to its files);
+and the PNG figures (up to INLINE_PNG_BYTES). Variants show a short label
+(medfm.report.labels); hovering one shows its full settings.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@
   }
 
   // -- a sortable, paged table over an array of records --------------------------------------
-  // columns: [{title, value(record) -> number|string|null, html(record), text: bool}]
+  // columns: [{title, value(record) -> number|string|null, html(record), text: bool,
+  //            hover(record) -> ' title="..."' or ""}]
   function DataTable(table, pager, columns, sortBy) {
     this.table = table; this.pager = pager; this.columns = columns;
     this.sort = sortBy; this.desc = false; this.page = 0; this.records = [];
@@ -82,7 +83,8 @@
       return `<th data-col="${i}"${sort}${c.text ? ' class="text"' : ""}>${esc(c.title)}</th>`;
     }).join("");
     const body = shown.map((r) => "<tr>" + this.columns.map(
-      (c) => `<td${c.text ? ' class="text"' : ""}>${c.html(r)}</td>`).join("") + "</tr>").join("");
+      (c) => `<td${c.text ? ' class="text"' : ""}${c.hover ? c.hover(r) : ""}>${c.html(r)}</td>`)
+      .join("") + "</tr>").join("");
     this.table.innerHTML = `<thead><tr>${head}</tr></thead><tbody>${body}</tbody>`;
     if (!sorted.length) {
       this.pager.textContent = "Nothing matches the filters.";
@@ -95,9 +97,15 @@
       : "");
   };
 
-  function metricColumn(metric, get) {
+  function metricColumn(metric, get, interval) {
     return { title: `${LABELS[metric]} (%)`, value: (r) => get(r, metric)[0],
-             html: (r) => pct(...get(r, metric)) };
+             html: (r) => pct(...get(r, metric)), hover: interval && ((r) => interval(r, metric)) };
+  }
+  function ciTitle(r, metric) {  // the seed mean of the bootstrap 95% CI bounds, where stored
+    const low = r[COL[`${metric}_ci_low`]], high = r[COL[`${metric}_ci_high`]];
+    if (low === undefined || low === null || high === null) return "";
+    return ` title="95% CI, seed mean of bootstrap bounds: ${(low * PCT).toFixed(1)}–`
+      + `${(high * PCT).toFixed(1)}"`;
   }
   const fromRow = (r, m) => [r[COL[`${m}_mean`]], r[COL[`${m}_std`]]];
   const results = new DataTable(
@@ -110,7 +118,7 @@
       { title: "paradigm", text: true, value: (r) => field(r, "paradigm"),
         html: (r) => esc(field(r, "paradigm")) },
       { title: "seeds", value: (r) => r[COL.n_seeds], html: (r) => r[COL.n_seeds] },
-      ...DATA.metrics.map((m) => metricColumn(m, fromRow)),
+      ...DATA.metrics.map((m) => metricColumn(m, fromRow, ciTitle)),
     ], 0);
 
   // the mean over the selected datasets (tables.mean_over_datasets on the filtered rows)
@@ -269,6 +277,28 @@
            yaxis: { title: { text: `test ${LABELS[metric]} (%)` } } });
   }
 
+  // -- the filters in the address (#dataset=breastmnist&size=28): a view to bookmark or send ---
+  function saveFilters() {
+    const params = new URLSearchParams();
+    for (const box of document.querySelectorAll("fieldset.filter")) {
+      const inputs = Array.from(box.querySelectorAll("input"));
+      const on = inputs.filter((input) => input.checked).map((input) => input.value);
+      if (on.length === inputs.length) continue;  // everything: not named
+      if (!on.length) params.append(box.dataset.field, "");  // nothing
+      on.forEach((value) => params.append(box.dataset.field, value));
+    }
+    const hash = params.toString();
+    if (hash !== location.hash.slice(1)) history.replaceState(null, "", hash ? `#${hash}` : " ");
+  }
+  function loadFilters() {
+    const params = new URLSearchParams(location.hash.slice(1));
+    for (const box of document.querySelectorAll("fieldset.filter")) {
+      if (!params.has(box.dataset.field)) continue;
+      const wanted = new Set(params.getAll(box.dataset.field));
+      box.querySelectorAll("input").forEach((input) => { input.checked = wanted.has(input.value); });
+    }
+  }
+
   // -- wiring ----------------------------------------------------------------------------------
   let pending = false;
   function update() {
@@ -277,6 +307,7 @@
     requestAnimationFrame(() => {
       pending = false;
       readFilters();
+      saveFilters();
       const rows = DATA.rows.filter(passes);
       document.getElementById("count").textContent =
         `${rows.length} of ${DATA.rows.length} rows (condition × variant) shown`;
@@ -300,5 +331,7 @@
   for (const select of [metricSelect, cellSelect, datasetSelect]) {
     select.addEventListener("change", () => plot(DATA.rows.filter(passes)));
   }
+  window.addEventListener("hashchange", () => { loadFilters(); update(); });
+  loadFilters();
   update();
 })();
