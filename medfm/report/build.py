@@ -14,7 +14,7 @@ Reads only the registry (filters as `Registry.to_dataframe`), including its per-
 `tables/mean_over_datasets.csv`, `tables/robustness.csv` (per corruption and severity) and
 `tables/robustness_relative.csv` (nBE, rBE per corruption), `plots/*.png` (incl.
 `reliability_<dataset>_<size>.png`), `guideline.md`, `report.md` (everything, images linked)
-and `report.html` (everything, images inlined).
+and `report.html` (everything, interactive and self-contained: medfm.report.html).
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ from medfm.metrics import ece, reliability_bins
 from medfm.report import plots as plotting
 from medfm.report import robustness
 from medfm.report.cost import cost_section
-from medfm.report.guideline import build_guideline, guideline_html, guideline_markdown
+from medfm.report.guideline import (
+    build_guideline,
+    guideline_markdown,
+    guideline_sentences_html,
+    guideline_table,
+)
 from medfm.report.html import write_html
+from medfm.report.labels import variant_labels
 from medfm.report.tables import (
     CALIBRATION_METRICS,
     FINETUNE,
@@ -89,11 +95,14 @@ def report(
     out: str | os.PathLike | None = None,
     workdir: str | os.PathLike | None = None,
     metric: str = GUIDELINE_METRIC,
+    leaderboard: str | None = None,
     **filters: Any,
 ) -> ReportFiles:
     """Write the report of every registry row matching `filters` into `out`.
 
     `out` defaults to <workdir>/report; `metric` ("acc" or "auc") ranks the guideline.
+    `leaderboard` is an HTML fragment that report.html shows as its Leaderboard section, after
+    the guideline (the hook for issue 29's `medfm leaderboard`); None leaves the section out.
     Raises RegistryError when no run matches (run `medfm probe`/`finetune`/`grid` first).
     """
     if metric not in METRICS:
@@ -179,8 +188,10 @@ def report(
         + "\n".join(f"![{p.stem}](plots/{p.name})" for p in figures) + "\n",
         encoding="utf-8",
     )
-    page = write_html(out_dir / "report.html", title=TITLE, guideline=guideline_html(entries),
-                      tables=tables, plots=figures, notes=notes, sections=sections)
+    page = write_html(out_dir / "report.html", title=TITLE, notes=notes, tables=tables,
+                      guideline=(guideline_sentences_html(entries), guideline_table(entries)),
+                      plots=figures, summary=summary, labels=variant_labels(annotated),
+                      sections=sections, leaderboard=leaderboard)
     return ReportFiles(
         out=out_dir, html=page, markdown=(combined, guideline, *markdown), latex=tuple(latex),
         csv=tuple(csv), plots=tuple(figures), guideline=guideline, n_runs=len(frame),

@@ -231,10 +231,6 @@ def guideline_markdown(entries: list[GuidelineEntry]) -> str:
     return "\n".join(lines) + "\n\n" + guideline_table(entries).to_markdown()
 
 
-def guideline_html(entries: list[GuidelineEntry]) -> str:
-    """The guideline sentences and table as an HTML fragment."""
-    items = "".join(
-        "<li>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(e.sentence())) + "</li>"
-        for e in entries
-    )
-    return f"<ul>{items}</ul>" + guideline_table(entries).to_html()
+def guideline_sentences_html(entries: list[GuidelineEntry]) -> list[str]:
+    """Each cell's sentence as an HTML fragment (escaped, **x** as <b>x</b>)."""
+    return [re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(e.sentence())) for e in entries]
