@@ -1,4 +1,4 @@
-"""What the checkpoint formats share (medfm.backbones.formats: timm_hub, open_clip, transformers):
+"""What the checkpoint formats share (medfm.backbones.formats: timm_hub, openclip, hf):
 backbones published as files rather than registered in timm, on the Hugging Face Hub (read from
 the hub cache) or in a local folder, resolved to one identity without importing torch.
 `CheckpointFormat` parses a prefixed name, finds the config and weight files, digests them and

@@ -15,7 +15,9 @@ identity, checkpoint files and their digest, data config; no torch), build the m
 with the BackboneFormat attributes and methods (a checkpoint on the Hub or in a folder: subclass
 medfm.backbones.hub.CheckpointFormat and write `read_data_config` and `build`), and its tests.
 Every module here is found and registered on import; a format defined elsewhere (a plug-in, a
-test) registers with `register_format(fmt)`. A format's prefixes must not overlap another's.
+test) registers with `register_format(fmt)`, in every process that resolves or builds its names
+(grid workers started afresh import this folder, not the caller's registrations). A format's
+prefixes must not overlap another's.
 Its ids and weights identities name stores and run keys: never change how an existing format
 spells them (tests/test_identities.py pins them).
 """
