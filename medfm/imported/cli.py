@@ -15,7 +15,8 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 
 def add_import(sub) -> None:
-    from medfm.data import SIZES
+    # the import tool (numpy, Pillow) loads when this parser is built, not with medfm.cli
+    from medfm.datasources.info import SIZES
     from medfm.imported import DEFAULT_SIZES, DEFAULT_SPLIT, TASKS
 
     p = sub.add_parser(

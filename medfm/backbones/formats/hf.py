@@ -93,6 +93,7 @@ class TransformersFormat(CheckpointFormat):
         # torch (seconds to import) loads only to build a model
         import torch
 
+        # the encoders module imports torch: loaded only to build a model
         from medfm.backbones.encoders import TransformersEncoder, feature_width
 
         if in_chans != 3 or timm_kwargs:

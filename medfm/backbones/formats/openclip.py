@@ -111,6 +111,7 @@ class OpenClipFormat(CheckpointFormat):
         import torch
         from torch import nn
 
+        # the encoders module imports torch: loaded only to build a model
         from medfm.backbones.encoders import OpenClipImageTower, feature_width
 
         if in_chans != 3 or timm_kwargs:

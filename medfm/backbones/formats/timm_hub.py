@@ -56,6 +56,7 @@ class TimmHubFormat(CheckpointFormat):
         # torch and timm (seconds to import) load only when a model is built
         from timm.data import resolve_model_data_config
 
+        # the checkpoints module imports torch and timm: loaded only to build a model
         from medfm.backbones.checkpoints import load_strict, read_checkpoint, seeded_create
 
         source = self.parse(ref.name)

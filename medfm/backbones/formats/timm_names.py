@@ -245,6 +245,7 @@ class TimmNames:
         # torch and timm (seconds to import) load only when a model is built
         from timm.data import resolve_model_data_config
 
+        # the checkpoints module imports torch and timm: loaded only to build a model
         from medfm.backbones.checkpoints import load_strict, read_checkpoint, seeded_create
 
         kwargs = dict(num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
