@@ -206,8 +206,8 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return aliases + sorted(ids)
 
 
-
 def _pretrained_available(timm_id: str) -> None:
+    """A WeightsError when neither timm nor an offline source has weights for `timm_id`."""
     if "." not in timm_id and timm_id not in OFFLINE_WEIGHTS:
         raise WeightsError(f"timm has no pretrained weights for {timm_id}; {WEIGHTS_HINT}.")
 
