@@ -5,11 +5,12 @@ MedMNIST flag (`medfm import NAME SOURCE`).
     import_dataset("myus", "scans/", sizes=(28, 224))                 # SOURCE/<class>/...
     import_dataset("mycxr", "dicoms/", labels_csv="labels.csv", split=(0.7, 0.1, 0.2))
 
-What it writes, under the data root: `NAME.npz` (28 px) and `NAME_{64,128,224}.npz` in the
-MedMNIST layout (`{split}_images` uint8 (N, S, S) or (N, S, S, 3), `{split}_labels` uint8 (N, 1)
-or (N, L)), and the dataset card `NAME.card.json`: task, class names, counts per split and class,
-how the splits were made, the resize and intensity rules, the source files' digest (sha256 over
-every file's sha256, in row order) and the images skipped. The card is written last, so a
+What it writes, under the data root (read back by the dataset source medfm.datasources.cards):
+`NAME.npz` (28 px) and `NAME_{64,128,224}.npz` in the MedMNIST layout (`{split}_images` uint8
+(N, S, S) or (N, S, S, 3), `{split}_labels` uint8 (N, 1) or (N, L)), and the dataset card
+`NAME.card.json`: task, class names, counts per split and class, how the splits were made, the
+resize and intensity rules, the source files' digest (sha256 over every file's sha256, in row
+order) and the images skipped. The card is written last, so a
 dataset without its card does not exist for medfm; the npz members are stored uncompressed
 (memory-mapped as they are) with fixed zip timestamps, so the same images always give the same
 bytes (and the same data digest in every run's identity).
@@ -40,10 +41,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medfm.cache import file_digest, write_atomic
-from medfm.data import DATASETS, SIZES, SPLITS, Task, check_size
+from medfm.datasources.cards import CARD_FORMAT, CARD_SUFFIX, read_card, register_card
+from medfm.datasources.info import SIZES, SPLITS, Task, check_size
+from medfm.datasources.medmnist import DATASETS
 from medfm.errors import InvalidArgumentError, InvalidDataFileError, MedfmError, MedfmWarning
-from medfm.imported.images import (CT_HU_RANGE, DICOM_DEFAULT, RULES, ImageReadError, decode,
-                                   is_dicom, open_image, resize_square, to_channels)
+from medfm.imported.images import (CT_HU_RANGE, DICOM_DEFAULT, RULES, ImageReadError, _dicom,
+                                   decode, is_dicom, open_image, resize_square, to_channels)
 from medfm.imported.source import (
     Source,
     SourceError,
@@ -60,8 +63,6 @@ from medfm.limits import WORKERS_MAX, check_at_most, check_seed
 from medfm.locks import exclusive_lock
 from medfm.paths import resolve_data_root
 
-CARD_SUFFIX = ".card.json"  # NAME.card.json beside NAME.npz
-CARD_FORMAT = 1
 DEFAULT_SIZES = (28, 224)
 DEFAULT_SPLIT = (0.7, 0.1, 0.2)
 WORK_PREFIX = ".import-"  # DATA_ROOT/.import-NAME: arrays of an import in progress
@@ -86,18 +87,6 @@ class ImportResult:
 
 def card_path(name: str, data_root: str | os.PathLike | None = None) -> Path:
     return resolve_data_root(data_root) / f"{name}{CARD_SUFFIX}"
-
-
-def read_card(path: Path) -> dict:
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidDataFileError(f"dataset card {path} cannot be read ({exc}); import the "
-                                   "dataset again with `medfm import ... --force`.") from None
-    if card.get("format") != CARD_FORMAT:
-        raise InvalidDataFileError(f"dataset card {path} has format {card.get('format')}, not "
-                                   f"{CARD_FORMAT}; import the dataset again with --force.")
-    return card
 
 
 def _check_name(name: str) -> str:
@@ -159,12 +148,8 @@ def _channels(source: Source, channels: int | None) -> int:
 
 def _header_kind(path: Path, head: bytes) -> str | None:
     """"gray", "color" or None (unknown until decoded) from the file header alone."""
-    from medfm.imported.images import is_dicom
-
     if is_dicom(path, head):
         try:
-            from medfm.imported.images import _dicom
-
             ds = _dicom().dcmread(path, stop_before_pixels=True, force=True)
             return "color" if int(ds.get("SamplesPerPixel", 1)) == 3 else "gray"
         except MedfmError:
@@ -403,8 +388,6 @@ def import_dataset(
         }
         write_atomic(card_file, json.dumps(card, indent=1))
         shutil.rmtree(work.folder, ignore_errors=True)
-        from medfm.data import register_card
-
         register_card(card_file)
         status = "resumed" if work.resumed else "imported"
         return ImportResult(name, card_file, status, counts, card["skipped"],

@@ -15,7 +15,8 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 
 def add_import(sub) -> None:
-    from medfm.data import SIZES
+    # the import tool (numpy, Pillow) loads when this parser is built, not with medfm.cli
+    from medfm.datasources.info import SIZES
     from medfm.imported import DEFAULT_SIZES, DEFAULT_SPLIT, TASKS
 
     p = sub.add_parser(
@@ -76,19 +77,20 @@ def add_datasets(sub) -> None:
 
 
 def list_datasets(data_root=None) -> list[dict]:
-    """One row per MedMNIST dataset and per imported dataset (card) in the data root."""
-    from medfm.data import CARD_SUFFIX, DATASETS, SIZES, get_dataset
+    """One row per dataset the dataset sources have for the data root (the MedMNIST datasets,
+    then each imported dataset's card)."""
+    # loaded when the verb runs, so building the parser keeps every other verb light
+    from medfm.data import get_dataset
+    from medfm.datasources import SIZES, listed
     from medfm.paths import resolve_data_root
 
     root = resolve_data_root(data_root)
-    cards = sorted(p.name[:-len(CARD_SUFFIX)] for p in root.glob(f"*{CARD_SUFFIX}")) if (
-        root.is_dir()) else []
     rows = []
-    for name in [*DATASETS, *cards]:
+    for name in listed(root):
         info = get_dataset(name, root)
         present = [str(s) for s in SIZES if (root / info.filename(s)).exists()]
         rows.append({
-            "dataset": info.flag, "source": "imported" if info.imported else "MedMNIST",
+            "dataset": info.flag, "source": info.source.title,
             "task": info.task.value, "classes": info.n_classes, "channels": info.n_channels,
             "train/val/test": "/".join(str(info.n_samples[s]) for s in ("train", "val", "test")),
             "sizes present": ",".join(present) or "-",

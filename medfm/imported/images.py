@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medfm.errors import MedfmError
 from medfm.limits import IMAGE_PIXELS_MAX
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -150,8 +151,6 @@ def _dicom():
     try:
         import pydicom
     except ImportError:
-        from medfm.errors import MedfmError
-
         raise MedfmError("DICOM files need pydicom: pip install 'medfm[dicom]'") from None
     return pydicom
 

