@@ -51,6 +51,7 @@ def _add_preprocess(p) -> None:
 
 def _add_preset(p, what: str) -> None:
     """--preset NAME: run as that published preset's grid does (medfm.resolve.presets)."""
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.resolve.presets import PRESETS
 
     p.add_argument("--preset", choices=sorted(PRESETS),
@@ -58,6 +59,7 @@ def _add_preset(p, what: str) -> None:
 
 
 def _add_sampler(p) -> None:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.sampling import SAMPLERS
 
     p.add_argument("--sampler", choices=SAMPLERS,
@@ -68,6 +70,7 @@ def _add_sampler(p) -> None:
 def _datasets(args, sizes: list[int]):
     """Resolved datasets of --dataset (default: every MedMNIST dataset, skipping missing files
     with one line each on stderr)."""
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.data import resolve_datasets
 
     refs, skipped = resolve_datasets(_csv(args.dataset, "--dataset"), sizes, args.data_root)
@@ -110,6 +113,7 @@ def _add_extract(sub) -> None:
 
 
 def _run_extract(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.extract import extract_request
     from medfm.preprocess import PreprocessRequest
     from medfm.resolve.store import resolve_store_request
@@ -117,6 +121,7 @@ def _run_extract(args) -> int:
     preprocess = PreprocessRequest(args.resize_policy, args.input_size, args.normalize)
     dtype = args.dtype or "float16"
     if args.preset is not None:
+        # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
         from medfm.backbones.names import resolve_backbone
         from medfm.resolve.presets import get_preset
 
@@ -137,6 +142,7 @@ def _run_extract(args) -> int:
                     for ref in _datasets(args, _sizes(args.size))
                     for backbone in _csv(args.backbone, "--backbone")]
     if args.corruptions:  # every corruption and severity checked before any store is built
+        # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
         from medfm.robust.corrupt import parse_severities, resolve_corruptions
         from medfm.limits import check_seed
 
@@ -160,6 +166,7 @@ def _run_extract(args) -> int:
 
 
 def _extract_corrupted(request, args) -> None:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.robust.corrupt import parse_severities
     from medfm.extract.extractor import extract_corrupted
 
@@ -192,6 +199,7 @@ def _add_stores(sub) -> None:
 
 
 def _run_stores(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.store.features import list_stores
 
     rows = list_stores(args.workdir, verify=not args.no_verify, recheck=args.verify)
@@ -203,6 +211,7 @@ def _run_stores(args) -> int:
 # --- probe ----------------------------------------------------------------------------------
 
 def _add_probe(sub) -> None:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.episodes_cli import add_probe_flags as add_episode_flags
     from medfm.probe.methods import probe_methods
 
@@ -236,6 +245,7 @@ def _add_probe(sub) -> None:
 
 
 def _run_probe(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.episodes_cli import print_summary, probe_kwargs
     from medfm.probe import get_method, probe
     from medfm.sampling import parse_fractions, parse_seeds, parse_shots
@@ -336,6 +346,7 @@ def _overrides(args) -> dict:
         if not sep or not field.strip():
             raise InvalidArgumentError(f"--set {item!r} must look like FIELD=VALUE.")
         overrides[field.strip().replace("-", "_")] = value.strip()
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.resolve.recipes import LORA_FIELDS
 
     for name in ("epochs", "batch_size", *LORA_FIELDS):
@@ -347,6 +358,7 @@ def _overrides(args) -> dict:
 
 
 def _run_finetune(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.finetune import finetune
     from medfm.resolve.recipes import LORA_FIELDS
     from medfm.sampling import parse_fractions, parse_seeds, parse_shots
@@ -393,6 +405,7 @@ def _add_filters(p) -> None:
 def _filters(args) -> dict:
     """Registry filters of `results` and `report`; a dataset, size or method that cannot exist
     is an error (not an empty table)."""
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.data import get_dataset
     from medfm.resolve.recipes import METHODS as FINETUNE_METHODS
     from medfm.probe.methods import probe_methods
@@ -425,12 +438,14 @@ def _add_results(sub) -> None:
 
 
 def _run_results(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.store.registry import Registry
 
     registry = Registry.existing(args.workdir)
     frame = registry.to_dataframe(corruptions=args.corruptions, **_filters(args))
     _print_results(frame, args.format)
     if args.format == "table" and not args.corruptions:
+        # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
         from medfm.episodes_cli import print_summary
 
         print_summary(frame)  # few-shot episodes: their mean and 95% interval, when any
@@ -465,6 +480,7 @@ def _print_results(frame, fmt: str) -> None:
 # --- leaderboard / export / merge ---------------------------------------------------------------
 
 def _add_leaderboard(sub) -> None:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.report.leaderboard import ALPHA, FORMATS, LEADERBOARD_METRICS, POSTHOCS
 
     p = sub.add_parser("leaderboard", help="backbones ranked across datasets: mean rank, "
@@ -484,6 +500,7 @@ def _add_leaderboard(sub) -> None:
 
 
 def _run_leaderboard(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.report.leaderboard import leaderboard
 
     board = leaderboard(workdir=args.workdir, out=args.out, metric=args.metric,
@@ -502,6 +519,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.store.bundle import export_bundle
 
     done = export_bundle(args.bundle, workdir=args.workdir, force=args.force, **_filters(args))
@@ -522,6 +540,7 @@ def _add_merge(sub) -> None:
 
 
 def _run_merge(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.store.bundle import merge_bundle
 
     report = merge_bundle(args.bundle, workdir=args.workdir, dry_run=args.dry_run)
@@ -541,6 +560,7 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.report import report
 
     files = report(out=args.out, workdir=args.workdir, metric=args.metric, **_filters(args))
@@ -551,6 +571,7 @@ def _run_report(args) -> int:
 def _add_grid(sub) -> None:
     import dataclasses
 
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.grid.executors import executors, option_flag
 
     found = executors()
@@ -585,6 +606,7 @@ def _add_grid(sub) -> None:
 def _run_grid(args) -> int:
     import dataclasses
 
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.grid import load_spec, preset_spec, run_grid
 
     if (args.spec is None) == (args.preset is None):
@@ -594,6 +616,7 @@ def _run_grid(args) -> int:
         spec = dataclasses.replace(spec, data_root=str(args.data_root))
     spec = spec.narrowed(datasets=_csv(args.dataset, "--dataset"),
                          backbones=_csv(args.backbone, "--backbone"), sizes=_sizes(args.size))
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.grid.executors import typed_options
 
     options = typed_options(args.executor, {
@@ -617,18 +640,21 @@ def _announce(plan) -> None:
 # --- entry point ------------------------------------------------------------------------------
 
 def _add_episodes(sub) -> None:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.episodes_cli import add_episodes
 
     add_episodes(sub)
 
 
 def _add_import(sub) -> None:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.imported.cli import add_import
 
     add_import(sub)
 
 
 def _add_datasets_verb(sub) -> None:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.imported.cli import add_datasets
 
     add_datasets(sub)
@@ -646,6 +672,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
         from medfm.runtime import software_versions
 
         found = software_versions()

@@ -40,6 +40,7 @@ import numpy as np
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
+from medfm.resolve.keys import canonical_json
 from medfm.sampling import SubsetSpec, expand_episodes, indices_digest, sample
 
 FILE_FORMAT = "medfm-episodes/1"  # the "format" field of an episode file
@@ -176,8 +177,6 @@ def is_episodic(params: str) -> bool:
 
 def without_episode(params: str) -> str:
     """A run's params without what names its episode: equal for every episode of one setting."""
-    from medfm.resolve.keys import canonical_json
-
     return canonical_json({k: v for k, v in json.loads(params).items()
                            if k not in EPISODE_PARAMS})
 

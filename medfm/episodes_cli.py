@@ -36,6 +36,7 @@ def probe_kwargs(args) -> dict:
 def print_summary(frame) -> bool:
     """The mean over episodes with its 95% interval, one line per setting; False when `frame`
     holds no episodic run."""
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.cli_table import print_table as _print_table
     from medfm.episodes import episode_summary
 
@@ -72,6 +73,7 @@ def add_episodes(sub) -> None:
 
 
 def _run_export(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.data import get_dataset, load_split, resolve_dataset
     from medfm.episodes import export_episodes
     from medfm.sampling import parse_seeds, parse_shots

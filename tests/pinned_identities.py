@@ -94,10 +94,7 @@ def backbone_identities(data_root: Path, folder: Path = FIXTURES) -> dict:
     from medfm.data import load_split
     from medfm.preprocess import DevicePreprocessor, PreprocessRequest
 
-    try:  # where the resolution layer (issue 27, item 1) puts it; medfm.request before that
-        from medfm.resolve.store import resolve_store_request
-    except ImportError:
-        from medfm.request import resolve_store_request
+    from medfm.resolve.store import resolve_store_request
 
     images, _ = load_split("breastmnist", 28, "test", data_root)
     out = {}

@@ -182,3 +182,21 @@ def test_without_scikit_posthocs_it_names_the_extra(ranked_workdir, capsys, tmp_
 def test_no_registry_is_one_line_and_creates_nothing(tmp_path, capsys):
     code, _, err = run_cli(capsys, "leaderboard", "--workdir", str(tmp_path / "none"))
     assert code == 2 and "no results registry" in err and not (tmp_path / "none").exists()
+
+
+def test_the_report_carries_the_leaderboard(ranked_workdir, tmp_path, capsys):
+    """`medfm report` has the leaderboard `medfm leaderboard` prints (same blocks, same mean
+    ranks), its notes, and each block's CD diagram among the report's figures."""
+    from medfm.report import report
+
+    files = report(workdir=ranked_workdir, out=tmp_path / "report", metric="auc")
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "## Leaderboard (mean rank by AUC, Friedman and Nemenyi tests)" in page
+    code, out, _ = run_cli(capsys, "leaderboard", "--workdir", str(ranked_workdir), "--format",
+                           "md", "--no-diagrams")
+    assert code == 0
+    for line in out.splitlines():
+        if line.startswith("| ") and "---" not in line and "place" not in line:
+            assert line in page  # every ranked row, as printed
+    diagrams = [p for p in files.plots if p.name.startswith("cd_") or "leaderboard" in p.name]
+    assert len(diagrams) == len(FRACTIONS) and all(p.exists() for p in diagrams)

@@ -52,6 +52,7 @@ def add_import(sub) -> None:
 
 
 def run_import(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.cli_table import sizes as _sizes
     from medfm.imported import import_dataset
 
@@ -99,6 +100,7 @@ def list_datasets(data_root=None) -> list[dict]:
 
 
 def run_datasets(args) -> int:
+    # a verb's modules load when it runs: `medfm --help` and `medfm results` stay fast
     from medfm.cli_table import print_table as _print_table
     from medfm.paths import resolve_data_root
 

@@ -32,11 +32,13 @@ import numpy as np
 
 from medfm.backbones.names import resolve_backbone
 from medfm.data import SPLITS, Task, get_dataset
+from medfm.episodes import load_episodes, way_view
 from medfm.errors import InvalidArgumentError, StoreError
 from medfm.metrics import evaluate
 from medfm.probe.methods import get_method
 from medfm.probe.solvers import resolve_solver
 from medfm.resolve.defaults import N_BOOTSTRAP, PROBE_METHOD, default_seeds
+from medfm.resolve.keys import ResultKey
 from medfm.resolve.presets import get_preset
 from medfm.resolve.probe import ProbeRequest, resolve_probe
 from medfm.robust.score import ScoredRun, load_state, record, save_state, score_pairs
@@ -53,7 +55,6 @@ from medfm.sampling import (
 from medfm.store.done import finished_keys
 from medfm.store.features import FeatureStore, find_stores
 from medfm.store.registry import Registry, ResultRow
-from medfm.resolve.keys import ResultKey
 
 PROBE_VERSIONS = ("scikit-learn", "scipy", "torch", "h5py")  # recorded with every probe row
 
@@ -151,7 +152,6 @@ def probe_job(store: FeatureStore, *, spec: SubsetSpec, probe: ProbeRequest,
     subset = sample(arrays.labels["train"], info.task, spec)
     task, n_classes, train_rows = info.task, info.n_classes, subset.indices
     if spec.ways is not None:  # a W-way episode: fitted and scored on its classes only
-        from medfm.episodes import way_view
 
         view = way_view(arrays, subset.indices, info.task)
         arrays, task, n_classes, train_rows = view.arrays, view.task, view.n_classes, \
@@ -314,7 +314,6 @@ def _subsets(store: FeatureStore, request: ProbeRequest, fractions, shots, seeds
             raise InvalidArgumentError("--episode-file names every episode (seed, shots, "
                                        "ways): drop --episodes, --ways, --shots, --fractions "
                                        "and --sampler.")
-        from medfm.episodes import load_episodes
 
         return load_episodes(episode_file, dataset=store.request["dataset"],
                              data_digest=store.request["data_digest"],

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medfm.errors import InvalidArgumentError, RegistryError
+from medfm.errors import InvalidArgumentError, MedfmError, RegistryError
 from medfm.metrics import ece, reliability_bins
 from medfm.report import plots as plotting
 from medfm.report import robustness
 from medfm.report.cost import cost_section
+from medfm.report.leaderboard import build_leaderboard, test_line
 from medfm.report.guideline import (
     build_guideline,
     guideline_markdown,
@@ -61,6 +62,11 @@ GUIDELINE_METRIC = "auc"  # threshold-free, and meaningful for ChestMNIST (its A
 TITLE = "medfm benchmark report"
 NO_CORRUPTIONS = ("No corrupted evaluations in the registry: robustness not measured (run "
                   "`medfm extract ... --corruptions medmnist-c`, then `medfm probe` again).")
+LEADERBOARD_NOTE = ("Each block ranks the variants on every dataset they have results on "
+                    "(1 = best) and averages the ranks; the Friedman test asks whether any "
+                    "variant differs, "
+                    "and variants joined by a bar in a critical-difference diagram are not "
+                    "separated by the post-hoc test (README, Leaderboard).")
 NO_CALIBRATION = ("No calibration stored for these runs (rows saved without per-sample scores); "
                   "calibration tables left out.")
 
@@ -153,6 +159,8 @@ def report(
         ("Robustness (MedMNIST-C)", robust_notes, robust_tables),
         cost_section(registry.path.parent),
     ]
+    ranked, diagrams = _leaderboard_section(frame, metric, plot_dir)
+    sections.insert(0, ranked)
     markdown, latex = [], []
     for table in [*tables, *(t for _, _, section in sections for t in section)]:
         markdown.append(table_dir / f"{table.name}.md")
@@ -167,6 +175,7 @@ def report(
         *plotting.size_curves(summary, plot_dir),
         *plotting.probe_vs_finetune(summary, plot_dir),
         *_reliability_diagrams(registry, annotated, summary, metric, plot_dir),
+        *diagrams,
     ]
     entries = build_guideline(summary, metric)
     guideline = out_dir / "guideline.md"
@@ -196,6 +205,26 @@ def report(
         out=out_dir, html=page, markdown=(combined, guideline, *markdown), latex=tuple(latex),
         csv=tuple(csv), plots=tuple(figures), guideline=guideline, n_runs=len(frame),
     )
+
+
+def _leaderboard_section(frame: pd.DataFrame, metric: str,
+                         plot_dir: Path) -> tuple[tuple[str, list[str], list], list[Path]]:
+    """The report's leaderboard ((heading, notes, tables), CD diagram PNGs): the tables and
+    tests `medfm leaderboard` prints, ranked by the guideline's metric; without the
+    leaderboard extra, a note saying how to get it."""
+    heading = f"Leaderboard (mean rank by {metric.upper()}, Friedman and Nemenyi tests)"
+    try:
+        board = build_leaderboard(frame, out=plot_dir, metric=metric)
+    except MedfmError as exc:  # scikit-posthocs missing: the rest of the report stands
+        return (heading, [str(exc)], []), []
+    notes, tables, diagrams = [LEADERBOARD_NOTE], [], []
+    for block, table in board.tables():
+        tables.append(table)
+        notes += [f"{block.title}: {line}" for line in (
+            [*([test_line(block.test)] if block.test else []), *block.notes])]
+        if block.test is not None and block.test.diagram_png:
+            diagrams.append(Path(block.test.diagram_png))
+    return (heading, notes, tables), diagrams
 
 
 def _md_code(text: str) -> str:

@@ -1,6 +1,6 @@
 """A model-selection guideline generated from seed summaries.
 
-Method. Conditions are grouped into cells of (image size, data regime); a regime is a bucket of
+Method. Conditions are grouped into cells of (image size, label budget); a budget is a bucket of
 training fractions (`FRACTION_BUCKETS`) or "few-shot" for shots-per-class runs. Within a cell,
 the candidates (backbone + paradigm variants) are compared on the conditions (dataset, fraction
 or shots) that all of them were run on; while no condition is shared, the candidate with the
@@ -41,10 +41,11 @@ VERDICTS = {  # (exceeds seed spread, CIs separate) -> words
 
 @dataclass(frozen=True)
 class GuidelineEntry:
-    """The recommendation for one (size, regime) cell."""
+    """The recommendation for one (size, label budget) cell."""
 
     size: int  # source image size
-    regime: str  # one of the FRACTION_BUCKETS names or FEW_SHOT
+    budget: str  # the label budget: one of the FRACTION_BUCKETS names or FEW_SHOT (a table's
+    #              `regime` is one training subset, "10%"; a budget groups several)
     metric: str  # "acc" or "auc"
     winner: str  # variant label (backbone · method ...)
     paradigm: str  # linear probe | kNN | fine-tune
@@ -86,7 +87,7 @@ class GuidelineEntry:
     def sentence(self) -> str:
         """One line a reader can act on."""
         name = METRIC_LABELS[self.metric]
-        lead = (f"At {self.size} px with {self.regime} labels, use **{self.winner}** "
+        lead = (f"At {self.size} px with {self.budget} labels, use **{self.winner}** "
                 f"({self.paradigm}; mean {name} {self.score * PERCENT:.1f}% over "
                 f"{self.n_conditions} condition(s) on {', '.join(self.datasets)})")
         if self.runner_up is None:
@@ -109,7 +110,7 @@ class GuidelineEntry:
 
 
 def fraction_bucket(fraction: float | None) -> str:
-    """The regime name of a training fraction (None: shots-based -> FEW_SHOT)."""
+    """The label budget of a training fraction (None: shots-based -> FEW_SHOT)."""
     if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
         return FEW_SHOT
     for upper, name in FRACTION_BUCKETS:
@@ -141,7 +142,7 @@ def _lowest(cell: pd.DataFrame, column: str) -> tuple[str | None, float]:
 
 
 def build_guideline(summary: pd.DataFrame, metric: str = "auc") -> list[GuidelineEntry]:
-    """One GuidelineEntry per (size, regime) cell, ordered by size then regime.
+    """One GuidelineEntry per (size, label budget) cell, ordered by size then budget.
 
     `summary` is tables.summarize's, with `ece_mean` and, where corrupted evaluations exist,
     `be_mean` (robustness.mean_be); a summary without them names no robust/calibrated winner.
@@ -177,7 +178,7 @@ def build_guideline(summary: pd.DataFrame, metric: str = "auc") -> list[Guidelin
         most_robust, robust_be = _lowest(cell, "be_mean")
         best_calibrated, calibrated_ece = _lowest(cell, "ece_mean")
         entries.append(GuidelineEntry(
-            size=int(size), regime=bucket, metric=metric, winner=str(scores.index[0]),
+            size=int(size), budget=bucket, metric=metric, winner=str(scores.index[0]),
             paradigm=paradigm(best["method"]), score=float(best["score"]),
             runner_up=None if runner is None else str(scores.index[1]), gap=gap,
             seed_spread=spread, exceeds_spread=exceeds, ci_separate=separate,
@@ -201,13 +202,13 @@ def _same(entry: GuidelineEntry) -> str:
 
 def guideline_table(entries: list[GuidelineEntry]) -> Table:
     """The guideline as a Table (winner cells bold)."""
-    header = ("size", "regime", "winner", "paradigm", "score (%)", "runner-up", "gap (pp)",
+    header = ("size", "labels", "winner", "paradigm", "score (%)", "runner-up", "gap (pp)",
               "seed spread (pp)", "gap > spread", "CIs separate", "verdict", "most robust",
               "mean BE (%)", "best calibrated", "ECE (%)", "same?")
     rows = []
     for e in entries:
         rows.append((
-            str(e.size), e.regime, e.winner, e.paradigm, f"{e.score * PERCENT:.1f}",
+            str(e.size), e.budget, e.winner, e.paradigm, f"{e.score * PERCENT:.1f}",
             e.runner_up or "—", "—" if math.isnan(e.gap) else f"{e.gap * PERCENT:.1f}",
             "—" if math.isnan(e.seed_spread) else f"{e.seed_spread * PERCENT:.1f}",
             _yes_no(e.exceeds_spread), _yes_no(e.ci_separate), e.verdict,

@@ -38,6 +38,7 @@ import pandas as pd
 
 from medfm.errors import InvalidArgumentError, MedfmError
 from medfm.report.tables import METRIC_LABELS, PERCENT, Table, annotate, summarize
+from medfm.store.registry import matching_rows
 
 LEADERBOARD_METRICS = ("auc", "acc")  # what ranks the variants (higher is better)
 POSTHOCS = ("nemenyi", "wilcoxon-holm")  # post-hoc tests after Friedman
@@ -177,7 +178,7 @@ class Leaderboard:
             return self.to_frame().to_csv(index=False)
         parts = []
         for block, table in self.tables():
-            lines = [*([_test_line(block.test)] if block.test else []), *block.notes]
+            lines = [*([test_line(block.test)] if block.test else []), *block.notes]
             if fmt == "md":
                 parts.append(table.to_markdown() + "\n" + "".join(f"- {x}\n" for x in lines))
             elif fmt == "tex":
@@ -202,7 +203,7 @@ def _plain(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _test_line(test: FriedmanTest) -> str:
+def test_line(test: FriedmanTest) -> str:
     line = (f"Friedman chi2 = {test.statistic:.3f}, p = {test.p_value:.3g} over "
             f"{test.n_datasets} datasets x {len(test.variants)} variants; post-hoc "
             f"{test.posthoc} at alpha {test.alpha:g}")
@@ -252,8 +253,6 @@ def leaderboard(*, workdir: str | os.PathLike | None = None, out: str | os.PathL
     datasets asked for are `dataset` when given, else every dataset among the matching rows.
     CD diagrams go to `out` (default <workdir>/leaderboard); `diagrams=False` draws none.
     """
-    from medfm.store.registry import matching_rows
-
     check_options(metric, posthoc, alpha)
     registry, frame = matching_rows(workdir, **filters)
     asked = filters.get("dataset")

@@ -12,14 +12,14 @@ different sets of datasets.
 
 from __future__ import annotations
 
-import json
-
 import html
+import json
 import math
 from dataclasses import dataclass
 
 import pandas as pd
 
+from medfm.report.zeroshot import episodic_params
 from medfm.resolve.methods import method_specs
 from medfm.resolve.recipes import LATER_FIELDS
 
@@ -199,8 +199,6 @@ def annotate(frame: pd.DataFrame) -> pd.DataFrame:
     `regime_order` sorts shots before fractions and each by size. A frozen-backbone fine-tune
     shows as method "head-probe" (`shown_method`).
     """
-    from medfm.report.zeroshot import episodic_params
-
     frame = frame.copy()
     frame["method"] = [shown_method(m, p) for m, p in zip(frame["method"], frame["params"],
                                                           strict=True)]

@@ -17,6 +17,9 @@ import math
 
 import pandas as pd
 
+from medfm.episodes import EPISODE_PARAMS
+from medfm.resolve.keys import canonical_json
+
 ZERO_SHOT = "zero-shot"  # the regime of a run with no training subset
 
 
@@ -30,9 +33,6 @@ def is_zero_shot(fraction, shots) -> bool:
 
 def episodic_params(params: str) -> str:
     """A run's params with its episode number replaced by `episodes: true` (others as given)."""
-    from medfm.episodes import EPISODE_PARAMS
-    from medfm.resolve.keys import canonical_json
-
     settings = json.loads(params)
     if "episode" not in settings:
         return params

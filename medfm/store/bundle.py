@@ -50,6 +50,8 @@ from urllib.parse import quote
 from medfm.cache import write_atomic
 from medfm.errors import BundleError, InvalidArgumentError, StoreError
 from medfm.paths import resolve_workdir
+from medfm.runtime import software_versions
+from medfm.store.features import STORES_DIRNAME, FeatureStore
 from medfm.store.registry import (
     METRIC_FIELDS,
     REGISTRY_FILENAME,
@@ -133,8 +135,6 @@ def export_bundle(path: str | os.PathLike, *, workdir: str | os.PathLike | None 
 
     An existing `path` is replaced only with `force`; the file appears whole or not at all.
     """
-    from medfm.runtime import software_versions
-
     path = Path(path).expanduser()
     if path.is_dir() or (path.exists() and not force):
         raise InvalidArgumentError(f"{path} already exists; give another bundle name, or "
@@ -220,8 +220,6 @@ def _store_provenance(workdir, fingerprints: list[str]) -> list[tuple[str, str, 
     """(fingerprint, file name, attributes as JSON) of each store in the work directory whose
     fingerprint a row read; a store that cannot be opened is passed over (the manifest lists
     the fingerprints it could not describe)."""
-    from medfm.store.features import STORES_DIRNAME, FeatureStore
-
     folder = resolve_workdir(workdir, create=False) / STORES_DIRNAME
     wanted, found = set(fingerprints), []
     for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:

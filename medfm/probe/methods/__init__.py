@@ -64,7 +64,8 @@ _LOADED = False
 def register(name: str, *, fit: Callable[..., Fitted], save_state=None, load_state=None,
              refuses=None) -> ProbeMethod:
     """Add the fitting of declared method `name` (called by each module here at import)."""
-    method = ProbeMethod(get_method_spec(name), fit, save_state, load_state, refuses)
+    method = ProbeMethod(get_method_spec(name), fit, refuses=refuses, save_state=save_state,
+                         load_state=load_state)
     _METHODS[name] = method
     return method
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from medfm.data import Task
+from medfm.data import Task, get_dataset
 from medfm.probe.methods import Fitted, register
+from medfm.probe.zeroshot.classify import ZeroShotClassifier
+from medfm.probe.zeroshot.text import refusal, text_embeddings
 from medfm.resolve.methods.zeroshot import METHOD_NAME
+from medfm.resolve.prompts import class_prompts
 
 
 def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, params: dict,
          selection: str, seed: int, solver: str, device: str | None, store) -> Fitted:
-    from medfm.data import get_dataset
-    from medfm.probe.zeroshot.classify import ZeroShotClassifier
-    from medfm.resolve.prompts import class_prompts
-    from medfm.probe.zeroshot.text import text_embeddings
 
     info = get_dataset(store.request["dataset"])
     names = tuple(params["class_names"]) if "class_names" in params else None
@@ -36,7 +35,6 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
 
 
 def _refuses(store) -> str | None:
-    from medfm.probe.zeroshot.text import refusal
 
     return refusal(store)
 

@@ -36,7 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medfm.errors import InvalidArgumentError, StoreError, WeightsError
+from medfm.backbones.formats import format_for
+from medfm.backbones.hub import CheckpointFormat, SourceName
+from medfm.backbones.names import RANDOM, resolve_backbone
+from medfm.errors import InvalidArgumentError, MedfmError, StoreError, WeightsError
+from medfm.resolve.keys import canonical_json
 
 CACHE_SUFFIX = ".zero-shot"  # <store stem>.zero-shot/ holds its text embeddings
 CACHE_VERSION = 1  # part of every cache digest: bump when the computation changes
@@ -44,19 +48,23 @@ IMAGE_FEATURES = {"open_clip": "embed", "hf": "pooler"}  # what zero-shot reads,
 TEXT_BATCH = 256  # prompts per forward pass
 
 
+def _parsed(name: str) -> SourceName | None:
+    """The parsed checkpoint name of a hub or folder checkpoint (None: a timm registry name)."""
+    fmt = format_for(name) if name else None
+    return fmt.parse(name) if isinstance(fmt, CheckpointFormat) else None
+
+
 def _source(store) -> tuple[str, str, str]:
     """(format, features, backbone name) of a store's backbone; one line when zero-shot cannot
     use it."""
-    from medfm.backbones.hub import is_source_name, parse_source_name
-
     name = str(store.attrs.get("backbone_name") or "")
     backbone = store.request["backbone"]
-    if not name or not is_source_name(name) or parse_source_name(name).format.name not in \
-            IMAGE_FEATURES:
+    parsed = _parsed(name)
+    if parsed is None or parsed.format.name not in IMAGE_FEATURES:
         raise InvalidArgumentError(
             f"zero-shot needs a CLIP-family checkpoint with a text tower (open_clip:... or "
             f"hf:... CLIP/SigLIP); store {store.path.name} holds {backbone}.")
-    source = parse_source_name(name)
+    source = parsed
     wanted = IMAGE_FEATURES[source.format.name]
     if source.features != wanted:
         raise InvalidArgumentError(
@@ -68,8 +76,6 @@ def _source(store) -> tuple[str, str, str]:
 
 def refusal(store) -> str | None:
     """Why zero-shot cannot read `store` (None: it can), without loading anything."""
-    from medfm.errors import MedfmError
-
     try:
         _source(store)
     except MedfmError as err:
@@ -79,8 +85,6 @@ def refusal(store) -> str | None:
 
 def _ref(store, name: str):
     """The BackboneRef of `name`, checked against the identity the store recorded."""
-    from medfm.backbones.names import RANDOM, resolve_backbone
-
     weights = RANDOM if store.request["weights"] == RANDOM else None
     ref = resolve_backbone(name, weights)
     if (ref.id, ref.weights) != (store.request["backbone"], store.request["weights"]):
@@ -133,10 +137,9 @@ def load_text_tower(store) -> TextTower:
     """The text tower of the checkpoint `store` was embedded with (module docstring)."""
     fmt, _, name = _source(store)
     ref = _ref(store, name)
-    from medfm.backbones.hub import parse_source_name, require_extra
 
-    source = parse_source_name(name)
-    require_extra(source.format, name)
+    source = _parsed(name)
+    source.format.require_extra(name)
     if fmt == "open_clip":
         return _open_clip(ref, source, name)
     return _transformers(ref, name)
@@ -144,8 +147,6 @@ def load_text_tower(store) -> TextTower:
 
 def _open_clip(ref, source, name: str) -> TextTower:
     import open_clip
-
-    from medfm.backbones.names import RANDOM
 
     pretrained = ref.weights != RANDOM
     where = (source.builtin[0] if source.builtin else f"local-dir:{ref.folder}")
@@ -194,8 +195,6 @@ def _transformers(ref, name: str) -> TextTower:
 
 def cache_path(store, texts: list[str]) -> Path:
     """Where the text embeddings of `texts` for `store`'s checkpoint are kept."""
-    from medfm.resolve.keys import canonical_json
-
     identity = {"version": CACHE_VERSION, "backbone": store.request["backbone"],
                 "weights": store.request["weights"], "texts": list(texts)}
     digest = hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
