@@ -68,7 +68,9 @@ def _probe_keys() -> dict[str, str]:
                           params=params, selection=probe.selection,
                           select_metric=get_method(method).select_metric(task, params),
                           spec=spec)
-            out[f"probe/{method}/{sorted(options.items())}/{spec}"] = key.digest()
+            subset = (f"SubsetSpec(fraction={spec.fraction!r}, shots={spec.shots!r}, "
+                      f"seed={spec.seed!r}, sampler={spec.sampler!r})")  # as first pinned
+            out[f"probe/{method}/{sorted(options.items())}/{subset}"] = key.digest()
     return out
 
 

@@ -341,8 +341,8 @@ def _block(cell: pd.DataFrame, *, paradigm: str, size: int, regime: str, metric:
                      f"results on every one of at least {MIN_TEST_DATASETS} datasets; this "
                      f"block has {len(complete)} on {len(datasets)}")
     return Block(paradigm=paradigm, size=size, regime=regime,
-                 fraction=None if first["fraction"] is None else float(first["fraction"]),
-                 shots=None if first["shots"] is None else int(first["shots"]), metric=metric,
+                 fraction=None if pd.isna(first["fraction"]) else float(first["fraction"]),
+                 shots=None if pd.isna(first["shots"]) else int(first["shots"]), metric=metric,
                  datasets=datasets, datasets_asked=asked, entries=entries, test=test,
                  notes=notes)
 
