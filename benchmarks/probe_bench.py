@@ -46,7 +46,7 @@ import numpy as np
 from medfm.data import SPLITS
 from medfm.resolve.defaults import C_GRID
 from medfm.probe import StoreArrays
-from medfm.probe.methods.logreg import PATIENCE
+from medfm.resolve.methods.logreg import PATIENCE
 from medfm.probe.solvers import cuml_available
 from medfm.runtime import cuda_available
 from medfm.sampling import SubsetSpec, sample
@@ -116,7 +116,7 @@ import json, sys, time
 t = time.perf_counter()
 from medfm.probe import probe
 import medfm.metrics
-import medfm.probe.methods.logreg as logreg
+import medfm.resolve.methods.logreg as logreg  # where the key settings are declared
 logreg.PATIENCE = {patience!r}  # None: the exhaustive walk (a different params, so its own key)
 spent = dict(metrics_s=0.0)
 evaluate = medfm.metrics.evaluate
