@@ -159,7 +159,7 @@ def report(
         ("Robustness (MedMNIST-C)", robust_notes, robust_tables),
         cost_section(registry.path.parent),
     ]
-    ranked, diagrams = _leaderboard_section(frame, metric, plot_dir)
+    ranked, diagrams = _leaderboard_section(frame, summary, metric, plot_dir)
     sections.insert(0, ranked)
     markdown, latex = [], []
     for table in [*tables, *(t for _, _, section in sections for t in section)]:
@@ -207,14 +207,14 @@ def report(
     )
 
 
-def _leaderboard_section(frame: pd.DataFrame, metric: str,
+def _leaderboard_section(frame: pd.DataFrame, summary: pd.DataFrame, metric: str,
                          plot_dir: Path) -> tuple[tuple[str, list[str], list], list[Path]]:
     """The report's leaderboard ((heading, notes, tables), CD diagram PNGs): the tables and
     tests `medfm leaderboard` prints, ranked by the guideline's metric; without the
     leaderboard extra, a note saying how to get it."""
     heading = f"Leaderboard (mean rank by {metric.upper()}, Friedman and Nemenyi tests)"
     try:
-        board = build_leaderboard(frame, out=plot_dir, metric=metric)
+        board = build_leaderboard(frame, out=plot_dir, metric=metric, summary=summary)
     except MedfmError as exc:  # scikit-posthocs missing: the rest of the report stands
         return (heading, [str(exc)], []), []
     notes, tables, diagrams = [LEADERBOARD_NOTE], [], []

@@ -275,10 +275,13 @@ def leaderboard_section(frame: pd.DataFrame, out: str | os.PathLike | None, *,
 
 def build_leaderboard(frame: pd.DataFrame, *, out: Path | None, metric: str = "auc",
                       posthoc: str = "nemenyi", alpha: float = ALPHA,
-                      datasets_asked: list[str] | None = None) -> Leaderboard:
-    """The leaderboard of registry rows (clean rows of Registry.to_dataframe)."""
-    clean = frame[frame["corruption"].isna()] if "corruption" in frame else frame
-    summary = summarize(annotate(clean))
+                      datasets_asked: list[str] | None = None,
+                      summary: pd.DataFrame | None = None) -> Leaderboard:
+    """The leaderboard of registry rows (clean rows of Registry.to_dataframe); `summary`: their
+    tables.summarize(annotate(...)) when the caller has it already (the report)."""
+    if summary is None:
+        clean = frame[frame["corruption"].isna()] if "corruption" in frame else frame
+        summary = summarize(annotate(clean))
     asked = sorted(datasets_asked or summary["dataset"].unique())
     blocks = []
     keys = ["paradigm", "size", "regime"]

@@ -24,11 +24,10 @@ spells them (tests/test_identities.py pins them).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 
 from medfm.backbones.formats.base import BackboneFormat, Built
 from medfm.errors import InvalidArgumentError
+from medfm.plugins import load_package
 
 FORMATS: dict[str, BackboneFormat] = {}  # BackboneRef.format -> its format
 
@@ -72,8 +71,7 @@ def format_named(name: str) -> BackboneFormat:
 
 def _discover() -> None:
     """Register the FORMAT of every module in this folder (sorted by module name)."""
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
+    for module in load_package(__name__):
         if hasattr(module, "FORMAT"):
             register_format(module.FORMAT)
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import os
-import pkgutil
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from medfm.errors import InvalidArgumentError
 from medfm.grid.jobs import Job, JobOutcome
+from medfm.plugins import load_package
 
 DIST_HINT = "install the optional extras: pip install 'medfm[dist]'"
 
@@ -39,7 +38,6 @@ class Executor(Protocol):
 
 
 _EXECUTORS: dict[str, type] = {}
-_LOADED = False
 
 
 def register(cls: type) -> type:
@@ -50,12 +48,7 @@ def register(cls: type) -> type:
 
 def executors() -> dict[str, type]:
     """Every registered executor class by name (each module of this package registers one)."""
-    global _LOADED
-    if not _LOADED:
-        for module in pkgutil.iter_modules(__path__):
-            if not module.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{module.name}")
-        _LOADED = True
+    load_package(__name__)
     return dict(_EXECUTORS)
 
 

@@ -15,8 +15,6 @@ import (no scikit-learn, SciPy or torch).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from medfm.errors import InvalidArgumentError
+from medfm.plugins import load_package
 from medfm.resolve.methods import MethodSpec, get_method_spec, method_specs
 
 
@@ -58,7 +57,6 @@ class ProbeMethod:
 
 
 _METHODS: dict[str, ProbeMethod] = {}
-_LOADED = False
 
 
 def register(name: str, *, fit: Callable[..., Fitted], save_state=None, load_state=None,
@@ -70,18 +68,9 @@ def register(name: str, *, fit: Callable[..., Fitted], save_state=None, load_sta
     return method
 
 
-def _load() -> None:
-    """Import every module of this package once, so each registers its method."""
-    global _LOADED
-    if not _LOADED:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
-        _LOADED = True
-
-
 def probe_methods() -> dict[str, ProbeMethod]:
     """Every declared method, with its fitting, by name."""
-    _load()
+    load_package(__name__)  # each module of this package registers one
     missing = sorted(set(method_specs()) - set(_METHODS))
     if missing:
         raise InvalidArgumentError(

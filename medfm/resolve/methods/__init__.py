@@ -16,14 +16,13 @@ cheap and anything above the resolution layer may read them.
 from __future__ import annotations
 
 import difflib
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from medfm.data import Task
 from medfm.errors import InvalidArgumentError
+from medfm.plugins import load_package
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,6 @@ class MethodSpec:
 
 
 _SPECS: dict[str, MethodSpec] = {}
-_LOADED = False
 
 
 def declare(spec: MethodSpec) -> MethodSpec:
@@ -97,18 +95,9 @@ def declare(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def _load() -> None:
-    """Import every module of this package once, so each declares its method."""
-    global _LOADED
-    if not _LOADED:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
-        _LOADED = True
-
-
 def method_specs() -> dict[str, MethodSpec]:
     """Every declared method by name."""
-    _load()
+    load_package(__name__)  # each module of this package declares one
     return dict(_SPECS)
 
 
