@@ -119,7 +119,8 @@ def test_stopped_walk_chooses_the_whole_walks_C_on_real_stores(pneumonia_workdir
 def test_batched_solver_agrees_with_the_sequential_walk_on_real_stores(pneumonia_workdir,
                                                                         breast_workdir):
     """On real Lite0 features of BreastMNIST and PneumoniaMNIST, at fractions 0.1, 0.3 and 1.0
-    and seeds 0-2, the batched solver (walking the grid, and every C at once) chooses the C of
+    and seeds 0-2, the batched solver (walking the grid, and every C at once; plain, and
+    preconditioned although these stores are below its default size) chooses the C of
     today's sequential torch walk or an adjacent one, and where it is the same C, the test ACC
     is within 0.3 points (or one test image) and the AUC within 0.1 points."""
     grid = list(C_GRID)
@@ -137,8 +138,10 @@ def test_batched_solver_agrees_with_the_sequential_walk_on_real_stores(pneumonia
                         arrays.features["val"], arrays.targets["val"])
                 reference = LogisticProbe(solver="torch").fit(*args)
                 ref_scores = reference.predict_proba(arrays.features["test"])
-                for c_search in ("walk", "batch"):
-                    model = LogisticProbe(solver="batched", c_search=c_search).fit(*args)
+                for c_search, precondition in (("walk", None), ("batch", None),
+                                               ("walk", True), ("batch", True)):
+                    model = LogisticProbe(solver="batched", c_search=c_search,
+                                          precondition=precondition).fit(*args)
                     scores = model.predict_proba(arrays.features["test"])
                     assert abs(grid.index(model.C_) - grid.index(reference.C_)) <= 1
                     total += 1

@@ -214,10 +214,12 @@ class TorchSolver:
 
 def make_solver(solver: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
                 max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
-                device: str | None = None, n_classes: int | None = None):
+                device: str | None = None, n_classes: int | None = None,
+                precondition: bool | None = None):
     """A solver for standardized X (N, D) (numpy, or a torch tensor the batched solver keeps on
     its device) and targets Y: (N,) 0/1 (binary), (N,) class index
-    (multinomial, `n_classes` columns) or (N, L) 0/1 (multilabel); `solver` may be "auto"."""
+    (multinomial, `n_classes` columns) or (N, L) 0/1 (multilabel); `solver` may be "auto".
+    `precondition` is the batched solver's (None: by the problem's size; medfm.probe.batched)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     width = n_classes if kind == "multinomial" else (Y.shape[1] if Y.ndim == 2 else 1)
@@ -233,7 +235,7 @@ def make_solver(solver: str, X: np.ndarray, Y: np.ndarray, kind: str, *,
         from medfm.probe.batched import BatchedSolver  # torch is imported only to fit with it
 
         return BatchedSolver(X, Y, kind, max_iter=max_iter, tol=tol, device=device,
-                             n_classes=n_classes)
+                             n_classes=n_classes, precondition=precondition)
     from medfm.probe.cuml_solver import CumlSolver  # cuML's version gates live there
 
     return CumlSolver(X, Y, kind, max_iter=max_iter, tol=tol)

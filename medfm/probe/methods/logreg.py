@@ -38,6 +38,7 @@ convergence at each, are kept in `path_`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -112,12 +113,14 @@ class LogisticProbe(ProbeEstimator):
 
     Learned: `coef_` (K', D) and `intercept_` (K',) in standardized space, `mean_`/`scale_`
     (D,), `classes_`, `C_`, `path_` (per C walked: C, loss, acc or auc, n_iter, converged),
-    `task_`, and how it was fitted: `solver_` (the concrete solver) and `device_`.
+    `task_`, and how it was fitted: `solver_` (the concrete solver), `device_` and
+    `preconditioned_` (the batched solver's M, medfm.probe.batched).
     `patience` (select_by="loss" only) stops the walk once the loss has risen that many C values
     in a row; None walks the whole grid. `c_search` says how the grid is solved (`C_SEARCHES`):
     "walk" one C at a time from the last solution, "batch" every C at once (the batched solver;
     the rule then reads the solutions in grid order, stopping where the walk would), "auto" as
-    the solver prefers (batch on CUDA). The choice changes rounding, not the rule.
+    the solver prefers (batch on CUDA). The choice changes rounding, not the rule; so does
+    `precondition` (the batched solver's: True, False, None by the problem's size).
     """
 
     def __init__(self, *, Cs: Sequence[float] | None = None, solver: str = "auto",
@@ -125,7 +128,8 @@ class LogisticProbe(ProbeEstimator):
                  loss_margin: float = LOSS_MARGIN, patience: int | None = PATIENCE,
                  holdout_fraction: float = HOLDOUT_FRACTION,
                  max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL,
-                 random_state: int = 0, device: str | None = None, c_search: str = "auto"):
+                 random_state: int = 0, device: str | None = None, c_search: str = "auto",
+                 precondition: bool | None = None):
         self.Cs = Cs
         self.solver = solver
         self.selection = selection
@@ -138,6 +142,7 @@ class LogisticProbe(ProbeEstimator):
         self.random_state = random_state
         self.device = device
         self.c_search = c_search
+        self.precondition = precondition
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None,
             y_val: np.ndarray | None = None) -> LogisticProbe:
@@ -181,42 +186,44 @@ class LogisticProbe(ProbeEstimator):
         mean, scale, Z = _standardize(X[fit_rows])
         Z_sel = None if X_sel is None else _scaled(X_sel, mean, scale)
         solver, active = self._solver(Z, sub)
-        self.solver_, self.device_ = solver.name, solver.device_type
-        together = solver.solves_path if self.c_search == "auto" else self.c_search == "batch"
-        if together and not hasattr(solver, "fit_path"):
-            raise InvalidArgumentError(f"solver {solver.name} fits one C at a time; use "
-                                       "solver='batched' for c_search='batch'.")
-        if together:  # every C at once; the rule below reads them in grid order
-            solved = iter(solver.fit_path(grid))
-            fit_at = lambda C: next(solved)  # noqa: E731
-        else:  # the warm-started walk: each C starts from the previous solution
-            fit_at = solver.fit
-        # "better" is strict (loss: by more than loss_margin), so ties go to the stronger
-        # regularization; NaN is never better
-        sign = 1.0 if metric == "loss" else -1.0  # minimize sign * value
-        keep = 1.0 - self.loss_margin if metric == "loss" else 1.0  # of the best, to beat it
-        patience = self.patience if metric == "loss" else None
-        path, best, best_value, final, rising = [], 0, np.inf, None, 0
-        for i, C in enumerate(grid):
-            solution = self._expand(fit_at(C), active, sub)
-            scores = ({"loss": float("nan"), primary_metric(targets.task): float("nan")}
-                      if Z_sel is None else selection_metrics(
-                          y_sel, _proba(Z_sel, solution.coef, solution.intercept, targets.task),
-                          targets.task))
-            path.append({"C": C, **scores, "n_iter": solution.n_iter,
-                         "converged": solution.converged})
-            value = sign * scores[metric] if not np.isnan(scores[metric]) else np.inf
-            rising = rising + 1 if i and value > sign * path[-2][metric] else 0
-            if final is None or value < best_value * keep:
-                best, best_value, final = i, value, solution
-            elif patience is not None and rising >= patience:
-                break  # the loss has turned: it rose `patience` C values in a row
-        if self.selection == "holdout":  # refit on the whole training subset at the chosen C
-            mean, scale, Z = _standardize(X)
-            solver, active = self._solver(Z, targets)
-            rows = slice(None) if active is None else active
-            init = Solution(final.coef[rows], final.intercept[rows], 0, True)
-            final = self._expand(solver.fit(grid[best], init=init), active, targets)
+        with _blas_single_threaded(solver):  # numpy beside torch on the same cores
+            self.solver_, self.device_ = solver.name, solver.device_type
+            self.preconditioned_ = bool(getattr(solver, "preconditioned", False))
+            together = solver.solves_path if self.c_search == "auto" else self.c_search == "batch"
+            if together and not hasattr(solver, "fit_path"):
+                raise InvalidArgumentError(f"solver {solver.name} fits one C at a time; use "
+                                           "solver='batched' for c_search='batch'.")
+            if together:  # every C at once; the rule below reads them in grid order
+                solved = iter(solver.fit_path(grid))
+                fit_at = lambda C: next(solved)  # noqa: E731
+            else:  # the warm-started walk: each C starts from the previous solution
+                fit_at = solver.fit
+            # "better" is strict (loss: by more than loss_margin), so ties go to the stronger
+            # regularization; NaN is never better
+            sign = 1.0 if metric == "loss" else -1.0  # minimize sign * value
+            keep = 1.0 - self.loss_margin if metric == "loss" else 1.0  # of the best, to beat it
+            patience = self.patience if metric == "loss" else None
+            path, best, best_value, final, rising = [], 0, np.inf, None, 0
+            for i, C in enumerate(grid):
+                solution = self._expand(fit_at(C), active, sub)
+                scores = ({"loss": float("nan"), primary_metric(targets.task): float("nan")}
+                          if Z_sel is None else selection_metrics(
+                              y_sel, _proba(Z_sel, solution.coef, solution.intercept, targets.task),
+                              targets.task))
+                path.append({"C": C, **scores, "n_iter": solution.n_iter,
+                             "converged": solution.converged})
+                value = sign * scores[metric] if not np.isnan(scores[metric]) else np.inf
+                rising = rising + 1 if i and value > sign * path[-2][metric] else 0
+                if final is None or value < best_value * keep:
+                    best, best_value, final = i, value, solution
+                elif patience is not None and rising >= patience:
+                    break  # the loss has turned: it rose `patience` C values in a row
+            if self.selection == "holdout":  # refit on the whole training subset at the chosen C
+                mean, scale, Z = _standardize(X)
+                solver, active = self._solver(Z, targets)
+                rows = slice(None) if active is None else active
+                init = Solution(final.coef[rows], final.intercept[rows], 0, True)
+                final = self._expand(solver.fit(grid[best], init=init), active, targets)
         self.task_ = targets.task
         self.classes_ = targets.classes
         self.mean_, self.scale_ = mean, scale
@@ -251,7 +258,8 @@ class LogisticProbe(ProbeEstimator):
             Y = Y[:, active]
         return make_solver(self.solver, Z, Y, _kind(targets.task), max_iter=self.max_iter,
                            tol=self.tol, device=self.device,
-                           n_classes=len(targets.classes)), active
+                           n_classes=len(targets.classes),
+                           precondition=self.precondition), active
 
     @staticmethod
     def _expand(solution: Solution, active: np.ndarray | None, targets: Targets) -> Solution:
@@ -269,6 +277,18 @@ class LogisticProbe(ProbeEstimator):
         """(N, 2) binary, (N, K) multi-class, (N, L) multi-label probabilities, float64."""
         return _proba(_scaled(_as_features(X), self.mean_, self.scale_), self.coef_,
                       self.intercept_, self.task_)
+
+
+def _blas_single_threaded(solver):
+    """numpy's BLAS limited to one thread while a torch solver fits on the CPU: the selection's
+    numpy products between two fits otherwise leave OpenBLAS threads spinning on the cores that
+    torch's threads need next (PathMNIST-shaped probe on 2 cores: fraction 0.01 fits 1.0 -> 0.55 s,
+    0.1 fits 1.7 -> 1.3 s). Elsewhere, nothing changes."""
+    if solver.name in ("torch", "batched") and solver.device_type == "cpu":
+        from threadpoolctl import threadpool_limits  # scikit-learn's dependency; only here
+
+        return threadpool_limits(limits=1, user_api="blas")
+    return contextlib.nullcontext()
 
 
 def _as_features(X):
@@ -351,7 +371,8 @@ def _fit(features: dict, labels: dict, task: Task, train_rows: np.ndarray, *, pa
         model.fit(X, y, features["val"], labels["val"])
     else:  # holdout: the val split is never read
         model.fit(X, y)
-    extra = {"path": model.path_, "n_iter": model.n_iter_, "converged": bool(model.converged_)}
+    extra = {"path": model.path_, "n_iter": model.n_iter_, "converged": bool(model.converged_),
+             "preconditioned": model.preconditioned_}
     return Fitted(model.predict_proba(features["test"]).astype(np.float32), model.C_, extra,
                   model.solver_, model.device_, model=model)
 
