@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None, help="default: a temporary folder")
     parser.add_argument("--data-root", default=os.environ.get("MEDFM_DATA_ROOT"))
+    parser.add_argument("--jobs", action="store_true", help="also print every job's seconds")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="medfm-estimate-"))
     shutil.rmtree(work, ignore_errors=True)
@@ -74,6 +75,19 @@ def main() -> None:
               f"({len(ran.failed)} failed)")
     finally:
         executor.close()
+    if args.jobs:  # each job: estimated (from the calibration's figures) vs actual seconds
+        from medfm.throughput import measured_figures
+
+        measured = measured_figures()  # now also holding the target's own jobs
+        print(f"\n{'job':<70}{'actual s':>10}")
+        for grid_name, outcomes in (("calibration", calibration.outcomes),
+                                    ("target", ran.outcomes)):
+            for outcome in outcomes:
+                print(f"{grid_name + ' ' + outcome.job.kind + ' ' + outcome.job.label:<70.70}"
+                      f"{outcome.wall_s:>10.2f}")
+        print("(figures now: " + "; ".join(
+            f"{f.stage} {f.arch}@{f.input_size} {f.rate:.3g}/s + {f.overhead_s:.2f} s"
+            for f in measured) + ")")
     estimated, actual = planned.estimate.seconds, actual_seconds(ran.outcomes)
     print(f"\n{'stage':<10}{'jobs':>6}{'estimated s':>13}{'actual s':>10}{'est/actual':>12}")
     for stage in (*estimated, "total"):

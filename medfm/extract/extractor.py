@@ -52,6 +52,7 @@ from medfm.robust.corrupt import (SEVERITIES, NotApplicable, corrupt, package_ve
                                   resolve_corruptions)
 from medfm.robust.stores import CorruptedStore, corrupted_identity, corrupted_path, group_name
 from medfm.runtime import device_name, resolve_device, versions
+from medfm.store.done import finished_store
 from medfm.store.features import (FeatureStore, StoreWriter, disk_full_is_one_line,
                                   store_lock, stores_dir)
 from medfm.throughput import Measurement, record_throughput
@@ -398,13 +399,13 @@ def extract_request(
         check_batch_size(batch_size, request.preprocess.input_size)
     dev = resolve_device(device)
     path = stores_dir(workdir) / request.filename()
-    if path.exists() and not force:
-        store = FeatureStore(path)  # a corrupt store is reported here, by name
+    # done as the grid planner decides it (medfm.store.done); a corrupt store is reported here
+    if not force and (store := finished_store(path, report_corrupt=True)) is not None:
         return ExtractResult(path, "exists", store.summary(), 0.0)
     # one writer per store: a second extraction of this request waits here, then finds it built
     with store_lock(path, label=f"{request.dataset.label} {request.backbone.id}"):
-        if path.exists() and not force:
-            return ExtractResult(path, "exists", FeatureStore(path).summary(), 0.0)
+        if not force and (store := finished_store(path, report_corrupt=True)) is not None:
+            return ExtractResult(path, "exists", store.summary(), 0.0)
         return _build(request, path, dev, batch_size=batch_size, force=force,
                       progress=progress, chunk_rows=chunk_rows, compile=compile)
 

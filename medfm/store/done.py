@@ -31,13 +31,16 @@ from medfm.store.features import FeatureStore
 from medfm.store.registry import REGISTRY_FILENAME, Registry, ResultRow
 
 
-def finished_store(path: Path) -> FeatureStore | None:
-    """The finished store at `path`, or None (absent, or corrupt: its extract job says why)."""
+def finished_store(path: Path, *, report_corrupt: bool = False) -> FeatureStore | None:
+    """The finished store at `path`, or None (absent, or corrupt: its extract job says why;
+    with `report_corrupt`, the extract job itself, a corrupt store is the StoreError naming it)."""
     if not path.exists():
         return None
     try:
         return FeatureStore(path)
     except StoreError:
+        if report_corrupt:
+            raise
         return None
 
 
