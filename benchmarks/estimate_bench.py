@@ -66,6 +66,9 @@ def main() -> None:
                                executor=executor, progress=False)
         print(f"calibration grid: {len(calibration.outcomes)} jobs in "
               f"{time.perf_counter() - started:.0f} s ({len(calibration.failed)} failed)")
+        from medfm.throughput import measured_figures
+
+        calibrated = measured_figures()  # what the target is priced from
         target = spec(TARGET, args.data_root)
         planned = run_grid(target, workdir=work / "grid", executor=executor, dry_run=True)
         print("\n".join(planned.estimate.describe()))
@@ -75,19 +78,16 @@ def main() -> None:
               f"({len(ran.failed)} failed)")
     finally:
         executor.close()
-    if args.jobs:  # each job: estimated (from the calibration's figures) vs actual seconds
-        from medfm.throughput import measured_figures
+    if args.jobs:  # each job's actual seconds; a target job's estimate beside it
+        from medfm.grid.estimate import price_job
 
-        measured = measured_figures()  # now also holding the target's own jobs
-        print(f"\n{'job':<70}{'actual s':>10}")
+        print(f"\n{'job':<66}{'estimated s':>12}{'actual s':>10}")
         for grid_name, outcomes in (("calibration", calibration.outcomes),
                                     ("target", ran.outcomes)):
             for outcome in outcomes:
-                print(f"{grid_name + ' ' + outcome.job.kind + ' ' + outcome.job.label:<70.70}"
-                      f"{outcome.wall_s:>10.2f}")
-        print("(figures now: " + "; ".join(
-            f"{f.stage} {f.arch}@{f.input_size} {f.rate:.3g}/s + {f.overhead_s:.2f} s"
-            for f in measured) + ")")
+                est = (f"{price_job(outcome.job, calibrated)[0]:>12.2f}"
+                       if grid_name == "target" else f"{'':>12}")
+                print(f"{grid_name + ' ' + outcome.job.label:<66.66}{est}{outcome.wall_s:>10.2f}")
     estimated, actual = planned.estimate.seconds, actual_seconds(ran.outcomes)
     print(f"\n{'stage':<10}{'jobs':>6}{'estimated s':>13}{'actual s':>10}{'est/actual':>12}")
     for stage in (*estimated, "total"):

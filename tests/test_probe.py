@@ -452,27 +452,31 @@ def test_batched_solver_minimizes_sklearns_objective_for_every_C_at_once(kind):
         np.testing.assert_allclose(centre(solution.coef), centre(sk.fit(C).coef), atol=3e-3)
 
 
-def test_the_sync_free_ladder_takes_the_steps_of_the_sequential_search():
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_the_sync_free_ladder_takes_the_steps_of_the_sequential_search(preconditioned):
     """On CUDA every candidate step is evaluated with no host synchronization; on a CPU they are
     tried one by one. Both take the largest step that decreases enough: the same iterates, bit
-    for bit; a problem that has converged stops moving while the others go on."""
+    for bit, plain or preconditioned; a problem that has converged stops moving while the others
+    go on."""
     import torch
 
-    from medfm.probe.batched import BatchedProblems, minimize
+    from medfm.probe.batched import BatchedProblems, Preconditioner, minimize
 
     X, y = _blobs(Task.MULTI_CLASS, 500, 4, 3)
     Z = torch.as_tensor((X - X.mean(0)) / X.std(0))
     problems = BatchedProblems(Z, torch.as_tensor(y), "multinomial", 3)
     lam = torch.tensor([1 / (C * len(Z)) for C in (1e-3, 0.1, 10.0)])
     start = torch.zeros(3, 3 * DIM + 3)
-    ladder = minimize(problems, start, lam, sync_free=True)
-    sequential = minimize(problems, start, lam, sync_free=False)
+    M = Preconditioner(Z) if preconditioned else None
+    ladder = minimize(problems, start, lam, sync_free=True, preconditioner=M)
+    sequential = minimize(problems, start, lam, sync_free=False, preconditioner=M)
     for a, b in zip(ladder[:3], sequential[:3], strict=True):
         assert torch.equal(a, b)
     x, n_iter, converged, _ = sequential
     assert converged.all() and (n_iter > 3).all()
     # started at its solution, the first problem takes no step; the others still converge
-    again = minimize(problems, torch.cat([x[:1], start[1:]]), lam, sync_free=False)
+    again = minimize(problems, torch.cat([x[:1], start[1:]]), lam, sync_free=False,
+                     preconditioner=M)
     assert again[1][0] == 0 and torch.equal(again[0][0], x[0])
     assert again[2].all() and (again[1][1:] > 3).all()
 
