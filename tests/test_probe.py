@@ -611,13 +611,15 @@ def test_the_preconditioned_solver_reaches_the_same_minimum_in_fewer_iterations(
 
 
 def test_preconditioning_is_chosen_by_the_problem_size():
-    """By default only fits with more rows than features and enough work are preconditioned;
-    the PathMNIST-shaped fits at fractions 0.1 and 1.0 are, the 1% fit (900 rows) is not."""
+    """By default only fits with more rows than features, enough work, and an eigendecomposition
+    small beside it are preconditioned; the PathMNIST-shaped fits at fractions 0.1 and 1.0 are,
+    the 1% fit (900 rows) is not."""
     from medfm.probe.batched import Preconditioner
 
     assert Preconditioner.wanted(89_996, 1280, 9) and Preconditioner.wanted(9_000, 1280, 9)
     assert not Preconditioner.wanted(900, 1280, 9)  # fewer rows than features
     assert not Preconditioner.wanted(4_708, 1280, 1)  # real PneumoniaMNIST: too little work
+    assert not Preconditioner.wanted(20_000, 4096, 2)  # its eigendecomposition would dominate
 
 
 def test_the_gradient_product_in_row_blocks_equals_the_plain_product():

@@ -36,8 +36,9 @@ The iteration is L-BFGS (history 10, scipy's and scikit-learn's memory) with a b
   its curvature pairs: only the penalty differs between two C values, so a pair (s, y) stays
   exact once y gains (lam' - lam) s on the weights, and the first step is quasi-Newton, not
   steepest descent (about 20% fewer iterations on a PathMNIST-shaped store).
-- preconditioned (`Preconditioner`, on from PRECONDITION_MIN_WORK rows x features x logits, and
-  only where the rows outnumber the features): backbone features are strongly correlated (the
+- preconditioned (`Preconditioner.wanted`: from PRECONDITION_MIN_WORK rows x features x
+  logits, where the rows outnumber the features and the eigendecomposition is small beside an
+  iteration, EIGEN_PER_WORK): backbone features are strongly correlated (the
   correlation matrix of a PathMNIST-shaped store spans eigenvalues 0.08 to 60), which is what
   makes L-BFGS take ~100 iterations. The initial inverse Hessian of the two-loop recursion is
   then gamma * M^-1 instead of gamma * I, with M_k = a_k S + lam I per class: S the correlation
@@ -75,6 +76,9 @@ PRECONDITION_MIN_WORK = 50_000_000  # rows x features x logits from which a fit 
 #   iterations it saves (PathMNIST-shaped, 2 cores: fraction 0.1, 9k rows, 1.76 -> 1.05 + 0.36 s)
 PRECONDITION_ROWS = 4096  # rows whose correlation matrix gives M's eigenbasis: as good a
 #   preconditioner as 16k rows on the PathMNIST-shaped store (47 iterations each), at a third
+EIGEN_PER_WORK = 32  # preconditioned only where rows x logits x this >= features^2: PathMNIST
+#   fractions 0.1 and 1.0 at 1280 features (81k and 810k rows x logits vs 51k), not a 20k-row
+#   binary fit of 4096 features, whose eigendecomposition (~7 s on 2 cores) outweighs it
 EIGEN_FLOOR = 1e-3  # S's diagonal gains this fraction of its mean (eigenvalues >= it): M^-1
 #   stays bounded where a subsample leaves directions unseen
 
@@ -160,8 +164,11 @@ class Preconditioner:
 
     @staticmethod
     def wanted(n: int, dim: int, width: int) -> bool:
-        """Whether a fit of this shape is preconditioned by default (module docstring)."""
-        return n > dim and n * dim * width >= PRECONDITION_MIN_WORK
+        """Whether a fit of this shape is preconditioned by default (module docstring): enough
+        work, more rows than features, and an eigendecomposition (~dim^3) small beside one
+        iteration's products (~n dim width) times the iterations it saves."""
+        return (n > dim and n * dim * width >= PRECONDITION_MIN_WORK
+                and n * width * EIGEN_PER_WORK >= dim * dim)
 
     def at(self, problems: BatchedProblems, logits: torch.Tensor):
         """M^-1 as a function of (q (P, F), lam (P,)) for problems whose logits are `logits`:
