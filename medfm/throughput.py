@@ -73,6 +73,7 @@ class Measurement:
 
 
 # figures of docs/benchmarks.md (end-to-end rates: what a job's compute costs there)
+RUN_8 = "shipped (docs/benchmarks.md, cpu-2c estimate_bench run 8)"
 SHIPPED = (
     Measurement("extract", "vit_base_patch16_224", 224, H200, "bfloat16", False, 5956.0, 6.0,
                 source="shipped (docs/benchmarks.md, H200 2026-11-28)"),
@@ -86,8 +87,19 @@ SHIPPED = (
                 source="shipped (docs/benchmarks.md, cpu-2c issue 13)"),
     Measurement("finetune", "resnet18", 64, CPU_2C, "float32", False, 140.0, 5.0,
                 source="shipped (docs/benchmarks.md, cpu-2c issue 13)"),
-    Measurement("probe", "logreg", 0, CPU_2C, "float32", False, 9.0e6, 1.0,
-                source="shipped (docs/benchmarks.md, cpu-2c probe (b))"),
+    # estimate_bench run 8 (random weights, BreastMNIST-28/PneumoniaMNIST-28 at 64 px input)
+    Measurement("extract", "tf_efficientnet_lite0", 64, CPU_2C, "float32", False, 976.0, 0.67,
+                source=RUN_8),
+    Measurement("extract", "resnet18", 64, CPU_2C, "float32", False, 445.0, 0.38,
+                source=RUN_8),
+    Measurement("finetune", "tf_efficientnet_lite0", 64, CPU_2C, "float32", False, 123.0, 0.08,
+                eval_rate=710.0, source=RUN_8),
+    Measurement("finetune", "resnet18", 64, CPU_2C, "float32", False, 108.0, 0.15,
+                eval_rate=459.0, source=RUN_8),
+    # probe (b) as one grid job (2.1e8 values in 17.4 s, 2026-12-07), plus the mean seconds of
+    # estimate_bench's small probe jobs (0.07-2 s: per-row costs the rate does not describe)
+    Measurement("probe", "logreg", 0, CPU_2C, "float32", False, 1.2e7, 0.5,
+                source="shipped (docs/benchmarks.md, cpu-2c probe (b) 2026-12-07)"),
     Measurement("probe", "logreg", 0, H200, "float32", False, 1.8e7, 1.0,
                 source="shipped (docs/benchmarks.md, H200 probe (b))"),
 )
