@@ -199,26 +199,7 @@ class LogisticProbe(ProbeEstimator):
                 fit_at = lambda C: next(solved)  # noqa: E731
             else:  # the warm-started walk: each C starts from the previous solution
                 fit_at = solver.fit
-            # "better" is strict (loss: by more than loss_margin), so ties go to the stronger
-            # regularization; NaN is never better
-            sign = 1.0 if metric == "loss" else -1.0  # minimize sign * value
-            keep = 1.0 - self.loss_margin if metric == "loss" else 1.0  # of the best, to beat it
-            patience = self.patience if metric == "loss" else None
-            path, best, best_value, final, rising = [], 0, np.inf, None, 0
-            for i, C in enumerate(grid):
-                solution = self._expand(fit_at(C), active, sub)
-                scores = ({"loss": float("nan"), primary_metric(targets.task): float("nan")}
-                          if Z_sel is None else selection_metrics(
-                              y_sel, _proba(Z_sel, solution.coef, solution.intercept, targets.task),
-                              targets.task))
-                path.append({"C": C, **scores, "n_iter": solution.n_iter,
-                             "converged": solution.converged})
-                value = sign * scores[metric] if not np.isnan(scores[metric]) else np.inf
-                rising = rising + 1 if i and value > sign * path[-2][metric] else 0
-                if final is None or value < best_value * keep:
-                    best, best_value, final = i, value, solution
-                elif patience is not None and rising >= patience:
-                    break  # the loss has turned: it rose `patience` C values in a row
+            path, best, final = self._walk(fit_at, grid, metric, active, sub, Z_sel, y_sel)
             if self.selection == "holdout":  # refit on the whole training subset at the chosen C
                 mean, scale, Z = _standardize(X)
                 solver, active = self._solver(Z, targets)
@@ -235,6 +216,33 @@ class LogisticProbe(ProbeEstimator):
         self.select_metric_ = metric
         self.n_features_in_ = X.shape[1]
         return self
+
+    def _walk(self, fit_at, grid: list[float], metric: str, active, sub: Targets, Z_sel,
+              y_sel) -> tuple[list[dict], int, Solution]:
+        """(path, index of the chosen C, its solution): the grid fitted in order by `fit_at`,
+        each C scored on the selection split, C chosen by `select_by` (module docstring)."""
+        task = sub.task
+        # "better" is strict (loss: by more than loss_margin), so ties go to the stronger
+        # regularization; NaN is never better
+        sign = 1.0 if metric == "loss" else -1.0  # minimize sign * value
+        keep = 1.0 - self.loss_margin if metric == "loss" else 1.0  # of the best, to beat it
+        patience = self.patience if metric == "loss" else None
+        path, best, best_value, final, rising = [], 0, np.inf, None, 0
+        for i, C in enumerate(grid):
+            solution = self._expand(fit_at(C), active, sub)
+            scores = ({"loss": float("nan"), primary_metric(task): float("nan")}
+                      if Z_sel is None else selection_metrics(
+                          y_sel, _proba(Z_sel, solution.coef, solution.intercept, task),
+                          task))
+            path.append({"C": C, **scores, "n_iter": solution.n_iter,
+                         "converged": solution.converged})
+            value = sign * scores[metric] if not np.isnan(scores[metric]) else np.inf
+            rising = rising + 1 if i and value > sign * path[-2][metric] else 0
+            if final is None or value < best_value * keep:
+                best, best_value, final = i, value, solution
+            elif patience is not None and rising >= patience:
+                break  # the loss has turned: it rose `patience` C values in a row
+        return path, best, final
 
     def _holdout_split(self, targets: Targets) -> tuple[np.ndarray, np.ndarray]:
         """(fit rows, holdout rows): a stratified 1 - holdout_fraction of each class is kept."""
