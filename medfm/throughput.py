@@ -9,7 +9,7 @@ Three sources, in this order (`lookup_throughput`):
    compute, seconds of its fixed costs) under `$MEDFM_CACHE/throughput/`, one small JSON file
    per (stage, architecture, input size, device name, precision, compiled) holding its last
    MAX_POINTS measurements; the figure is their total images over their total seconds (so a
-   large job weighs more than a small one) and their mean fixed seconds. The grid driver
+   large job weighs more than a small one) and their median fixed seconds. The grid driver
    records its probe jobs (seconds against feature values touched; the figure is the line
    through them).
 2. **shipped**: SHIPPED, the figures of docs/benchmarks.md (the H200 run, cpu-2c).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -125,7 +126,8 @@ def record_throughput(measurement: Measurement) -> None:
 
 def _combined(points: list[Measurement]) -> Measurement:
     """One figure from a configuration's measurements: total units over total seconds (each
-    weighted by its units; unweighted ones count as one unit), mean fixed seconds."""
+    weighted by its units; unweighted ones count as one unit), the median fixed seconds (one
+    run's cold start or a loaded machine does not set every later estimate)."""
     def rate(values: list[tuple[float, float]]) -> float:
         weights = [(w or 1.0, r) for w, r in values if r > 0]
         return (sum(w for w, _ in weights) / sum(w / r for w, r in weights)) if weights else 0.0
@@ -133,7 +135,7 @@ def _combined(points: list[Measurement]) -> Measurement:
     return replace(points[-1],
                    rate=rate([(p.units, p.rate) for p in points]),
                    eval_rate=rate([(p.eval_units, p.eval_rate) for p in points]),
-                   overhead_s=sum(p.overhead_s for p in points) / len(points),
+                   overhead_s=statistics.median(p.overhead_s for p in points),
                    units=sum(p.units for p in points),
                    eval_units=sum(p.eval_units for p in points),
                    source=f"measured ({len(points)} run{'s' if len(points) > 1 else ''})")

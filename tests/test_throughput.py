@@ -114,7 +114,8 @@ def test_grid_dry_run_prices_each_stage_and_a_run_reports_estimated_vs_actual(
 
 def test_measurements_of_a_configuration_combine_weighted_by_their_work(cache):
     """A small run (warm-up heavy, noisy) weighs less than a large one: the figure is total
-    images over total seconds, the fixed seconds their mean."""
+    images over total seconds, the fixed seconds their median (one cold run does not set
+    them)."""
     big = Measurement("extract", "resnet18", 64, "cpu (test)", "float32", False, 100.0, 2.0,
                       units=1000)
     record_throughput(big)
@@ -122,6 +123,9 @@ def test_measurements_of_a_configuration_combine_weighted_by_their_work(cache):
     figure = lookup_throughput("extract", "resnet18", 64, "cpu (test)", "float32")
     assert figure.rate == pytest.approx(1010 / (1000 / 100 + 10 / 10))
     assert figure.overhead_s == pytest.approx(3.0) and figure.source == "measured (2 runs)"
+    record_throughput(replace(big, overhead_s=45.0))  # a cold start: the median holds
+    figure = lookup_throughput("extract", "resnet18", 64, "cpu (test)", "float32")
+    assert figure.overhead_s == pytest.approx(4.0) and figure.source == "measured (3 runs)"
 
 
 def test_a_compiled_grid_has_the_same_jobs_and_keys_and_says_so(data_root, tmp_path):
