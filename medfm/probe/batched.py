@@ -341,6 +341,7 @@ class BatchedSolver:
     `preconditioned` says what was decided (the basis is computed on the first fit)."""
 
     name = "batched"
+    torch_threads = True  # computes on torch's thread pool (on a CPU)
 
     def __init__(self, X, Y, kind: str, *, max_iter: int = DEFAULT_MAX_ITER,
                  tol: float = DEFAULT_TOL, device: str | None = None,

@@ -76,6 +76,7 @@ class CumlSolver:
 
     name, device_type = "cuml", "cuda"
     solves_path = False  # no multi-C fit in cuML: every C is its own cold fit
+    torch_threads = False  # runs on the GPU through cuML
 
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
         import cupy

@@ -29,6 +29,9 @@ L-BFGS; sklearn and torch stop when the largest absolute gradient component is b
   L-BFGS in torch is 2-4x faster per fit there, and worth its 3 s import). `medfm probe`
   decides once per call, for its largest problem, so one call never imports both.
 
+A solver that computes on torch's CPU thread pool says so (`torch_threads`): the probe then
+holds numpy's BLAS to one thread while it fits (medfm.probe.methods.logreg).
+
 A solver is a way to compute, not part of what is computed: every solver minimizes the same
 objective to the same tolerance, so a result's key does not name it; its row does (`solver`,
 `device`). A solver is built once per training matrix and then walked along a C grid: `fit(C)`
@@ -97,6 +100,7 @@ class SklearnSolver:
 
     name, device_type = "sklearn", "cpu"
     solves_path = False  # walks the grid one C at a time
+    torch_threads = False  # computes through numpy/scipy's BLAS
 
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float):
         self.X, self.Y, self.kind = X, Y, kind
@@ -137,6 +141,7 @@ class TorchSolver:
 
     name = "torch"
     solves_path = False  # walks the grid one C at a time
+    torch_threads = True  # computes on torch's thread pool (on a CPU)
 
     def __init__(self, X: np.ndarray, Y: np.ndarray, kind: str, *, max_iter: int, tol: float,
                  device: str | None = None, n_classes: int | None = None):

@@ -293,7 +293,7 @@ def _blas_single_threaded(solver):
     numpy products between two fits otherwise leave OpenBLAS threads spinning on the cores that
     torch's threads need next (PathMNIST-shaped probe on 2 cores: fraction 0.01 fits 1.0 -> 0.55 s,
     0.1 fits 1.7 -> 1.3 s). Elsewhere, nothing changes."""
-    if solver.name in ("torch", "batched") and solver.device_type == "cpu":
+    if solver.torch_threads and solver.device_type == "cpu":
         return _thread_pools().limit(limits=1, user_api="blas")
     return contextlib.nullcontext()
 
